@@ -1,0 +1,356 @@
+"""One typed config for a run: dataclass defaults < YAML file < command line.
+
+The defaults are the embedded offline run (the tiny model on the arithmetic task), so
+``python cli.py train`` with no arguments is a real job. Every key of the YAML file and every
+``--set section.key=value`` is checked: an unknown key, a wrong type or an out-of-range value is a
+``ConfigError`` whose message names the key (and the file), never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import yaml
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_MODEL = str(ASSETS / "tiny-r1")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and, where known, the file."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = EMBEDDED_MODEL  # a Hub id (e.g. mlx-community/Qwen2.5-0.5B-Instruct-4bit) or a local dir
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # KL reference: None means the policy itself with its adapters switched off (no second copy).
+    reference: Optional[str] = None
+
+
+@dataclass
+class AdapterConfig:
+    type: str = "lora"  # lora | dora | full
+    rank: int = 8
+    scale: float = 2.0  # mlx-lm's name: the LoRA update is scale * B A
+    alpha: Optional[float] = None  # PEFT's name: when set, scale = alpha / rank
+    dropout: float = 0.0
+    num_layers: int = -1  # the last N transformer blocks get adapters; -1: all
+    keys: Optional[List[str]] = None  # module paths inside a block, e.g. [self_attn.q_proj]; None: all linears
+
+    def effective_scale(self) -> float:
+        return self.alpha / self.rank if self.alpha is not None else self.scale
+
+
+@dataclass
+class DataConfig:
+    task: str = "arithmetic"  # arithmetic | jsonl
+    path: Optional[str] = None  # JSONL file for task=jsonl
+    eval_path: Optional[str] = None  # held-out JSONL; None: the last eval_size rows of path
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    max_operand: int = 29  # arithmetic: a, b in 0..max_operand
+    eval_size: int = 400
+    split_seed: int = 0
+
+
+@dataclass
+class PromptConfig:
+    kind: str = "r1"  # r1 (R1-Zero plain template) | chat (the tokenizer's chat template)
+    response_prefix: str = " <think>"  # opens the response; judged as part of the completion
+    system_prompt: Optional[str] = None  # chat only; None: the R1-Zero instruction, "": none
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8  # G completions per prompt
+    max_tokens: int = 20
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    stop: List[str] = field(default_factory=lambda: ["</answer>"])
+
+
+@dataclass
+class GRPOConfig:
+    beta: float = 0.1  # KL coefficient (k3 estimator); 0 disables the reference pass
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: Optional[float] = None  # upper clip (DAPO's clip-higher); None: epsilon
+    num_iterations: int = 1  # mu: updates per batch of rollouts (clipping acts when > 1)
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    importance_sampling: str = "token"  # token | sequence (GSPO)
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    skip_zero_advantage: bool = True  # rows with zero advantage carry no policy gradient
+
+    def clip_range(self) -> Tuple[float, float]:
+        high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        return self.epsilon, high
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    prompts_per_step: int = 16
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    grad_accumulation_steps: int = 1  # micro-batches per step (memory), one optimizer update
+    grad_checkpoint: bool = False
+    seed: int = 0
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    save_every: int = 50  # steps between adapter checkpoints; 0: only at the end
+    eval_every: int = 0  # steps between held-out evaluations; 0: only at start and end
+    eval_size: Optional[int] = None  # held-out prompts per evaluation; None: all
+    eval_max_tokens: Optional[int] = None  # None: rollout.max_tokens
+    progress: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building and checking
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, List):
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single item on the command line
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping of name: value, got {value!r}")
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in known:
+            raise ConfigError(
+                f"{prefix}{k}: unknown key (known: {', '.join(sorted(known))})"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        value = data[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{f.name}: expected a section (a mapping), got {value!r}")
+            kwargs[f.name] = _build(tp, value, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(value, tp, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _choice(key: str, value: str, options: Tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}: must be one of {', '.join(options)}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and choice checks; raises ConfigError naming the first bad key."""
+    checks = [
+        ("rollout.group_size", cfg.rollout.group_size >= 2, "must be at least 2 (advantages compare completions of a group)"),
+        ("rollout.max_tokens", cfg.rollout.max_tokens >= 1, "must be at least 1"),
+        ("rollout.temperature", cfg.rollout.temperature >= 0, "must be >= 0"),
+        ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "must be in (0, 1]"),
+        ("rollout.top_k", cfg.rollout.top_k >= 0, "must be >= 0"),
+        ("rollout.min_p", 0 <= cfg.rollout.min_p < 1, "must be in [0, 1)"),
+        ("grpo.beta", cfg.grpo.beta >= 0, "must be >= 0"),
+        ("grpo.epsilon", cfg.grpo.epsilon > 0, "must be > 0"),
+        ("grpo.epsilon_high", cfg.grpo.epsilon_high is None or cfg.grpo.epsilon_high > 0, "must be > 0"),
+        ("grpo.num_iterations", cfg.grpo.num_iterations >= 1, "must be at least 1"),
+        ("train.steps", cfg.train.steps >= 0, "must be >= 0"),
+        ("train.prompts_per_step", cfg.train.prompts_per_step >= 1, "must be at least 1"),
+        ("train.learning_rate", cfg.train.learning_rate > 0, "must be > 0"),
+        ("train.warmup_steps", cfg.train.warmup_steps >= 0, "must be >= 0"),
+        ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
+        ("train.max_grad_norm", cfg.train.max_grad_norm >= 0, "must be >= 0"),
+        ("train.grad_accumulation_steps", cfg.train.grad_accumulation_steps >= 1, "must be at least 1"),
+        ("adapter.rank", cfg.adapter.rank >= 1, "must be at least 1"),
+        ("adapter.dropout", 0 <= cfg.adapter.dropout < 1, "must be in [0, 1)"),
+        ("adapter.num_layers", cfg.adapter.num_layers == -1 or cfg.adapter.num_layers >= 1, "must be -1 (all) or at least 1"),
+        ("data.max_operand", 1 <= cfg.data.max_operand <= 49, "must be in 1..49 (sums stay below 100)"),
+        ("data.eval_size", cfg.data.eval_size >= 1, "must be at least 1"),
+        ("output.save_every", cfg.output.save_every >= 0, "must be >= 0"),
+        ("output.eval_every", cfg.output.eval_every >= 0, "must be >= 0"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {why}, got {_get(cfg, key)!r}")
+    _choice("adapter.type", cfg.adapter.type, ("lora", "dora", "full"))
+    _choice("data.task", cfg.data.task, ("arithmetic", "jsonl"))
+    _choice("prompt.kind", cfg.prompt.kind, ("r1", "chat"))
+    _choice("grpo.loss_type", cfg.grpo.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo"))
+    _choice("grpo.importance_sampling", cfg.grpo.importance_sampling, ("token", "sequence"))
+    _choice("grpo.scale_rewards", cfg.grpo.scale_rewards, ("group", "batch", "none"))
+    _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "cosine", "linear"))
+    if cfg.data.task == "jsonl" and not cfg.data.path:
+        raise ConfigError("data.path: required when data.task is jsonl")
+    if cfg.train.prompts_per_step % cfg.train.grad_accumulation_steps:
+        raise ConfigError(
+            f"train.grad_accumulation_steps: must divide train.prompts_per_step "
+            f"({cfg.train.prompts_per_step}), got {cfg.train.grad_accumulation_steps}"
+        )
+    if not cfg.rewards:
+        raise ConfigError("rewards: at least one reward is needed")
+    return cfg
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set(item: str) -> Tuple[str, Any]:
+    """Parse one ``key=value`` override; the value is read as YAML (so 0.1, true, [a, b] work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. grpo.beta=0.04")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    """Read a YAML config file; errors name the file (and line for syntax errors)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def make_config(
+    yaml_path: Optional[str] = None,
+    overrides: Optional[List[Tuple[str, Any]]] = None,
+) -> Config:
+    """Build the run config: defaults, then the YAML file, then each (dotted key, value) override."""
+    tree: Dict[str, Any] = {}
+    source = ""
+    if yaml_path:
+        tree = load_yaml(yaml_path)
+        source = f"{yaml_path}: "
+        try:
+            _build(Config, tree, "")
+        except ConfigError as e:
+            raise ConfigError(f"{source}{e}") from None
+    for key, value in overrides or []:
+        if key.startswith("rewards."):
+            _set_dotted(tree, key, value)
+            continue
+        _check_dotted_key(key)
+        _set_dotted(tree, key, value)
+    return validate(_build(Config, tree, ""))
+
+
+def _check_dotted_key(key: str) -> None:
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"{key}: unknown key ({where} has: {', '.join(sorted(names))})")
+        tp = typing.get_type_hints(cls)[part]
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{key}: {part} is not a section")
+            cls = tp
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (loadable again with --config)."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

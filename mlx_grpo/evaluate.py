@@ -1,0 +1,67 @@
+"""Held-out evaluation: greedy completions scored for strict accuracy, lenient accuracy and format.
+
+strict accuracy: the completion has the strict layout and the value inside <answer> equals the
+reference; lenient accuracy: the last number anywhere in the completion equals the reference;
+format rate: the share with the strict layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Sequence
+
+import mlx.nn as nn
+import numpy as np
+
+from .config import RolloutConfig
+from .rewards.answers import answers_match, extract_answer, last_number
+from .rewards.format import is_strict_format
+from .rollout import sample_groups
+from .tasks.templates import PromptFormat, render_prompt
+
+
+def judge(response: str, reference: Any) -> Dict[str, bool]:
+    """Format, strict and lenient correctness of one full response (prefix + completion)."""
+    fmt = is_strict_format(response)
+    return {
+        "format": fmt,
+        "strict": fmt and answers_match(extract_answer(response), reference),
+        "lenient": answers_match(last_number(response), reference),
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Dict[str, Any]],
+    fmt: PromptFormat,
+    rollout: RolloutConfig,
+    max_tokens: int,
+    batch_size: int = 128,
+) -> Dict[str, Any]:
+    """Greedy-decode every row and return rates (n, accuracy, lenient_accuracy, format_rate...)."""
+    cfg = dataclasses.replace(rollout, max_tokens=max_tokens)
+    verdicts: List[Dict[str, bool]] = []
+    lengths: List[int] = []
+    truncated: List[bool] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in chunk]
+        ro = sample_groups(model, tokenizer, prompts, cfg, group_size=1, temperature=0.0)
+        for r, text in zip(chunk, ro.texts):
+            verdicts.append(judge(fmt.response_prefix + text, r.get("answer")))
+        lengths.extend(ro.lengths.tolist())
+        truncated.extend(ro.truncated)
+    if was_training:
+        model.train()
+    rate = lambda k: float(np.mean([v[k] for v in verdicts])) if verdicts else float("nan")  # noqa: E731
+    return {
+        "n": len(verdicts),
+        "accuracy": rate("strict"),
+        "lenient_accuracy": rate("lenient"),
+        "format_rate": rate("format"),
+        "mean_length": float(np.mean(lengths)) if lengths else float("nan"),
+        "truncated_rate": float(np.mean(truncated)) if truncated else float("nan"),
+    }

@@ -1,0 +1,222 @@
+"""Models: load through mlx-lm (Hub id or local path), attach adapters, switch them off for the
+reference policy, and save/load adapters in mlx-lm's layout.
+
+The KL reference is the policy with its adapters switched off: LoRA/DoRA layers are swapped for
+their frozen base layers for the duration of a ``with adapters_disabled(model):`` block, so the
+reference costs no extra weight memory. Full fine-tuning has no adapters to switch off, so it keeps
+a copy of the trained layers' initial weights (the cost is stated in the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import AdapterConfig, ConfigError, ModelConfig
+
+ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be found or read; the message names the path or Hub id."""
+
+
+def load_model(cfg: ModelConfig, path: Optional[str] = None) -> Tuple[nn.Module, Any]:
+    """Load (model, tokenizer) with mlx-lm's own loader, exactly as for a Hub model.
+
+    ``path`` defaults to ``cfg.path``. A local directory is used as is; anything else is treated as
+    a Hub id and downloaded (or taken from the Hugging Face cache) by mlx-lm.
+    """
+    from mlx_lm.utils import load
+
+    target = path or cfg.path
+    local = Path(target).expanduser()
+    looks_local = local.exists() or target.startswith((".", "/", "~")) or target.count("/") > 1
+    if looks_local and not (local / "config.json").is_file():
+        what = "does not exist" if not local.exists() else "has no config.json (not a model directory)"
+        raise ModelLoadError(f"model.path: {target} {what}")
+    try:
+        model, tokenizer = load(
+            str(local) if looks_local else target,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except Exception as e:  # no network, unknown architecture, bad weights: one line, named
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"model.path: cannot load {target}: {first}") from None
+    return model, tokenizer
+
+
+def batch_cache(model: nn.Module, left_padding: List[int]) -> List[Any]:
+    """A per-layer batched KV cache for left-padded rows (each row keeps its own positions)."""
+    from mlx_lm.models.cache import (
+        BatchKVCache,
+        BatchRotatingKVCache,
+        KVCache,
+        RotatingKVCache,
+        make_prompt_cache,
+    )
+
+    out: List[Any] = []
+    for c in make_prompt_cache(model):
+        if type(c) is KVCache:
+            out.append(BatchKVCache(list(left_padding)))
+        elif isinstance(c, RotatingKVCache):
+            out.append(BatchRotatingKVCache(c.max_size, list(left_padding)))
+        else:
+            raise NotImplementedError(
+                f"{type(c).__name__} layers cannot decode in a batch yet (model {type(model).__name__})"
+            )
+    return out
+
+
+class LeftPaddedRows:
+    """A stand-in for a KV cache in one full forward pass over left-padded rows.
+
+    It gives each row its RoPE positions (real tokens start at position 0) and a causal mask that
+    hides the padding, and stores nothing: training passes need no cache, and writing keys into
+    one would cost a copy per layer in the backward pass.
+    """
+
+    def __init__(self, left_padding: List[int]):
+        self.left_padding = mx.array(left_padding)
+        self.offset = -self.left_padding
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        return keys, values
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None, **_):
+        from mlx_lm.models.base import create_causal_mask
+
+        return create_causal_mask(N, 0, window_size=window_size, left_padding=self.left_padding)
+
+
+def padded_rows_cache(model: nn.Module, left_padding: List[int]) -> Optional[List[Any]]:
+    """What to pass as ``cache=`` for a full pass over left-padded rows (None when unpadded)."""
+    if not any(left_padding):
+        return None
+    return [LeftPaddedRows(list(left_padding)) for _ in model.layers]
+
+
+def lora_parameters(cfg: AdapterConfig) -> Dict[str, Any]:
+    """mlx-lm's ``lora_parameters`` dict for this adapter config."""
+    params: Dict[str, Any] = {
+        "rank": cfg.rank,
+        "scale": cfg.effective_scale(),
+        "dropout": cfg.dropout,
+    }
+    if cfg.keys:
+        params["keys"] = list(cfg.keys)
+    return params
+
+
+def num_adapter_layers(model: nn.Module, cfg: AdapterConfig) -> int:
+    n = len(model.layers)
+    if cfg.num_layers > n:
+        raise ConfigError(f"adapter.num_layers: the model has {n} layers, got {cfg.num_layers}")
+    return n if cfg.num_layers == -1 else cfg.num_layers
+
+
+def attach_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+    """Freeze the base and make only the adapters (or, for ``full``, the last layers) trainable.
+
+    Works on quantized bases too (QLoRA): mlx-lm's LoRA layers wrap QuantizedLinear.
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n = num_adapter_layers(model, cfg)
+    model.freeze()
+    if cfg.type == "full":
+        for layer in model.layers[-n:]:
+            layer.unfreeze()
+        # Keep the initial weights of the trained layers: the reference policy for the KL term.
+        model._mlx_grpo_reference = {  # type: ignore[attr-defined]
+            k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters())
+        }
+    else:
+        linear_to_lora_layers(model, n, lora_parameters(cfg), use_dora=cfg.type == "dora")
+    n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    if n_trainable == 0:
+        raise ConfigError(
+            f"adapter.keys: no trainable parameters were created (keys={cfg.keys}); "
+            "check the module names of this model"
+        )
+    return model
+
+
+def _adapter_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "linear")]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model`` computes the base (reference) policy; restored afterwards."""
+    reference = getattr(model, "_mlx_grpo_reference", None)
+    if reference is not None:  # full fine-tuning: swap the initial weights in and out
+        current = [(k, v) for k, v in tree_flatten(model.trainable_parameters())]
+        model.update(tree_unflatten(list(reference.items())))
+        try:
+            yield model
+        finally:
+            model.update(tree_unflatten(current))
+        return
+    wrapped = _adapter_modules(model)
+    model.update_modules(tree_unflatten([(name, m.linear) for name, m in wrapped]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten(wrapped))
+
+
+def adapter_config(cfg: AdapterConfig, model_id: str, n_layers: int) -> Dict[str, Any]:
+    """The adapter_config.json that mlx-lm's ``load_adapters`` (generate, fuse) reads."""
+    return {
+        "model": model_id,
+        "fine_tune_type": cfg.type,
+        "num_layers": n_layers,
+        "lora_parameters": lora_parameters(cfg),
+        "trainer": "mlx-grpo",
+    }
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write via ``write(tmp_path)`` then rename, so ``path`` is never half-written."""
+    # The temporary name keeps the suffix: mx.save_safetensors appends one when it is missing.
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def adapter_weights(model: nn.Module) -> Dict[str, mx.array]:
+    """The trainable weights, named as mlx-lm names them."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model: nn.Module, out_dir: Path, cfg: AdapterConfig, model_id: str) -> None:
+    """Write adapters.safetensors + adapter_config.json into ``out_dir`` (each atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = adapter_weights(model)
+    atomic_write(
+        out_dir / "adapters.safetensors",
+        lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "mlx"}),
+    )
+    conf = adapter_config(cfg, model_id, num_adapter_layers(model, cfg))
+    atomic_write(out_dir / "adapter_config.json", lambda p: p.write_text(json.dumps(conf, indent=2) + "\n"))
+
+
+def load_adapters(model: nn.Module, adapter_dir: str) -> nn.Module:
+    """Attach and load adapters saved by ``save_adapters`` (or by mlx-lm) with mlx-lm's loader."""
+    from mlx_lm.tuner.utils import load_adapters as _load
+
+    return _load(model, adapter_dir)

@@ -1,0 +1,194 @@
+"""Step 1 of the seed: sample a group of G completions per prompt, all rows decoding together.
+
+Every prompt is prefilled once; its KV cache is then repeated for its G rows, so a group shares the
+prompt's work. All P x G rows decode in one batch with a KV cache; rows that finished (EOS or a stop
+string) are dropped from the batch so they stop costing compute. The sampled token ids and their
+log-probabilities come out directly: nothing is re-tokenized from decoded text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Set
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import RolloutConfig
+from .models import batch_cache
+
+
+@dataclass
+class Rollouts:
+    """P prompts x G completions; row r belongs to prompt r // G.
+
+    prompt_tokens: [P, Lp] left-padded prompt ids; left_padding: pad count per prompt.
+    tokens: [P*G, Lc] completion ids, right-padded with ``pad_id``; mask: [P*G, Lc] 1.0 on real tokens.
+    sample_logprobs: [P*G, Lc] log-prob of each sampled token under the (temperature-scaled)
+        sampling distribution; texts: decoded completions (stop string kept, EOS dropped);
+    truncated: rows cut at max_tokens without EOS or a stop string.
+    """
+
+    prompt_tokens: mx.array
+    left_padding: List[int]
+    tokens: mx.array
+    mask: mx.array
+    sample_logprobs: mx.array
+    texts: List[str]
+    truncated: List[bool]
+    group_size: int
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array(self.mask.sum(axis=1).tolist(), dtype=np.int64)
+
+    def row_prompts(self) -> mx.array:
+        """[P*G, Lp]: each row's prompt ids."""
+        return mx.repeat(self.prompt_tokens, self.group_size, axis=0)
+
+    def row_left_padding(self) -> List[int]:
+        return [p for p in self.left_padding for _ in range(self.group_size)]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple:
+    """Left-pad token lists to one width; returns (array [N, W], padding per row)."""
+    width = max(len(s) for s in seqs)
+    padding = [width - len(s) for s in seqs]
+    return mx.array([[pad_id] * p + list(s) for s, p in zip(seqs, padding)]), padding
+
+
+def can_repeat(cache: List[Any]) -> bool:
+    from mlx_lm.models.cache import BatchKVCache
+
+    return all(type(c) is BatchKVCache for c in cache)
+
+
+def repeat_cache(cache: List[Any], times: int) -> List[Any]:
+    """Repeat every row of a prefilled BatchKVCache ``times`` times (row i -> rows i*times..)."""
+    for c in cache:
+        c.keys = mx.repeat(c.keys[..., : c._idx, :], times, axis=0)
+        c.values = mx.repeat(c.values[..., : c._idx, :], times, axis=0)
+        c.offset = mx.repeat(c.offset, times, axis=0)
+        c.left_padding = mx.repeat(c.left_padding, times, axis=0)
+    return cache
+
+
+def make_sampler(cfg: RolloutConfig, temperature: Optional[float] = None):
+    """mlx-lm's sampler (temperature, top-p, top-k, min-p) taking log-probabilities."""
+    from mlx_lm.sample_utils import make_sampler as _make
+
+    temp = cfg.temperature if temperature is None else temperature
+    return _make(temp=temp, top_p=cfg.top_p if cfg.top_p < 1.0 else 0.0, min_p=cfg.min_p, top_k=cfg.top_k)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> List[int]:
+    """Token ids of a prompt; no second BOS when a chat template already wrote one."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos))))
+
+
+def stop_token_ids(tokenizer: Any, stops: Sequence[str]) -> tuple:
+    """Split stop strings into single-token ids (checked on ids) and the rest (checked on text)."""
+    ids: Set[int] = set(int(t) for t in (getattr(tokenizer, "eos_token_ids", None) or []))
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = set(ids)
+    text_stops = []
+    for s in stops:
+        enc = tokenizer.encode(s, add_special_tokens=False)
+        if len(enc) == 1 and tokenizer.decode(enc).strip() == s.strip():
+            ids.add(enc[0])
+        else:
+            text_stops.append(s)
+    return eos, ids, text_stops
+
+
+def sample_groups(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    cfg: RolloutConfig,
+    group_size: Optional[int] = None,
+    temperature: Optional[float] = None,
+) -> Rollouts:
+    """Sample ``group_size`` (default cfg.group_size) completions for each prompt text."""
+    G = cfg.group_size if group_size is None else group_size
+    temp = cfg.temperature if temperature is None else temperature
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos_ids, stop_ids, text_stops = stop_token_ids(tokenizer, cfg.stop)
+    sampler = make_sampler(cfg, temp)
+    inv_t = 1.0 / temp if temp > 0 else 1.0
+
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    prompt_tokens, left_padding = left_pad(encoded, pad_id)
+
+    # Prefill each prompt once, then share its cache with the G rows of its group.
+    cache = batch_cache(model, left_padding)
+    logits = model(prompt_tokens, cache=cache)[:, -1, :]
+    if can_repeat(cache):
+        cache = repeat_cache(cache, G)
+        logits = mx.repeat(logits, G, axis=0)
+    else:  # e.g. sliding-window caches: prefill every row instead
+        cache = batch_cache(model, [p for p in left_padding for _ in range(G)])
+        logits = model(mx.repeat(prompt_tokens, G, axis=0), cache=cache)[:, -1, :]
+
+    n_rows = len(prompts) * G
+    active = np.arange(n_rows)  # row ids of the batch's current rows
+    out_tokens: List[List[int]] = [[] for _ in range(n_rows)]
+    out_logps: List[List[float]] = [[] for _ in range(n_rows)]
+    ended = np.zeros(n_rows, dtype=bool)
+    truncated = [True] * n_rows
+
+    for step in range(cfg.max_tokens):
+        logprobs = logits.astype(mx.float32) * inv_t
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        y = sampler(logprobs)
+        lp = mx.take_along_axis(logprobs, y[:, None], axis=-1)[:, 0]
+        ys, lps = y.tolist(), lp.tolist()
+        keep = []
+        for j, row in enumerate(active):
+            tok = ys[j]
+            out_tokens[row].append(tok)
+            out_logps[row].append(lps[j])
+            done = tok in stop_ids
+            if not done and text_stops:
+                tail = tokenizer.decode(out_tokens[row][-16:])
+                done = any(s in tail for s in text_stops)
+            if done:
+                ended[row] = True
+                truncated[row] = False
+            else:
+                keep.append(j)
+        if not keep or step == cfg.max_tokens - 1:
+            break
+        if len(keep) < len(active):
+            idx = mx.array(keep)
+            for c in cache:
+                c.filter(idx)
+            y = y[idx]
+            active = active[keep]
+        logits = model(y[:, None], cache=cache)[:, -1, :]
+
+    width = max(len(t) for t in out_tokens)
+    tokens = np.full((n_rows, width), pad_id, dtype=np.int32)
+    mask = np.zeros((n_rows, width), dtype=np.float32)
+    logps = np.zeros((n_rows, width), dtype=np.float32)
+    texts = []
+    for r in range(n_rows):
+        n = len(out_tokens[r])
+        tokens[r, :n] = out_tokens[r]
+        mask[r, :n] = 1.0
+        logps[r, :n] = out_logps[r]
+        shown = out_tokens[r][:-1] if out_tokens[r] and out_tokens[r][-1] in eos_ids else out_tokens[r]
+        texts.append(tokenizer.decode(shown))
+    return Rollouts(
+        prompt_tokens=prompt_tokens,
+        left_padding=left_padding,
+        tokens=mx.array(tokens),
+        mask=mx.array(mask),
+        sample_logprobs=mx.array(logps),
+        texts=texts,
+        truncated=truncated,
+        group_size=G,
+    )

@@ -1,0 +1,67 @@
+"""Prompt templates: the seed's R1-Zero plain template and the tokenizer's chat template.
+
+A template turns a question into the text the model continues. Some templates end inside the
+response (R1-Zero ends with ``Assistant: <think>``), so the part of the response that the
+template already wrote is kept as ``response_prefix``: rewards judge ``response_prefix +
+completion``, exactly what a reader of the whole answer would see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+# DeepSeek-R1-Zero's template, word for word (arXiv 2501.12948, table 1).
+R1_ZERO_PREAMBLE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+    "process here </think> <answer> answer here </answer>."
+)
+R1_ZERO_TEMPLATE = R1_ZERO_PREAMBLE + " User: {prompt} Assistant:"
+
+# The system prompt used with chat templates: same instruction, as a system message.
+R1_SYSTEM_PROMPT = R1_ZERO_PREAMBLE
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes model input.
+
+    kind: "r1" (the plain R1-Zero template) or "chat" (the tokenizer's chat template).
+    response_prefix: text appended after the template that opens the response (e.g. "<think>");
+        it is part of the prompt tokens and prepended to the completion for scoring.
+    system_prompt: for "chat": the system message (None: the R1-Zero instruction; "": none).
+    """
+
+    kind: str = "r1"
+    response_prefix: str = " <think>"
+    system_prompt: Optional[str] = None
+
+
+def render_prompt(question: str, fmt: PromptFormat, tokenizer: Any = None) -> str:
+    """Return the full prompt text for ``question`` under ``fmt``."""
+    if fmt.kind == "r1":
+        question = question.strip()
+        # The paper writes "User: prompt. Assistant:"; a question that already ends a sentence
+        # keeps its own mark instead of gaining a second one.
+        if not question.endswith((".", "?", "!")):
+            question += "."
+        return R1_ZERO_TEMPLATE.format(prompt=question) + fmt.response_prefix
+    if fmt.kind == "chat":
+        template = getattr(tokenizer, "chat_template", None)
+        if tokenizer is None or not template:
+            raise ValueError(
+                "prompt.kind=chat: this tokenizer has no chat template; use prompt.kind=r1"
+            )
+        messages = []
+        system = R1_SYSTEM_PROMPT if fmt.system_prompt is None else fmt.system_prompt
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": question})
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return text + fmt.response_prefix
+    raise ValueError(f"prompt.kind: unknown prompt format {fmt.kind!r} (expected r1 or chat)")
