@@ -68,18 +68,26 @@ def cpu_backend_in_use() -> bool:
         return True
 
 
-def maybe_reexec(argv: List[str], env: Dict[str, str]) -> None:
-    """Re-execute this process with a fast BLAS preloaded when that helps; else return."""
+def reexec_env(env: Dict[str, str]) -> Optional[Dict[str, str]]:
+    """The environment to restart with (a fast BLAS preloaded), or None when no restart helps."""
     if env.get(MARKER) or env.get("MLX_GRPO_NO_FAST_BLAS") or preloaded(env):
-        return
+        return None
     if not cpu_backend_in_use():
-        return
+        return None
     lib = find_fast_blas(env)
     if lib is None:
-        return
+        return None
     new_env = dict(env)
     new_env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
     new_env[MARKER] = lib
+    return new_env
+
+
+def maybe_reexec(argv: List[str], env: Dict[str, str]) -> None:
+    """Re-execute ``python argv...`` with a fast BLAS preloaded when that helps; else return."""
+    new_env = reexec_env(env)
+    if new_env is None:
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable] + argv, new_env)

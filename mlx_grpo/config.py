@@ -329,7 +329,10 @@ def make_config(
             raise ConfigError(f"{source}{e}") from None
     for key, value in overrides or []:
         if key.startswith("rewards."):
-            _set_dotted(tree, key, value)
+            # One reward's weight: added to (or changing) the rewards already configured.
+            # A weight of 0 keeps a reward logged but out of the total.
+            tree.setdefault("rewards", dict(Config().rewards))
+            tree["rewards"][key[len("rewards."):]] = value
             continue
         _check_dotted_key(key)
         _set_dotted(tree, key, value)

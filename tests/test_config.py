@@ -1,0 +1,87 @@
+import pytest
+
+from mlx_grpo.config import Config, ConfigError, make_config, parse_set
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_are_the_embedded_run():
+    cfg = make_config()
+    assert cfg.model.path.endswith("tiny-r1")
+    assert cfg.data.task == "arithmetic"
+    assert cfg.rewards == {"accuracy": 1.0, "format": 0.5}
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    path = write(tmp_path, "grpo:\n  beta: 0.2\n  epsilon: 0.3\ntrain:\n  steps: 7\n")
+    cfg = make_config(path, [("grpo.beta", 0.5)])
+    assert cfg.grpo.beta == 0.5  # command line beats YAML
+    assert cfg.grpo.epsilon == 0.3  # YAML beats the default
+    assert cfg.train.steps == 7
+    assert cfg.rollout.group_size == Config().rollout.group_size  # default kept
+
+
+def test_every_yaml_key_is_used_none_ignored(tmp_path):
+    """A peer silently ignores YAML keys whose CLI flag has a default; here each one lands."""
+    path = write(tmp_path, "rollout:\n  group_size: 4\n  max_tokens: 9\n  temperature: 0.7\n"
+                           "train:\n  learning_rate: 1e-5\n  seed: 3\n")
+    cfg = make_config(path)
+    assert (cfg.rollout.group_size, cfg.rollout.max_tokens, cfg.rollout.temperature) == (4, 9, 0.7)
+    assert cfg.train.learning_rate == 1e-5 and cfg.train.seed == 3
+
+
+@pytest.mark.parametrize("text,key", [
+    ("grpo:\n  betta: 0.1\n", "grpo.betta: unknown key"),
+    ("trian:\n  steps: 1\n", "trian: unknown key"),
+    ("train:\n  steps: many\n", "train.steps: expected an integer"),
+    ("rollout:\n  group_size: 1\n", "rollout.group_size: must be at least 2"),
+    ("grpo:\n  beta: -0.1\n", "grpo.beta: must be >= 0"),
+    ("grpo:\n  loss_type: ppo\n", "grpo.loss_type: must be one of"),
+    ("train: 3\n", "train: expected a section"),
+])
+def test_yaml_errors_name_the_key_and_file(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        make_config(path)
+    assert key in str(e.value)
+    if "unknown" in key or "expected" in key:
+        assert path in str(e.value)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 1\n  seed: [1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: line \d+ invalid YAML"):
+        make_config(path)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        make_config("nope.yaml")
+
+
+def test_set_overrides_parse_values():
+    assert parse_set("grpo.beta=0.04") == ("grpo.beta", 0.04)
+    assert parse_set("rollout.stop=[</answer>, END]") == ("rollout.stop", ["</answer>", "END"])
+    cfg = make_config(None, [parse_set("train.grad_checkpoint=true"), parse_set("rewards.format=2")])
+    assert cfg.train.grad_checkpoint is True
+    assert cfg.rewards == {"accuracy": 1.0, "format": 2.0}
+    with pytest.raises(ConfigError, match="grpo.nope: unknown key"):
+        make_config(None, [parse_set("grpo.nope=1")])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_set("grpo.beta")
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="data.path: required"):
+        make_config(None, [("data.task", "jsonl")])
+    with pytest.raises(ConfigError, match="grad_accumulation_steps: must divide"):
+        make_config(None, [("train.prompts_per_step", 6), ("train.grad_accumulation_steps", 4)])
+
+
+def test_alpha_sets_scale():
+    cfg = make_config(None, [("adapter.alpha", 32), ("adapter.rank", 16)])
+    assert cfg.adapter.effective_scale() == 2.0
