@@ -55,6 +55,7 @@ class DataConfig:
     eval_path: Optional[str] = None  # held-out JSONL; None: the last eval_size rows of path
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    answer_delimiter: Optional[str] = None  # keep only the text after it, e.g. "####" for GSM8K
     max_operand: int = 29  # arithmetic: a, b in 0..max_operand
     eval_size: int = 400
     split_seed: int = 0

@@ -64,7 +64,8 @@ def make_schedule(cfg: TrainConfig, total_updates: int) -> Callable:
         main = lambda _: mx.array(lr)  # noqa: E731
     if cfg.warmup_steps == 0:
         return main
-    warm = optim.linear_schedule(lr / cfg.warmup_steps, lr, cfg.warmup_steps)
+    # Update i < warmup_steps gets lr * (i + 1) / warmup_steps: no update at lr 0, full lr at the end.
+    warm = optim.linear_schedule(lr / cfg.warmup_steps, lr, max(cfg.warmup_steps - 1, 1))
     return optim.join_schedules([warm, main], [cfg.warmup_steps])
 
 

@@ -85,3 +85,16 @@ def test_cross_field_checks():
 def test_alpha_sets_scale():
     cfg = make_config(None, [("adapter.alpha", 32), ("adapter.rank", 16)])
     assert cfg.adapter.effective_scale() == 2.0
+
+
+def test_shipped_configs_load_and_default_yaml_equals_defaults():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    default = make_config(str(root / "configs" / "default.yaml"))
+    builtin = make_config()
+    assert (root / default.model.path).resolve() == Path(builtin.model.path).resolve()
+    default.model.path = builtin.model.path
+    assert default == builtin
+    for f in sorted((root / "configs").glob("*.yaml")):
+        make_config(str(f), [("data.path", "x.jsonl")] if "gsm8k" in f.name else [])

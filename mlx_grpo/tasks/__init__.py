@@ -27,8 +27,13 @@ class TaskData:
     held_out: List[Row]
 
 
-def read_jsonl(path: str, prompt_field: str, answer_field: str) -> List[Row]:
-    """Rows of a JSONL file, renamed to prompt/answer; errors name the file and line."""
+def read_jsonl(
+    path: str, prompt_field: str, answer_field: str, answer_delimiter: Optional[str] = None
+) -> List[Row]:
+    """Rows of a JSONL file, renamed to prompt/answer; errors name the file and line.
+
+    With ``answer_delimiter`` (GSM8K's "####"), the reference is the text after its last occurrence.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: data file not found")
@@ -51,7 +56,12 @@ def read_jsonl(path: str, prompt_field: str, answer_field: str) -> List[Row]:
         row = {k: v for k, v in obj.items() if k not in (prompt_field, answer_field)}
         row["prompt"] = str(obj[prompt_field])
         if answer_field in obj:
-            row["answer"] = None if obj[answer_field] is None else str(obj[answer_field])
+            answer = obj[answer_field]
+            if answer is not None:
+                answer = str(answer)
+                if answer_delimiter and answer_delimiter in answer:
+                    answer = answer.rsplit(answer_delimiter, 1)[1].strip()
+            row["answer"] = answer
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows (empty dataset)")
@@ -64,9 +74,10 @@ def load_task(cfg: DataConfig) -> TaskData:
         train, held = arithmetic.make_splits(cfg.max_operand, cfg.eval_size, cfg.split_seed)
         return TaskData(train, held)
     if cfg.task == "jsonl":
-        rows = read_jsonl(cfg.path, cfg.prompt_field, cfg.answer_field)  # type: ignore[arg-type]
+        fields = (cfg.prompt_field, cfg.answer_field, cfg.answer_delimiter)
+        rows = read_jsonl(cfg.path, *fields)  # type: ignore[arg-type]
         if cfg.eval_path:
-            held = read_jsonl(cfg.eval_path, cfg.prompt_field, cfg.answer_field)
+            held = read_jsonl(cfg.eval_path, *fields)
             return TaskData(rows, held)
         n_eval = min(cfg.eval_size, len(rows) // 5)
         if n_eval == 0:

@@ -1,0 +1,28 @@
+"""The embedded model is made by a deterministic script and loads as a Hub model does."""
+
+import json
+
+from mlx_grpo.assets.make_tiny_model import make
+
+
+def test_two_runs_write_byte_identical_files(tmp_path):
+    kw = dict(steps=6, seed=5, max_operand=9, hidden=32, layers=1, heads=2, ffn=32, batch=8, lr=3e-3,
+              log_every=0)
+    make(tmp_path / "a", **kw)
+    make(tmp_path / "b", **kw)
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_embedded_model_loads_through_mlx_lm(embedded_model_dir):
+    from mlx_lm import load
+
+    model, tok = load(str(embedded_model_dir))
+    conf = json.loads((embedded_model_dir / "config.json").read_text())
+    assert conf["model_type"] == "llama"
+    size = (embedded_model_dir / "model.safetensors").stat().st_size
+    assert size < 6_000_000
+    ids = tok.encode("What is 3 + 4 ? <think>")
+    assert tok.decode(ids) == "What is 3 + 4 ? <think>"
+    for tag in ("<think>", "</think>", "<answer>", "</answer>", "17", "99"):
+        assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
