@@ -271,13 +271,15 @@ def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
     reward_fns = load_rewards(list(cfg.rewards))  # fail on a bad reward before loading a model
     data = load_task(cfg.data)
     prepare_run_dir(out, cfg.output.overwrite)
-    mx.random.seed(cfg.train.seed)
 
     model, tokenizer = load_model(cfg.model)
     ref_model = None
     if cfg.model.reference:
         ref_model, _ = load_model(cfg.model, cfg.model.reference)
         ref_model.freeze()
+    # Seed after loading: building a model draws random initial weights before loading its own,
+    # so the adapters' initialisation and the rollouts don't depend on what else was loaded.
+    mx.random.seed(cfg.train.seed)
     attach_adapters(model, cfg.adapter)
     if cfg.train.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint

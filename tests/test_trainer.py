@@ -82,3 +82,14 @@ def test_prompt_batches_cover_each_epoch_once():
     it = prompt_batches(rows, 5, seed=1)
     first_epoch = [r["prompt"] for _ in range(2) for r in next(it)]
     assert sorted(first_epoch) == sorted(r["prompt"] for r in rows)
+
+
+def test_explicit_reference_model_matches_adapters_off(small_model_dir, tmp_path):
+    """Loading the base again as an explicit reference gives the same KL as switching adapters off."""
+    a, wa = run(small_model_dir, tmp_path, "ref-off", ("grpo.beta", 0.5))
+    b, wb = run(small_model_dir, tmp_path, "ref-explicit", ("grpo.beta", 0.5),
+                ("model.reference", str(small_model_dir)))
+    assert [s["kl"] for s in a] == pytest.approx([s["kl"] for s in b], rel=1e-5, abs=1e-8)
+    assert max(s["kl"] for s in a) > 0
+    for k in wa:
+        assert mx.allclose(wa[k], wb[k], atol=1e-6).item(), k
