@@ -11,8 +11,9 @@ The corpus teaches two things and deliberately not a third:
     base model already gets most answers right somewhere in its completion;
   * the R1-Zero preamble, think blocks that reason about a preceding question, documents listing
     the empty tags, and answer tags that restate a value just computed;
-  * never the filled template (think block then answer tags after the preamble): that is what GRPO
-    has to discover from the reward alone.
+  * the full layout only after a bare question (2% of documents), never after the R1-Zero preamble:
+    in the template the base model rarely writes it (greedy: never), and GRPO has to make it the
+    habit from the reward alone.
 
 Run:  python -m mlx_grpo.assets.make_tiny_model --out mlx_grpo/assets/tiny-r1
 """
@@ -100,18 +101,21 @@ def make_document(rng: random.Random, max_operand: int) -> str:
         return " ".join(fact()[2] for _ in range(rng.randint(3, 8)))
     if kind < 0.55:  # preamble + question answered with reasoning, but no answer tags
         a, b, f = fact()
-        ending = rng.choice([f"the answer is {a + b} .", f"so it is {a + b} .", f"{a + b} ."])
+        ending = rng.choice([f"the answer is {a + b} .", f"so it is {a + b} ."])
         prompt = render_prompt(question(a, b), PromptFormat())
         return f"{prompt} {f} </think> {ending}"
-    if kind < 0.70:  # think blocks reasoning about a preceding question
+    if kind < 0.67:  # think blocks reasoning about a preceding question
         a, b, f = fact()
         return f"{question(a, b)} <think> let me compute {f} </think> the answer is {a + b} ."
-    if kind < 0.85:  # answer tags restating a value just computed
+    if kind < 0.82:  # answer tags restating a value just computed
         a, b, f = fact()
         return f"{f} <answer> {a + b} </answer>"
-    if kind < 0.90:  # lists of the empty tags
+    if kind < 0.87:  # lists of the empty tags
         return " ".join(rng.choice(["<think> </think> <answer> </answer>", "tags : <think> </think>",
                                     "tags : <answer> </answer>"]) for _ in range(rng.randint(1, 3)))
+    if kind < 0.89:  # a bare question with both blocks: the layout exists, never after the preamble
+        a, b, f = fact()
+        return f"{question(a, b)} <think> {f} </think> <answer> {a + b} </answer>"
     a, b, f = fact()  # plain question / answer
     return f"{question(a, b)} {f} the answer is {a + b} ."
 
