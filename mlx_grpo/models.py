@@ -77,32 +77,108 @@ def batch_cache(model: nn.Module, left_padding: List[int]) -> List[Any]:
     return out
 
 
-class LeftPaddedRows:
-    """A stand-in for a KV cache in one full forward pass over left-padded rows.
+class RowsCache:
+    """A differentiable KV cache for scoring: left-padded rows, keys kept by concatenation.
 
-    It gives each row its RoPE positions (real tokens start at position 0) and a causal mask that
-    hides the padding, and stores nothing: training passes need no cache, and writing keys into
-    one would cost a copy per layer in the backward pass.
+    mlx-lm's caches write into preallocated buffers, built for decoding; this one keeps whatever
+    the layers produced (so gradients flow through a shared prompt's keys and values), gives each
+    row its RoPE positions (real tokens start at 0) and a causal mask that hides the padding, and
+    can be expanded from one row per prompt to one row per completion (``take_rows``).
     """
 
-    def __init__(self, left_padding: List[int]):
-        self.left_padding = mx.array(left_padding)
-        self.offset = -self.left_padding
+    def __init__(self, left_padding: mx.array):
+        self.left_padding = left_padding
+        self.offset = -left_padding
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.length = 0
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
-        return keys, values
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = mx.concatenate([self.keys, keys], axis=2)
+            self.values = mx.concatenate([self.values, values], axis=2)
+        self.length += keys.shape[2]
+        self.offset = self.offset + keys.shape[2]
+        return self.keys, self.values
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None, **_):
         from mlx_lm.models.base import create_causal_mask
 
-        return create_causal_mask(N, 0, window_size=window_size, left_padding=self.left_padding)
+        return create_causal_mask(N, self.length, window_size=window_size, left_padding=self.left_padding)
+
+    def take_rows(self, index: mx.array) -> None:
+        """Keep rows ``index`` (repeats allowed): prompt rows become completion rows."""
+        self.left_padding = self.left_padding[index]
+        self.offset = self.offset[index]
+        if self.keys is not None:
+            self.keys = self.keys[index]
+            self.values = self.values[index]
 
 
-def padded_rows_cache(model: nn.Module, left_padding: List[int]) -> Optional[List[Any]]:
-    """What to pass as ``cache=`` for a full pass over left-padded rows (None when unpadded)."""
-    if not any(left_padding):
-        return None
-    return [LeftPaddedRows(list(left_padding)) for _ in model.layers]
+def enable_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward pass instead of storing its activations.
+
+    Like mlx-lm's ``grad_checkpoint`` (it patches the block class), but a scoring pass hands the
+    blocks a cache they append to, and the recomputation must not append twice: the block runs on
+    a fresh copy of the cache inside the checkpoint, and the outer cache takes its result.
+    """
+    block = type(model.layers[0])
+    if getattr(block, "_mlx_grpo_checkpointed", False):
+        return
+    original = block.__call__
+
+    def call(self, x, *args, **kwargs):
+        args = list(args)
+        in_kwargs = "cache" in kwargs
+        cache = kwargs.get("cache") if in_kwargs else (args[1] if len(args) > 1 else None)
+
+        def with_cache(c):
+            if in_kwargs:
+                return args, {**kwargs, "cache": c}
+            a = list(args)
+            if len(a) > 1:
+                a[1] = c
+            return a, kwargs
+
+        if cache is not None and not isinstance(cache, RowsCache):
+            return original(self, x, *args, **kwargs)  # decoding: no gradient, nothing to save
+        if cache is None:
+            def plain(params, x):
+                self.update(params)
+                return original(self, x, *args, **kwargs)
+
+            return mx.checkpoint(plain)(self.trainable_parameters(), x)
+
+        state = (cache.left_padding, cache.offset, cache.length)
+
+        def fresh(keys=None, values=None) -> RowsCache:
+            c = RowsCache(state[0])
+            c.offset, c.length, c.keys, c.values = state[1], state[2], keys, values
+            return c
+
+        def run(params, x, *kv):
+            self.update(params)
+            c = fresh(*kv)
+            a, k = with_cache(c)
+            return original(self, x, *a, **k), c.keys, c.values
+
+        kv = () if cache.keys is None else (cache.keys, cache.values)
+        h, keys, values = mx.checkpoint(run)(self.trainable_parameters(), x, *kv)
+        cache.keys, cache.values = keys, values
+        cache.length = state[2] + x.shape[1]
+        cache.offset = state[1] + x.shape[1]
+        return h
+
+    block.__call__ = call
+    block._mlx_grpo_checkpointed = True
+
+
+def rows_cache(model: nn.Module, left_padding: List[int]) -> List[RowsCache]:
+    """One ``RowsCache`` per layer for rows with the given left padding."""
+    lp = mx.array(left_padding)
+    return [RowsCache(lp) for _ in model.layers]
 
 
 def lora_parameters(cfg: AdapterConfig) -> Dict[str, Any]:

@@ -28,7 +28,13 @@ from .advantages import group_advantages
 from .config import Config, TrainConfig, save_config
 from .evaluate import evaluate
 from .loss import Normalizer, grpo_loss
-from .models import adapters_disabled, attach_adapters, load_model, save_adapters
+from .models import (
+    adapters_disabled,
+    attach_adapters,
+    enable_grad_checkpoint,
+    load_model,
+    save_adapters,
+)
 from .rewards import load_rewards, score
 from .rollout import Rollouts, sample_groups
 from .scoring import completion_logprobs
@@ -84,10 +90,14 @@ def prompt_batches(rows: Sequence[Dict], size: int, seed: int) -> Iterator[List[
 
 @dataclass
 class StepBatch:
-    """The rows of one step that take part in the update, with everything the loss needs."""
+    """The rows of one step that take part in the update, with everything the loss needs.
+
+    prompts: [U, Lp] the distinct left-padded prompts; row_prompt: [B] each row's prompt index.
+    """
 
     prompts: mx.array
     left_padding: List[int]
+    row_prompt: np.ndarray
     tokens: mx.array
     mask: mx.array
     advantages: mx.array
@@ -97,8 +107,13 @@ class StepBatch:
     def rows(self, sl: slice) -> "StepBatch":
         pick = lambda a: None if a is None else a[sl]  # noqa: E731
         return StepBatch(
-            self.prompts[sl], self.left_padding[sl], self.tokens[sl], self.mask[sl],
+            self.prompts, self.left_padding, self.row_prompt[sl], self.tokens[sl], self.mask[sl],
             self.advantages[sl], pick(self.ref_logp), pick(self.old_logp),
+        )
+
+    def logprobs(self, model: nn.Module, temperature: float, chunk: Optional[int] = None) -> mx.array:
+        return completion_logprobs(
+            model, self.prompts, self.left_padding, self.tokens, temperature, self.row_prompt, chunk
         )
 
 
@@ -108,8 +123,9 @@ def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
     mask = ro.mask[idx]
     width = max(1, int(mask.sum(axis=0).astype(mx.bool_).sum().item()))
     return StepBatch(
-        prompts=ro.row_prompts()[idx],
-        left_padding=[ro.row_left_padding()[i] for i in keep.tolist()],
+        prompts=ro.prompt_tokens,
+        left_padding=list(ro.left_padding),
+        row_prompt=keep // ro.group_size,
         tokens=ro.tokens[idx][:, :width],
         mask=mask[:, :width],
         advantages=mx.array(adv[keep]),
@@ -117,8 +133,7 @@ def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
 
 
 def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int) -> mx.array:
-    lp = completion_logprobs(model, b.prompts, b.left_padding, b.tokens, temperature, chunk=micro)
-    return mx.stop_gradient(lp)
+    return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
 
 
 def update(
@@ -135,7 +150,7 @@ def update(
     temperature = cfg.rollout.temperature or 1.0
 
     def loss_fn(model, b: StepBatch):
-        logp = completion_logprobs(model, b.prompts, b.left_padding, b.tokens, temperature)
+        logp = b.logprobs(model, temperature)
         return grpo_loss(logp, b.old_logp, b.ref_logp, b.mask, b.advantages, cfg.grpo, norm)
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -282,9 +297,7 @@ def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
     mx.random.seed(cfg.train.seed)
     attach_adapters(model, cfg.adapter)
     if cfg.train.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
+        enable_grad_checkpoint(model)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
     say(

@@ -34,7 +34,7 @@ def make(model_dir, **adapter):
 
 
 def logprobs(model, b: StepBatch):
-    return completion_logprobs(model, b.prompts, b.left_padding, b.tokens)
+    return b.logprobs(model, 1.0)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "full"])
@@ -74,7 +74,7 @@ def test_lora_gradients_are_nonzero_on_every_adapter(small_model_dir):
     update(model, opt, b, cfg)  # lora_b starts at zero, so lora_a's gradient needs one step
 
     def loss_fn(model):
-        lp = completion_logprobs(model, b.prompts, b.left_padding, b.tokens)
+        lp = b.logprobs(model, 1.0)
         return grpo_loss(lp, None, None, b.mask, b.advantages, cfg.grpo, Normalizer.of(b.mask, 8))[0]
 
     _, grads = nn.value_and_grad(model, loss_fn)(model)
