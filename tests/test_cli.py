@@ -97,3 +97,29 @@ def test_malformed_jsonl_names_line(tmp_path):
     data.write_text('{"prompt": "1 + 1", "answer": "2"}\n{"prompt": oops}\n')
     r = run_cli("train", "--data", str(data), "--output", str(tmp_path / "o"))
     assert r.returncode == 2 and f"{data}:2: malformed JSON" in r.stderr
+
+
+def test_hub_id_loads_through_huggingface_cache(small_model_dir, tmp_path):
+    """A Hub id goes through huggingface_hub's snapshot resolution, exactly as on a Mac online;
+    here the snapshot sits in a Hugging Face cache laid out as a download leaves it."""
+    import shutil
+
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--mlx-grpo-test--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    shutil.copytree(small_model_dir, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "o"
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    r = run_cli("train", "--model", "mlx-grpo-test/tiny", "--output", str(out), "--steps", "1",
+                "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress",
+                "--set", "output.eval_size=2", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["model"] == "mlx-grpo-test/tiny"
+    missing = run_cli("train", "--model", "mlx-grpo-test/absent", "--output", str(tmp_path / "p"),
+                      env=env)
+    assert missing.returncode == 2
+    assert "model.path: cannot load mlx-grpo-test/absent" in missing.stderr
+    assert "Traceback" not in missing.stderr
