@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..config import ConfigError
+
 # DeepSeek-R1-Zero's template, word for word (arXiv 2501.12948, table 1).
 R1_ZERO_PREAMBLE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -52,8 +54,8 @@ def render_prompt(question: str, fmt: PromptFormat, tokenizer: Any = None) -> st
     if fmt.kind == "chat":
         template = getattr(tokenizer, "chat_template", None)
         if tokenizer is None or not template:
-            raise ValueError(
-                "prompt.kind=chat: this tokenizer has no chat template; use prompt.kind=r1"
+            raise ConfigError(
+                "prompt.kind: chat was asked for but this tokenizer has no chat template; use r1"
             )
         messages = []
         system = R1_SYSTEM_PROMPT if fmt.system_prompt is None else fmt.system_prompt
@@ -64,4 +66,4 @@ def render_prompt(question: str, fmt: PromptFormat, tokenizer: Any = None) -> st
             messages, tokenize=False, add_generation_prompt=True
         )
         return text + fmt.response_prefix
-    raise ValueError(f"prompt.kind: unknown prompt format {fmt.kind!r} (expected r1 or chat)")
+    raise ConfigError(f"prompt.kind: unknown prompt format {fmt.kind!r} (expected r1 or chat)")
