@@ -124,5 +124,50 @@ def train(config_path: Optional[str], sets: Tuple[str, ...], overwrite: bool, no
         fail(str(e))
 
 
+@main.command("eval")
+@click.option("--config", "config_path", type=str, default=None, help="YAML config (task, prompt, rollout).")
+@click.option("--run", "run_dir", type=str, default=None, help="A run directory: its config and adapters.")
+@click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path].")
+@click.option("--adapter", type=str, default=None, help="Adapter directory (adapters.safetensors).")
+@click.option("--data", type=str, default=None, help="JSONL file; its held-out split is evaluated.")
+@click.option("--n", "limit", type=int, default=None, help="Evaluate the first N held-out prompts.")
+@click.option("--max-tokens", type=int, default=None, help="[rollout.max_tokens]")
+@click.option("--compare-base", is_flag=True, help="Also evaluate the base model (adapters off).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def eval_cmd(config_path, run_dir, model, adapter, data, limit, max_tokens, compare_base, as_json, sets, debug):
+    """Greedy held-out accuracy (strict and lenient) and format rate of a model or a run."""
+    import json
+    from pathlib import Path
+
+    try:
+        if run_dir:
+            config_path = config_path or str(Path(run_dir) / "config.yaml")
+            adapter = adapter or run_dir
+        overrides: List[Tuple[str, Any]] = [("output.overwrite", True)]
+        if model:
+            overrides.append(("model.path", model))
+        if data:
+            overrides += [("data.task", "jsonl"), ("data.path", data)]
+        if max_tokens:
+            overrides.append(("rollout.max_tokens", max_tokens))
+        overrides += [parse_set(x) for x in sets]
+        cfg = make_config(config_path, overrides)
+        from .evaluate import evaluate_config
+
+        results = evaluate_config(cfg, adapter, limit, compare_base)
+    except Exception as e:
+        if debug or not isinstance(e, user_errors()):
+            raise
+        fail(str(e))
+    if as_json:
+        click.echo(json.dumps(results))
+        return
+    for name, r in results.items():
+        click.echo(f"{name:>8}: accuracy {r['accuracy']:.3f}  lenient {r['lenient_accuracy']:.3f}  "
+                   f"format {r['format_rate']:.3f}  length {r['mean_length']:.1f}  (n={r['n']})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

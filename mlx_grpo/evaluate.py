@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Sequence
 import mlx.nn as nn
 import numpy as np
 
-from .config import RolloutConfig
+from .config import Config, RolloutConfig
 from .rewards.answers import answers_match, extract_answer, last_number
 from .rewards.format import is_strict_format
 from .rollout import sample_groups
@@ -65,3 +65,28 @@ def evaluate(
         "mean_length": float(np.mean(lengths)) if lengths else float("nan"),
         "truncated_rate": float(np.mean(truncated)) if truncated else float("nan"),
     }
+
+
+def evaluate_config(
+    cfg: Config, adapter_dir: str | None = None, limit: int | None = None, compare_base: bool = False
+) -> Dict[str, Dict[str, Any]]:
+    """Evaluate the configured model (with ``adapter_dir`` attached) on the task's held-out rows.
+
+    Returns {"adapter" or "model": results} and, with ``compare_base``, "base" too.
+    """
+    from .models import adapters_disabled, load_adapters, load_model
+    from .tasks import load_task
+
+    rows = load_task(cfg.data).held_out
+    rows = rows[:limit] if limit else rows
+    model, tokenizer = load_model(cfg.model)
+    if adapter_dir:
+        load_adapters(model, adapter_dir)
+    fmt = PromptFormat(cfg.prompt.kind, cfg.prompt.response_prefix, cfg.prompt.system_prompt)
+    tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
+    run = lambda: evaluate(model, tokenizer, rows, fmt, cfg.rollout, tokens)  # noqa: E731
+    out = {"adapter" if adapter_dir else "model": run()}
+    if compare_base and adapter_dir:
+        with adapters_disabled(model):
+            out["base"] = run()
+    return out

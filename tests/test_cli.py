@@ -123,3 +123,13 @@ def test_hub_id_loads_through_huggingface_cache(small_model_dir, tmp_path):
     assert missing.returncode == 2
     assert "model.path: cannot load mlx-grpo-test/absent" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_eval_command_on_a_run(short_run):
+    out, _ = short_run
+    r = run_cli("eval", "--run", str(out), "--n", "6", "--compare-base", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.splitlines()[-1])
+    assert set(res) == {"adapter", "base"}
+    for v in res.values():
+        assert v["n"] == 6 and 0 <= v["accuracy"] <= v["format_rate"] <= 1
