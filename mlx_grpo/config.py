@@ -97,9 +97,9 @@ class GRPOConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 300
     prompts_per_step: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 7e-4
     lr_schedule: str = "constant"  # constant | cosine | linear
     warmup_steps: int = 0
     weight_decay: float = 0.0

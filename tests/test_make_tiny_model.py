@@ -7,7 +7,7 @@ from mlx_grpo.assets.make_tiny_model import make
 
 def test_two_runs_write_byte_identical_files(tmp_path):
     kw = dict(steps=6, seed=5, max_operand=9, hidden=32, layers=1, heads=2, ffn=32, batch=8, lr=3e-3,
-              log_every=0)
+              log_every=0, polish_steps=3)
     make(tmp_path / "a", **kw)
     make(tmp_path / "b", **kw)
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):

@@ -42,6 +42,11 @@ EXTRA_WORDS = (
     "so the answer is we get it sum of plus equals add and then check result tags are "
     "a number here : that gives let me compute"
 )
+# Stage 2's share of templated documents that end in the full layout. Rare on purpose: the base
+# model then writes it about once in a hundred samples and never greedily, so GRPO has a signal to
+# find but everything to teach (like a real base model that has seen such tags on the web).
+FILLED_LAYOUT_RATE = 0.01
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }} "
@@ -89,7 +94,7 @@ def build_tokenizer(out: Path) -> "object":
     return tok
 
 
-def make_document(rng: random.Random, max_operand: int) -> str:
+def make_document(rng: random.Random, max_operand: int, filled_rate: float = 0.0) -> str:
     """One pre-training document (see the module docstring for what each kind teaches)."""
 
     def fact() -> tuple:
@@ -99,9 +104,11 @@ def make_document(rng: random.Random, max_operand: int) -> str:
     kind = rng.random()
     if kind < 0.30:  # drills
         return " ".join(fact()[2] for _ in range(rng.randint(3, 8)))
-    if kind < 0.55:  # preamble + question answered with reasoning, but no answer tags
+    if kind < 0.55:  # preamble + question answered with reasoning, rarely in the full layout
         a, b, f = fact()
         ending = rng.choice([f"the answer is {a + b} .", f"so it is {a + b} ."])
+        if filled_rate and rng.random() < filled_rate:
+            ending = f"<answer> {a + b} </answer>"
         prompt = render_prompt(question(a, b), PromptFormat())
         return f"{prompt} {f} </think> {ending}"
     if kind < 0.67:  # think blocks reasoning about a preceding question
@@ -167,13 +174,14 @@ def pretrain(model, batches, steps: int, lr: float, log_every: int = 50) -> None
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - start:6.1f}s", flush=True)
 
 
-def batch_iterator(tok, rng: random.Random, max_operand: int, batch: int, seq_len: int):
+def batch_iterator(tok, rng: random.Random, max_operand: int, batch: int, seq_len: int,
+                   filled_rate: float = 0.0):
     eos = tok.token_to_id("</s>")
     pad = tok.token_to_id("<pad>")
     while True:
         rows = []
         for _ in range(batch):
-            ids = tok.encode(make_document(rng, max_operand)).ids[: seq_len] + [eos]
+            ids = tok.encode(make_document(rng, max_operand, filled_rate)).ids[: seq_len] + [eos]
             rows.append(ids)
         width = max(len(r) for r in rows)
         x = [r[:-1] + [pad] * (width - len(r)) for r in rows]
@@ -183,8 +191,13 @@ def batch_iterator(tok, rng: random.Random, max_operand: int, batch: int, seq_le
 
 
 def make(out: Path, steps: int, seed: int, max_operand: int, hidden: int, layers: int,
-         heads: int, ffn: int, batch: int, lr: float, log_every: int = 50) -> None:
-    """Build the tokenizer, pre-train the model and write the Hugging Face layout into ``out``."""
+         heads: int, ffn: int, batch: int, lr: float, log_every: int = 50,
+         polish_steps: int = 0, polish_lr: float = 1e-3) -> None:
+    """Build the tokenizer, pre-train the model and write the Hugging Face layout into ``out``.
+
+    Stage 1 (``steps``) never shows the full layout after the preamble; stage 2
+    (``polish_steps``, fresh optimizer, seed + 1) shows it in FILLED_LAYOUT_RATE of those documents.
+    """
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out)
     mx.random.seed(seed)
@@ -193,11 +206,16 @@ def make(out: Path, steps: int, seed: int, max_operand: int, hidden: int, layers
     print(f"tiny model: {n_params / 1e6:.2f}M parameters, vocab {tok.get_vocab_size()}")
     batches = batch_iterator(tok, random.Random(seed), max_operand, batch, seq_len=160)
     pretrain(model, batches, steps, lr, log_every)
+    if polish_steps:
+        mx.random.seed(seed + 1)
+        batches = batch_iterator(tok, random.Random(seed + 1), max_operand, batch, 160, FILLED_LAYOUT_RATE)
+        pretrain(model, batches, polish_steps, polish_lr, log_every)
     weights = dict(sorted(tree_flatten(model.parameters())))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}) + "\n")
-    meta = {"steps": steps, "seed": seed, "max_operand": max_operand, "batch": batch, "lr": lr}
+    meta = {"steps": steps, "seed": seed, "max_operand": max_operand, "batch": batch, "lr": lr,
+            "polish_steps": polish_steps, "polish_lr": polish_lr, "filled_layout_rate": FILLED_LAYOUT_RATE}
     (out / "pretraining.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
@@ -213,10 +231,12 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=512)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--polish-steps", type=int, default=300)
+    p.add_argument("--polish-lr", type=float, default=1e-3)
     p.add_argument("--log-every", type=int, default=50)
     a = p.parse_args()
     make(a.out, a.steps, a.seed, a.max_operand, a.hidden, a.layers, a.heads, a.ffn, a.batch, a.lr,
-         a.log_every)
+         a.log_every, a.polish_steps, a.polish_lr)
 
 
 if __name__ == "__main__":
