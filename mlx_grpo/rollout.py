@@ -43,12 +43,10 @@ class Rollouts:
     def lengths(self) -> np.ndarray:
         return np.array(self.mask.sum(axis=1).tolist(), dtype=np.int64)
 
-    def row_prompts(self) -> mx.array:
-        """[P*G, Lp]: each row's prompt ids."""
-        return mx.repeat(self.prompt_tokens, self.group_size, axis=0)
-
-    def row_left_padding(self) -> List[int]:
-        return [p for p in self.left_padding for _ in range(self.group_size)]
+    @property
+    def row_prompt(self) -> np.ndarray:
+        """[P*G]: the index of each row's prompt."""
+        return np.arange(self.tokens.shape[0]) // self.group_size
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple:

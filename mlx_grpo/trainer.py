@@ -125,7 +125,7 @@ def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
     return StepBatch(
         prompts=ro.prompt_tokens,
         left_padding=list(ro.left_padding),
-        row_prompt=keep // ro.group_size,
+        row_prompt=ro.row_prompt[keep],
         tokens=ro.tokens[idx][:, :width],
         mask=mask[:, :width],
         advantages=mx.array(adv[keep]),

@@ -43,7 +43,7 @@ def test_sampled_logprobs_equal_scoring_pass(model_tok):
     mx.random.seed(3)
     cfg = RolloutConfig(group_size=4, max_tokens=10, temperature=0.7, stop=[])
     ro = sample_groups(model, tok, PROMPTS, cfg)
-    lp = completion_logprobs(model, ro.row_prompts(), ro.row_left_padding(), ro.tokens, 0.7)
+    lp = completion_logprobs(model, ro.prompt_tokens, ro.left_padding, ro.tokens, 0.7, ro.row_prompt)
     diff = mx.abs((lp - ro.sample_logprobs) * ro.mask).max().item()
     assert diff < 1e-4
     assert len(ro.texts) == 12 and ro.tokens.shape[0] == 12
