@@ -17,7 +17,7 @@ from .config import Config, RolloutConfig
 from .rewards.answers import answers_match, extract_answer, last_number
 from .rewards.format import is_strict_format
 from .rollout import sample_groups
-from .tasks.templates import PromptFormat, render_prompt
+from .tasks.templates import PromptFormat, prompt_format, render_prompt
 
 
 def judge(response: str, reference: Any) -> Dict[str, bool]:
@@ -67,6 +67,14 @@ def evaluate(
     }
 
 
+def evaluate_held_out(
+    model: nn.Module, tokenizer: Any, rows: Sequence[Dict[str, Any]], cfg: Config
+) -> Dict[str, Any]:
+    """``evaluate`` with the run's prompt format, sampling settings and evaluation length."""
+    tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
+    return evaluate(model, tokenizer, rows, prompt_format(cfg.prompt), cfg.rollout, tokens)
+
+
 def evaluate_config(
     cfg: Config, adapter_dir: str | None = None, limit: int | None = None, compare_base: bool = False
 ) -> Dict[str, Dict[str, Any]]:
@@ -82,9 +90,7 @@ def evaluate_config(
     model, tokenizer = load_model(cfg.model)
     if adapter_dir:
         load_adapters(model, adapter_dir)
-    fmt = PromptFormat(cfg.prompt.kind, cfg.prompt.response_prefix, cfg.prompt.system_prompt)
-    tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
-    run = lambda: evaluate(model, tokenizer, rows, fmt, cfg.rollout, tokens)  # noqa: E731
+    run = lambda: evaluate_held_out(model, tokenizer, rows, cfg)  # noqa: E731
     out = {"adapter" if adapter_dir else "model": run()}
     if compare_base and adapter_dir:
         with adapters_disabled(model):

@@ -99,9 +99,18 @@ class RowsCache:
         else:
             self.keys = mx.concatenate([self.keys, keys], axis=2)
             self.values = mx.concatenate([self.values, values], axis=2)
-        self.length += keys.shape[2]
-        self.offset = self.offset + keys.shape[2]
+        self.advance(keys.shape[2])
         return self.keys, self.values
+
+    def advance(self, n: int) -> None:
+        """Move past ``n`` new positions (after their keys and values were appended)."""
+        self.length += n
+        self.offset = self.offset + n
+
+    def copy(self) -> "RowsCache":
+        c = RowsCache(self.left_padding)
+        c.offset, c.length, c.keys, c.values = self.offset, self.length, self.keys, self.values
+        return c
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None, **_):
         from mlx_lm.models.base import create_causal_mask
@@ -151,24 +160,18 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
 
             return mx.checkpoint(plain)(self.trainable_parameters(), x)
 
-        state = (cache.left_padding, cache.offset, cache.length)
-
-        def fresh(keys=None, values=None) -> RowsCache:
-            c = RowsCache(state[0])
-            c.offset, c.length, c.keys, c.values = state[1], state[2], keys, values
-            return c
+        before = cache.copy()  # the state this block starts from, for every (re)computation
 
         def run(params, x, *kv):
             self.update(params)
-            c = fresh(*kv)
+            c = before.copy()
+            c.keys, c.values = kv if kv else (None, None)
             a, k = with_cache(c)
             return original(self, x, *a, **k), c.keys, c.values
 
         kv = () if cache.keys is None else (cache.keys, cache.values)
-        h, keys, values = mx.checkpoint(run)(self.trainable_parameters(), x, *kv)
-        cache.keys, cache.values = keys, values
-        cache.length = state[2] + x.shape[1]
-        cache.offset = state[1] + x.shape[1]
+        h, cache.keys, cache.values = mx.checkpoint(run)(self.trainable_parameters(), x, *kv)
+        cache.advance(x.shape[1])
         return h
 
     block.__call__ = call

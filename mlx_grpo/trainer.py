@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten, tree_map
 from . import __version__
 from .advantages import group_advantages
 from .config import Config, TrainConfig, save_config
-from .evaluate import evaluate
+from .evaluate import evaluate_held_out
 from .loss import Normalizer, grpo_loss
 from .models import (
     adapters_disabled,
@@ -39,7 +39,7 @@ from .rewards import load_rewards, score
 from .rollout import Rollouts, sample_groups
 from .scoring import completion_logprobs
 from .tasks import columns, load_task
-from .tasks.templates import PromptFormat, render_prompt
+from .tasks.templates import PromptFormat, prompt_format, render_prompt
 
 
 class RunDirError(ValueError):
@@ -147,7 +147,7 @@ def update(
     n_micro = min(cfg.train.grad_accumulation_steps, n)
     size = math.ceil(n / n_micro)
     norm = Normalizer(float(n), float(batch.mask.sum().item()), cfg.rollout.max_tokens, n_micro)
-    temperature = cfg.rollout.temperature or 1.0
+    temperature = cfg.rollout.temperature
 
     def loss_fn(model, b: StepBatch):
         logp = b.logprobs(model, temperature)
@@ -188,7 +188,7 @@ def grpo_step(
 ) -> Dict[str, Any]:
     """One GRPO step on ``rows``; returns the step's metrics (and samples under "_samples")."""
     G = cfg.rollout.group_size
-    temperature = cfg.rollout.temperature or 1.0
+    temperature = cfg.rollout.temperature
     micro = math.ceil(len(rows) * G / cfg.train.grad_accumulation_steps)
     t0 = time.perf_counter()
 
@@ -305,7 +305,7 @@ def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
         f"{n_train / 1e6:.3f}M of {n_total / 1e6:.2f}M parameters trainable | "
         f"{len(data.train)} train / {len(data.held_out)} held-out prompts | device {mx.default_device()}"
     )
-    fmt = PromptFormat(cfg.prompt.kind, cfg.prompt.response_prefix, cfg.prompt.system_prompt)
+    fmt = prompt_format(cfg.prompt)
     total_updates = cfg.train.steps * cfg.grpo.num_iterations
     opt = optim.AdamW(
         learning_rate=make_schedule(cfg.train, total_updates), weight_decay=cfg.train.weight_decay
@@ -314,13 +314,12 @@ def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
     metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
 
     eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
-    eval_tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
 
     def run_eval(step: int) -> Optional[Dict[str, Any]]:
         if not eval_rows:
             return None
         t = time.perf_counter()
-        res = evaluate(model, tokenizer, eval_rows, fmt, cfg.rollout, eval_tokens)
+        res = evaluate_held_out(model, tokenizer, eval_rows, cfg)
         res["time"] = time.perf_counter() - t
         _append_jsonl(metrics_path, {"step": step, "kind": "eval", **res})
         return res

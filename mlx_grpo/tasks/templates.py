@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..config import ConfigError
+from ..config import ConfigError, PromptConfig
 
 # DeepSeek-R1-Zero's template, word for word (arXiv 2501.12948, table 1).
 R1_ZERO_PREAMBLE = (
@@ -40,6 +40,11 @@ class PromptFormat:
     kind: str = "r1"
     response_prefix: str = " <think>"
     system_prompt: Optional[str] = None
+
+
+def prompt_format(cfg: PromptConfig) -> PromptFormat:
+    """The prompt format a run's ``prompt`` config section describes."""
+    return PromptFormat(cfg.kind, cfg.response_prefix, cfg.system_prompt)
 
 
 def render_prompt(question: str, fmt: PromptFormat, tokenizer: Any = None) -> str:
