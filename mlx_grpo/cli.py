@@ -1,7 +1,9 @@
 """The command line: each command parses its options, builds one Config, calls one function.
 
 Errors the user can fix (bad config key, missing file, unloadable model, bad reward) end with a
-one-line message and exit code 2; ``--debug`` shows the traceback instead.
+one-line message and exit code 2; a run stopped by a fault (out of memory, non-finite losses) with
+a one-line message and exit code 1; a run stopped by SIGINT/SIGTERM saves a checkpoint, says how to
+resume, and exits with 130/143. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -39,12 +41,22 @@ TRAIN_FLAGS = {
 
 def user_errors() -> Tuple[type, ...]:
     """Exception types that mean bad input (reported in one line), not a bug."""
+    from .checkpoint import CheckpointError
     from .models import ModelLoadError
     from .rewards import RewardError
     from .tasks import DataError
     from .trainer import RunDirError
 
-    return (ConfigError, ModelLoadError, RewardError, DataError, RunDirError, FileNotFoundError)
+    return (ConfigError, ModelLoadError, RewardError, DataError, RunDirError, CheckpointError,
+            FileNotFoundError)
+
+
+def run_faults() -> Tuple[type, ...]:
+    """Exception types that stop a run for a stated reason (reported in one line, exit 1)."""
+    from .models import NonFiniteError
+    from .preflight import OutOfMemory
+
+    return (NonFiniteError, OutOfMemory)
 
 
 def fail(message: str) -> None:
@@ -91,37 +103,56 @@ def main() -> None:
 @click.option("--lora-rank", type=int, default=None, help="[adapter.rank]")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set grpo.beta=0.04 (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Reuse an output directory that already holds a run.")
+@click.option("--resume", "resume_dir", type=str, default=None, metavar="RUN_DIR",
+              help="Continue a run from its newest checkpoint (its own config; --steps may raise the total).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def train(config_path: Optional[str], sets: Tuple[str, ...], overwrite: bool, no_progress: bool,
-          debug: bool, **flags: Any) -> None:
+def train(config_path: Optional[str], sets: Tuple[str, ...], overwrite: bool, resume_dir: Optional[str],
+          no_progress: bool, debug: bool, **flags: Any) -> None:
     """Train with GRPO. With no options: the embedded tiny model on the arithmetic task, offline.
 
-    Precedence: built-in defaults < --config YAML < --set and the flags above.
+    Precedence: built-in defaults < --config YAML < --set and the flags above. With --resume, the
+    run's own config replaces the defaults and the YAML file.
     """
+    from .interrupts import Interrupted
+
     try:
         overrides: List[Tuple[str, Any]] = []
         if flags.get("data") is not None and flags.get("task") is None:
             overrides.append(("data.task", "jsonl"))
         overrides += [(TRAIN_FLAGS[k], v) for k, v in flags.items() if v is not None]
         overrides += [parse_set(s) for s in sets]
-        if overwrite:
-            overrides.append(("output.overwrite", True))
         if no_progress:
             overrides.append(("output.progress", False))
-        cfg = make_config(config_path, overrides)
+        if resume_dir is not None:
+            from .checkpoint import resume_config
+
+            if overwrite or config_path:
+                raise ConfigError(f"--resume {resume_dir}: the run keeps its own config and directory; "
+                                  "drop --overwrite/--config")
+            if flags.get("output") is not None and flags["output"] != resume_dir:
+                raise ConfigError(f"--output: --resume continues {resume_dir} in place, got {flags['output']}")
+            cfg = resume_config(resume_dir, overrides)
+        else:
+            if overwrite:
+                overrides.append(("output.overwrite", True))
+            cfg = make_config(config_path, overrides)
         from . import blas
         from .trainer import train as run_training
 
         click.echo(f"mlx-grpo: {blas.describe(dict(os.environ))}")
-        run_training(cfg)
+        run_training(cfg, resume=resume_dir is not None)
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        click.echo("interrupted; nothing saved since the last checkpoint", err=True)
         sys.exit(130)
     except Exception as e:
-        if debug or not isinstance(e, user_errors()):
+        if debug or not isinstance(e, user_errors() + run_faults()):
             raise
-        fail(str(e))
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2 if isinstance(e, user_errors()) else 1)
 
 
 @main.command("eval")

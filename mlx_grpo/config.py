@@ -107,12 +107,16 @@ class TrainConfig:
     grad_accumulation_steps: int = 1  # micro-batches per step (memory), one optimizer update
     grad_checkpoint: bool = False
     seed: int = 0
+    # Steps in a row whose every update had a non-finite loss or gradient (each one skipped)
+    # before the run stops; 0: never stop.
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
-    save_every: int = 50  # steps between adapter checkpoints; 0: only at the end
+    save_every: int = 50  # steps between checkpoints; 0: only at the end (and on an interrupt)
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept
     eval_every: int = 0  # steps between held-out evaluations; 0: only at start and end
     eval_size: Optional[int] = None  # held-out prompts per evaluation; None: all
     eval_max_tokens: Optional[int] = None  # None: rollout.max_tokens
@@ -239,6 +243,8 @@ def validate(cfg: Config) -> Config:
         ("data.max_operand", 1 <= cfg.data.max_operand <= 49, "must be in 1..49 (sums stay below 100)"),
         ("data.eval_size", cfg.data.eval_size >= 1, "must be at least 1"),
         ("output.save_every", cfg.output.save_every >= 0, "must be >= 0"),
+        ("output.keep_checkpoints", cfg.output.keep_checkpoints >= 1, "must be at least 1"),
+        ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),
         ("output.eval_every", cfg.output.eval_every >= 0, "must be >= 0"),
     ]
     for key, ok, why in checks:
@@ -300,7 +306,9 @@ def load_yaml(path: str) -> Dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read config (not UTF-8 text)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -28,6 +28,17 @@ class ModelLoadError(ValueError):
     """A model that cannot be found or read; the message names the path or Hub id."""
 
 
+class NonFiniteError(ArithmeticError):
+    """NaN or infinite values where weights are about to be written; nothing was written."""
+
+
+def check_finite(arrays: Dict[str, mx.array], what: str) -> None:
+    """Raise ``NonFiniteError`` naming the first array of ``arrays`` with a NaN or infinity."""
+    for name, a in arrays.items():
+        if mx.issubdtype(a.dtype, mx.floating) and not mx.isfinite(a).all().item():
+            raise NonFiniteError(f"{what}: {name} holds NaN or infinite values; not saved")
+
+
 def load_model(cfg: ModelConfig, path: Optional[str] = None) -> Tuple[nn.Module, Any]:
     """Load (model, tokenizer) with mlx-lm's own loader, exactly as for a Hub model.
 
@@ -283,9 +294,13 @@ def adapter_weights(model: nn.Module) -> Dict[str, mx.array]:
 
 
 def save_adapters(model: nn.Module, out_dir: Path, cfg: AdapterConfig, model_id: str) -> None:
-    """Write adapters.safetensors + adapter_config.json into ``out_dir`` (each atomically)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write adapters.safetensors + adapter_config.json into ``out_dir`` (each atomically).
+
+    Raises ``NonFiniteError`` before writing anything when a weight is NaN or infinite.
+    """
     weights = adapter_weights(model)
+    check_finite(weights, "adapters")  # never write weights that would poison every later load
+    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(
         out_dir / "adapters.safetensors",
         lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "mlx"}),

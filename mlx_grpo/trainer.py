@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,17 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import __version__
 from .advantages import group_advantages
+from .checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    RunState,
+    latest_checkpoint,
+    load_checkpoint,
+    log_sizes,
+    rng_key,
+    save_checkpoint,
+    truncate_logs,
+)
 from .config import Config, TrainConfig, save_config
 from .evaluate import evaluate_held_out
 from .loss import Normalizer, grpo_loss
@@ -33,8 +45,11 @@ from .models import (
     attach_adapters,
     enable_grad_checkpoint,
     load_model,
+    NonFiniteError,
     save_adapters,
 )
+from .interrupts import Interrupted, stop_on_signals
+from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
 from .rewards import load_rewards, score
 from .rollout import Rollouts, sample_groups
 from .scoring import completion_logprobs
@@ -46,16 +61,24 @@ class RunDirError(ValueError):
     """The output directory cannot be used (it already holds a run)."""
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write into a directory that already holds a run, unless told to overwrite."""
-    if (out / "metrics.jsonl").exists() and not overwrite:
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a directory that already holds a run, unless told to overwrite (changes nothing)."""
+    if ((out / "metrics.jsonl").exists() or latest_checkpoint(out) is not None) and not overwrite:
         raise RunDirError(
-            f"output.dir: {out} already holds a run; pass --overwrite or choose another --output"
+            f"output.dir: {out} already holds a run; continue it with --resume {out}, "
+            "replace it with --overwrite, or choose another --output"
         )
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> None:
+    """Create the run directory; with ``overwrite``, remove the previous run's logs and checkpoints
+    (so a later --resume cannot pick up a checkpoint of the run that was replaced)."""
+    check_run_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for name in ("metrics.jsonl", "samples.jsonl", "summary.json"):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 def make_schedule(cfg: TrainConfig, total_updates: int) -> Callable:
@@ -75,17 +98,24 @@ def make_schedule(cfg: TrainConfig, total_updates: int) -> Callable:
     return optim.join_schedules([warm, main], [cfg.warmup_steps])
 
 
-def prompt_batches(rows: Sequence[Dict], size: int, seed: int) -> Iterator[List[Dict]]:
-    """Endless batches of rows: a fresh seeded shuffle each epoch, never a row twice per epoch."""
+def prompt_batches(rows: Sequence[Dict], size: int, seed: int, skip: int = 0) -> Iterator[List[Dict]]:
+    """Endless batches of rows: a fresh seeded shuffle each epoch, never a row twice per epoch.
+
+    ``skip`` batches are drawn and dropped first: a resumed run continues the same order (the
+    order is a function of the seed alone, so replaying it is exact and costs only shuffles).
+    """
     rng = np.random.default_rng(seed)
     order: List[int] = []
+    drawn = 0
     while True:
         batch = []
         while len(batch) < size:
             if not order:
                 order = rng.permutation(len(rows)).tolist()
             batch.append(rows[order.pop()])
-        yield batch
+        drawn += 1
+        if drawn > skip:
+            yield batch
 
 
 @dataclass
@@ -280,12 +310,21 @@ def _append_jsonl(path: Path, obj: Dict[str, Any]) -> None:
         f.write(json.dumps(obj) + "\n")
 
 
-def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run GRPO as configured; returns the summary (also written to the run directory)."""
+def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False) -> Dict[str, Any]:
+    """Run GRPO as configured; returns the summary (also written to the run directory).
+
+    With ``resume``, continue the run in ``output.dir`` from its newest checkpoint (``cfg`` comes
+    from ``checkpoint.resume_config``). Everything that can be checked before the first step
+    (rewards, data, model, prompts, run directory) is checked before anything is written.
+    """
     out = Path(cfg.output.dir)
     reward_fns = load_rewards(list(cfg.rewards))  # fail on a bad reward before loading a model
     data = load_task(cfg.data)
-    prepare_run_dir(out, cfg.output.overwrite)
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise CheckpointError(f"--resume: {out} has no complete checkpoint")
+    if not resume:
+        check_run_dir(out, cfg.output.overwrite)
 
     model, tokenizer = load_model(cfg.model)
     ref_model = None
@@ -298,6 +337,8 @@ def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
     attach_adapters(model, cfg.adapter)
     if cfg.train.grad_checkpoint:
         enable_grad_checkpoint(model)
+    fmt = prompt_format(cfg.prompt)
+    longest_prompt = check_prompts(tokenizer, model, data, fmt, cfg)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
     say(
@@ -305,11 +346,21 @@ def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
         f"{n_train / 1e6:.3f}M of {n_total / 1e6:.2f}M parameters trainable | "
         f"{len(data.train)} train / {len(data.held_out)} held-out prompts | device {mx.default_device()}"
     )
-    fmt = prompt_format(cfg.prompt)
+    for line in memory_report(estimate_memory(model, cfg, longest_prompt), available_memory(), cfg):
+        say(line)
     total_updates = cfg.train.steps * cfg.grpo.num_iterations
     opt = optim.AdamW(
         learning_rate=make_schedule(cfg.train, total_updates), weight_decay=cfg.train.weight_decay
     )
+    opt.init(model.trainable_parameters())  # the full state tree from the start: every checkpoint has it
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, opt)
+        truncate_logs(out, state)
+        (out / "summary.json").unlink(missing_ok=True)  # it described the run before this resume
+        say(f"resuming {out} from {ckpt.name}: step {state.step + 1} of {cfg.train.steps}")
+    else:
+        prepare_run_dir(out, cfg.output.overwrite)
+        state = RunState()
     save_config(cfg, out / "config.yaml")
     metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
 
@@ -324,53 +375,102 @@ def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
         _append_jsonl(metrics_path, {"step": step, "kind": "eval", **res})
         return res
 
-    start = time.perf_counter()
-    first_eval = run_eval(0)
-    if first_eval:
-        say(f"held-out at step 0: {_eval_line(first_eval)}")
-    batches = prompt_batches(data.train, cfg.train.prompts_per_step, cfg.train.seed)
+    start, seconds_before = time.perf_counter(), state.seconds
+    if ckpt is None:
+        state.eval_start = state.eval_end = run_eval(0)
+        if state.eval_start:
+            say(f"held-out at step 0: {_eval_line(state.eval_start)}")
+
+    def save(step: int) -> Path:
+        state.rng_key = rng_key()
+        state.seconds = seconds_before + time.perf_counter() - start
+        state.log_sizes = log_sizes(out)
+        path = save_checkpoint(out, model, opt, cfg, state)
+        save_adapters(model, out, cfg.adapter, cfg.model.path)
+        return path
+
+    batches = prompt_batches(data.train, cfg.train.prompts_per_step, cfg.train.seed, state.batches_drawn)
     bar = _progress(cfg.train.steps, cfg.output.progress)
-    first_reward = last_reward = None
-    last_eval = first_eval
-    for step in range(1, cfg.train.steps + 1):
-        m = grpo_step(model, tokenizer, opt, next(batches), cfg, fmt, reward_fns, ref_model)
-        samples = m.pop("_samples")
-        m["learning_rate"] = float(opt.learning_rate.item())
-        _append_jsonl(metrics_path, {"step": step, "kind": "train", **m})
-        for s in samples:
-            _append_jsonl(samples_path, {"step": step, **s})
-        first_reward = m["reward_mean"] if first_reward is None else first_reward
-        last_reward = m["reward_mean"]
-        if cfg.output.save_every and step % cfg.output.save_every == 0 and step < cfg.train.steps:
-            save_adapters(model, out / "checkpoints" / f"step_{step:06d}", cfg.adapter, cfg.model.path)
-            save_adapters(model, out, cfg.adapter, cfg.model.path)
-        if cfg.output.eval_every and step % cfg.output.eval_every == 0 and step < cfg.train.steps:
-            last_eval = run_eval(step)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(
-                f"reward {m['reward_mean']:.3f} kl {m['kl']:.4f} len {m['completion_length']:.1f} "
-                f"{m['tokens_per_sec']:.0f} tok/s"
-            )
     if bar is not None:
-        bar.close()
+        bar.update(state.step)
+    step = state.step
+    try:
+        with stop_on_signals(say) as stop:
+            for step in range(state.step + 1, cfg.train.steps + 1):
+                m = grpo_step(model, tokenizer, opt, next(batches), cfg, fmt, reward_fns, ref_model)
+                state.step, state.batches_drawn = step, state.batches_drawn + 1
+                samples = m.pop("_samples")
+                m["learning_rate"] = float(opt.learning_rate.item())
+                _append_jsonl(metrics_path, {"step": step, "kind": "train", **m})
+                for s in samples:
+                    _append_jsonl(samples_path, {"step": step, **s})
+                if state.reward_first is None:
+                    state.reward_first = m["reward_mean"]
+                state.reward_last = m["reward_mean"]
+                _count_nonfinite(state, m, cfg, out)
+                if cfg.output.eval_every and step % cfg.output.eval_every == 0 and step < cfg.train.steps:
+                    state.eval_end = run_eval(step)
+                due = cfg.output.save_every and step % cfg.output.save_every == 0
+                if due or step == cfg.train.steps or stop.signum is not None:
+                    with stop.uninterruptible():
+                        ckpt = save(step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(
+                        f"reward {m['reward_mean']:.3f} kl {m['kl']:.4f} len {m['completion_length']:.1f} "
+                        f"{m['tokens_per_sec']:.0f} tok/s"
+                    )
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, out, ckpt)
+    except Interrupted as e:  # a second signal stops at once: the newest checkpoint is the one on disk
+        raise Interrupted(e.signum, out, e.checkpoint or latest_checkpoint(out)) from None
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            raise out_of_memory(e, cfg, step, latest_checkpoint(out)) from e
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     save_adapters(model, out, cfg.adapter, cfg.model.path)
     if cfg.train.steps:
-        last_eval = run_eval(cfg.train.steps)
+        state.eval_end = run_eval(cfg.train.steps)
     summary = {
         "steps": cfg.train.steps,
-        "seconds": time.perf_counter() - start,
-        "reward_first": first_reward,
-        "reward_last": last_reward,
-        "eval_start": first_eval,
-        "eval_end": last_eval,
+        "seconds": seconds_before + time.perf_counter() - start,
+        "reward_first": state.reward_first,
+        "reward_last": state.reward_last,
+        "skipped_updates": state.skipped_updates,
+        "eval_start": state.eval_start,
+        "eval_end": state.eval_end,
         "adapters": str(out / "adapters.safetensors"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if first_eval and last_eval:
-        say("held-out, before -> after: " + _compare_line(first_eval, last_eval))
+    if state.eval_start and state.eval_end:
+        say("held-out, before -> after: " + _compare_line(state.eval_start, state.eval_end))
     say(f"adapters saved in {out} (load with: mlx_lm.generate --model {cfg.model.path} --adapter-path {out})")
     return summary
+
+
+def _count_nonfinite(state: RunState, m: Dict[str, Any], cfg: Config, out: Path) -> None:
+    """Count skipped updates; stop the run after ``train.max_nonfinite_steps`` bad steps in a row.
+
+    A step counts as bad when every one of its updates was skipped (non-finite loss or gradient);
+    a step with no update at all (every advantage zero) neither counts nor resets the streak.
+    """
+    skipped = int(m["skipped_updates"])
+    state.skipped_updates += skipped
+    if m["rows_updated"] == 0:
+        return
+    state.nonfinite_streak = state.nonfinite_streak + 1 if skipped == cfg.grpo.num_iterations else 0
+    limit = cfg.train.max_nonfinite_steps
+    if limit and state.nonfinite_streak >= limit:
+        last = latest_checkpoint(out)
+        raise NonFiniteError(
+            f"stopped at step {state.step}: {state.nonfinite_streak} steps in a row had a non-finite "
+            f"loss or gradient (loss {m['loss']}, grad_norm {m['grad_norm']}; updates skipped, weights "
+            f"unchanged); lower train.learning_rate or check the rewards' scale "
+            f"(train.max_nonfinite_steps={limit}); last checkpoint: {last or 'none'}"
+        )
 
 
 def _eval_line(e: Dict[str, Any]) -> str:

@@ -1,0 +1,268 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped, written atomically.
+
+A checkpoint is a directory ``RUN/checkpoints/step_NNNNNN/`` holding
+
+    adapters.safetensors, adapter_config.json   the trained weights (mlx-lm's layout)
+    optimizer.safetensors                       the optimizer's state tree (Adam moments, step count;
+                                                the learning-rate schedule position is the step count)
+    config.yaml                                 the resolved config of the run
+    state.json                                  the loop's position: step, prompt batches drawn, the
+                                                MLX random key, the counters and metrics the summary
+                                                needs, and the sizes of metrics.jsonl/samples.jsonl
+
+Atomicity: the files are written (and fsynced) into a hidden ``.tmp-step_N-PID`` directory, which
+is renamed to ``step_N`` only when complete. A rename is atomic, so every ``step_N`` directory is
+a whole checkpoint and the newest one is the one to resume from: no pointer file that could
+disagree with the directories. A process killed at any moment leaves at worst a hidden temporary
+directory, which loading ignores and the next save removes. Old checkpoints are retired the same
+way (renamed to a hidden name, then deleted), so the previous checkpoint stays valid until the
+new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from .config import Config, ConfigError, make_config, save_config
+from .models import NonFiniteError, check_finite, save_adapters
+
+CHECKPOINTS = "checkpoints"
+LOGS = ("metrics.jsonl", "samples.jsonl")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# Keys a resumed run may change: they decide how long it runs and how it reports and saves,
+# or how an update is computed (micro-batches and recomputation give the same gradient), never
+# what it learns. Everything else must match the checkpoint's config.
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.grad_accumulation_steps",
+    "train.grad_checkpoint",
+    "train.max_nonfinite_steps",
+    "output.",
+)
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint, or one that does not fit this run; the message names the directory."""
+
+
+@dataclass
+class RunState:
+    """The training loop's position and running totals: what a resumed loop starts from."""
+
+    step: int = 0  # steps completed
+    batches_drawn: int = 0  # prompt batches taken from prompt_batches (the data-order position)
+    rng_key: Optional[List[int]] = None  # MLX's global PRNG key after the step
+    nonfinite_streak: int = 0  # steps in a row whose every update was skipped
+    skipped_updates: int = 0  # all updates skipped so far (non-finite loss or gradient)
+    seconds: float = 0.0  # training time before this process
+    reward_first: Optional[float] = None
+    reward_last: Optional[float] = None
+    eval_start: Optional[Dict[str, Any]] = None
+    eval_end: Optional[Dict[str, Any]] = None
+    log_sizes: Dict[str, int] = field(default_factory=dict)  # bytes of each log at the checkpoint
+
+
+def rng_key() -> List[int]:
+    """MLX's global PRNG key, as plain ints."""
+    key = mx.random.state[0]
+    mx.eval(key)
+    return [int(v) for v in key.tolist()]
+
+
+def restore_rng_key(key: Sequence[int]) -> None:
+    """Make MLX's global PRNG continue from ``key``.
+
+    ``mx.random.state`` has no setter, but its key is an ordinary array: assigning into it in place
+    changes the key the next draw splits.
+    """
+    state = mx.random.state[0]
+    state[...] = mx.array(list(key), dtype=state.dtype)
+    mx.eval(state)
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:06d}"
+
+
+def checkpoints(run_dir: Path) -> List[Path]:
+    """The complete checkpoints of a run, oldest first (hidden temporary directories ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint of a run, or None."""
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _retire(path: Path) -> None:
+    """Remove a directory so that no half-deleted copy is ever visible under its name."""
+    hidden = path.with_name(f".old-{path.name}-{os.getpid()}")
+    os.rename(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir: Path, model: nn.Module, opt: optim.Optimizer, cfg: Config, state: RunState
+) -> Path:
+    """Write the checkpoint for ``state.step`` atomically; keep the newest ``output.keep_checkpoints``.
+
+    Raises ``NonFiniteError`` (writing nothing) when a weight or optimizer value is NaN or infinite.
+    """
+    opt_state = dict(tree_flatten(opt.state))
+    check_finite(opt_state, "optimizer state")  # the adapters are checked by save_adapters
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(run_dir, state.step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_adapters(model, tmp, cfg.adapter, cfg.model.path)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():  # the same step saved again (a resumed run): replace it whole
+            _retire(final)
+        os.rename(tmp, final)
+        _fsync(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    prune(run_dir, cfg.output.keep_checkpoints)
+    return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; remove leftovers of saves that were killed."""
+    for old in checkpoints(run_dir)[:-keep]:
+        _retire(old)
+    for p in (Path(run_dir) / CHECKPOINTS).iterdir():
+        if p.name.startswith((".tmp-", ".old-")) and not p.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_state(ckpt: Path) -> RunState:
+    """The loop state stored in a checkpoint directory."""
+    try:
+        return RunState(**json.loads((ckpt / "state.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt}: unreadable checkpoint state ({e})") from None
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, opt: optim.Optimizer) -> RunState:
+    """Load adapters, optimizer state and the PRNG key into a freshly set-up run; returns its state.
+
+    ``model`` must carry the run's adapters already (attach_adapters) and ``opt`` be the run's
+    optimizer, new: its state tree is built for the model's trainable parameters and each leaf is
+    taken from the checkpoint, so a checkpoint of another adapter layout is an error, not a
+    silent partial load.
+    """
+    state = read_state(ckpt)
+    weights = mx.load(str(ckpt / "adapters.safetensors"))
+    ours = dict(tree_flatten(model.trainable_parameters()))
+    if set(weights) != set(ours):
+        raise CheckpointError(f"{ckpt}: its adapters do not match this model's adapter layout")
+    model.load_weights(list(weights.items()), strict=False)
+    saved = mx.load(str(ckpt / "optimizer.safetensors"))
+    opt.init(model.trainable_parameters())
+    missing = set(dict(tree_flatten(opt.state))) ^ set(saved)
+    if missing:
+        raise CheckpointError(f"{ckpt}: optimizer state does not match ({sorted(missing)[:3]} ...)")
+    opt.state = tree_map_with_path(lambda path, _: saved[path], opt.state)
+    if state.rng_key is not None:
+        restore_rng_key(state.rng_key)
+    mx.eval(model.parameters(), opt.state)
+    return state
+
+
+def truncate_logs(run_dir: Path, state: RunState) -> None:
+    """Cut metrics.jsonl and samples.jsonl back to their size at the checkpoint, so the steps the
+    resumed run repeats (and any half-written line of a killed run) are not in them twice."""
+    for name in LOGS:
+        path = Path(run_dir) / name
+        size = state.log_sizes.get(name, 0)
+        if not path.exists():
+            if size:
+                raise CheckpointError(f"{path}: missing, but the checkpoint expects {size} bytes of it")
+            continue
+        if path.stat().st_size < size:
+            raise CheckpointError(
+                f"{path}: shorter ({path.stat().st_size} bytes) than at the checkpoint ({size} bytes)"
+            )
+        os.truncate(path, size)
+
+
+def log_sizes(run_dir: Path) -> Dict[str, int]:
+    return {n: (Path(run_dir) / n).stat().st_size if (Path(run_dir) / n).exists() else 0 for n in LOGS}
+
+
+def _changed(key: str, resumable: Sequence[str]) -> bool:
+    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable)
+
+
+def resume_config(run_dir: str, overrides: List[tuple]) -> Config:
+    """The config of a run to resume: its latest checkpoint's, with the overrides that may change.
+
+    An override that would change what the run learns (the model, data, rewards, any GRPO or
+    optimizer setting) is a ``ConfigError`` naming the key: a resumed run is the same run.
+    """
+    ckpt = latest_checkpoint(Path(run_dir))
+    if ckpt is None:
+        where = Path(run_dir)
+        what = "does not exist" if not where.exists() else "has no complete checkpoint"
+        raise CheckpointError(f"--resume: {run_dir} {what} (checkpoints/step_N/ is written every "
+                              "output.save_every steps, at the end and on Ctrl-C)")
+    base = make_config(str(ckpt / "config.yaml"))
+    cfg = make_config(str(ckpt / "config.yaml"), [*overrides, ("output.dir", str(run_dir))])
+    old, new = dict(_flat(base.to_dict())), dict(_flat(cfg.to_dict()))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and _changed(key, RESUMABLE_KEYS):
+            raise ConfigError(
+                f"{key}: --resume continues the run as configured ({old.get(key)!r}); "
+                f"got {new.get(key)!r} (a resumed run may change only train.steps, "
+                "train.grad_accumulation_steps, train.grad_checkpoint, train.max_nonfinite_steps, output.*)"
+            )
+    if cfg.train.steps < read_state(ckpt).step:
+        raise ConfigError(
+            f"train.steps: the run already completed {read_state(ckpt).step} steps, got {cfg.train.steps}"
+        )
+    return cfg
+
+
+def _flat(tree: Dict[str, Any], prefix: str = "") -> List[tuple]:
+    out: List[tuple] = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "rewards":
+            out += _flat(v, key + ".")
+        else:
+            out.append((key, v))
+    return out

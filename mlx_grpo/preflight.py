@@ -1,0 +1,222 @@
+"""Checks before the first step, so a run fails in seconds rather than hours in:
+
+- every prompt renders (a chat template the tokenizer lacks is found here) and fits the model's
+  context together with the tokens it may generate;
+- the configured batch fits in memory: a rough estimate, compared with what the machine has;
+
+and the advice an out-of-memory failure prints: which settings to lower.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import Config
+from .rollout import encode_prompt
+from .tasks import DataError, TaskData
+from .tasks.templates import PromptFormat, render_prompt
+
+GB = 1e9
+
+
+class OutOfMemory(RuntimeError):
+    """The run ran out of memory; the message says which settings to lower."""
+
+
+def context_length(model: nn.Module) -> Optional[int]:
+    """The longest sequence the model was built for (its config's max_position_embeddings), if known."""
+    args = getattr(model, "args", None)
+    for name in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "n_ctx"):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _line_of(path: str, index: int) -> int:
+    """The file line of the ``index``-th row of a JSONL file (read_jsonl skips blank lines)."""
+    seen = -1
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                seen += 1
+                if seen == index:
+                    return n
+    return 0  # pragma: no cover - the row came from this file
+
+
+def _where(cfg: Config, split: str, index: int, n_train: int) -> str:
+    """Name a row: file and line for JSONL data, the split and row otherwise."""
+    d = cfg.data
+    if d.task == "jsonl" and d.path:
+        path, i = (d.eval_path, index) if split == "held-out" and d.eval_path else (
+            d.path, index + (n_train if split == "held-out" else 0))
+        return f"{path}:{_line_of(path, i)}"
+    return f"data ({d.task}, {split} row {index})"
+
+
+def check_prompts(tokenizer: Any, model: nn.Module, data: TaskData, fmt: PromptFormat, cfg: Config) -> int:
+    """Render and tokenize every training and evaluated held-out prompt.
+
+    Raises ``ConfigError`` (chat template missing) or ``DataError`` naming the first prompt that,
+    with the tokens it may generate, exceeds the model's context. Returns the longest training
+    prompt, in tokens (for the memory estimate).
+    """
+    limit = context_length(model)
+    eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
+    eval_tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
+    longest = 0
+    splits = (("train", data.train, cfg.rollout.max_tokens, "rollout.max_tokens"),
+              ("held-out", eval_rows, eval_tokens, "output.eval_max_tokens"))
+    for split, rows, budget, key in splits:
+        for i, row in enumerate(rows):
+            n = len(encode_prompt(tokenizer, render_prompt(row["prompt"], fmt, tokenizer)))
+            if split == "train":
+                longest = max(longest, n)
+            if limit is not None and n + budget > limit:
+                raise DataError(
+                    f"{_where(cfg, split, i, len(data.train))}: the prompt is {n} tokens; with "
+                    f"{key} {budget} it exceeds the model's context of {limit} tokens "
+                    "(shorten the prompt, drop the row or lower the setting)"
+                )
+    return longest
+
+
+def _dims(model: nn.Module) -> Dict[str, int]:
+    args = getattr(model, "args", None)
+    get = lambda name, default: int(getattr(args, name, None) or default)  # noqa: E731
+    hidden = get("hidden_size", 0)
+    heads = get("num_attention_heads", 1)
+    return {
+        "layers": len(getattr(model, "layers", [])),
+        "hidden": hidden,
+        "heads": heads,
+        "kv_heads": get("num_key_value_heads", heads),
+        "head_dim": get("head_dim", hidden // max(heads, 1)),
+        "vocab": get("vocab_size", 0),
+    }
+
+
+def _activation_bytes(model: nn.Module) -> int:
+    """Bytes per activation value: the dtype of the model's unquantized floating weights."""
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype.size
+    return 2  # pragma: no cover
+
+
+def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[str, float]:
+    """A rough upper estimate, in bytes, of the memory one step needs.
+
+    weights      every parameter as loaded (quantized weights at their packed size);
+    training     3 x the trainable parameters: their gradients and Adam's two moments;
+    kv_cache     P*G rows x (prompt + max_tokens) positions x layers x 2 (keys, values)
+                 x kv_heads x head_dim, at the activation dtype;
+    activations  one update micro-batch of m = ceil(P*G / grad_accumulation_steps) rows of
+                 T = prompt + max_tokens positions: per layer about 16 x hidden values per position
+                 (attention and MLP inputs kept for the backward pass) plus heads x T attention
+                 scores, for every layer (one with grad_checkpoint, plus each layer's input);
+                 and the float32 logits over the vocabulary of the completion positions, three
+                 times (logits, log-softmax, their gradient).
+    """
+    d = _dims(model)
+    b = _activation_bytes(model)
+    rows = cfg.train.prompts_per_step * cfg.rollout.group_size
+    T = prompt_tokens + cfg.rollout.max_tokens
+    micro = math.ceil(rows / cfg.train.grad_accumulation_steps)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    per_layer = micro * T * (16 * d["hidden"] + d["heads"] * T) * b
+    if cfg.train.grad_checkpoint:
+        layer_acts = per_layer + d["layers"] * micro * T * d["hidden"] * b
+    else:
+        layer_acts = d["layers"] * per_layer
+    return {
+        "weights": float(weights),
+        "training": float(3 * trainable),
+        "kv_cache": float(rows * T * d["layers"] * 2 * d["kv_heads"] * d["head_dim"] * b),
+        "activations": float(layer_acts + 3 * micro * cfg.rollout.max_tokens * d["vocab"] * 4),
+    }
+
+
+def available_memory() -> Optional[float]:
+    """Bytes the run can use: the GPU's recommended working set on Metal, else free RAM; None if
+    unknown. (psutil is not a dependency: /proc/meminfo on Linux, sysctl on macOS.)"""
+    info: Dict[str, Any] = {}
+    try:
+        info = dict(mx.device_info()) if hasattr(mx, "device_info") else dict(mx.metal.device_info())
+    except Exception:  # no such device query on this backend
+        pass
+    for key in ("max_recommended_working_set_size", "memory_size"):
+        if isinstance(info.get(key), int) and info[key] > 0:
+            return float(info[key])
+    if sys.platform.startswith("linux"):
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):
+            return None
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5)
+            return float(out.stdout.strip())
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+    return None
+
+
+def memory_report(estimate: Dict[str, float], available: Optional[float], cfg: Config) -> List[str]:
+    """One line with the estimate, and a warning with what to lower when it exceeds ``available``."""
+    total = sum(estimate.values())
+    parts = ", ".join(f"{k.replace('_', ' ')} {v / GB:.2f}" for k, v in estimate.items())
+    have = f"{available / GB:.1f} GB available" if available else "available memory unknown"
+    lines = [f"memory: ~{total / GB:.2f} GB estimated for one step ({parts}); {have}"]
+    if available and total > available:
+        lines.append(f"warning: this batch may not fit in memory; {lower_settings(cfg)}")
+    return lines
+
+
+def lower_settings(cfg: Config) -> str:
+    """Which settings shrink a step's memory, with their current values."""
+    r, t = cfg.rollout, cfg.train
+    return (
+        f"lower rollout.group_size ({r.group_size}), train.prompts_per_step ({t.prompts_per_step}) "
+        f"or rollout.max_tokens ({r.max_tokens}), or raise train.grad_accumulation_steps "
+        f"({t.grad_accumulation_steps})" + ("" if t.grad_checkpoint else " or set train.grad_checkpoint=true")
+    )
+
+
+# Fragments of the messages MLX's allocators raise (Metal, CUDA, CPU) and Python's own.
+_OOM_MESSAGES = ("out of memory", "outofmemory", "insufficient memory", "unable to allocate",
+                 "failed to allocate", "bad_alloc", "resource limit", "maximum allowed buffer size")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (MLX raises them as RuntimeError)."""
+    if isinstance(e, MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _OOM_MESSAGES)
+
+
+def out_of_memory(e: BaseException, cfg: Config, step: int, last_checkpoint: Optional[Path]) -> OutOfMemory:
+    """The one-line error for an allocation failure at ``step``."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    resume = ""
+    if last_checkpoint is not None:
+        resume = (f"; to continue from {last_checkpoint.name} with smaller micro-batches: python cli.py "
+                  f"train --resume {cfg.output.dir} --set train.grad_accumulation_steps=N")
+    return OutOfMemory(f"out of memory in step {step} ({first}): {lower_settings(cfg)}{resume}")
