@@ -9,12 +9,14 @@ and the advice an out-of-memory failure prints: which settings to lower.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -74,21 +76,33 @@ def check_prompts(tokenizer: Any, model: nn.Module, data: TaskData, fmt: PromptF
     limit = context_length(model)
     eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
     eval_tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
-    longest = 0
     splits = (("train", data.train, cfg.rollout.max_tokens, "rollout.max_tokens"),
               ("held-out", eval_rows, eval_tokens, "output.eval_max_tokens"))
-    for split, rows, budget, key in splits:
-        for i, row in enumerate(rows):
-            n = len(encode_prompt(tokenizer, render_prompt(row["prompt"], fmt, tokenizer)))
-            if split == "train":
-                longest = max(longest, n)
-            if limit is not None and n + budget > limit:
-                raise DataError(
-                    f"{_where(cfg, split, i, len(data.train))}: the prompt is {n} tokens; with "
-                    f"{key} {budget} it exceeds the model's context of {limit} tokens "
-                    "(shorten the prompt, drop the row or lower the setting)"
-                )
+    longest = 0
+    with _quiet("transformers"):  # its own long-prompt warning: the error below says it in one line
+        for split, rows, budget, key in splits:
+            for i, row in enumerate(rows):
+                n = len(encode_prompt(tokenizer, render_prompt(row["prompt"], fmt, tokenizer)))
+                if split == "train":
+                    longest = max(longest, n)
+                if limit is not None and n + budget > limit:
+                    raise DataError(
+                        f"{_where(cfg, split, i, len(data.train))}: the prompt is {n} tokens; with "
+                        f"{key} {budget} it exceeds the model's context of {limit} tokens "
+                        "(shorten the prompt, drop the row or lower the setting)"
+                    )
     return longest
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _dims(model: nn.Module) -> Dict[str, int]:

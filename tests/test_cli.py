@@ -65,38 +65,98 @@ def test_adapters_work_with_mlx_lm_generate_and_fuse(short_run, small_model_dir,
     assert (tmp_path / "fused" / "config.json").exists()
 
 
-def test_existing_run_is_refused_and_untouched(short_run, small_model_dir):
-    out, _ = short_run
-    before = (out / "metrics.jsonl").read_bytes()
-    r = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "1")
-    assert r.returncode == 2
-    assert "already holds a run" in r.stderr and "Traceback" not in r.stderr
-    assert (out / "metrics.jsonl").read_bytes() == before
+def tree_hash(root):
+    """Every file under ``root`` with a hash of its bytes: equal before and after means untouched."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("args,msg", [
+def _files(tmp, model):
+    """The bad inputs, written for one case."""
+    import shutil
+
+    (tmp / "bad.yaml").write_bytes(b"train:\n  steps: \xff\xfe\n")
+    (tmp / "broken.yaml").write_text("train:\n  steps: 1\n  seed: [1\n")
+    (tmp / "malformed.jsonl").write_text('{"prompt": "1 + 1", "answer": "2"}\n{"prompt": oops}\n')
+    (tmp / "fields.jsonl").write_text('{"question": "1 + 1", "answer": "2"}\n')
+    (tmp / "empty.jsonl").write_text("\n\n")
+    long_prompt = " ".join(["1 + 1"] * 200)
+    (tmp / "long.jsonl").write_text('{"prompt": "2 + 2", "answer": "4"}\n\n'
+                                    + json.dumps({"prompt": long_prompt, "answer": "2"}) + "\n")
+    (tmp / "not-a-model").mkdir()
+    (tmp / "not-a-model" / "weights.bin").write_bytes(b"\0")
+    (tmp / "garbage-model").mkdir()
+    (tmp / "garbage-model" / "config.json").write_text('{"model_type": "nosuch"}')
+    no_chat = tmp / "no-chat"
+    shutil.copytree(model, no_chat)
+    conf = json.loads((no_chat / "tokenizer_config.json").read_text())
+    conf.pop("chat_template", None)
+    (no_chat / "tokenizer_config.json").write_text(json.dumps(conf))
+    (tmp / "import_fails.py").write_text("import no_such_module_here\n")
+    (tmp / "no_fn.py").write_text("def other(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+
+
+# Each bad input, run against a directory that already holds a run, with --overwrite (so only
+# the check itself stands between the input and the old run): exit 2, one line naming the
+# file/line/key, no traceback, and every file of the old run byte for byte the same.
+BAD_INPUTS = [
     (["--set", "grpo.betta=1"], "grpo.betta: unknown key"),
+    (["--set", "train.steps=many"], "train.steps: expected an integer, got 'many'"),
     (["--group-size", "1"], "rollout.group_size: must be at least 2"),
     (["--beta", "-1"], "grpo.beta: must be >= 0"),
-    (["--config", "missing.yaml"], "missing.yaml: config file not found"),
+    (["--config", "{tmp}/missing.yaml"], "{tmp}/missing.yaml: config file not found"),
+    (["--config", "{tmp}/bad.yaml"], "{tmp}/bad.yaml: cannot read config (not UTF-8 text)"),
+    (["--config", "{tmp}/broken.yaml"], "{tmp}/broken.yaml: line 4 invalid YAML"),
+    (["--data", "{tmp}/missing.jsonl"], "{tmp}/missing.jsonl: data file not found"),
+    (["--data", "{tmp}/malformed.jsonl"], "{tmp}/malformed.jsonl:2: malformed JSON"),
+    (["--data", "{tmp}/fields.jsonl"], "{tmp}/fields.jsonl:1: missing field 'prompt' (data.prompt_field)"),
+    (["--data", "{tmp}/empty.jsonl"], "{tmp}/empty.jsonl: no rows (empty dataset)"),
     (["--model", "/nonexistent/model"], "model.path: /nonexistent/model does not exist"),
-    (["--data", "missing.jsonl"], "missing.jsonl: data file not found"),
+    (["--model", "{tmp}/not-a-model"], "model.path: {tmp}/not-a-model has no config.json (not a model directory)"),
+    (["--model", "{tmp}/garbage-model"], "model.path: cannot load {tmp}/garbage-model"),
+    (["--model", "{tmp}/no-chat", "--prompt-format", "chat"],
+     "prompt.kind: chat was asked for but this tokenizer has no chat template"),
     (["--set", "rewards.nosuch=1"], "rewards.nosuch: unknown reward"),
-])
-def test_bad_input_one_line_error(args, msg, tmp_path):
-    r = run_cli("train", "--output", str(tmp_path / "o"), *args)
+    (["--set", "rewards.{tmp}/import_fails.py:fn=1"], "cannot import {tmp}/import_fails.py: ModuleNotFoundError"),
+    (["--set", "rewards.{tmp}/no_fn.py:score=1"], "{tmp}/no_fn.py has no function 'score'"),
+    (["--data", "{tmp}/long.jsonl"], "{tmp}/long.jsonl:3: the prompt is"),
+    (["NO-OVERWRITE"], "already holds a run; continue it with --resume"),
+    (["RESUME", "--lr", "0.5"], "train.learning_rate: --resume continues the run as configured"),
+    (["RESUME", "--set", "rollout.group_size=2"], "rollout.group_size: --resume continues the run"),
+    (["RESUME", "--overwrite"], "the run keeps its own config and directory"),
+    (["RESUME", "--steps", "1"], "train.steps: the run already completed 3 steps, got 1"),
+    (["--resume", "{tmp}/nowhere"], "--resume: {tmp}/nowhere does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD_INPUTS, ids=[" ".join(a)[:40] for a, _ in BAD_INPUTS])
+def test_bad_input_one_line_error_and_nothing_damaged(args, msg, short_run, small_model_dir, tmp_path):
+    out, _ = short_run
+    _files(tmp_path, small_model_dir)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    msg = msg.replace("{tmp}", str(tmp_path))
+    if args[0] == "RESUME":
+        args = ["--resume", str(out), *args[1:]]
+    elif args[0] == "NO-OVERWRITE":
+        args = ["--model", str(small_model_dir), "--output", str(out)]
+    elif args[0] != "--resume":
+        model = [] if "--model" in args else ["--model", str(small_model_dir)]
+        args = [*model, "--output", str(out), "--overwrite", *args]
+    before = tree_hash(out)
+    r = run_cli("train", *args, env={"MLX_GRPO_NO_FAST_BLAS": "1"})
     assert r.returncode == 2, r.stderr
-    assert msg in r.stderr
+    assert r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert tree_hash(out) == before
 
 
-def test_malformed_jsonl_names_line(tmp_path):
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "1 + 1", "answer": "2"}\n{"prompt": oops}\n')
-    r = run_cli("train", "--data", str(data), "--output", str(tmp_path / "o"))
-    assert r.returncode == 2 and f"{data}:2: malformed JSON" in r.stderr
+def test_debug_shows_the_traceback(tmp_path):
+    r = run_cli("train", "--output", str(tmp_path / "o"), "--set", "grpo.betta=1", "--debug",
+                env={"MLX_GRPO_NO_FAST_BLAS": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr and "grpo.betta: unknown key" in r.stderr
 
 
 def test_hub_id_loads_through_huggingface_cache(small_model_dir, tmp_path):
@@ -133,3 +193,19 @@ def test_eval_command_on_a_run(short_run):
     assert set(res) == {"adapter", "base"}
     for v in res.values():
         assert v["n"] == 6 and 0 <= v["accuracy"] <= v["format_rate"] <= 1
+
+
+def test_non_finite_steps_stop_the_run_in_one_line(small_model_dir, tmp_path):
+    huge = tmp_path / "huge.py"
+    huge.write_text("def huge(prompts, completions, **kw):\n"
+                    "    return [1e300 if i % 2 else 0.0 for i in range(len(completions))]\n")
+    r = run_cli("train", "--model", str(small_model_dir), "--output", str(tmp_path / "o"), "--steps", "6",
+                "--batch-size", "2", "-G", "4", "--max-tokens", "4", "--no-progress",
+                "--set", f"rewards.{huge}:huge=1", "--set", "grpo.scale_rewards=none",
+                "--set", "train.max_nonfinite_steps=2", "--set", "output.eval_size=2")
+    assert r.returncode == 1, r.stderr
+    # (NumPy may warn first about the float32 overflow that makes the loss infinite.)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0]
+    assert errors[0].startswith("error: stopped at step 2: 2 steps in a row had a non-finite loss")
+    assert "Traceback" not in r.stderr
