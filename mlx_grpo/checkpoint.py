@@ -35,7 +35,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import Config, ConfigError, make_config, save_config
-from .models import NonFiniteError, check_finite, save_adapters
+from .models import check_finite, save_adapters
 
 CHECKPOINTS = "checkpoints"
 LOGS = ("metrics.jsonl", "samples.jsonl")

@@ -3,7 +3,6 @@ atomic and pruned, non-finite weights are never written, and a run interrupted b
 and resumed gives the same metrics and weights as a run that was never interrupted."""
 
 import json
-import os
 import signal
 
 import mlx.core as mx
@@ -84,6 +83,9 @@ def test_saves_are_pruned_and_leftovers_ignored(small_model_dir, tmp_path):
     save_checkpoint(run, model, opt, cfg, RunState(step=4))
     assert not killed.exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+    save_checkpoint(run, model, opt, cfg, RunState(step=4, batches_drawn=7))  # the same step again
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+    assert json.loads((run / "checkpoints" / "step_000004" / "state.json").read_text())["batches_drawn"] == 7
 
 
 def test_non_finite_weights_are_never_written(small_model_dir, tmp_path):
