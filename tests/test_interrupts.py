@@ -61,6 +61,24 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(small_model_dir, tmp_p
         assert train_steps(run) == list(range(1, done[-1] + 3))
 
 
+def test_second_ctrl_c_stops_at_once(small_model_dir, tmp_path):
+    run = tmp_path / "run"
+    p = start("--model", str(small_model_dir), "--output", str(run), "--steps", "200",
+              "--set", "output.save_every=1", *ARGS)
+    assert wait_for(lambda: (run / "metrics.jsonl").exists() and train_steps(run), p)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    from mlx_grpo.checkpoint import latest_checkpoint
+
+    assert f"last checkpoint {latest_checkpoint(run)}" in err  # the newest complete one, named
+    r = run_cli("train", "--resume", str(run), "--steps", "8", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert train_steps(run) == list(range(1, 9))
+
+
 def test_sigkill_at_many_points_always_resumes_to_the_same_run(small_model_dir, tmp_path):
     steps = 14
     common = ["--model", str(small_model_dir), "--steps", str(steps), "--set", "output.save_every=1",
