@@ -27,6 +27,7 @@ from . import __version__
 from .advantages import group_advantages
 from .config import Config, TrainConfig, save_config
 from .evaluate import evaluate_held_out
+from .loggers import Trackers
 from .loss import Normalizer, grpo_loss
 from .models import (
     adapters_disabled,
@@ -246,6 +247,9 @@ def grpo_step(
         "ratio_mean": upd.get("ratio_mean", 1.0),
         "grad_norm": upd.get("grad_norm", 0.0),
         "skipped_updates": upd.get("skipped", 0.0),
+        # Mean -log p of the sampled tokens: a Monte-Carlo estimate of the per-token entropy of the
+        # (temperature-scaled) policy, free because the rollout kept the logprobs.
+        "entropy": -float((ro.sample_logprobs * ro.mask).sum().item()) / max(n_tokens, 1),
         "completion_length": float(lengths.mean()),
         "truncated_rate": float(np.mean(ro.truncated)),
         "zero_std_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
@@ -261,7 +265,8 @@ def grpo_step(
     }
     metrics["_samples"] = [
         {"prompt": rows[i // G]["prompt"], "completion": ro.texts[i], "reward": float(rw.total[i]),
-         "advantage": float(adv[i])}
+         "rewards": {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in rw.columns.items()},
+         "advantage": float(adv[i]), "answer": rows[i // G].get("answer")}
         for i in range(0, len(ro.texts), max(1, len(ro.texts) // 4))
     ]
     return metrics
@@ -315,13 +320,16 @@ def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
 
     eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
 
+    trackers = Trackers(cfg, out)
+
     def run_eval(step: int) -> Optional[Dict[str, Any]]:
         if not eval_rows:
             return None
         t = time.perf_counter()
-        res = evaluate_held_out(model, tokenizer, eval_rows, cfg)
-        res["time"] = time.perf_counter() - t
-        _append_jsonl(metrics_path, {"step": step, "kind": "eval", **res})
+        res = evaluate_held_out(model, tokenizer, eval_rows, cfg, cfg.output.eval_samples, None, reward_fns)
+        res = {"step": step, **res, "time": time.perf_counter() - t}
+        _append_jsonl(metrics_path, {"kind": "eval", **res})
+        trackers.log(step, res, "eval")
         return res
 
     start = time.perf_counter()
@@ -332,11 +340,14 @@ def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
     bar = _progress(cfg.train.steps, cfg.output.progress)
     first_reward = last_reward = None
     last_eval = first_eval
+    total_tokens = 0
     for step in range(1, cfg.train.steps + 1):
         m = grpo_step(model, tokenizer, opt, next(batches), cfg, fmt, reward_fns, ref_model)
         samples = m.pop("_samples")
         m["learning_rate"] = float(opt.learning_rate.item())
         _append_jsonl(metrics_path, {"step": step, "kind": "train", **m})
+        trackers.log(step, m)
+        total_tokens += m["tokens"]
         for s in samples:
             _append_jsonl(samples_path, {"step": step, **s})
         first_reward = m["reward_mean"] if first_reward is None else first_reward
@@ -346,20 +357,25 @@ def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
             save_adapters(model, out, cfg.adapter, cfg.model.path)
         if cfg.output.eval_every and step % cfg.output.eval_every == 0 and step < cfg.train.steps:
             last_eval = run_eval(step)
+            if last_eval:
+                (bar.write if bar is not None else say)(f"held-out at step {step}: {_eval_line(last_eval)}")
         if bar is not None:
             bar.update(1)
+            acc = f" acc {last_eval['accuracy']:.3f}" if last_eval else ""
             bar.set_postfix_str(
-                f"reward {m['reward_mean']:.3f} kl {m['kl']:.4f} len {m['completion_length']:.1f} "
-                f"{m['tokens_per_sec']:.0f} tok/s"
+                f"reward {m['reward_mean']:.3f} kl {m['kl']:.4f} len {m['completion_length']:.1f}"
+                f"{acc} {m['tokens_per_sec']:.0f} tok/s"
             )
     if bar is not None:
         bar.close()
     save_adapters(model, out, cfg.adapter, cfg.model.path)
     if cfg.train.steps:
         last_eval = run_eval(cfg.train.steps)
+    trackers.close()
     summary = {
         "steps": cfg.train.steps,
         "seconds": time.perf_counter() - start,
+        "tokens": total_tokens,
         "reward_first": first_reward,
         "reward_last": last_reward,
         "eval_start": first_eval,
