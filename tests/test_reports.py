@@ -197,3 +197,22 @@ def test_generate_streams_one_sample_and_batches_several(small_model_dir):
     assert many.stdout.count("--- sample") == 3
     bad = run_cli("generate", "--model", str(small_model_dir / "absent"), "--prompt", "x")
     assert bad.returncode == 2 and "model.path" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_wandb_logging_offline(small_model_dir, tmp_path):
+    pytest.importorskip("wandb")  # an optional extra: CI does not install it
+    out = tmp_path / "w"
+    r = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "2",
+                "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress",
+                "--set", "output.eval_size=2", "--set", "output.log_to=[wandb]",
+                env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert r.returncode == 0, r.stderr
+    (run,) = (out / "wandb").glob("offline-run-*")
+    assert list(run.glob("run-*.wandb"))
+
+
+def test_missing_tracker_library_is_a_clear_error(small_model_dir, tmp_path):
+    out = tmp_path / "t"
+    bad = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "1",
+                  "--set", "output.log_to=[mlflow]")
+    assert bad.returncode == 2 and "output.log_to: must be one of tensorboard, wandb" in bad.stderr
