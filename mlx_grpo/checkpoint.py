@@ -67,6 +67,7 @@ class RunState:
     nonfinite_streak: int = 0  # steps in a row whose every update was skipped
     skipped_updates: int = 0  # all updates skipped so far (non-finite loss or gradient)
     seconds: float = 0.0  # training time before this process
+    tokens: int = 0  # completion tokens generated so far
     reward_first: Optional[float] = None
     reward_last: Optional[float] = None
     eval_start: Optional[Dict[str, Any]] = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from typing import Any, List, Optional, Tuple
 
 import click
@@ -155,49 +156,169 @@ def train(config_path: Optional[str], sets: Tuple[str, ...], overwrite: bool, re
         sys.exit(2 if isinstance(e, user_errors()) else 1)
 
 
-@main.command("eval")
-@click.option("--config", "config_path", type=str, default=None, help="YAML config (task, prompt, rollout).")
-@click.option("--run", "run_dir", type=str, default=None, help="A run directory: its config and adapters.")
-@click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path].")
-@click.option("--adapter", type=str, default=None, help="Adapter directory (adapters.safetensors).")
-@click.option("--data", type=str, default=None, help="JSONL file; its held-out split is evaluated.")
-@click.option("--n", "limit", type=int, default=None, help="Evaluate the first N held-out prompts.")
-@click.option("--max-tokens", type=int, default=None, help="[rollout.max_tokens]")
-@click.option("--compare-base", is_flag=True, help="Also evaluate the base model (adapters off).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def eval_cmd(config_path, run_dir, model, adapter, data, limit, max_tokens, compare_base, as_json, sets, debug):
-    """Greedy held-out accuracy (strict and lenient) and format rate of a model or a run."""
-    import json
-    from pathlib import Path
-
+@contextmanager
+def reported(debug: bool):
+    """Turn a user error into ``error: ...`` and exit 2 (``--debug``: the traceback instead)."""
     try:
-        if run_dir:
-            config_path = config_path or str(Path(run_dir) / "config.yaml")
-            adapter = adapter or run_dir
-        overrides: List[Tuple[str, Any]] = [("output.overwrite", True)]
-        if model:
-            overrides.append(("model.path", model))
-        if data:
-            overrides += [("data.task", "jsonl"), ("data.path", data)]
-        if max_tokens:
-            overrides.append(("rollout.max_tokens", max_tokens))
-        overrides += [parse_set(x) for x in sets]
-        cfg = make_config(config_path, overrides)
-        from .evaluate import evaluate_config
-
-        results = evaluate_config(cfg, adapter, limit, compare_base)
+        yield
     except Exception as e:
         if debug or not isinstance(e, user_errors()):
             raise
         fail(str(e))
+
+
+def model_config(
+    config_path: Optional[str], run_dir: Optional[str], model: Optional[str], adapter: Optional[str],
+    overrides: List[Tuple[str, Any]], sets: Tuple[str, ...],
+) -> Tuple[Any, Optional[str]]:
+    """The Config and adapter directory for commands that use a model: a run directory supplies
+    its own config and adapters; --model, the given overrides and --set come on top."""
+    from pathlib import Path
+
+    if run_dir:
+        run_cfg = Path(run_dir) / "config.yaml"
+        if not run_cfg.is_file():
+            raise FileNotFoundError(f"--run: {run_dir} is not a run directory (no config.yaml)")
+        config_path = config_path or str(run_cfg)
+        adapter = adapter or run_dir
+    pairs: List[Tuple[str, Any]] = [("output.overwrite", True)]
+    if model:
+        pairs.append(("model.path", model))
+    pairs += overrides + [parse_set(x) for x in sets]
+    return make_config(config_path, pairs), adapter
+
+
+def model_options(f):
+    """--config/--run/--model/--adapter/--set/--debug: how every model-using command finds its model."""
+    for opt in reversed([
+        click.option("--config", "config_path", type=str, default=None, help="YAML config (task, prompt, rollout)."),
+        click.option("--run", "run_dir", type=str, default=None, help="A run directory: its config and adapters."),
+        click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path]."),
+        click.option("--adapter", type=str, default=None, help="Adapter directory (adapters.safetensors)."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command("eval")
+@model_options
+@click.option("--task", type=str, default=None, help="Task whose held-out split is evaluated [data.task].")
+@click.option("--data", type=str, default=None, help="JSONL file; its held-out split is evaluated.")
+@click.option("--n", "limit", type=int, default=None, help="Evaluate the first N held-out prompts.")
+@click.option("--samples", "-k", type=click.IntRange(min=0), default=0, help="K samples per prompt for pass@1 and pass@K.")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature for --samples [rollout.temperature].")
+@click.option("--max-tokens", type=int, default=None, help="[rollout.max_tokens]")
+@click.option("--compare-base", is_flag=True, help="Also evaluate the base model (adapters off), side by side.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(config_path, run_dir, model, adapter, sets, debug, task, data, limit, samples, temperature,
+             max_tokens, compare_base, as_json):
+    """Held-out accuracy (greedy, strict and lenient), pass@k, format, rewards and length."""
+    import json
+
+    with reported(debug):
+        overrides: List[Tuple[str, Any]] = []
+        if data:
+            overrides += [("data.task", "jsonl"), ("data.path", data)]
+        if task:
+            overrides.append(("data.task", task))
+        if max_tokens:
+            overrides += [("rollout.max_tokens", max_tokens), ("output.eval_max_tokens", max_tokens)]
+        cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
+        from .evaluate import evaluate_config
+
+        results = evaluate_config(cfg, adapter, limit, compare_base, samples, temperature)
     if as_json:
-        click.echo(json.dumps(results))
+        body = results.get("adapter") or results.get("model")
+        click.echo(json.dumps({**body, **({"base": results["base"]} if "base" in results else {})}))
+        return
+    if "base" in results:
+        from .evaluate import comparison_rows
+
+        click.echo(f"{'':>10} {'base':>9} {'adapter':>9} {'change':>9}   (n={results['base']['n']})")
+        for label, a, b, d in comparison_rows(results["base"], results["adapter"]):
+            click.echo(f"{label:>10} {a:>9.3f} {b:>9.3f} {d:>+9.3f}")
         return
     for name, r in results.items():
-        click.echo(f"{name:>8}: accuracy {r['accuracy']:.3f}  lenient {r['lenient_accuracy']:.3f}  "
-                   f"format {r['format_rate']:.3f}  length {r['mean_length']:.1f}  (n={r['n']})")
+        line = (f"{name}: accuracy {r['accuracy']:.3f}  lenient {r['lenient_accuracy']:.3f}  "
+                f"format {r['format_rate']:.3f}")
+        if "reward_mean" in r:
+            line += f"  reward {r['reward_mean']:.3f}"
+        if "k" in r:
+            line += f"  pass@1 {r['pass_at_1']:.3f}  pass@{r['k']} {r['pass_at_k']:.3f}"
+        click.echo(line + f"  length {r['mean_length']:.1f}  truncated {r['truncated_rate']:.3f}  (n={r['n']})")
+
+
+@main.command()
+@model_options
+@click.option("--prompt", "-p", "question", type=str, required=True, help="The question to answer.")
+@click.option("--template", type=click.Choice(["r1", "chat"]), default=None, help="Prompt template [prompt.kind].")
+@click.option("--samples", "-k", type=click.IntRange(min=1), default=1, help="Completions to sample.")
+@click.option("--temperature", type=float, default=None, help="[rollout.temperature]; 0: greedy.")
+@click.option("--max-tokens", type=int, default=None, help="[rollout.max_tokens]")
+def generate(config_path, run_dir, model, adapter, sets, debug, question, template, samples, temperature, max_tokens):
+    """Print completions of one prompt, with the template used in training (one sample streams)."""
+    with reported(debug):
+        overrides: List[Tuple[str, Any]] = []
+        if template:
+            overrides.append(("prompt.kind", template))
+        if max_tokens:
+            overrides.append(("rollout.max_tokens", max_tokens))
+        cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
+        from .generate import generate as run_generate, load_for_generation
+
+        loaded = load_for_generation(cfg, adapter)
+        if samples == 1:
+            run_generate(*loaded, question, cfg, 1, temperature, emit=lambda t: click.echo(t, nl=False))
+            click.echo()
+            return
+        for i, text in enumerate(run_generate(*loaded, question, cfg, samples, temperature), 1):
+            click.echo(f"--- sample {i}/{samples}\n{text}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", type=str, default=None, help="PNG file [RUN_DIR/curves.png].")
+@click.option("--smooth", type=click.IntRange(min=1), default=None, help="Moving-average window in steps [steps/30].")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def plot(run_dirs, out, smooth, debug):
+    """Draw reward, accuracy, KL, length, clip fraction, entropy and lr curves of one or more runs."""
+    from pathlib import Path
+
+    from .plot import PlotError, plot_runs
+
+    try:
+        path = plot_runs(run_dirs, out or Path(run_dirs[0]) / "curves.png", smooth)
+    except (PlotError, FileNotFoundError, ValueError) as e:
+        if debug:
+            raise
+        fail(str(e))
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("root", default="runs")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
+def runs(root, as_json):
+    """List the runs under ROOT (default: runs/) with their key figures."""
+    import json
+
+    from .runs import find_runs, format_table, key_figures, read_run
+
+    found = find_runs(root)
+    rows = []
+    for path in found:
+        try:
+            rows.append(key_figures(read_run(path)))
+        except (ValueError, OSError) as e:
+            click.echo(f"warning: skipping {path}: {e}", err=True)
+    if as_json:
+        click.echo(json.dumps(rows))
+    elif not rows:
+        click.echo(f"no runs under {root}")
+    else:
+        click.echo(format_table(rows))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -120,8 +120,11 @@ class OutputConfig:
     eval_every: int = 0  # steps between held-out evaluations; 0: only at start and end
     eval_size: Optional[int] = None  # held-out prompts per evaluation; None: all
     eval_max_tokens: Optional[int] = None  # None: rollout.max_tokens
+    eval_samples: int = 0  # K samples per held-out prompt for pass@1 / pass@K; 0: greedy only
     progress: bool = True
     overwrite: bool = False
+    log_to: List[str] = field(default_factory=list)  # tensorboard | wandb (optional extras)
+    wandb_project: str = "mlx-grpo"
 
 
 @dataclass
@@ -246,6 +249,7 @@ def validate(cfg: Config) -> Config:
         ("output.keep_checkpoints", cfg.output.keep_checkpoints >= 1, "must be at least 1"),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),
         ("output.eval_every", cfg.output.eval_every >= 0, "must be >= 0"),
+        ("output.eval_samples", cfg.output.eval_samples >= 0, "must be >= 0"),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -257,6 +261,8 @@ def validate(cfg: Config) -> Config:
     _choice("grpo.importance_sampling", cfg.grpo.importance_sampling, ("token", "sequence"))
     _choice("grpo.scale_rewards", cfg.grpo.scale_rewards, ("group", "batch", "none"))
     _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "cosine", "linear"))
+    for name in cfg.output.log_to:
+        _choice("output.log_to", name, ("tensorboard", "wandb"))
     if cfg.data.task == "jsonl" and not cfg.data.path:
         raise ConfigError("data.path: required when data.task is jsonl")
     if cfg.train.prompts_per_step % cfg.train.grad_accumulation_steps:

@@ -1,23 +1,37 @@
-"""Held-out evaluation: greedy completions scored for strict accuracy, lenient accuracy and format.
+"""Held-out evaluation: greedy accuracy, pass@k from samples, format, rewards and length.
 
 strict accuracy: the completion has the strict layout and the value inside <answer> equals the
 reference; lenient accuracy: the last number anywhere in the completion equals the reference;
-format rate: the share with the strict layout.
+format rate: the share with the strict layout; pass@k: the unbiased estimator of Chen et al. (2021)
+over K sampled completions per prompt, judged strictly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Sequence
+from math import comb
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import mlx.nn as nn
 import numpy as np
 
 from .config import Config, RolloutConfig
+from .rewards import load_rewards, score
 from .rewards.answers import answers_match, extract_answer, last_number
 from .rewards.format import is_strict_format
 from .rollout import sample_groups
+from .tasks import columns
 from .tasks.templates import PromptFormat, prompt_format, render_prompt
+
+# The figures `eval --compare-base` and the run reports put side by side, in display order.
+HEADLINE = [
+    ("accuracy", "accuracy"),
+    ("lenient_accuracy", "lenient"),
+    ("format_rate", "format"),
+    ("reward_mean", "reward"),
+    ("mean_length", "length"),
+    ("truncated_rate", "truncated"),
+]
 
 
 def judge(response: str, reference: Any) -> Dict[str, bool]:
@@ -30,6 +44,35 @@ def judge(response: str, reference: Any) -> Dict[str, bool]:
     }
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _decode(model, tokenizer, rows, fmt, rollout, group_size, temperature, batch_size):
+    """Completions for every row (``group_size`` each, row-major), with lengths and cut flags."""
+    texts: List[str] = []
+    lengths: List[int] = []
+    truncated: List[bool] = []
+    per_batch = max(1, batch_size // group_size)
+    for start in range(0, len(rows), per_batch):
+        chunk = rows[start : start + per_batch]
+        prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in chunk]
+        ro = sample_groups(model, tokenizer, prompts, rollout, group_size=group_size, temperature=temperature)
+        texts += [fmt.response_prefix + t for t in ro.texts]
+        lengths += ro.lengths.tolist()
+        truncated += list(ro.truncated)
+    return texts, lengths, truncated
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
@@ -38,45 +81,77 @@ def evaluate(
     rollout: RolloutConfig,
     max_tokens: int,
     batch_size: int = 128,
+    samples: int = 0,
+    temperature: Optional[float] = None,
+    rewards: Optional[Mapping[str, float]] = None,
+    reward_fns: Optional[Mapping[str, Callable]] = None,
 ) -> Dict[str, Any]:
-    """Greedy-decode every row and return rates (n, accuracy, lenient_accuracy, format_rate...)."""
+    """Greedy-decode every row; with ``samples`` K >= 1 also sample K per row for pass@1/pass@K.
+
+    Returns n, accuracy, lenient_accuracy, format_rate, reward_mean and rewards/<name> (the
+    configured rewards on the greedy completions), mean_length, truncated_rate and, with samples,
+    pass_at_1, pass_at_k, k and sample_temperature.
+    """
     cfg = dataclasses.replace(rollout, max_tokens=max_tokens)
-    verdicts: List[Dict[str, bool]] = []
-    lengths: List[int] = []
-    truncated: List[bool] = []
     was_training = model.training
     model.eval()
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in chunk]
-        ro = sample_groups(model, tokenizer, prompts, cfg, group_size=1, temperature=0.0)
-        for r, text in zip(chunk, ro.texts):
-            verdicts.append(judge(fmt.response_prefix + text, r.get("answer")))
-        lengths.extend(ro.lengths.tolist())
-        truncated.extend(ro.truncated)
-    if was_training:
-        model.train()
-    rate = lambda k: float(np.mean([v[k] for v in verdicts])) if verdicts else float("nan")  # noqa: E731
-    return {
-        "n": len(verdicts),
-        "accuracy": rate("strict"),
-        "lenient_accuracy": rate("lenient"),
-        "format_rate": rate("format"),
-        "mean_length": float(np.mean(lengths)) if lengths else float("nan"),
-        "truncated_rate": float(np.mean(truncated)) if truncated else float("nan"),
-    }
+    try:
+        texts, lengths, truncated = _decode(model, tokenizer, rows, fmt, cfg, 1, 0.0, batch_size)
+        verdicts = [judge(t, r.get("answer")) for t, r in zip(texts, rows)]
+        out: Dict[str, Any] = {
+            "n": len(verdicts),
+            "accuracy": _mean([v["strict"] for v in verdicts]),
+            "lenient_accuracy": _mean([v["lenient"] for v in verdicts]),
+            "format_rate": _mean([v["format"] for v in verdicts]),
+            "mean_length": _mean(lengths),
+            "truncated_rate": _mean(truncated),
+        }
+        if rewards and rows:
+            fns = reward_fns if reward_fns is not None else load_rewards(list(rewards))
+            prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows]
+            rw = score(prompts, texts, columns(list(rows)), fns, rewards)
+            out["reward_mean"] = float(rw.total.mean())
+            out.update({f"rewards/{k}": v for k, v in rw.means().items()})
+        if samples and rows:
+            temp = rollout.temperature if temperature is None else temperature
+            s_texts, _, _ = _decode(model, tokenizer, rows, fmt, cfg, samples, temp, batch_size)
+            correct = np.array([judge(t, rows[i // samples].get("answer"))["strict"]
+                                for i, t in enumerate(s_texts)]).reshape(len(rows), samples)
+            c = correct.sum(axis=1)
+            out["k"] = samples
+            out["sample_temperature"] = temp
+            out["pass_at_1"] = _mean([pass_at_k(samples, int(ci), 1) for ci in c])
+            out["pass_at_k"] = _mean([pass_at_k(samples, int(ci), samples) for ci in c])
+    finally:
+        if was_training:
+            model.train()
+    return out
 
 
 def evaluate_held_out(
-    model: nn.Module, tokenizer: Any, rows: Sequence[Dict[str, Any]], cfg: Config
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Dict[str, Any]],
+    cfg: Config,
+    samples: int = 0,
+    temperature: Optional[float] = None,
+    reward_fns: Optional[Mapping[str, Callable]] = None,
 ) -> Dict[str, Any]:
-    """``evaluate`` with the run's prompt format, sampling settings and evaluation length."""
+    """``evaluate`` with the run's prompt format, sampling settings, rewards and evaluation length."""
     tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
-    return evaluate(model, tokenizer, rows, prompt_format(cfg.prompt), cfg.rollout, tokens)
+    return evaluate(
+        model, tokenizer, rows, prompt_format(cfg.prompt), cfg.rollout, tokens, samples=samples,
+        temperature=temperature, rewards=cfg.rewards, reward_fns=reward_fns,
+    )
 
 
 def evaluate_config(
-    cfg: Config, adapter_dir: str | None = None, limit: int | None = None, compare_base: bool = False
+    cfg: Config,
+    adapter_dir: str | None = None,
+    limit: int | None = None,
+    compare_base: bool = False,
+    samples: int = 0,
+    temperature: Optional[float] = None,
 ) -> Dict[str, Dict[str, Any]]:
     """Evaluate the configured model (with ``adapter_dir`` attached) on the task's held-out rows.
 
@@ -85,14 +160,21 @@ def evaluate_config(
     from .models import adapters_disabled, load_adapters, load_model
     from .tasks import load_task
 
+    reward_fns = load_rewards(list(cfg.rewards))  # a bad reward fails before the model loads
     rows = load_task(cfg.data).held_out
     rows = rows[:limit] if limit else rows
     model, tokenizer = load_model(cfg.model)
     if adapter_dir:
         load_adapters(model, adapter_dir)
-    run = lambda: evaluate_held_out(model, tokenizer, rows, cfg)  # noqa: E731
+    run = lambda: evaluate_held_out(model, tokenizer, rows, cfg, samples, temperature, reward_fns)  # noqa: E731
     out = {"adapter" if adapter_dir else "model": run()}
     if compare_base and adapter_dir:
         with adapters_disabled(model):
             out["base"] = run()
     return out
+
+
+def comparison_rows(a: Dict[str, Any], b: Dict[str, Any]) -> List[tuple]:
+    """(label, a, b, b - a) for each headline figure present in both results."""
+    keys = HEADLINE + ([("pass_at_1", "pass@1"), ("pass_at_k", f"pass@{a['k']}")] if "k" in a else [])
+    return [(label, a[k], b[k], b[k] - a[k]) for k, label in keys if k in a and k in b]

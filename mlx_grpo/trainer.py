@@ -39,6 +39,7 @@ from .checkpoint import (
 )
 from .config import Config, TrainConfig, save_config
 from .evaluate import evaluate_held_out
+from .loggers import Trackers
 from .loss import Normalizer, grpo_loss
 from .models import (
     adapters_disabled,
@@ -276,6 +277,9 @@ def grpo_step(
         "ratio_mean": upd.get("ratio_mean", 1.0),
         "grad_norm": upd.get("grad_norm", 0.0),
         "skipped_updates": upd.get("skipped", 0.0),
+        # Mean -log p of the sampled tokens: a Monte-Carlo estimate of the per-token entropy of the
+        # (temperature-scaled) policy, free because the rollout kept the logprobs.
+        "entropy": -float((ro.sample_logprobs * ro.mask).sum().item()) / max(n_tokens, 1),
         "completion_length": float(lengths.mean()),
         "truncated_rate": float(np.mean(ro.truncated)),
         "zero_std_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
@@ -291,7 +295,8 @@ def grpo_step(
     }
     metrics["_samples"] = [
         {"prompt": rows[i // G]["prompt"], "completion": ro.texts[i], "reward": float(rw.total[i]),
-         "advantage": float(adv[i])}
+         "rewards": {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in rw.columns.items()},
+         "advantage": float(adv[i]), "answer": rows[i // G].get("answer")}
         for i in range(0, len(ro.texts), max(1, len(ro.texts) // 4))
     ]
     return metrics
@@ -366,13 +371,16 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
 
     eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
 
+    trackers = Trackers(cfg, out)
+
     def run_eval(step: int) -> Optional[Dict[str, Any]]:
         if not eval_rows:
             return None
         t = time.perf_counter()
-        res = evaluate_held_out(model, tokenizer, eval_rows, cfg)
-        res["time"] = time.perf_counter() - t
-        _append_jsonl(metrics_path, {"step": step, "kind": "eval", **res})
+        res = evaluate_held_out(model, tokenizer, eval_rows, cfg, cfg.output.eval_samples, None, reward_fns)
+        res = {"step": step, **res, "time": time.perf_counter() - t}
+        _append_jsonl(metrics_path, {"kind": "eval", **res})
+        trackers.log(step, res, "eval")
         return res
 
     start, seconds_before = time.perf_counter(), state.seconds
@@ -402,6 +410,8 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
                 samples = m.pop("_samples")
                 m["learning_rate"] = float(opt.learning_rate.item())
                 _append_jsonl(metrics_path, {"step": step, "kind": "train", **m})
+                trackers.log(step, m)
+                state.tokens += m["tokens"]
                 for s in samples:
                     _append_jsonl(samples_path, {"step": step, **s})
                 if state.reward_first is None:
@@ -410,15 +420,20 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
                 _count_nonfinite(state, m, cfg, out)
                 if cfg.output.eval_every and step % cfg.output.eval_every == 0 and step < cfg.train.steps:
                     state.eval_end = run_eval(step)
+                    if state.eval_end:
+                        (bar.write if bar is not None else say)(
+                            f"held-out at step {step}: {_eval_line(state.eval_end)}"
+                        )
                 due = cfg.output.save_every and step % cfg.output.save_every == 0
                 if due or step == cfg.train.steps or stop.signum is not None:
                     with stop.uninterruptible():
                         ckpt = save(step)
                 if bar is not None:
                     bar.update(1)
+                    acc = f" acc {state.eval_end['accuracy']:.3f}" if state.eval_end else ""
                     bar.set_postfix_str(
-                        f"reward {m['reward_mean']:.3f} kl {m['kl']:.4f} len {m['completion_length']:.1f} "
-                        f"{m['tokens_per_sec']:.0f} tok/s"
+                        f"reward {m['reward_mean']:.3f} kl {m['kl']:.4f} len {m['completion_length']:.1f}"
+                        f"{acc} {m['tokens_per_sec']:.0f} tok/s"
                     )
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, out, ckpt)
@@ -434,9 +449,11 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     save_adapters(model, out, cfg.adapter, cfg.model.path)
     if cfg.train.steps:
         state.eval_end = run_eval(cfg.train.steps)
+    trackers.close()
     summary = {
         "steps": cfg.train.steps,
         "seconds": seconds_before + time.perf_counter() - start,
+        "tokens": state.tokens,
         "reward_first": state.reward_first,
         "reward_last": state.reward_last,
         "skipped_updates": state.skipped_updates,

@@ -1,0 +1,61 @@
+"""`cli.py generate`: completions for one prompt, with the template and sampling used in training."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+from .config import Config
+from .rollout import encode_prompt, make_sampler, sample_groups
+from .tasks.templates import prompt_format, render_prompt
+
+
+def load_for_generation(cfg: Config, adapter_dir: Optional[str]):
+    """The configured model with ``adapter_dir`` attached (when given), in eval mode."""
+    from .models import load_adapters, load_model
+
+    model, tokenizer = load_model(cfg.model)
+    if adapter_dir:
+        load_adapters(model, adapter_dir)
+    model.eval()
+    return model, tokenizer
+
+
+def stream_completion(
+    model: Any, tokenizer: Any, prompt_text: str, cfg: Config, temperature: float,
+    emit: Callable[[str], None],
+) -> str:
+    """Decode one completion token by token, passing each new piece of text to ``emit``.
+
+    Stops at EOS, at max_tokens, or once a configured stop string appeared. Returns the completion.
+    """
+    from mlx_lm import stream_generate
+
+    sampler = make_sampler(cfg.rollout, temperature)
+    text = ""
+    for resp in stream_generate(
+        model, tokenizer, encode_prompt(tokenizer, prompt_text), max_tokens=cfg.rollout.max_tokens,
+        sampler=sampler,
+    ):
+        text += resp.text
+        emit(resp.text)
+        if any(s in text for s in cfg.rollout.stop):  # the token that completes a stop is kept,
+            break  # as in training rollouts
+    return text
+
+
+def generate(
+    model: Any, tokenizer: Any, question: str, cfg: Config, samples: int = 1,
+    temperature: Optional[float] = None, emit: Optional[Callable[[str], None]] = None,
+) -> List[str]:
+    """``samples`` completions of ``question`` under the run's template, each with its prefix.
+
+    One sample with ``emit`` streams; several decode together in one batch (the rollout engine).
+    """
+    fmt = prompt_format(cfg.prompt)
+    temp = cfg.rollout.temperature if temperature is None else temperature
+    prompt_text = render_prompt(question, fmt, tokenizer)
+    if samples == 1 and emit is not None:
+        emit(fmt.response_prefix)
+        return [fmt.response_prefix + stream_completion(model, tokenizer, prompt_text, cfg, temp, emit)]
+    ro = sample_groups(model, tokenizer, [prompt_text], cfg.rollout, group_size=samples, temperature=temp)
+    return [fmt.response_prefix + t for t in ro.texts]
