@@ -141,7 +141,8 @@ def lines(run, name="metrics.jsonl"):
 def test_interrupted_and_resumed_run_equals_uninterrupted(small_model_dir, tmp_path, monkeypatch):
     train(config(small_model_dir, tmp_path, "straight"), say=lambda s: None)
 
-    monkeypatch.setenv("TEST_SIGINT_AT_CALL", "2")
+    # Reward calls: 1 = the step-0 evaluation (it reports reward means), 2 = step 1, 3 = step 2.
+    monkeypatch.setenv("TEST_SIGINT_AT_CALL", "3")
     with pytest.raises(Interrupted) as e:
         train(config(small_model_dir, tmp_path, "cut"), say=lambda s: None)
     assert e.value.exit_code == 130 and e.value.checkpoint.name == "step_000002"
@@ -202,7 +203,8 @@ def nan_config(small_model_dir, tmp_path, name, only, *overrides):
 
 
 def test_non_finite_step_is_skipped_counted_and_the_run_goes_on(small_model_dir, tmp_path):
-    summary = train(nan_config(small_model_dir, tmp_path, "once", [2], ("output.save_every", 1)), say=lambda s: None)
+    # Reward call 1 is the step-0 evaluation (it reports reward means); call 3 is step 2.
+    summary = train(nan_config(small_model_dir, tmp_path, "once", [3], ("output.save_every", 1)), say=lambda s: None)
     steps = [x for x in lines(tmp_path / "once") if x["kind"] == "train"]
     assert [x["skipped_updates"] for x in steps] == [0, 1, 0, 0]
     assert not np.isfinite(steps[1]["loss"]) or not np.isfinite(steps[1]["grad_norm"])
