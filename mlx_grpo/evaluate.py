@@ -8,21 +8,29 @@ format rate: the share with the strict layout.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import mlx.nn as nn
 import numpy as np
 
 from .config import Config, RolloutConfig
 from .rewards.answers import answers_match, extract_answer, last_number
+from .rewards.countdown import countdown_correct
 from .rewards.format import is_strict_format
 from .rollout import sample_groups
 from .tasks.templates import PromptFormat, prompt_format, render_prompt
 
 
-def judge(response: str, reference: Any) -> Dict[str, bool]:
-    """Format, strict and lenient correctness of one full response (prefix + completion)."""
+def judge(response: str, reference: Any, row: Optional[Mapping[str, Any]] = None) -> Dict[str, bool]:
+    """Format, strict and lenient correctness of one full response (prefix + completion).
+
+    A countdown row (with ``numbers`` and ``target``) is correct when its <answer> is a valid
+    equation; lenient then means "correct whatever the layout around it".
+    """
     fmt = is_strict_format(response)
+    if row is not None and row.get("numbers") is not None and row.get("target") is not None:
+        ok = countdown_correct(extract_answer(response), row["numbers"], row["target"])
+        return {"format": fmt, "strict": fmt and ok, "lenient": ok}
     return {
         "format": fmt,
         "strict": fmt and answers_match(extract_answer(response), reference),
@@ -51,7 +59,7 @@ def evaluate(
         prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in chunk]
         ro = sample_groups(model, tokenizer, prompts, cfg, group_size=1, temperature=0.0)
         for r, text in zip(chunk, ro.texts):
-            verdicts.append(judge(fmt.response_prefix + text, r.get("answer")))
+            verdicts.append(judge(fmt.response_prefix + text, r.get("answer"), r))
         lengths.extend(ro.lengths.tolist())
         truncated.extend(ro.truncated)
     if was_training:

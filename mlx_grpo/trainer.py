@@ -35,7 +35,7 @@ from .models import (
     load_model,
     save_adapters,
 )
-from .rewards import load_rewards, score
+from .rewards import load_rewards, score, settings_for
 from .rollout import Rollouts, sample_groups
 from .scoring import completion_logprobs
 from .tasks import columns, load_task
@@ -201,7 +201,9 @@ def grpo_step(
     # 2. Rewards on the whole response (the template's response prefix + the completion).
     responses = [fmt.response_prefix + t for t in ro.texts]
     row_of = [r for r in rows for _ in range(G)]
-    rw = score([p for p in prompts for _ in range(G)], responses, columns(row_of), reward_fns, cfg.rewards)
+    ids = [t[:n] for t, n in zip(ro.tokens.tolist(), ro.lengths.tolist())]  # TRL's completion_ids
+    cols = {**columns(row_of), "completion_ids": ids}
+    rw = score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
     t2 = time.perf_counter()
 
     # 3. Group-relative advantages.
@@ -283,7 +285,7 @@ def _append_jsonl(path: Path, obj: Dict[str, Any]) -> None:
 def train(cfg: Config, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run GRPO as configured; returns the summary (also written to the run directory)."""
     out = Path(cfg.output.dir)
-    reward_fns = load_rewards(list(cfg.rewards))  # fail on a bad reward before loading a model
+    reward_fns = load_rewards(list(cfg.rewards), settings_for(cfg))  # fail before loading a model
     data = load_task(cfg.data)
     prepare_run_dir(out, cfg.output.overwrite)
 

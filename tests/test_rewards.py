@@ -84,7 +84,7 @@ def test_user_reward_from_module(tmp_path, monkeypatch):
 @pytest.mark.parametrize("body,msg", [
     ("def r(p, c, **k):\n    raise RuntimeError('boom')\n", "raised RuntimeError: boom"),
     ("def r(p, c, **k):\n    return [1.0]\n", "returned 1 values for 2 completions"),
-    ("def r(p, c, **k):\n    return [float('nan'), 1.0]\n", "returned nan for completion 0"),
+    ("def r(p, c, **k):\n    return [float('nan'), 1.0]\n", "returned nan for sample 0"),
     ("def r(p, c, **k):\n    return ['x', 1.0]\n", "not a number"),
 ])
 def test_broken_rewards_stop_with_their_name(tmp_path, body, msg):
