@@ -5,8 +5,9 @@ separators (``1,000``), fractions (``3/4``, ``\\frac{3}{4}``), mixed numbers (``
 percentages (``50%``, ``50\\%``), currency and units around it (``$5``, ``5 cm``, ``x = 5``), LaTeX
 wrappers (``\\boxed{}``, ``$...$``, ``\\text{}``, thin spaces) and trailing punctuation. Two numbers
 are compared exactly (``fractions.Fraction``), so ``0.75`` equals ``3/4`` but ``0.33`` does not
-equal ``1/3``. Answers that are not a single number are compared as text (case and whitespace
-ignored) and, when the optional ``math-verify`` package is installed, by its LaTeX parser (symbolic
+equal ``1/3``; when the reference is one number the answer must be one number too (``3 + 4`` is
+not a final answer for 7). Other references are compared as text (case and whitespace ignored)
+and, when the optional ``math-verify`` package is installed, by its LaTeX parser (symbolic
 equivalence such as ``\\frac{\\sqrt{2}}{2}`` = ``\\frac{1}{\\sqrt{2}}``). Nothing here calls eval().
 """
 
@@ -195,8 +196,10 @@ def answers_match(predicted: Optional[str], reference: object, math_verify: bool
     if not clean_answer(predicted):
         return False  # an empty answer matches nothing, not even an empty reference
     p, r = parse_number(predicted), parse_number(ref)
-    if p is not None and r is not None:
-        return numbers_equal(p, r)  # numbers: exact, no need for a symbolic engine
+    if r is not None:
+        # A numeric reference wants a number: exact, no symbolic engine. An unevaluated
+        # expression ("3 + 4" for 7) is not a final answer, or copying the question would pay.
+        return p is not None and numbers_equal(p, r)
     if _text_key(predicted) == _text_key(ref):
         return True
     if math_verify and _mathy(predicted) and _mathy(ref):
