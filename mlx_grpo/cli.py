@@ -76,7 +76,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="Random seed [train.seed].")
 @click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path].")
 @click.option("--data", type=str, default=None, help="JSONL data file; sets data.task=jsonl [data.path].")
-@click.option("--task", type=str, default=None, help="arithmetic | jsonl [data.task].")
+@click.option("--task", type=str, default=None, help="arithmetic | countdown | gsm8k | dataset (jsonl) [data.task].")
 @click.option("--prompt-format", type=str, default=None, help="r1 | chat [prompt.kind].")
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, default=None, help="[train.learning_rate]")
 @click.option("--batch-size", type=int, default=None, help="Prompts per step [train.prompts_per_step].")
@@ -197,8 +197,9 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
             raise ConfigError("reward: give either --completions FILE.jsonl or --model M --samples N")
         if model and not (samples and samples > 0):
             raise ConfigError("--samples: with --model, how many prompts to sample (at least 1)")
-        if group_size < 1:
-            raise ConfigError(f"--group-size: must be at least 1, got {group_size}")
+        if group_size < 1 or top < 0:
+            bad = ("--group-size", "at least 1", group_size) if group_size < 1 else ("--top", ">= 0", top)
+            raise ConfigError(f"{bad[0]}: must be {bad[1]}, got {bad[2]}")
         overrides: List[Tuple[str, Any]] = [("output.overwrite", True)]
         overrides += [(k, v) for k, v in (("model.path", model), ("data.task", task),
                                           ("rollout.max_tokens", max_tokens)) if v is not None]

@@ -181,3 +181,29 @@ def test_reward_command_samples_from_the_embedded_model(embedded_model_dir, tmp_
     again = run_cli("reward", "--completions", str(out), "--rewards",
                     "accuracy,lenient_accuracy,format,overlong", "--json")
     assert json.loads(again.stdout)["rewards"] == res["rewards"]
+
+
+def test_reward_command_samples_with_an_adapter(embedded_model_dir, tmp_path):
+    """--adapter is loaded: greedy completions change when the adapter's weights are not zero."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_grpo.config import AdapterConfig, ModelConfig
+    from mlx_grpo.models import attach_adapters, load_model, save_adapters
+
+    model, _ = load_model(ModelConfig(path=str(embedded_model_dir)))
+    attach_adapters(model, AdapterConfig(rank=4))
+    mx.random.seed(1)
+    noisy = [(k, mx.random.normal(v.shape) * 2.0) for k, v in tree_flatten(model.trainable_parameters())]
+    model.update(tree_unflatten(noisy))
+    save_adapters(model, tmp_path / "adapter", AdapterConfig(rank=4), str(embedded_model_dir))
+
+    def sampled(*extra):
+        out = tmp_path / f"s{len(extra)}.jsonl"
+        r = run_cli("reward", "--model", str(embedded_model_dir), "--samples", "4", "--set",
+                    "rollout.temperature=0", "--rewards", "format", "--out", str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        return [json.loads(l)["completion"] for l in out.read_text().splitlines()]
+
+    base = sampled()
+    assert sampled("--adapter", str(tmp_path / "adapter")) != base

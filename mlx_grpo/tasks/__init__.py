@@ -48,7 +48,7 @@ def load_dataset(
 ) -> TaskData:
     """Rows from a file, a Hub-shaped folder or a Hub id; held out: ``cfg.eval_path``, else
     ``eval_split`` (folders and Hub ids), else the last ``eval_size`` rows."""
-    root = dataset_root(path, cfg.revision)
+    root = dataset_root(path, cfg.revision, subset)
     if root is None:
         train = read_rows(path, fields)
     else:

@@ -131,15 +131,16 @@ def is_hub_id(path: str) -> bool:
     )
 
 
-def hub_snapshot(repo_id: str, revision: Optional[str] = None) -> Path:
-    """The local folder of a Hub dataset's data files, downloaded by huggingface_hub (or found in
-    its cache; HF_HUB_OFFLINE=1 uses the cache only)."""
+def hub_snapshot(repo_id: str, revision: Optional[str] = None, subset: Optional[str] = None) -> Path:
+    """The local folder of a Hub dataset's data files (only ``subset``'s when given), downloaded
+    by huggingface_hub (or found in its cache; HF_HUB_OFFLINE=1 uses the cache only)."""
     from huggingface_hub import snapshot_download
 
+    where = [f"{subset}/", f"*/{subset}/"] if subset else [""]
     try:
         folder = snapshot_download(
             repo_id, repo_type="dataset", revision=revision,
-            allow_patterns=[f"*{s}" for s in DATA_SUFFIXES],
+            allow_patterns=[f"{w}*{s}" for w in where for s in DATA_SUFFIXES],
         )
     except Exception as e:  # offline, unknown repo, gated: one line, named
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -177,12 +178,12 @@ def split_files(root: Path, split: str, subset: Optional[str], where: str) -> Li
     return chosen
 
 
-def dataset_root(path: str, revision: Optional[str]) -> Optional[Path]:
+def dataset_root(path: str, revision: Optional[str], subset: Optional[str] = None) -> Optional[Path]:
     """The folder to look for split files in: ``path`` itself, a Hub snapshot, or None for a file."""
     if Path(path).is_dir():
         return Path(path)
     if is_hub_id(path):
-        return hub_snapshot(path, revision)
+        return hub_snapshot(path, revision, subset)
     return None
 
 
