@@ -16,8 +16,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import Config, RolloutConfig
-from .rewards import load_rewards, score
+from .rewards import load_rewards, score, settings_for
 from .rewards.answers import answers_match, extract_answer, last_number
+from .rewards.countdown import countdown_correct
 from .rewards.format import is_strict_format
 from .rollout import sample_groups
 from .tasks import columns
@@ -34,9 +35,16 @@ HEADLINE = [
 ]
 
 
-def judge(response: str, reference: Any) -> Dict[str, bool]:
-    """Format, strict and lenient correctness of one full response (prefix + completion)."""
+def judge(response: str, reference: Any, row: Optional[Mapping[str, Any]] = None) -> Dict[str, bool]:
+    """Format, strict and lenient correctness of one full response (prefix + completion).
+
+    A countdown row (with ``numbers`` and ``target``) is correct when its <answer> is a valid
+    equation; lenient then means "correct whatever the layout around it".
+    """
     fmt = is_strict_format(response)
+    if row is not None and row.get("numbers") is not None and row.get("target") is not None:
+        ok = countdown_correct(extract_answer(response), row["numbers"], row["target"])
+        return {"format": fmt, "strict": fmt and ok, "lenient": ok}
     return {
         "format": fmt,
         "strict": fmt and answers_match(extract_answer(response), reference),
@@ -58,9 +66,10 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _decode(model, tokenizer, rows, fmt, rollout, group_size, temperature, batch_size):
-    """Completions for every row (``group_size`` each, row-major), with lengths and cut flags."""
+    """Responses (prefix + completion) for every row, ``group_size`` each, row-major, with their
+    completion token ids, lengths and cut flags."""
     texts: List[str] = []
-    lengths: List[int] = []
+    ids: List[List[int]] = []
     truncated: List[bool] = []
     per_batch = max(1, batch_size // group_size)
     for start in range(0, len(rows), per_batch):
@@ -68,9 +77,9 @@ def _decode(model, tokenizer, rows, fmt, rollout, group_size, temperature, batch
         prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in chunk]
         ro = sample_groups(model, tokenizer, prompts, rollout, group_size=group_size, temperature=temperature)
         texts += [fmt.response_prefix + t for t in ro.texts]
-        lengths += ro.lengths.tolist()
+        ids += ro.completion_ids()
         truncated += list(ro.truncated)
-    return texts, lengths, truncated
+    return texts, ids, [len(i) for i in ids], truncated
 
 
 def evaluate(
@@ -96,8 +105,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        texts, lengths, truncated = _decode(model, tokenizer, rows, fmt, cfg, 1, 0.0, batch_size)
-        verdicts = [judge(t, r.get("answer")) for t, r in zip(texts, rows)]
+        texts, ids, lengths, truncated = _decode(model, tokenizer, rows, fmt, cfg, 1, 0.0, batch_size)
+        verdicts = [judge(t, r.get("answer"), r) for t, r in zip(texts, rows)]
         out: Dict[str, Any] = {
             "n": len(verdicts),
             "accuracy": _mean([v["strict"] for v in verdicts]),
@@ -107,15 +116,15 @@ def evaluate(
             "truncated_rate": _mean(truncated),
         }
         if rewards and rows:
-            fns = reward_fns if reward_fns is not None else load_rewards(list(rewards))
+            fns = reward_fns if reward_fns is not None else load_rewards(list(rewards))  # defaults
             prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows]
-            rw = score(prompts, texts, columns(list(rows)), fns, rewards)
+            rw = score(prompts, texts, {**columns(list(rows)), "completion_ids": ids}, fns, rewards)
             out["reward_mean"] = float(rw.total.mean())
             out.update({f"rewards/{k}": v for k, v in rw.means().items()})
         if samples and rows:
             temp = rollout.temperature if temperature is None else temperature
-            s_texts, _, _ = _decode(model, tokenizer, rows, fmt, cfg, samples, temp, batch_size)
-            correct = np.array([judge(t, rows[i // samples].get("answer"))["strict"]
+            s_texts = _decode(model, tokenizer, rows, fmt, cfg, samples, temp, batch_size)[0]
+            correct = np.array([judge(t, rows[i // samples].get("answer"), rows[i // samples])["strict"]
                                 for i, t in enumerate(s_texts)]).reshape(len(rows), samples)
             c = correct.sum(axis=1)
             out["k"] = samples
@@ -160,7 +169,7 @@ def evaluate_config(
     from .models import adapters_disabled, load_adapters, load_model
     from .tasks import load_task
 
-    reward_fns = load_rewards(list(cfg.rewards))  # a bad reward fails before the model loads
+    reward_fns = load_rewards(list(cfg.rewards), settings_for(cfg))  # fails before the model loads
     rows = load_task(cfg.data).held_out
     rows = rows[:limit] if limit else rows
     model, tokenizer = load_model(cfg.model)

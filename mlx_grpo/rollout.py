@@ -43,6 +43,10 @@ class Rollouts:
     def lengths(self) -> np.ndarray:
         return np.array(self.mask.sum(axis=1).tolist(), dtype=np.int64)
 
+    def completion_ids(self) -> List[List[int]]:
+        """Each row's completion token ids, unpadded (TRL's ``completion_ids`` reward column)."""
+        return [t[:n] for t, n in zip(self.tokens.tolist(), self.lengths.tolist())]
+
     @property
     def row_prompt(self) -> np.ndarray:
         """[P*G]: the index of each row's prompt."""
