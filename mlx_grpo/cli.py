@@ -266,9 +266,10 @@ def generate(config_path, run_dir, model, adapter, sets, debug, question, templa
         if max_tokens:
             overrides.append(("rollout.max_tokens", max_tokens))
         cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
-        from .generate import generate as run_generate, load_for_generation
+        from .generate import generate as run_generate
+        from .models import load_for_inference
 
-        loaded = load_for_generation(cfg, adapter)
+        loaded = load_for_inference(cfg.model, adapter)
         if samples == 1:
             run_generate(*loaded, question, cfg, 1, temperature, emit=lambda t: click.echo(t, nl=False))
             click.echo()

@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -74,30 +74,21 @@ def sample_completions(
     the template's response prefix, as the rewards see it in training."""
     import mlx.core as mx
 
-    from .models import load_adapters, load_model
-    from .rollout import sample_groups
+    from .evaluate import sample_responses
+    from .models import load_for_inference
     from .tasks import load_task
-    from .tasks.templates import prompt_format, render_prompt
+    from .tasks.templates import prompt_format
 
     rows = load_task(cfg.data).train[:n_prompts]
-    model, tokenizer = load_model(cfg.model)
-    if adapter:
-        load_adapters(model, adapter)
-    model.eval()
+    model, tokenizer = load_for_inference(cfg.model, adapter)
     mx.random.seed(cfg.train.seed)
-    fmt = prompt_format(cfg.prompt)
+    got = sample_responses(model, tokenizer, rows, prompt_format(cfg.prompt), cfg.rollout, group_size,
+                           batch_size=chunk * group_size)
     records: List[Dict[str, Any]] = []
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in part]
-        ro = sample_groups(model, tokenizer, prompts, cfg.rollout, group_size=group_size)
-        for i, (tokens, text) in enumerate(zip(ro.completion_ids(), ro.texts)):
-            row = part[i // group_size]
-            other = {k: v for k, v in row.items() if k != "prompt"}
-            records.append({
-                "prompt": prompts[i // group_size], "completion": fmt.response_prefix + text, **other,
-                "completion_ids": tokens, "group": start + i // group_size,
-            })
+    for i, (prompt, text, ids) in enumerate(zip(got.prompts, got.texts, got.ids)):
+        other = {k: v for k, v in rows[i // group_size].items() if k != "prompt"}
+        records.append({"prompt": prompt, "completion": text, **other, "completion_ids": ids,
+                        "group": i // group_size})
     return from_records(records)
 
 
