@@ -369,5 +369,35 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
     click.echo(json.dumps(summary) if as_json else format_report(summary))
 
 
+@main.command()
+@click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path].")
+@click.option("--config", "config_path", type=str, default=None, help="YAML config (sampling, adapter, beta).")
+@click.option("--large", is_flag=True, help="Bench a randomly initialised ~100M-parameter model (built once, cached).")
+@click.option("--quick", is_flag=True, help="Tiny settings, one repetition: checks that everything runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--out", "out_path", type=str, default=None, help="Also write the JSON result to this file.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def bench(model, config_path, large, quick, as_json, out_path, debug):
+    """Rollout throughput vs mlx_lm.batch_generate, GRPO step split, peak memory, fast vs bundled BLAS."""
+    import json
+
+    from .bench import run_bench, table
+
+    say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
+    try:
+        result = run_bench(config_path, model, large=large, quick=quick, say=say)
+    except Exception as e:
+        if debug or not isinstance(e, user_errors()):
+            raise
+        fail(str(e))
+    if out_path:
+        from pathlib import Path
+
+        from .models import atomic_write
+
+        atomic_write(Path(out_path), lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    click.echo(json.dumps(result) if as_json else table(result))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
