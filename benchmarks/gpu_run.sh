@@ -3,7 +3,8 @@
 # part1 was copied to /root/stage. Everything it measures lands in $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-{ bash .device/part2/install.sh && pip install -q --no-deps -e .; } > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
+# No package index there: run from the checkout (cli.py imports mlx_grpo from here), no pip install -e.
+python -c "import mlx.core" 2>/dev/null || bash .device/part2/install.sh > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
 python -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__, mx.default_device())" | tee "$OUT/device.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$OUT/device.txt" 2>&1
 timeout 150 python cli.py bench --out "$OUT/bench_tiny.json" > "$OUT/bench_tiny.txt" 2>&1; echo "bench tiny rc=$?"
