@@ -8,6 +8,9 @@ hides the slots not yet written and each row's left padding. All shapes stay fix
 graph (model forward + temperature-scaled log-softmax) serves every step of a rollout; it is traced
 again only when finished rows are compacted away (a new batch size).
 
+Prompts are prefilled with ``prefill.py`` (their shared prefix once, each prompt once), and their
+keys and values copied into the buffer; the step's mask also hides the padding inside the prompts.
+
 Compaction policy: mlx-lm filters finished rows out every step (cheap when nothing is compiled).
 Here each new batch size costs a trace, so finished rows stay in the batch (their outputs are
 ignored) until they are a quarter of it; at most a few traces per rollout, and dead rows never cost
@@ -24,18 +27,24 @@ import mlx.nn as nn
 COMPACT_FRACTION = 0.25  # compact when this fraction of the batch has finished
 
 
+class DecodeSetupError(RuntimeError):
+    """Building or tracing the static decode step failed (an architecture it does not fit)."""
+
+
 class StaticKVCache:
     """One layer's keys/values in a fixed buffer [B, heads, T, dim], written at ``pos``.
 
     Duck-types mlx-lm's ``BatchKVCache`` as far as the models use it: ``offset`` (per-row RoPE
-    positions), ``update_and_fetch`` and ``make_mask``.
+    positions), ``update_and_fetch`` and ``make_mask``. ``visible`` [B, T] hides padding slots
+    (anywhere in the prompt part, see ``prefill.py``); ``shift`` [B] counts them, so a slot's
+    RoPE position is its index minus its row's padding.
     """
 
-    def __init__(self, keys: mx.array, values: mx.array, pos: mx.array, left_padding: mx.array):
+    def __init__(self, keys: mx.array, values: mx.array, pos: mx.array, visible: mx.array, shift: mx.array):
         self.keys, self.values = keys, values
         self.pos = pos  # [1] int32: the slot this step writes
-        self.left_padding = left_padding  # [B]
-        self.offset = pos - left_padding
+        self.visible = visible
+        self.offset = pos - shift
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self.keys = mx.slice_update(self.keys, keys.astype(self.keys.dtype), self.pos, axes=(2,))
@@ -46,8 +55,7 @@ class StaticKVCache:
         if N != 1 or window_size is not None:
             raise NotImplementedError("StaticKVCache decodes one token at a time, full attention")
         slots = mx.arange(self.keys.shape[2])
-        mask = (slots <= self.pos) & (slots >= self.left_padding[:, None])
-        return mask[:, None, None, :]
+        return ((slots <= self.pos)[None, :] & self.visible)[:, None, None, :]
 
 
 def normalized_logprobs(logits: mx.array, inv_temperature: float) -> mx.array:
@@ -56,44 +64,65 @@ def normalized_logprobs(logits: mx.array, inv_temperature: float) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-class CompiledDecoder:
-    """Decode steps over a prefilled, repeated ``BatchKVCache``, through one compiled graph.
+class StaticDecoder:
+    """Decode steps over prefilled prompts (``RowsCache`` per layer), through one compiled graph.
 
     ``step(y)`` feeds tokens [B] and returns [B, vocab] log-probabilities for the next token;
-    ``keep(index)`` drops rows (a new batch size: the next step traces again).
+    ``keep(index)`` drops rows (a new batch size: the next step traces again). ``compiled=False``
+    runs the same step without ``mx.compile`` (what compiling buys, in the benchmark). An error
+    while building or first running the step is raised as ``DecodeSetupError``, so the caller can
+    fall back to mlx-lm's own caches.
     """
 
-    def __init__(self, model: nn.Module, cache: List[Any], max_new: int, inv_temperature: float):
-        length = cache[0]._idx
-        self.pos = length
-        self.left_padding = cache[0].left_padding
-        self.kv: List[mx.array] = []
-        for c in cache:
-            for a in (c.keys, c.values):
-                B, H, _, D = a.shape
-                buf = mx.zeros((B, H, length + max_new, D), dtype=a.dtype)
-                buf[:, :, :length, :] = a[:, :, :length, :]
-                self.kv.append(buf)
+    def __init__(self, model: nn.Module, cache: List[Any], max_new: int, inv_temperature: float,
+                 compiled: bool = True):
+        try:
+            length = cache[0].length
+            self.pos = length
+            B = cache[0].keys.shape[0]
+            visible = cache[0].visible if cache[0].visible is not None else mx.ones((B, length), dtype=mx.bool_)
+            self.shift = length - cache[0].offset  # padding slots per row
+            self.visible = mx.concatenate([visible, mx.ones((B, max_new), dtype=mx.bool_)], axis=1)
+            self.kv: List[mx.array] = []
+            for c in cache:
+                for a in (c.keys, c.values):
+                    _, H, _, D = a.shape
+                    buf = mx.zeros((B, H, length + max_new, D), dtype=a.dtype)
+                    buf[:, :, :length, :] = a
+                    self.kv.append(buf)
+        except Exception as e:  # a cache layout this decoder does not know
+            raise DecodeSetupError(f"{type(e).__name__}: {e}") from e
         n_layers = len(cache)
 
-        def step(y, pos, left_padding, *kv):
-            caches = [StaticKVCache(kv[2 * i], kv[2 * i + 1], pos, left_padding) for i in range(n_layers)]
+        def step(y, pos, visible, shift, *kv):
+            caches = [StaticKVCache(kv[2 * i], kv[2 * i + 1], pos, visible, shift) for i in range(n_layers)]
             logits = model(y[:, None], cache=caches)[:, -1, :]
             out = [a for c in caches for a in (c.keys, c.values)]
             return (normalized_logprobs(logits, inv_temperature), *out)
 
         # A fresh closure per rollout: the model's current weights are traced in as constants.
-        self._step: Callable = mx.compile(step)
+        self._step: Callable = mx.compile(step) if compiled else step
+        self._checked = False
 
     def step(self, y: mx.array) -> mx.array:
-        out = self._step(y, mx.array([self.pos], dtype=mx.int32), self.left_padding, *self.kv)
+        args = (y, mx.array([self.pos], dtype=mx.int32), self.visible, self.shift, *self.kv)
+        if self._checked:
+            out = self._step(*args)
+        else:  # the first call traces and compiles: an error here means this model doesn't fit
+            try:
+                out = self._step(*args)
+                mx.eval(out)
+            except Exception as e:
+                raise DecodeSetupError(f"{type(e).__name__}: {e}") from e
+            self._checked = True
         self.kv = list(out[1:])
         self.pos += 1
         return out[0]
 
     def keep(self, index: mx.array) -> None:
         self.kv = [a[index] for a in self.kv]
-        self.left_padding = self.left_padding[index]
+        self.visible = self.visible[index]
+        self.shift = self.shift[index]
 
 
 class EagerDecoder:

@@ -89,20 +89,32 @@ def batch_cache(model: nn.Module, left_padding: List[int]) -> List[Any]:
 
 
 class RowsCache:
-    """A differentiable KV cache for scoring: left-padded rows, keys kept by concatenation.
+    """A differentiable KV cache for scoring: padded rows, keys kept by concatenation.
 
     mlx-lm's caches write into preallocated buffers, built for decoding; this one keeps whatever
     the layers produced (so gradients flow through a shared prompt's keys and values), gives each
     row its RoPE positions (real tokens start at 0) and a causal mask that hides the padding, and
     can be expanded from one row per prompt to one row per completion (``take_rows``).
+
+    Padding may sit before any block of slots, not only at the start: ``pad(n)`` declares that the
+    next block begins with ``n[b]`` padding slots in row b (hidden from every query, not counted
+    as positions). A shared prompt prefix followed by left-padded per-prompt suffixes
+    (``prefill.py``) puts padding in the middle of a row.
     """
 
     def __init__(self, left_padding: mx.array):
-        self.left_padding = left_padding
-        self.offset = -left_padding
+        self.offset = mx.zeros_like(left_padding)  # RoPE position of the next slot, per row
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.length = 0
+        self.visible: Optional[mx.array] = None  # [B, length] bool; None: every slot visible
+        self.pending: Optional[mx.array] = None  # [B] padding slots the next block starts with
+        self.pad(left_padding)
+
+    def pad(self, n: mx.array) -> None:
+        """The next block starts with ``n[b]`` padding slots in row b."""
+        self.pending = n
+        self.offset = self.offset - n
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
         if self.keys is None:
@@ -115,26 +127,54 @@ class RowsCache:
 
     def advance(self, n: int) -> None:
         """Move past ``n`` new positions (after their keys and values were appended)."""
+        self.visible = self._visible(n)
+        self.pending = None
         self.length += n
         self.offset = self.offset + n
 
+    def _visible(self, n: int) -> Optional[mx.array]:
+        """[B, length + n] visibility of every slot once a block of ``n`` slots is added."""
+        if self.pending is None:
+            if self.visible is None:
+                return None
+            return mx.concatenate([self.visible, mx.ones((self.visible.shape[0], n), dtype=mx.bool_)], axis=1)
+        block = mx.arange(n)[None, :] >= self.pending[:, None]
+        if self.length == 0:
+            return block
+        before = self.visible if self.visible is not None else mx.ones((block.shape[0], self.length), dtype=mx.bool_)
+        return mx.concatenate([before, block], axis=1)
+
     def copy(self) -> "RowsCache":
-        c = RowsCache(self.left_padding)
-        c.offset, c.length, c.keys, c.values = self.offset, self.length, self.keys, self.values
+        c = RowsCache.__new__(RowsCache)
+        c.__dict__.update(self.__dict__)
         return c
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None, **_):
         from mlx_lm.models.base import create_causal_mask
 
-        return create_causal_mask(N, self.length, window_size=window_size, left_padding=self.left_padding)
+        mask = create_causal_mask(N, self.length, window_size=window_size)
+        visible = self._visible(N)
+        return mask if visible is None else mask & visible[:, None, None, :]
 
     def take_rows(self, index: mx.array) -> None:
         """Keep rows ``index`` (repeats allowed): prompt rows become completion rows."""
-        self.left_padding = self.left_padding[index]
         self.offset = self.offset[index]
-        if self.keys is not None:
-            self.keys = self.keys[index]
-            self.values = self.values[index]
+        for name in ("keys", "values", "visible", "pending"):
+            a = getattr(self, name)
+            if a is not None:
+                setattr(self, name, a[index])
+
+
+def plain_kv_layers(model: nn.Module) -> bool:
+    """True when every layer keeps a plain, full-attention KV cache (no sliding window, no state):
+    then prompts can share a prefix (``prefill.py``) and decoding can use a static buffer."""
+    verdict = getattr(model, "_mlx_grpo_plain_kv", None)
+    if verdict is None:
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+        verdict = all(type(c) is KVCache for c in make_prompt_cache(model))
+        object.__setattr__(model, "_mlx_grpo_plain_kv", verdict)  # a plain attribute, not a parameter
+    return verdict
 
 
 def enable_grad_checkpoint(model: nn.Module) -> None:

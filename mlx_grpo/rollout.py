@@ -9,6 +9,7 @@ step is compiled (``decode.py``); the bookkeeping per token is a few NumPy opera
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Set
 
@@ -17,8 +18,13 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import RolloutConfig
-from .decode import COMPACT_FRACTION, CompiledDecoder, EagerDecoder, normalized_logprobs
-from .models import batch_cache
+from .decode import COMPACT_FRACTION, DecodeSetupError, EagerDecoder, StaticDecoder, normalized_logprobs
+from .models import batch_cache, plain_kv_layers
+from .prefill import prefill
+from .scoring import output_head
+
+# Set on a model whose static decode step failed to build: it decodes with mlx-lm's caches after.
+STATIC_FAILED = "_mlx_grpo_static_failed"
 
 
 @dataclass
@@ -119,34 +125,62 @@ def sample_groups(
 ) -> Rollouts:
     """Sample ``group_size`` (default cfg.group_size) completions for each prompt text.
 
-    ``compiled=False`` decodes with mlx-lm's own batch cache, uncompiled (same tokens; the
-    benchmark measures what compiling buys).
+    ``compiled=False`` runs the same static-cache decode step without ``mx.compile`` (same tokens;
+    the benchmark measures what compiling buys). Models whose caches don't fit the static buffer
+    (sliding windows, recurrent state) decode with mlx-lm's own batch caches; so does a model whose
+    static step fails to build or trace, after a one-line warning (once per model).
     """
     G = cfg.group_size if group_size is None else group_size
     temp = cfg.temperature if temperature is None else temperature
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos_ids, stop_ids, text_stops = stop_token_ids(tokenizer, cfg.stop)
-    sampler = make_sampler(cfg, temp)
     inv_t = 1.0 / temp if temp > 0 else 1.0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompt_tokens, left_padding = left_pad([encode_prompt(tokenizer, p) for p in prompts], pad_id)
+    if plain_kv_layers(model) and not getattr(model, STATIC_FAILED, False):
+        try:
+            logits, decoder = _start_static(model, prompt_tokens, left_padding, G, cfg.max_tokens, inv_t, compiled)
+            return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id)
+        except DecodeSetupError as e:
+            print(f"warning: compiled decoding does not fit {type(model).__name__} ({e}); "
+                  "decoding with mlx-lm's caches, uncompiled, from now on", file=sys.stderr)
+            object.__setattr__(model, STATIC_FAILED, True)  # a plain attribute, not a parameter
+    logits, decoder = _start_eager(model, prompt_tokens, left_padding, G, inv_t)
+    return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id)
 
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    prompt_tokens, left_padding = left_pad(encoded, pad_id)
 
-    # Prefill each prompt once, then share its cache with the G rows of its group.
+def _start_static(model, prompt_tokens, left_padding, G, max_new, inv_t, compiled):
+    """Prefill (shared prefix once, each prompt once), repeat each prompt's cache for its G rows,
+    and a static-buffer decoder over it."""
+    split = output_head(model)
+    body = split[0] if split else (lambda x, cache: model(x, cache=cache))
+    last, cache = prefill(model, body, prompt_tokens, left_padding)
+    logits = (split[2](split[1], last) if split else last)[:, -1, :]
+    rows = mx.repeat(mx.arange(prompt_tokens.shape[0]), G)
+    for c in cache:
+        c.take_rows(rows)
+    return logits[rows], StaticDecoder(model, cache, max_new, inv_t, compiled)
+
+
+def _start_eager(model, prompt_tokens, left_padding, G, inv_t):
+    """Prefill with mlx-lm's batch caches (each prompt once where the cache can be repeated)."""
     cache = batch_cache(model, left_padding)
     logits = model(prompt_tokens, cache=cache)[:, -1, :]
-    n_rows = len(prompts) * G
     if can_repeat(cache):
         cache = repeat_cache(cache, G)
         logits = mx.repeat(logits, G, axis=0)
-        decoder = CompiledDecoder(model, cache, cfg.max_tokens, inv_t) if compiled else None
     else:  # e.g. sliding-window caches: prefill every row instead
         cache = batch_cache(model, [p for p in left_padding for _ in range(G)])
         logits = model(mx.repeat(prompt_tokens, G, axis=0), cache=cache)[:, -1, :]
-        decoder = None
-    decoder = decoder or EagerDecoder(model, cache, inv_t)
+    return logits, EagerDecoder(model, cache, inv_t)
+
+
+def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id) -> Rollouts:
+    """Sample up to ``cfg.max_tokens`` tokens for every row, from the prefilled ``logits``."""
+    n_rows = logits.shape[0]
+    eos_ids, stop_ids, text_stops = stop_token_ids(tokenizer, cfg.stop)
+    sampler = make_sampler(cfg, temp)
+    inv_t = 1.0 / temp if temp > 0 else 1.0
     # Eager steps drop finished rows at once; a compiled step traces again for each batch size.
-    min_dead = max(1, int(COMPACT_FRACTION * n_rows)) if isinstance(decoder, CompiledDecoder) else 1
+    min_dead = max(1, int(COMPACT_FRACTION * n_rows)) if isinstance(decoder, StaticDecoder) else 1
 
     # Per-row bookkeeping in NumPy arrays, indexed by the batch's row ids: no per-row Python per
     # token (except decoding text for multi-token stop strings).

@@ -2,7 +2,8 @@
 
 Rows that share a prompt share its forward pass: each distinct prompt is run once, and its keys and
 values are then gathered for its completions (gradients flow back through the gather), so a group
-of G completions costs one prompt pass instead of G. A per-row cache carries the left padding, so
+of G completions costs one prompt pass instead of G; the prefix common to all prompts (the
+template's instruction) runs once for the whole batch (``prefill.py``). A per-row cache carries the left padding, so
 padded rows get the same positions and attention as unpadded ones. Logits are scaled by the
 sampling temperature, as in the rollout, so rho and the KL compare the distributions the
 completions were drawn from.
@@ -21,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .models import rows_cache
+from .prefill import prefill
 
 # The most float32 logits (rows x positions x vocab) that exist at once while scoring: 2^25 = 128 MB.
 LOGITS_BUDGET = 1 << 25
@@ -148,8 +149,7 @@ def _logprobs(model, prompt_tokens, left_padding, row_prompt, completions, tempe
               budget: int = LOGITS_BUDGET):
     split = output_head(model)
     body = split[0] if split else (lambda x, cache: model(x, cache=cache))
-    cache = rows_cache(model, left_padding)
-    first = body(prompt_tokens, cache)[:, -1:, :]  # predicts each row's first token
+    first, cache = prefill(model, body, prompt_tokens, left_padding)  # predicts each row's first token
     first = first[row_prompt]
     if completions.shape[1] > 1:
         for c in cache:

@@ -147,18 +147,50 @@ def test_finished_rows_produce_only_padding(model_tok):
     assert ended > 0 and lengths.min() < lengths.max()  # rows finished at different steps
 
 
-def test_compiled_and_eager_steps_agree(model_tok):
-    """The compiled static-cache step picks the same tokens with the same logprobs as mlx-lm's
-    uncompiled batch cache, while finished rows are compacted away. (top_k=1: random draws would
-    depend on the batch size, which the two compact differently.)"""
+def test_compiled_uncompiled_and_mlx_lm_caches_agree(model_tok, monkeypatch):
+    """The compiled static-cache step picks the same tokens with the same logprobs as the same step
+    uncompiled and as mlx-lm's own batch caches, while finished rows are compacted away.
+    (top_k=1: random draws would depend on the batch size, which the paths compact differently.)"""
+    from mlx_grpo import rollout
+
     model, tok = model_tok
     cfg = RolloutConfig(group_size=4, max_tokens=14, temperature=0.9, top_k=1, stop=["+", "="])
     out = []
-    for compiled in (True, False):
+    for compiled, static in ((True, True), (False, True), (True, False)):
+        monkeypatch.setattr(rollout, "plain_kv_layers", lambda m: static)
         mx.random.seed(11)
         out.append(sample_groups(model, tok, PROMPTS, cfg, compiled=compiled))
-    a, b = out
-    assert a.texts == b.texts
-    assert np.array_equal(np.array(a.tokens), np.array(b.tokens))
-    assert mx.abs(a.sample_logprobs - b.sample_logprobs).max().item() < 1e-4
+    a = out[0]
+    for b in out[1:]:
+        assert a.texts == b.texts
+        assert np.array_equal(np.array(a.tokens), np.array(b.tokens))
+        assert mx.abs(a.sample_logprobs - b.sample_logprobs).max().item() < 1e-4
     assert any(not t for t in a.truncated)  # rows did finish, so compaction happened
+
+
+def test_a_failing_compiled_step_falls_back_once_with_a_warning(small_model_dir, capfd, monkeypatch):
+    """If the static step cannot be traced for a model, the rollout warns once (one line), decodes
+    with mlx-lm's caches instead, and the next rollout goes there directly."""
+    from mlx_grpo import decode
+
+    model, tok = load_model(ModelConfig(path=str(small_model_dir)))
+    cfg = RolloutConfig(group_size=2, max_tokens=6, temperature=0.0, stop=[])
+    want = sample_groups(model, tok, PROMPTS, cfg)
+    capfd.readouterr()
+    calls = []
+
+    def broken(fn):
+        def traced(*args):
+            calls.append(1)
+            raise ValueError("unsupported primitive in this architecture")
+        return traced
+
+    monkeypatch.setattr(decode.mx, "compile", broken)
+    got = sample_groups(model, tok, PROMPTS, cfg)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: compiled decoding does not fit")
+    assert "unsupported primitive" in err[0]
+    assert got.texts == want.texts
+    again = sample_groups(model, tok, PROMPTS, cfg)
+    assert capfd.readouterr().err == "" and len(calls) == 1  # no second try, no second warning
+    assert again.texts == want.texts
