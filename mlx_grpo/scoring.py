@@ -16,7 +16,7 @@ gather run over chunks of positions (``LOGITS_BUDGET`` logits at a time), each c
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +26,8 @@ from .prefill import prefill
 
 # The most float32 logits (rows x positions x vocab) that exist at once while scoring: 2^25 = 128 MB.
 LOGITS_BUDGET = 1 << 25
+# A length group must save this share of a pass's completion positions to be worth its own pass.
+MIN_GROUP_SAVING = 0.1
 
 
 def completion_logprobs(
@@ -37,13 +39,17 @@ def completion_logprobs(
     row_prompt: Optional[np.ndarray] = None,
     chunk: Optional[int] = None,
     budget: int = LOGITS_BUDGET,
+    lengths: Optional[Sequence[int]] = None,
 ) -> mx.array:
     """[B, Lc] log pi(completion token | prompt, earlier completion tokens).
 
     prompt_tokens: [U, Lp] left-padded distinct prompts with their ``left_padding``;
     completions: [B, Lc]; row_prompt: [B] index of each row's prompt (None: row i has prompt i).
     ``chunk`` scores that many rows per forward pass (micro-batches); within a pass at most about
-    ``budget`` float32 logits exist at once (``chunked_logprobs``).
+    ``budget`` float32 logits exist at once (``chunked_logprobs``). ``lengths`` [B], each row's
+    completion length, lets rows of very different lengths run in length groups
+    (``length_groups``); positions past a group's longest row then get logprob 0 (like every
+    position past a row's length, they carry no meaning).
     """
     B = completions.shape[0]
     if row_prompt is None:
@@ -58,10 +64,11 @@ def completion_logprobs(
                 model,
                 prompt_tokens[mx.array(used)],
                 [left_padding[i] for i in used.tolist()],
-                mx.array(local.astype(np.int32)),
+                local,
                 completions[start : start + step],
                 temperature,
                 budget,
+                None if lengths is None else np.asarray(lengths)[start : start + step],
             )
         )
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
@@ -145,19 +152,64 @@ def chunked_logprobs(
     )
 
 
+def length_groups(lengths: np.ndarray, min_saving: float = MIN_GROUP_SAVING) -> List[np.ndarray]:
+    """Rows split into groups of similar completion length, each group trimmed to its longest row.
+
+    One row that runs to max_tokens while the rest stop early would otherwise make every row pay
+    for its length. Rows are sorted by length and a group is cut in two where that saves the most
+    positions (rows x width), as long as the cut saves at least ``min_saving`` of the whole
+    batch's positions (each group is one more pass of kernel launches); the halves are cut again
+    the same way. Returns index arrays into ``lengths``, shortest group first.
+    """
+    order = np.argsort(lengths, kind="stable")
+    sorted_len = np.asarray(lengths)[order]
+    threshold = min_saving * len(sorted_len) * max(1, int(sorted_len[-1]))
+
+    def cut(lo: int, hi: int) -> List[Tuple[int, int]]:
+        L = sorted_len[lo:hi]
+        ks = np.flatnonzero(np.diff(L)) + 1  # cut points between different lengths
+        if not ks.size:
+            return [(lo, hi)]
+        saving = ks * (L[-1] - L[ks - 1])  # rows before the cut no longer pay for L[-1]
+        best = int(np.argmax(saving))
+        if saving[best] < threshold:
+            return [(lo, hi)]
+        k = lo + int(ks[best])
+        return cut(lo, k) + cut(k, hi)
+
+    return [order[lo:hi] for lo, hi in cut(0, len(sorted_len))]
+
+
 def _logprobs(model, prompt_tokens, left_padding, row_prompt, completions, temperature,
-              budget: int = LOGITS_BUDGET):
+              budget: int = LOGITS_BUDGET, lengths: Optional[np.ndarray] = None):
     split = output_head(model)
     body = split[0] if split else (lambda x, cache: model(x, cache=cache))
     first, cache = prefill(model, body, prompt_tokens, left_padding)  # predicts each row's first token
-    first = first[row_prompt]
+    B, width = completions.shape
+    groups = [np.arange(B)] if lengths is None else length_groups(lengths)
+    if len(groups) == 1:
+        return _rows_logprobs(split, body, first, cache, row_prompt, completions, temperature, budget)
+    parts = []
+    for g in groups:
+        w = max(1, int(np.asarray(lengths)[g].max()))
+        idx = mx.array(g.astype(np.int32))
+        lp = _rows_logprobs(split, body, first, [c.copy() for c in cache], row_prompt[g],
+                            completions[idx, :w], temperature, budget)
+        parts.append(mx.pad(lp, [(0, 0), (0, width - w)]) if w < width else lp)
+    inverse = np.argsort(np.concatenate(groups), kind="stable")
+    return mx.concatenate(parts, axis=0)[mx.array(inverse.astype(np.int32))]
+
+
+def _rows_logprobs(split, body, first, cache, row_prompt, completions, temperature, budget):
+    """Completion logprobs of rows whose prompts were prefilled (``first``: [U, 1, ...] outputs
+    at the prompts' last positions, ``cache`` their keys and values); row i has prompt row_prompt[i]."""
+    rows = mx.array(np.asarray(row_prompt).astype(np.int32))
+    out = first[rows]
     if completions.shape[1] > 1:
         for c in cache:
-            c.take_rows(row_prompt)
+            c.take_rows(rows)
         rest = body(completions[:, :-1], cache)
-        out = mx.concatenate([first, rest], axis=1)
-    else:
-        out = first
+        out = mx.concatenate([out, rest], axis=1)
     if split is None:  # whole logits (models with extra work after the head)
         return gather_logprobs(out, completions, temperature)
     return chunked_logprobs(split[1], split[2], out, completions, temperature, split[3], budget)

@@ -144,7 +144,8 @@ class StepBatch:
 
     def logprobs(self, model: nn.Module, temperature: float, chunk: Optional[int] = None) -> mx.array:
         return completion_logprobs(
-            model, self.prompts, self.left_padding, self.tokens, temperature, self.row_prompt, chunk
+            model, self.prompts, self.left_padding, self.tokens, temperature, self.row_prompt, chunk,
+            lengths=np.array(self.mask.sum(axis=1)).astype(np.int64),  # rows scored in length groups
         )
 
 

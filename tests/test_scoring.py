@@ -150,3 +150,54 @@ def test_models_with_extra_output_work_fall_back_to_whole_logits(model_tok):
     want = full - mx.logsumexp(full, axis=-1, keepdims=True)
     want = mx.take_along_axis(want, comp[..., None], axis=-1)[..., 0]
     assert mx.abs(lp - want).max().item() < 1e-5
+
+
+def test_length_groups_cut_where_it_saves_work():
+    from mlx_grpo.scoring import length_groups
+
+    # 127 rows of 13 tokens and one of 20: the long row gets its own group.
+    lengths = np.array([13] * 60 + [20] + [13] * 67)
+    groups = length_groups(lengths)
+    assert [len(g) for g in groups] == [127, 1] and groups[1].tolist() == [60]
+    assert sorted(np.concatenate(groups).tolist()) == list(range(128))
+    # Nearly equal lengths: one group (a cut would save less than a pass costs).
+    assert len(length_groups(np.array([12, 13, 13, 13]))) == 1
+    # Widely spread lengths: several groups, each sorted, every row once.
+    spread = np.random.default_rng(0).integers(1, 200, size=64)
+    groups = length_groups(spread)
+    assert len(groups) >= 2
+    assert all(spread[a].max() <= spread[b].min() for a, b in zip(groups, groups[1:]))
+    positions = sum(len(g) * spread[g].max() for g in groups)
+    assert positions < 0.8 * len(spread) * spread.max()
+    assert sorted(np.concatenate(groups).tolist()) == list(range(64))
+
+
+def test_length_groups_give_the_same_logprobs_and_gradients(model_tok):
+    """Scoring rows in length groups == one pass over all rows at full width, on every real token
+    (values and gradients)."""
+    from mlx_grpo import scoring
+
+    model, tok = model_tok
+    enc = [tok.encode("What is 3 + 4 ?"), tok.encode("5 + 5 = 10 . What is 2 + 2 ?")]
+    prompts, pad = left_pad(enc, 0)
+    rng = np.random.default_rng(2)
+    comp = mx.array(rng.integers(4, 100, size=(6, 12)).astype(np.int32))
+    lengths = np.array([3, 12, 3, 4, 11, 3])
+    mask = mx.array((np.arange(12)[None] < lengths[:, None]).astype(np.float32))
+    row_prompt = np.array([0, 0, 0, 1, 1, 1])
+    weights = mx.array(rng.normal(size=(6, 12)).astype(np.float32)) * mask
+    assert len(scoring.length_groups(lengths)) > 1  # the test's premise
+
+    def f(m, lens):
+        lp = completion_logprobs(m, prompts, pad, comp, 0.8, row_prompt, lengths=lens)
+        return (lp * weights).sum(), lp
+
+    (v1, lp1), g1 = nn.value_and_grad(model, lambda m: f(m, lengths))(model)
+    (v2, lp2), g2 = nn.value_and_grad(model, lambda m: f(m, None))(model)
+    assert mx.abs((lp1 - lp2) * mask).max().item() < 1e-5
+    assert mx.isfinite(lp1).all().item()  # masked positions hold finite values (0 past a group's width)
+    assert abs(v1.item() - v2.item()) < 1e-4 * abs(v2.item()) + 1e-6
+    for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
+        scale = mx.abs(b).max().item()
+        assert scale > 0, k
+        assert mx.abs(a - b).max().item() <= 1e-4 * scale + 1e-7, k
