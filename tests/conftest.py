@@ -28,6 +28,25 @@ def pytest_configure(config):
 EMBEDDED = ROOT / "mlx_grpo" / "assets" / "tiny-r1"
 
 
+def tf32_matmuls() -> bool:
+    """True where MLX runs float32 matmuls in TF32 (a 10-bit mantissa): its CUDA backend. The CPU
+    backend (CI) and Metal compute them in full float32."""
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)
+    return mx.default_device().type == mx.gpu and cuda is not None and cuda.is_available()
+
+
+def tol(cpu: float, tf32: float) -> float:
+    """A numerical tolerance: ``cpu`` where float32 is float32, ``tf32`` where matmuls use TF32.
+
+    Two computations of the same numbers in a different order (shared vs separate prompt passes,
+    chunked vs whole logits, micro-batches) agree to about 1e-6 relative in float32, to about 1e-3
+    with TF32's rounding of every matmul input.
+    """
+    return tf32 if tf32_matmuls() else cpu
+
+
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory) -> Path:
     """A 2-layer model pre-trained for a few steps: real weights, real tokenizer, built in seconds."""

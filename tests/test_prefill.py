@@ -14,6 +14,8 @@ from mlx_grpo.prefill import MIN_SHARED_PREFIX, prefill, shared_prefix
 from mlx_grpo.rollout import encode_prompt, left_pad, sample_groups
 from mlx_grpo.scoring import completion_logprobs
 
+from conftest import tol
+
 # A template-like instruction (well over MIN_SHARED_PREFIX tokens) before questions whose token
 # counts differ, so the per-prompt suffixes are padded between the prefix and the question.
 INSTRUCTION = ("A conversation between User and Assistant . The assistant thinks inside <think> </think> "
@@ -86,12 +88,12 @@ def test_middle_padding_is_invisible_values_and_grads(model_tok, no_sharing):
              for r, p in enumerate(row_prompt)]
     no_sharing()
     (v2, lp2), g2 = nn.value_and_grad(model, f)(model)
-    assert mx.abs(lp1 - lp2).max().item() < 1e-5
-    assert mx.abs(lp1 - mx.stack(alone)).max().item() < 1e-5
+    assert mx.abs(lp1 - lp2).max().item() < tol(1e-5, 1e-2)
+    assert mx.abs(lp1 - mx.stack(alone)).max().item() < tol(1e-5, 1e-2)
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         scale = mx.abs(b).max().item()
         assert scale > 0, k
-        assert mx.abs(a - b).max().item() <= 1e-4 * scale + 1e-7, k
+        assert mx.abs(a - b).max().item() <= tol(1e-4, 1e-2) * scale + 1e-7, k
 
 
 def test_prefill_cache_continues_like_a_whole_prompt(model_tok):
@@ -105,8 +107,8 @@ def test_prefill_cache_continues_like_a_whole_prompt(model_tok):
     out = model(nxt, cache=cache)[:, -1, :]
     for r, ids in enumerate(enc):
         want = model(mx.array([ids + [7 + r]]))[0, -1, :]
-        assert mx.abs(out[r] - want).max().item() < 1e-4
-        assert mx.abs(last[r, -1] - model(mx.array([ids]))[0, -1, :]).max().item() < 1e-4
+        assert mx.abs(out[r] - want).max().item() < tol(1e-4, 1e-2)
+        assert mx.abs(last[r, -1] - model(mx.array([ids]))[0, -1, :]).max().item() < tol(1e-4, 1e-2)
 
 
 def test_rollouts_with_a_shared_prefix_match_mlx_lm_and_scoring(model_tok):
@@ -127,7 +129,7 @@ def test_rollouts_with_a_shared_prefix_match_mlx_lm_and_scoring(model_tok):
     mx.random.seed(4)
     ro = sample_groups(model, tok, PROMPTS, RolloutConfig(group_size=3, max_tokens=8, temperature=0.9, stop=[]))
     lp = completion_logprobs(model, ro.prompt_tokens, ro.left_padding, ro.tokens, 0.9, ro.row_prompt)
-    assert mx.abs((lp - ro.sample_logprobs) * ro.mask).max().item() < 1e-4
+    assert mx.abs((lp - ro.sample_logprobs) * ro.mask).max().item() < tol(1e-4, 1e-2)
 
 
 def test_rows_cache_pad_hides_slots_and_skips_positions():

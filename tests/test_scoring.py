@@ -11,6 +11,8 @@ from mlx_grpo.models import attach_adapters, load_model
 from mlx_grpo.rollout import left_pad
 from mlx_grpo.scoring import completion_logprobs
 
+from conftest import tol
+
 
 @pytest.fixture(scope="module")
 def model_tok(small_model_dir):
@@ -55,13 +57,13 @@ def test_shared_prompt_pass_equals_one_pass_per_row(model_tok):
 
     (l1, lp1), g1 = nn.value_and_grad(model, lambda m: loss(m, True))(model)
     (l2, lp2), g2 = nn.value_and_grad(model, lambda m: loss(m, False))(model)
-    assert mx.abs(lp1 - lp2).max().item() < 1e-5
+    assert mx.abs(lp1 - lp2).max().item() < tol(1e-5, 1e-2)
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
-        assert mx.abs(a - b).max().item() <= 1e-4 * mx.abs(b).max().item() + 1e-7, k
+        assert mx.abs(a - b).max().item() <= tol(1e-4, 1e-2) * mx.abs(b).max().item() + 1e-7, k
         assert mx.abs(b).max().item() > 0, k
     # Chunked scoring gives the same numbers.
     chunked = completion_logprobs(model, prompts, pad, comp, 0.8, row_prompt=row_prompt, chunk=4)
-    assert mx.abs(chunked - lp1).max().item() < 1e-5
+    assert mx.abs(chunked - lp1).max().item() < tol(1e-5, 1e-2)
 
 
 def test_chunked_head_equals_whole_logits_values_and_grads(model_tok):
@@ -102,13 +104,14 @@ def test_chunked_head_equals_whole_logits_values_and_grads(model_tok):
     finally:
         module.freeze()
     assert "model.embed_tokens.weight" in dict(tree_flatten(g1))
-    assert abs(v1.item() - v3.item()) < 1e-4 * abs(v3.item()) + 1e-5
-    assert abs(v2.item() - v3.item()) < 1e-4 * abs(v3.item()) + 1e-5
+    rel = tol(1e-4, 1e-2)
+    assert abs(v1.item() - v3.item()) < rel * abs(v3.item()) + 1e-5
+    assert abs(v2.item() - v3.item()) < rel * abs(v3.item()) + 1e-5
     for (k, a), (_, b), (_, c) in zip(tree_flatten(g1), tree_flatten(g2), tree_flatten(g3)):
         scale = mx.abs(c).max().item()
         assert scale > 0, k
-        assert mx.abs(a - c).max().item() <= 1e-4 * scale + 1e-7, k
-        assert mx.abs(b - c).max().item() <= 1e-4 * scale + 1e-7, k
+        assert mx.abs(a - c).max().item() <= rel * scale + 1e-7, k
+        assert mx.abs(b - c).max().item() <= rel * scale + 1e-7, k
 
     # chunked_logprobs against NumPy on random hidden states and a random head.
     h = mx.array(rng.normal(size=(3, 7, 5)).astype(np.float32))
@@ -194,10 +197,11 @@ def test_length_groups_give_the_same_logprobs_and_gradients(model_tok):
 
     (v1, lp1), g1 = nn.value_and_grad(model, lambda m: f(m, lengths))(model)
     (v2, lp2), g2 = nn.value_and_grad(model, lambda m: f(m, None))(model)
-    assert mx.abs((lp1 - lp2) * mask).max().item() < 1e-5
+    assert mx.abs((lp1 - lp2) * mask).max().item() < tol(1e-5, 1e-2)
     assert mx.isfinite(lp1).all().item()  # masked positions hold finite values (0 past a group's width)
-    assert abs(v1.item() - v2.item()) < 1e-4 * abs(v2.item()) + 1e-6
+    rel = tol(1e-4, 1e-2)
+    assert abs(v1.item() - v2.item()) < rel * abs(v2.item()) + 1e-6
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         scale = mx.abs(b).max().item()
         assert scale > 0, k
-        assert mx.abs(a - b).max().item() <= 1e-4 * scale + 1e-7, k
+        assert mx.abs(a - b).max().item() <= rel * scale + 1e-7, k

@@ -10,6 +10,8 @@ import pytest
 from mlx_grpo.config import make_config
 from mlx_grpo.trainer import make_schedule, prompt_batches, train
 
+from conftest import tol
+
 
 def run(small_model_dir, tmp_path, name, *overrides, reward="length"):
     reward_file = tmp_path / "rw.py"
@@ -71,7 +73,7 @@ def test_grad_accumulation_equals_one_batch(small_model_dir):
         g1, g4 = results[0][k], results[1][k]
         if k.endswith("lora_b"):  # lora_a's gradient is zero while lora_b is (LoRA's init)
             assert mx.abs(g1).max().item() > 0, k
-        assert mx.allclose(g1, g4, rtol=1e-4, atol=1e-7).item(), k
+        assert mx.allclose(g1, g4, rtol=tol(1e-4, 1e-2), atol=tol(1e-7, 1e-5)).item(), k
 
 
 def test_grad_checkpoint_gives_same_result(small_model_dir, tmp_path):
@@ -117,7 +119,7 @@ def test_explicit_reference_model_matches_adapters_off(small_model_dir, tmp_path
     a, wa = run(small_model_dir, tmp_path, "ref-off", ("grpo.beta", 0.5))
     b, wb = run(small_model_dir, tmp_path, "ref-explicit", ("grpo.beta", 0.5),
                 ("model.reference", str(small_model_dir)))
-    assert [s["kl"] for s in a] == pytest.approx([s["kl"] for s in b], rel=1e-5, abs=1e-8)
+    assert [s["kl"] for s in a] == pytest.approx([s["kl"] for s in b], rel=tol(1e-5, 1e-2), abs=1e-8)
     assert max(s["kl"] for s in a) > 0
     for k in wa:
-        assert mx.allclose(wa[k], wb[k], atol=1e-6).item(), k
+        assert mx.allclose(wa[k], wb[k], atol=tol(1e-6, 1e-4)).item(), k
