@@ -3,7 +3,8 @@
 One run, the same prompts throughout:
 - rollout tokens/s of our engine against mlx-lm's ``batch_generate`` given the P*G rows in one
   call (prompts repeated G times, completion and prefill batch = P*G), same sampler and max tokens,
-  both stopping only at EOS; and our engine uncompiled (what ``mx.compile`` buys);
+  both stopping only at EOS; and our engine with the same decode step uncompiled (what
+  ``mx.compile`` buys);
 - greedy outputs of both engines compared token for token;
 - a GRPO step's time split into generate / reward / score / update (``grpo_step``'s timings);
 - peak memory of a step with beta = 0 and beta > 0 (same weights, seed and rollouts);

@@ -1,7 +1,7 @@
 """Step 1 of the seed: sample a group of G completions per prompt, all rows decoding together.
 
-Every prompt is prefilled once; its KV cache is then repeated for its G rows, so a group shares the
-prompt's work. All P x G rows decode in one batch with a KV cache; rows that finished (EOS or a stop
+Every prompt is prefilled once (and the prefix all prompts share, once: ``prefill.py``); its KV
+cache is then repeated for its G rows, so a group shares the prompt's work. All P x G rows decode in one batch with a KV cache; rows that finished (EOS or a stop
 string) are dropped from the batch so they stop costing compute. The sampled token ids and their
 log-probabilities come out directly: nothing is re-tokenized from decoded text. The per-token
 step is compiled (``decode.py``); the bookkeeping per token is a few NumPy operations on the batch.
