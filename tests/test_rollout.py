@@ -175,11 +175,11 @@ def test_a_failing_compiled_step_falls_back_once_with_a_warning(small_model_dir,
 
     model, tok = load_model(ModelConfig(path=str(small_model_dir)))
     cfg = RolloutConfig(group_size=2, max_tokens=6, temperature=0.0, stop=[])
-    want = sample_groups(model, tok, PROMPTS, cfg)
+    want = sample_groups(model, tok, PROMPTS, cfg, compiled=False)
     capfd.readouterr()
     calls = []
 
-    def broken(fn):
+    def broken(fn, **_):
         def traced(*args):
             calls.append(1)
             raise ValueError("unsupported primitive in this architecture")
@@ -194,3 +194,19 @@ def test_a_failing_compiled_step_falls_back_once_with_a_warning(small_model_dir,
     again = sample_groups(model, tok, PROMPTS, cfg)
     assert capfd.readouterr().err == "" and len(calls) == 1  # no second try, no second warning
     assert again.texts == want.texts
+
+
+def test_the_compiled_step_follows_weight_updates(small_model_dir):
+    """The compiled step is reused across rollouts with the weights as inputs: after an update, a
+    rollout decodes with the new weights (not the ones of its first trace)."""
+    from mlx.utils import tree_map
+
+    model, tok = load_model(ModelConfig(path=str(small_model_dir)))
+    cfg = RolloutConfig(group_size=2, max_tokens=10, temperature=0.0, stop=[])
+    before = sample_groups(model, tok, PROMPTS, cfg)
+    mx.random.seed(7)
+    model.update(tree_map(lambda p: p + 0.05 * mx.random.normal(p.shape), model.parameters()))
+    after = sample_groups(model, tok, PROMPTS, cfg)
+    fresh = sample_groups(model, tok, PROMPTS, cfg, compiled=False)
+    assert after.texts == fresh.texts and after.texts != before.texts
+    assert mx.abs(after.sample_logprobs - fresh.sample_logprobs).max().item() < 1e-4
