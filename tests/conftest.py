@@ -65,6 +65,19 @@ def embedded_model_dir() -> Path:
     return EMBEDDED
 
 
+def mlx_lm_greedy(model, ids, max_tokens: int, eos) -> list:
+    """mlx-lm's own greedy generation for one prompt (token ids up to and including an EOS)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    out = []
+    for t, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens):
+        out.append(int(t))
+        if int(t) in eos:
+            break
+    return out
+
+
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
     """Run ``python cli.py ARGS`` as a real subprocess; returns CompletedProcess."""
     import subprocess

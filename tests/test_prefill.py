@@ -14,7 +14,7 @@ from mlx_grpo.prefill import MIN_SHARED_PREFIX, prefill, shared_prefix
 from mlx_grpo.rollout import encode_prompt, left_pad, sample_groups
 from mlx_grpo.scoring import completion_logprobs
 
-from conftest import tol
+from conftest import mlx_lm_greedy, tol
 
 # A template-like instruction (well over MIN_SHARED_PREFIX tokens) before questions whose token
 # counts differ, so the per-prompt suffixes are padded between the prefix and the question.
@@ -112,18 +112,11 @@ def test_prefill_cache_continues_like_a_whole_prompt(model_tok):
 
 
 def test_rollouts_with_a_shared_prefix_match_mlx_lm_and_scoring(model_tok):
-    from mlx_lm.generate import generate_step
-
     model, tok = model_tok
     cfg = RolloutConfig(group_size=2, max_tokens=8, temperature=0.0, stop=[])
     ro = sample_groups(model, tok, PROMPTS, cfg)
-    eos = set(tok.eos_token_ids)
     for p, prompt in enumerate(PROMPTS):
-        want = []
-        for t, _ in generate_step(mx.array(encode_prompt(tok, prompt)), model, max_tokens=8):
-            want.append(int(t))
-            if int(t) in eos:
-                break
+        want = mlx_lm_greedy(model, encode_prompt(tok, prompt), 8, set(tok.eos_token_ids))
         n = int(ro.mask[2 * p].sum().item())
         assert ro.tokens[2 * p, :n].tolist() == want
     mx.random.seed(4)

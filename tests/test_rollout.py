@@ -9,6 +9,8 @@ from mlx_grpo.models import load_model
 from mlx_grpo.rollout import sample_groups, stop_token_ids
 from mlx_grpo.scoring import completion_logprobs
 
+from conftest import mlx_lm_greedy
+
 
 @pytest.fixture(scope="module")
 def model_tok(small_model_dir):
@@ -20,18 +22,11 @@ PROMPTS = ["What is 3 + 4 ?", "tags : <think> </think> What is 1 + 2 ? <think>",
 
 
 def test_greedy_batch_equals_mlx_lm_one_at_a_time(model_tok):
-    from mlx_lm.generate import generate_step
-
     model, tok = model_tok
     cfg = RolloutConfig(group_size=2, max_tokens=12, temperature=0.0, stop=[])
     ro = sample_groups(model, tok, PROMPTS, cfg)
-    eos = set(tok.eos_token_ids)
     for p, prompt in enumerate(PROMPTS):
-        want = []
-        for t, _ in generate_step(mx.array(tok.encode(prompt)), model, max_tokens=12):
-            want.append(int(t))
-            if int(t) in eos:
-                break
+        want = mlx_lm_greedy(model, tok.encode(prompt), 12, set(tok.eos_token_ids))
         for g in range(2):
             row = p * 2 + g
             n = int(ro.mask[row].sum().item())
