@@ -80,6 +80,50 @@ def make_sampler(cfg: RolloutConfig, temperature: Optional[float] = None):
     return _make(temp=temp, top_p=cfg.top_p if cfg.top_p < 1.0 else 0.0, min_p=cfg.min_p, top_k=cfg.top_k)
 
 
+def row_keys(key: mx.array, n_prompts: int, group_size: int) -> mx.array:
+    """[n_prompts * group_size, 2] PRNG keys, one per row: row g of prompt p gets split g of split
+    p of ``key``. A row's key depends on (key, p, g) alone, so a row samples the same completion
+    whichever slice of the prompts is decoded together (one process or several)."""
+    per_prompt = mx.random.split(key, n_prompts)
+    return mx.vmap(lambda k: mx.random.split(k, group_size))(per_prompt).reshape(-1, 2)
+
+
+class KeyedSampler:
+    """mlx-lm's filters (top-p, min-p, top-k), then each row drawn with its own key (Gumbel-max).
+
+    Called with the temperature-scaled log-probabilities of the batch's current rows; every call
+    advances each row's key, and ``keep`` follows the rows the decode loop keeps. Equal inputs
+    give equal tokens whatever the other rows in the batch are.
+    """
+
+    def __init__(self, cfg: RolloutConfig, temperature: float, keys: mx.array):
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+        self.greedy = temperature == 0
+        self.keys = keys
+        self.filters = []
+        if 0 < cfg.top_p < 1.0:
+            self.filters.append(lambda x: apply_top_p(x, cfg.top_p))
+        if cfg.min_p:
+            self.filters.append(lambda x: apply_min_p(x, cfg.min_p))
+        if cfg.top_k:
+            self.filters.append(lambda x: apply_top_k(x, cfg.top_k))
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if self.greedy:
+            return mx.argmax(logprobs, axis=-1)
+        for f in self.filters:
+            logprobs = f(logprobs)
+        pairs = mx.vmap(lambda k: mx.random.split(k, 2))(self.keys)  # [B, 2, 2]
+        self.keys = pairs[:, 0]
+        vocab = logprobs.shape[-1]
+        noise = mx.vmap(lambda k: mx.random.gumbel(shape=(vocab,), key=k))(pairs[:, 1])
+        return mx.argmax(logprobs + noise, axis=-1)
+
+    def keep(self, idx: mx.array) -> None:
+        self.keys = self.keys[idx]
+
+
 def encode_prompt(tokenizer: Any, text: str) -> List[int]:
     """Token ids of a prompt; no second BOS when a chat template already wrote one."""
     bos = getattr(tokenizer, "bos_token", None)
@@ -109,13 +153,18 @@ def sample_groups(
     cfg: RolloutConfig,
     group_size: Optional[int] = None,
     temperature: Optional[float] = None,
+    keys: Optional[mx.array] = None,
 ) -> Rollouts:
-    """Sample ``group_size`` (default cfg.group_size) completions for each prompt text."""
+    """Sample ``group_size`` (default cfg.group_size) completions for each prompt text.
+
+    ``keys`` ([P*G, 2], see ``row_keys``) gives each row its own random stream; without them the
+    rows draw from MLX's global PRNG, so a row's sample depends on the rest of the batch.
+    """
     G = cfg.group_size if group_size is None else group_size
     temp = cfg.temperature if temperature is None else temperature
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_ids, stop_ids, text_stops = stop_token_ids(tokenizer, cfg.stop)
-    sampler = make_sampler(cfg, temp)
+    sampler = make_sampler(cfg, temp) if keys is None else KeyedSampler(cfg, temp, keys)
     inv_t = 1.0 / temp if temp > 0 else 1.0
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
@@ -166,6 +215,8 @@ def sample_groups(
                 c.filter(idx)
             y = y[idx]
             active = active[keep]
+            if keys is not None:
+                sampler.keep(idx)
         logits = model(y[:, None], cache=cache)[:, -1, :]
 
     width = max(len(t) for t in out_tokens)
