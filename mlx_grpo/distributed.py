@@ -43,7 +43,24 @@ def group() -> mx.distributed.Group:
     global _group
     if _group is None:
         _group = mx.distributed.init()
+        shared = _processes_on_this_machine(_group.rank())
+        if shared > 1:
+            from . import blas
+
+            blas.limit_threads(max(1, (os.cpu_count() or 1) // shared), dict(os.environ))
     return _group
+
+
+def _processes_on_this_machine(me: int) -> int:
+    """How many processes of the run share this machine, read from the ring backend's host list
+    (``MLX_HOSTFILE``: one list of "ip:port" per rank); 1 when unknown."""
+    try:
+        with open(os.environ["MLX_HOSTFILE"]) as f:
+            hosts = json.load(f)
+        ips = [{a.rsplit(":", 1)[0] for a in h} for h in hosts]
+        return sum(1 for x in ips if x == ips[me])
+    except (KeyError, OSError, ValueError, TypeError, IndexError, AttributeError):
+        return 1
 
 
 def rank() -> int:

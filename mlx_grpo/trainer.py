@@ -515,6 +515,9 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
                     raise Interrupted(stop.signum, out, ckpt)
     except Interrupted as e:  # a second signal stops at once: the newest checkpoint is the one on disk
         raise Interrupted(e.signum, out, e.checkpoint or latest_checkpoint(out)) from None
+    except distributed.PeerLost as e:  # (a RuntimeError) name what is left to resume from
+        last = latest_checkpoint(out) if main else None
+        raise distributed.PeerLost(f"{e}; last checkpoint: {last or 'none'}" if main else str(e)) from None
     except (RuntimeError, MemoryError) as e:
         if is_out_of_memory(e):
             raise out_of_memory(e, cfg, step, latest_checkpoint(out)) from e

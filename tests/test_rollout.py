@@ -82,3 +82,39 @@ def test_top_k_one_is_greedy(model_tok):
     greedy = sample_groups(model, tok, PROMPTS, RolloutConfig(group_size=2, max_tokens=8, temperature=0.0, stop=[]))
     topk = sample_groups(model, tok, PROMPTS, RolloutConfig(group_size=2, max_tokens=8, temperature=1.0, top_k=1, stop=[]))
     assert greedy.texts == topk.texts
+
+
+def test_row_keys_make_samples_independent_of_how_prompts_are_split(model_tok):
+    """Each row draws from its own key: decoding the prompts together or in two parts (as two
+    processes do) gives the same completions and log-probabilities."""
+    from mlx_grpo.rollout import row_keys
+
+    model, tok = model_tok
+    cfg = RolloutConfig(group_size=4, max_tokens=10, temperature=1.0, top_p=0.95, stop=[])
+    keys = row_keys(mx.random.key(5), len(PROMPTS), 4)
+    assert keys.shape == (12, 2) and len({tuple(k) for k in keys.tolist()}) == 12
+    whole = sample_groups(model, tok, PROMPTS, cfg, keys=keys)
+    first = sample_groups(model, tok, PROMPTS[:1], cfg, keys=keys[:4])
+    rest = sample_groups(model, tok, PROMPTS[1:], cfg, keys=keys[4:])
+    assert whole.texts == first.texts + rest.texts
+    assert len(set(whole.texts[:4])) > 1  # a group's rows still differ
+    for part, rows in ((first, slice(0, 4)), (rest, slice(4, 12))):
+        w = part.tokens.shape[1]
+        diff = mx.abs(whole.sample_logprobs[rows, :w] - part.sample_logprobs) * part.mask
+        assert diff.max().item() < 1e-4
+    other = sample_groups(model, tok, PROMPTS, cfg, keys=row_keys(mx.random.key(6), len(PROMPTS), 4))
+    assert other.texts != whole.texts
+
+
+def test_keyed_sampling_follows_the_temperature_scaled_distribution():
+    """Gumbel-max with per-row keys draws token i with probability softmax(logprobs)_i."""
+    from mlx_grpo.rollout import KeyedSampler
+
+    logprobs = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    sampler = KeyedSampler(RolloutConfig(temperature=1.0), 1.0, mx.random.split(mx.random.key(0), 4000))
+    counts = np.bincount(np.array(sampler(logprobs)), minlength=4) / 4000
+    assert np.allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    # Each call advances every row's key: a second draw is not a copy of the first.
+    assert not np.array_equal(np.array(sampler(logprobs)), np.array(sampler(logprobs)))
+    greedy = KeyedSampler(RolloutConfig(temperature=0.0), 0.0, mx.random.split(mx.random.key(0), 3))
+    assert greedy(mx.log(mx.array([[0.2, 0.7, 0.1]] * 3))).tolist() == [1, 1, 1]
