@@ -90,7 +90,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="Random seed [train.seed].")
 @click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path].")
 @click.option("--data", type=str, default=None, help="JSONL data file; sets data.task=jsonl [data.path].")
-@click.option("--task", type=str, default=None, help="arithmetic | jsonl [data.task].")
+@click.option("--task", type=str, default=None, help="arithmetic | countdown | gsm8k | dataset (jsonl) [data.task].")
 @click.option("--prompt-format", type=str, default=None, help="r1 | chat [prompt.kind].")
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, default=None, help="[train.learning_rate]")
 @click.option("--batch-size", type=int, default=None, help="Prompts per step [train.prompts_per_step].")
@@ -275,9 +275,10 @@ def generate(config_path, run_dir, model, adapter, sets, debug, question, templa
         if max_tokens:
             overrides.append(("rollout.max_tokens", max_tokens))
         cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
-        from .generate import generate as run_generate, load_for_generation
+        from .generate import generate as run_generate
+        from .models import load_for_inference
 
-        loaded = load_for_generation(cfg, adapter)
+        loaded = load_for_inference(cfg.model, adapter)
         if samples == 1:
             run_generate(*loaded, question, cfg, 1, temperature, emit=lambda t: click.echo(t, nl=False))
             click.echo()
@@ -328,6 +329,83 @@ def runs(root, as_json):
         click.echo(f"no runs under {root}")
     else:
         click.echo(format_table(rows))
+
+
+@main.command("reward")
+@click.option("--completions", "completions_path", type=str, default=None,
+              help="JSONL file, one {\"completion\", \"prompt\", \"answer\", ...} per line.")
+@click.option("--rewards", "reward_list", type=str, default=None,
+              help="Comma-separated rewards, each optionally =weight (default: the config's or task's).")
+@click.option("--model", type=str, default=None, help="Sample the completions from this model first [model.path].")
+@click.option("--adapter", type=str, default=None, help="Adapter directory for --model.")
+@click.option("--task", type=str, default=None, help="Task whose training prompts are sampled [data.task].")
+@click.option("--samples", type=int, default=None, help="With --model: how many prompts to sample.")
+@click.option("--group-size", "-G", type=int, default=1, show_default=True, help="With --model: completions per prompt.")
+@click.option("--max-tokens", type=int, default=None, help="With --model: [rollout.max_tokens]")
+@click.option("--config", "config_path", type=str, default=None, help="YAML config (rewards, reward_settings, task...).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--out", "out_path", type=str, default=None, help="Write each row with its rewards and total (JSONL).")
+@click.option("--top", type=int, default=3, show_default=True, help="Worst and best examples to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def reward_cmd(completions_path, reward_list, model, adapter, task, samples, group_size, max_tokens,
+               config_path, sets, out_path, top, as_json, debug):
+    """Score completions with rewards, without training: per-reward statistics, correlations,
+    worst and best examples. From a file (--completions) or sampled (--model --samples N)."""
+    import json
+
+    try:
+        if bool(completions_path) == bool(model):
+            raise ConfigError("reward: give either --completions FILE.jsonl or --model M --samples N")
+        if model and not (samples and samples > 0):
+            raise ConfigError("--samples: with --model, how many prompts to sample (at least 1)")
+        if group_size < 1 or top < 0:
+            bad = ("--group-size", "at least 1", group_size) if group_size < 1 else ("--top", ">= 0", top)
+            raise ConfigError(f"{bad[0]}: must be {bad[1]}, got {bad[2]}")
+        overrides: List[Tuple[str, Any]] = [("output.overwrite", True)]
+        overrides += [(k, v) for k, v in (("model.path", model), ("data.task", task),
+                                          ("rollout.max_tokens", max_tokens)) if v is not None]
+        overrides += [parse_set(x) for x in sets]
+        cfg = make_config(config_path, overrides)
+        from .reward_lab import format_report, parse_reward_list, run
+
+        weights = parse_reward_list(reward_list, cfg.rewards) if reward_list else dict(cfg.rewards)
+        summary = run(cfg, weights, completions_path, samples, adapter, group_size, out_path, top)
+    except Exception as e:
+        if debug or not isinstance(e, user_errors()):
+            raise
+        fail(str(e))
+    click.echo(json.dumps(summary) if as_json else format_report(summary))
+
+
+@main.command()
+@click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path].")
+@click.option("--config", "config_path", type=str, default=None, help="YAML config (sampling, adapter, beta).")
+@click.option("--large", is_flag=True, help="Bench a randomly initialised ~100M-parameter model (built once, cached).")
+@click.option("--quick", is_flag=True, help="Tiny settings, one repetition: checks that everything runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--out", "out_path", type=str, default=None, help="Also write the JSON result to this file.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def bench(model, config_path, large, quick, as_json, out_path, debug):
+    """Rollout throughput vs mlx_lm.batch_generate, GRPO step split, peak memory, fast vs bundled BLAS."""
+    import json
+
+    from .bench import run_bench, table
+
+    say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
+    try:
+        result = run_bench(config_path, model, large=large, quick=quick, say=say)
+    except Exception as e:
+        if debug or not isinstance(e, user_errors()):
+            raise
+        fail(str(e))
+    if out_path:
+        from pathlib import Path
+
+        from .models import atomic_write
+
+        atomic_write(Path(out_path), lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    click.echo(json.dumps(result) if as_json else table(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,14 +49,27 @@ class AdapterConfig:
 
 
 @dataclass
+class CountdownConfig:
+    numbers: int = 3  # given numbers per puzzle
+    max_number: int = 20  # each given number is in 1..max_number
+    max_target: int = 99  # targets are integers in 1..max_target
+    size: int = 2000  # distinct puzzles generated (train + held-out)
+
+
+@dataclass
 class DataConfig:
-    task: str = "arithmetic"  # arithmetic | jsonl
-    path: Optional[str] = None  # JSONL file for task=jsonl
-    eval_path: Optional[str] = None  # held-out JSONL; None: the last eval_size rows of path
+    task: str = "arithmetic"  # arithmetic | countdown | gsm8k | dataset | jsonl (= dataset)
+    path: Optional[str] = None  # dataset: a JSONL/Parquet file, a folder of them or a Hub dataset id
+    eval_path: Optional[str] = None  # held-out file; None: eval_split, else the last eval_size rows
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     answer_delimiter: Optional[str] = None  # keep only the text after it, e.g. "####" for GSM8K
+    subset: Optional[str] = None  # Hub dataset config (folder), e.g. "main" for openai/gsm8k
+    split: str = "train"  # Hub/folder split used for training
+    eval_split: Optional[str] = None  # Hub/folder split held out, e.g. "test"
+    revision: Optional[str] = None  # Hub dataset revision
     max_operand: int = 29  # arithmetic: a, b in 0..max_operand
+    countdown: CountdownConfig = field(default_factory=CountdownConfig)
     eval_size: int = 400
     split_seed: int = 0
 
@@ -77,6 +90,40 @@ class RolloutConfig:
     top_k: int = 0
     min_p: float = 0.0
     stop: List[str] = field(default_factory=lambda: ["</answer>"])
+
+
+@dataclass
+class AccuracySettings:
+    extract: str = "tag"  # tag (<answer>) | boxed (last \boxed{}) | last_number | any (first found)
+    math_verify: bool = True  # also ask math-verify (LaTeX parser only) when it is installed
+
+
+@dataclass
+class OverlongSettings:
+    max_length: Optional[int] = None  # DAPO's L_max; None: rollout.max_tokens
+    cache: Optional[int] = None  # DAPO's L_cache (soft zone); None: max_length // 5
+    unit: str = "tokens"  # tokens (needs completion_ids, as in training) | words | chars
+
+
+@dataclass
+class LengthSettings:
+    max_length: Optional[int] = None  # penalty -1 at this length; None: rollout.max_tokens
+    unit: str = "tokens"  # tokens | words | chars
+
+
+@dataclass
+class RepetitionSettings:
+    ngram_size: int = 3  # words per n-gram
+
+
+@dataclass
+class RewardSettings:
+    """Settings of the built-in rewards that have any; each section is named after its reward."""
+
+    accuracy: AccuracySettings = field(default_factory=AccuracySettings)
+    overlong: OverlongSettings = field(default_factory=OverlongSettings)
+    length: LengthSettings = field(default_factory=LengthSettings)
+    repetition: RepetitionSettings = field(default_factory=RepetitionSettings)
 
 
 @dataclass
@@ -134,7 +181,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Left out of a config: the task's reward set (make_config); this default is arithmetic's.
     rewards: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    reward_settings: RewardSettings = field(default_factory=RewardSettings)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -245,6 +294,14 @@ def validate(cfg: Config) -> Config:
         ("adapter.num_layers", cfg.adapter.num_layers == -1 or cfg.adapter.num_layers >= 1, "must be -1 (all) or at least 1"),
         ("data.max_operand", 1 <= cfg.data.max_operand <= 49, "must be in 1..49 (sums stay below 100)"),
         ("data.eval_size", cfg.data.eval_size >= 1, "must be at least 1"),
+        ("data.countdown.numbers", 2 <= cfg.data.countdown.numbers <= 6, "must be in 2..6"),
+        ("data.countdown.max_number", cfg.data.countdown.max_number >= 1, "must be at least 1"),
+        ("data.countdown.max_target", cfg.data.countdown.max_target >= 1, "must be at least 1"),
+        ("data.countdown.size", cfg.data.countdown.size >= 2, "must be at least 2"),
+        ("reward_settings.overlong.max_length", _positive(cfg.reward_settings.overlong.max_length), "must be at least 1"),
+        ("reward_settings.overlong.cache", _positive(cfg.reward_settings.overlong.cache), "must be at least 1"),
+        ("reward_settings.length.max_length", _positive(cfg.reward_settings.length.max_length), "must be at least 1"),
+        ("reward_settings.repetition.ngram_size", cfg.reward_settings.repetition.ngram_size >= 1, "must be at least 1"),
         ("output.save_every", cfg.output.save_every >= 0, "must be >= 0"),
         ("output.keep_checkpoints", cfg.output.keep_checkpoints >= 1, "must be at least 1"),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),
@@ -255,7 +312,13 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(f"{key}: {why}, got {_get(cfg, key)!r}")
     _choice("adapter.type", cfg.adapter.type, ("lora", "dora", "full"))
-    _choice("data.task", cfg.data.task, ("arithmetic", "jsonl"))
+    from .tasks import TASKS  # here, not at the top: tasks import this module
+
+    _choice("data.task", cfg.data.task, tuple(TASKS))
+    _choice("reward_settings.accuracy.extract", cfg.reward_settings.accuracy.extract,
+            ("tag", "boxed", "last_number", "any"))
+    _choice("reward_settings.overlong.unit", cfg.reward_settings.overlong.unit, ("tokens", "words", "chars"))
+    _choice("reward_settings.length.unit", cfg.reward_settings.length.unit, ("tokens", "words", "chars"))
     _choice("prompt.kind", cfg.prompt.kind, ("r1", "chat"))
     _choice("grpo.loss_type", cfg.grpo.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo"))
     _choice("grpo.importance_sampling", cfg.grpo.importance_sampling, ("token", "sequence"))
@@ -263,8 +326,8 @@ def validate(cfg: Config) -> Config:
     _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "cosine", "linear"))
     for name in cfg.output.log_to:
         _choice("output.log_to", name, ("tensorboard", "wandb"))
-    if cfg.data.task == "jsonl" and not cfg.data.path:
-        raise ConfigError("data.path: required when data.task is jsonl")
+    if cfg.data.task in ("jsonl", "dataset") and not cfg.data.path:
+        raise ConfigError(f"data.path: required when data.task is {cfg.data.task}")
     if cfg.train.prompts_per_step % cfg.train.grad_accumulation_steps:
         raise ConfigError(
             f"train.grad_accumulation_steps: must divide train.prompts_per_step "
@@ -273,6 +336,10 @@ def validate(cfg: Config) -> Config:
     if not cfg.rewards:
         raise ConfigError("rewards: at least one reward is needed")
     return cfg
+
+
+def _positive(value: Optional[int]) -> bool:
+    return value is None or value >= 1
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -342,15 +409,27 @@ def make_config(
             _build(Config, tree, "")
         except ConfigError as e:
             raise ConfigError(f"{source}{e}") from None
+    weights: List[Tuple[str, Any]] = []
     for key, value in overrides or []:
         if key.startswith("rewards."):
-            # One reward's weight: added to (or changing) the rewards already configured.
-            # A weight of 0 keeps a reward logged but out of the total.
-            tree.setdefault("rewards", dict(Config().rewards))
-            tree["rewards"][key[len("rewards."):]] = value
+            weights.append((key[len("rewards."):], value))
             continue
         _check_dotted_key(key)
         _set_dotted(tree, key, value)
+    if "rewards" not in tree:
+        # Not configured: the task's own reward set (known tasks; validate() names an unknown one).
+        from .tasks import TASKS
+
+        data = tree.get("data") or {}
+        task = data.get("task", DataConfig.task) if isinstance(data, dict) else None
+        if task in TASKS:
+            tree["rewards"] = dict(TASKS[task].rewards)
+    for name, value in weights:
+        # One reward's weight: added to (or changing) the rewards already configured.
+        # A weight of 0 keeps a reward logged but out of the total.
+        if not isinstance(tree.setdefault("rewards", {}), dict):
+            raise ConfigError(f"rewards: expected a mapping of name: weight, got {tree['rewards']!r}")
+        tree["rewards"][name] = value
     return validate(_build(Config, tree, ""))
 
 

@@ -9,6 +9,7 @@ over K sampled completions per prompt, judged strictly.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from math import comb
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -16,8 +17,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import Config, RolloutConfig
-from .rewards import load_rewards, score
+from .rewards import load_rewards, score, settings_for
 from .rewards.answers import answers_match, extract_answer, last_number
+from .rewards.countdown import countdown_correct
 from .rewards.format import is_strict_format
 from .rollout import sample_groups
 from .tasks import columns
@@ -34,9 +36,16 @@ HEADLINE = [
 ]
 
 
-def judge(response: str, reference: Any) -> Dict[str, bool]:
-    """Format, strict and lenient correctness of one full response (prefix + completion)."""
+def judge(response: str, reference: Any, row: Optional[Mapping[str, Any]] = None) -> Dict[str, bool]:
+    """Format, strict and lenient correctness of one full response (prefix + completion).
+
+    A countdown row (with ``numbers`` and ``target``) is correct when its <answer> is a valid
+    equation; lenient then means "correct whatever the layout around it".
+    """
     fmt = is_strict_format(response)
+    if row is not None and row.get("numbers") is not None and row.get("target") is not None:
+        ok = countdown_correct(extract_answer(response), row["numbers"], row["target"])
+        return {"format": fmt, "strict": fmt and ok, "lenient": ok}
     return {
         "format": fmt,
         "strict": fmt and answers_match(extract_answer(response), reference),
@@ -57,20 +66,37 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def _decode(model, tokenizer, rows, fmt, rollout, group_size, temperature, batch_size):
-    """Completions for every row (``group_size`` each, row-major), with lengths and cut flags."""
-    texts: List[str] = []
-    lengths: List[int] = []
-    truncated: List[bool] = []
+@dataclass
+class Responses:
+    """Sampled responses for rows, ``group_size`` per row, row-major: texts (response prefix +
+    completion, as rewards see them), the rendered prompts, completion token ids and cut flags."""
+
+    texts: List[str]
+    prompts: List[str]
+    ids: List[List[int]]
+    truncated: List[bool]
+
+    @property
+    def lengths(self) -> List[int]:
+        return [len(i) for i in self.ids]
+
+
+def sample_responses(
+    model: nn.Module, tokenizer: Any, rows: Sequence[Dict[str, Any]], fmt: PromptFormat,
+    rollout: RolloutConfig, group_size: int = 1, temperature: Optional[float] = None,
+    batch_size: int = 128,
+) -> Responses:
+    """Decode every row through the rollout engine, ``batch_size`` completions at a time."""
+    out = Responses([], [], [], [])
     per_batch = max(1, batch_size // group_size)
     for start in range(0, len(rows), per_batch):
-        chunk = rows[start : start + per_batch]
-        prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in chunk]
+        prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows[start : start + per_batch]]
         ro = sample_groups(model, tokenizer, prompts, rollout, group_size=group_size, temperature=temperature)
-        texts += [fmt.response_prefix + t for t in ro.texts]
-        lengths += ro.lengths.tolist()
-        truncated += list(ro.truncated)
-    return texts, lengths, truncated
+        out.texts += [fmt.response_prefix + t for t in ro.texts]
+        out.prompts += [p for p in prompts for _ in range(group_size)]
+        out.ids += ro.completion_ids()
+        out.truncated += list(ro.truncated)
+    return out
 
 
 def evaluate(
@@ -96,26 +122,26 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        texts, lengths, truncated = _decode(model, tokenizer, rows, fmt, cfg, 1, 0.0, batch_size)
-        verdicts = [judge(t, r.get("answer")) for t, r in zip(texts, rows)]
+        greedy = sample_responses(model, tokenizer, rows, fmt, cfg, 1, 0.0, batch_size)
+        verdicts = [judge(t, r.get("answer"), r) for t, r in zip(greedy.texts, rows)]
         out: Dict[str, Any] = {
             "n": len(verdicts),
             "accuracy": _mean([v["strict"] for v in verdicts]),
             "lenient_accuracy": _mean([v["lenient"] for v in verdicts]),
             "format_rate": _mean([v["format"] for v in verdicts]),
-            "mean_length": _mean(lengths),
-            "truncated_rate": _mean(truncated),
+            "mean_length": _mean(greedy.lengths),
+            "truncated_rate": _mean(greedy.truncated),
         }
         if rewards and rows:
-            fns = reward_fns if reward_fns is not None else load_rewards(list(rewards))
-            prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows]
-            rw = score(prompts, texts, columns(list(rows)), fns, rewards)
+            fns = reward_fns if reward_fns is not None else load_rewards(list(rewards))  # defaults
+            cols = {**columns(list(rows)), "completion_ids": greedy.ids}
+            rw = score(greedy.prompts, greedy.texts, cols, fns, rewards)
             out["reward_mean"] = float(rw.total.mean())
             out.update({f"rewards/{k}": v for k, v in rw.means().items()})
         if samples and rows:
             temp = rollout.temperature if temperature is None else temperature
-            s_texts, _, _ = _decode(model, tokenizer, rows, fmt, cfg, samples, temp, batch_size)
-            correct = np.array([judge(t, rows[i // samples].get("answer"))["strict"]
+            s_texts = sample_responses(model, tokenizer, rows, fmt, cfg, samples, temp, batch_size).texts
+            correct = np.array([judge(t, rows[i // samples].get("answer"), rows[i // samples])["strict"]
                                 for i, t in enumerate(s_texts)]).reshape(len(rows), samples)
             c = correct.sum(axis=1)
             out["k"] = samples
@@ -157,15 +183,13 @@ def evaluate_config(
 
     Returns {"adapter" or "model": results} and, with ``compare_base``, "base" too.
     """
-    from .models import adapters_disabled, load_adapters, load_model
+    from .models import adapters_disabled, load_for_inference
     from .tasks import load_task
 
-    reward_fns = load_rewards(list(cfg.rewards))  # a bad reward fails before the model loads
+    reward_fns = load_rewards(list(cfg.rewards), settings_for(cfg))  # fails before the model loads
     rows = load_task(cfg.data).held_out
     rows = rows[:limit] if limit else rows
-    model, tokenizer = load_model(cfg.model)
-    if adapter_dir:
-        load_adapters(model, adapter_dir)
+    model, tokenizer = load_for_inference(cfg.model, adapter_dir)
     run = lambda: evaluate_held_out(model, tokenizer, rows, cfg, samples, temperature, reward_fns)  # noqa: E731
     out = {"adapter" if adapter_dir else "model": run()}
     if compare_base and adapter_dir:

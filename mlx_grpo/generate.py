@@ -9,17 +9,6 @@ from .rollout import encode_prompt, make_sampler, sample_groups
 from .tasks.templates import prompt_format, render_prompt
 
 
-def load_for_generation(cfg: Config, adapter_dir: Optional[str]):
-    """The configured model with ``adapter_dir`` attached (when given), in eval mode."""
-    from .models import load_adapters, load_model
-
-    model, tokenizer = load_model(cfg.model)
-    if adapter_dir:
-        load_adapters(model, adapter_dir)
-    model.eval()
-    return model, tokenizer
-
-
 def stream_completion(
     model: Any, tokenizer: Any, prompt_text: str, cfg: Config, temperature: float,
     emit: Callable[[str], None],

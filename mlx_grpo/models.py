@@ -314,3 +314,12 @@ def load_adapters(model: nn.Module, adapter_dir: str) -> nn.Module:
     from mlx_lm.tuner.utils import load_adapters as _load
 
     return _load(model, adapter_dir)
+
+
+def load_for_inference(cfg: ModelConfig, adapter_dir: Optional[str] = None) -> Tuple[nn.Module, Any]:
+    """The configured model with the adapters in ``adapter_dir`` attached (when given), in eval mode."""
+    model, tokenizer = load_model(cfg)
+    if adapter_dir:
+        load_adapters(model, adapter_dir)
+    model.eval()
+    return model, tokenizer

@@ -3,7 +3,8 @@
 Every prompt is prefilled once; its KV cache is then repeated for its G rows, so a group shares the
 prompt's work. All P x G rows decode in one batch with a KV cache; rows that finished (EOS or a stop
 string) are dropped from the batch so they stop costing compute. The sampled token ids and their
-log-probabilities come out directly: nothing is re-tokenized from decoded text.
+log-probabilities come out directly: nothing is re-tokenized from decoded text. The per-token
+step is compiled (``decode.py``); the bookkeeping per token is a few NumPy operations on the batch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import RolloutConfig
+from .decode import COMPACT_FRACTION, CompiledDecoder, EagerDecoder, normalized_logprobs
 from .models import batch_cache
 
 
@@ -42,6 +44,10 @@ class Rollouts:
     @property
     def lengths(self) -> np.ndarray:
         return np.array(self.mask.sum(axis=1).tolist(), dtype=np.int64)
+
+    def completion_ids(self) -> List[List[int]]:
+        """Each row's completion token ids, unpadded (TRL's ``completion_ids`` reward column)."""
+        return [t[:n] for t, n in zip(self.tokens.tolist(), self.lengths.tolist())]
 
     @property
     def row_prompt(self) -> np.ndarray:
@@ -153,12 +159,15 @@ def sample_groups(
     cfg: RolloutConfig,
     group_size: Optional[int] = None,
     temperature: Optional[float] = None,
+    compiled: bool = True,
     keys: Optional[mx.array] = None,
 ) -> Rollouts:
     """Sample ``group_size`` (default cfg.group_size) completions for each prompt text.
 
-    ``keys`` ([P*G, 2], see ``row_keys``) gives each row its own random stream; without them the
-    rows draw from MLX's global PRNG, so a row's sample depends on the rest of the batch.
+    ``compiled=False`` decodes with mlx-lm's own batch cache, uncompiled (same tokens; the
+    benchmark measures what compiling buys). ``keys`` ([P*G, 2], see ``row_keys``) gives each
+    row its own random stream; without them the rows draw from MLX's global PRNG, so a row's
+    sample depends on the rest of the batch.
     """
     G = cfg.group_size if group_size is None else group_size
     temp = cfg.temperature if temperature is None else temperature
@@ -173,64 +182,65 @@ def sample_groups(
     # Prefill each prompt once, then share its cache with the G rows of its group.
     cache = batch_cache(model, left_padding)
     logits = model(prompt_tokens, cache=cache)[:, -1, :]
+    n_rows = len(prompts) * G
     if can_repeat(cache):
         cache = repeat_cache(cache, G)
         logits = mx.repeat(logits, G, axis=0)
+        decoder = CompiledDecoder(model, cache, cfg.max_tokens, inv_t) if compiled else None
     else:  # e.g. sliding-window caches: prefill every row instead
         cache = batch_cache(model, [p for p in left_padding for _ in range(G)])
         logits = model(mx.repeat(prompt_tokens, G, axis=0), cache=cache)[:, -1, :]
+        decoder = None
+    decoder = decoder or EagerDecoder(model, cache, inv_t)
+    # Eager steps drop finished rows at once; a compiled step traces again for each batch size.
+    min_dead = max(1, int(COMPACT_FRACTION * n_rows)) if isinstance(decoder, CompiledDecoder) else 1
 
-    n_rows = len(prompts) * G
-    active = np.arange(n_rows)  # row ids of the batch's current rows
-    out_tokens: List[List[int]] = [[] for _ in range(n_rows)]
-    out_logps: List[List[float]] = [[] for _ in range(n_rows)]
-    ended = np.zeros(n_rows, dtype=bool)
-    truncated = [True] * n_rows
+    # Per-row bookkeeping in NumPy arrays, indexed by the batch's row ids: no per-row Python per
+    # token (except decoding text for multi-token stop strings).
+    stop_arr = np.array(sorted(stop_ids), dtype=np.int64)
+    tokens = np.full((n_rows, cfg.max_tokens), pad_id, dtype=np.int32)
+    logps = np.zeros((n_rows, cfg.max_tokens), dtype=np.float32)
+    lengths = np.zeros(n_rows, dtype=np.int64)
+    truncated = np.ones(n_rows, dtype=bool)
+    active = np.arange(n_rows)  # row id of each batch slot
+    live = np.ones(n_rows, dtype=bool)  # per batch slot: still generating
 
+    logprobs = normalized_logprobs(logits, inv_t)
     for step in range(cfg.max_tokens):
-        logprobs = logits.astype(mx.float32) * inv_t
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
         y = sampler(logprobs)
         lp = mx.take_along_axis(logprobs, y[:, None], axis=-1)[:, 0]
-        ys, lps = y.tolist(), lp.tolist()
-        keep = []
-        for j, row in enumerate(active):
-            tok = ys[j]
-            out_tokens[row].append(tok)
-            out_logps[row].append(lps[j])
-            done = tok in stop_ids
-            if not done and text_stops:
-                tail = tokenizer.decode(out_tokens[row][-16:])
-                done = any(s in tail for s in text_stops)
-            if done:
-                ended[row] = True
-                truncated[row] = False
-            else:
-                keep.append(j)
-        if not keep or step == cfg.max_tokens - 1:
+        ys, lps = np.array(y, dtype=np.int64), np.array(lp)
+        rows = active[live]
+        tokens[rows, step] = ys[live]
+        logps[rows, step] = lps[live]
+        lengths[rows] = step + 1
+        done = np.zeros(len(active), dtype=bool)
+        done[live] = np.isin(ys[live], stop_arr)
+        if text_stops:
+            for j in np.flatnonzero(live & ~done):
+                r = active[j]
+                tail = tokenizer.decode(tokens[r, max(0, step - 15) : step + 1].tolist())
+                done[j] = any(st in tail for st in text_stops)
+        truncated[active[done]] = False
+        live &= ~done
+        if not live.any() or step == cfg.max_tokens - 1:
             break
-        if len(keep) < len(active):
-            idx = mx.array(keep)
-            for c in cache:
-                c.filter(idx)
-            y = y[idx]
-            active = active[keep]
+        if len(live) - live.sum() >= min(min_dead, len(live)):
+            idx = np.flatnonzero(live)
+            decoder.keep(mx.array(idx.astype(np.int32)))
+            y, active, live = y[mx.array(idx.astype(np.int32))], active[idx], live[idx]
             if keys is not None:
-                sampler.keep(idx)
-        logits = model(y[:, None], cache=cache)[:, -1, :]
+                sampler.keep(mx.array(idx.astype(np.int32)))
+        logprobs = decoder.step(y)
 
-    width = max(len(t) for t in out_tokens)
-    tokens = np.full((n_rows, width), pad_id, dtype=np.int32)
-    mask = np.zeros((n_rows, width), dtype=np.float32)
-    logps = np.zeros((n_rows, width), dtype=np.float32)
+    width = max(1, int(lengths.max()))
+    tokens, logps = tokens[:, :width], logps[:, :width]
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.float32)
     texts = []
     for r in range(n_rows):
-        n = len(out_tokens[r])
-        tokens[r, :n] = out_tokens[r]
-        mask[r, :n] = 1.0
-        logps[r, :n] = out_logps[r]
-        shown = out_tokens[r][:-1] if out_tokens[r] and out_tokens[r][-1] in eos_ids else out_tokens[r]
-        texts.append(tokenizer.decode(shown))
+        n = int(lengths[r])
+        shown = tokens[r, : n - 1] if n and int(tokens[r, n - 1]) in eos_ids else tokens[r, :n]
+        texts.append(tokenizer.decode(shown.tolist()))
     return Rollouts(
         prompt_tokens=prompt_tokens,
         left_padding=left_padding,
@@ -238,6 +248,6 @@ def sample_groups(
         mask=mx.array(mask),
         sample_logprobs=mx.array(logps),
         texts=texts,
-        truncated=truncated,
+        truncated=truncated.tolist(),
         group_size=G,
     )

@@ -54,7 +54,7 @@ from .models import (
 )
 from .interrupts import Interrupted, stop_on_signals
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
-from .rewards import Rewards, load_rewards, score
+from .rewards import Rewards, load_rewards, score, settings_for
 from .rollout import Rollouts, row_keys, sample_groups
 from .scoring import completion_logprobs
 from .tasks import columns, load_task
@@ -276,7 +276,8 @@ def grpo_step(
     # 2. Rewards on the whole response (the template's response prefix + the completion).
     responses = [fmt.response_prefix + t for t in ro.texts]
     row_of = [r for r in mine for _ in range(G)]
-    rw = score([p for p in prompts for _ in range(G)], responses, columns(row_of), reward_fns, cfg.rewards)
+    cols = {**columns(row_of), "completion_ids": ro.completion_ids()}
+    rw = score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
     t2 = time.perf_counter()
 
     # 3. Group-relative advantages, over every process's rows (each one's own come back sliced).
@@ -385,7 +386,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     main = distributed.is_main()
     if not main:
         say = lambda _: None  # noqa: E731 - rank 0 speaks for the run
-    reward_fns = load_rewards(list(cfg.rewards))  # fail on a bad reward before loading a model
+    reward_fns = load_rewards(list(cfg.rewards), settings_for(cfg))  # fail before loading a model
     data = load_task(cfg.data)
     ckpt = latest_checkpoint(out) if resume and main else None
     if resume and main and ckpt is None:

@@ -185,10 +185,11 @@ def test_generate_streams_one_sample_and_batches_several(small_model_dir):
     assert text[0].startswith("mlx-grpo") is False and " <think>" in one.stdout
     # Greedy streaming gives what the batched rollout engine gives for the same prompt.
     from mlx_grpo.config import make_config
-    from mlx_grpo.generate import generate, load_for_generation
+    from mlx_grpo.generate import generate
+    from mlx_grpo.models import load_for_inference
 
     cfg = make_config(None, [("model.path", str(small_model_dir)), ("rollout.max_tokens", 8)])
-    loaded = load_for_generation(cfg, None)
+    loaded = load_for_inference(cfg.model)
     (batched,) = generate(*loaded, "What is 3 + 4 ?", cfg, 1, 0.0)
     assert one.stdout.strip() == batched.strip()
     many = run_cli("generate", "--model", str(small_model_dir), "--prompt", "What is 3 + 4 ?",

@@ -84,7 +84,7 @@ def test_user_reward_from_module(tmp_path, monkeypatch):
 @pytest.mark.parametrize("body,msg", [
     ("def r(p, c, **k):\n    raise RuntimeError('boom')\n", "raised RuntimeError: boom"),
     ("def r(p, c, **k):\n    return [1.0]\n", "returned 1 values for 2 completions"),
-    ("def r(p, c, **k):\n    return [float('nan'), 1.0]\n", "returned nan for completion 0"),
+    ("def r(p, c, **k):\n    return [float('nan'), 1.0]\n", "returned nan for sample 0"),
     ("def r(p, c, **k):\n    return ['x', 1.0]\n", "not a number"),
 ])
 def test_broken_rewards_stop_with_their_name(tmp_path, body, msg):
@@ -114,3 +114,292 @@ def test_reward_file_without_function_or_with_import_error(tmp_path):
     g.write_text("import does_not_exist_anywhere\n")
     with pytest.raises(RewardError, match="cannot import"):
         load_reward(f"{g}:fn")
+
+
+# ---------------------------------------------------------------- accuracy: answers by value
+
+from mlx_grpo.config import AccuracySettings, ConfigError, LengthSettings, OverlongSettings, RewardSettings, make_config
+from mlx_grpo.rewards import BUILTIN, RANGES, resolve_settings, settings_for
+from mlx_grpo.rewards.accuracy import make_accuracy_reward
+from mlx_grpo.rewards.answers import (clean_answer, extract_boxed, math_verify_checker, parse_number,
+                                      pick_answer)
+from mlx_grpo.rewards.countdown import countdown_correct, countdown_reward, evaluate_expression
+from mlx_grpo.rewards.format import tag_count
+from mlx_grpo.rewards.shaping import overlong_penalty, repetition_penalty
+
+EQUAL = [  # (predicted, reference): the same value in another dress
+    ("19", "19"), ("19.", "19"), (" 19 ", "19"), ("19!", "19"), ("19;", "19"), ("+19", "19"),
+    ("-7", "-7"), ("\u22127", "-7"), ("-7.0", "-7"), ("007", "7"), ("5.00", "5"), (".5", "0.5"),
+    ("1,000", "1000"), ("1,234,567", "1234567"), ("1,234.50", "1234.5"), ("1\\,000", "1000"),
+    ("1{,}000", "1000"), ("1e3", "1000"), ("3/4", "0.75"), ("3 / 4", "0.75"), ("-3/4", "-0.75"),
+    ("6/8", "3/4"), ("1 1/2", "1.5"), ("-1 1/2", "-1.5"), ("50%", "0.5"), ("50 %", "0.5"),
+    ("50%", "50"), ("50\\%", "0.5"), ("12.5 percent", "0.125"), ("$5", "5"), ("$5.00", "5"),
+    ("\\$1,234", "1234"), ("€20", "20"), ("USD 5", "5"), ("5 dollars", "5"), ("5 cm", "5"),
+    ("60 km/h", "60"), ("90^\\circ", "90"), ("90°", "90"), ("x = 5", "5"), ("The answer is 42", "42"),
+    ("\\frac{3}{4}", "0.75"), ("\\dfrac{3}{4}", "3/4"), ("\\tfrac34", "0.75"), ("-\\frac{3}{4}", "-0.75"),
+    ("\\frac{-3}{4}", "-0.75"), ("\\boxed{42}", "42"), ("\\boxed{\\frac{1}{2}}", "0.5"),
+    ("$42$", "42"), ("$$42$$", "42"), ("\\(42\\)", "42"), ("\\[42\\]", "42"), ("$\\boxed{1,000}$", "1000"),
+    ("\\text{42 apples}", "42"), ("**42**", "42"), ("(42)", "42"), ("{42}", "42"), ("42", "$42"),
+    ("0.75", "\\frac{3}{4}"), ("Paris", "paris"), ("\\text{Paris}", "Paris"), ("New  York.", "new york"),
+]
+NOT_EQUAL = [
+    ("18", "19"), ("-19", "19"), ("1.9", "19"), ("0.33", "1/3"), ("1,00", "100"), ("3 or 4", "3"),
+    ("3 + 4", "7"), ("5 / x", "5"), ("2024-01-01", "2024"), ("", "19"), ("   ", ""), ("$", "5"),
+    ("1/0", "1"), ("\\boxed{4", "4"), ("Pairs", "Paris"), ("19 20", "19"), ("19e", "19e2"),
+]
+
+
+@pytest.mark.parametrize("predicted,reference", EQUAL)
+def test_equal_answers_in_every_format(predicted, reference):
+    assert answers_match(predicted, reference), (predicted, reference)
+    assert answers_match(predicted, reference, math_verify=False)
+
+
+@pytest.mark.parametrize("predicted,reference", NOT_EQUAL)
+def test_unequal_answers(predicted, reference):
+    assert not answers_match(predicted, reference), (predicted, reference)
+
+
+def test_numbers_parse_exactly_and_never_build_huge_values():
+    assert parse_number("3/4").value == parse_number("0.75").value
+    assert parse_number("1e999") is not None  # the exponent is capped at 3 digits
+    assert parse_number("1e99999") is None  # "1e999" then "99": two numbers
+    assert parse_number("9" * 5000) is None  # over Python's int-from-text limit: not a number
+    assert parse_number("5 - 3") is None and parse_number("2^10") is None
+    assert clean_answer(" \\boxed{ 7 } . ") == "7"
+
+
+def test_answer_extraction_modes():
+    text = "work 3 <answer> 4 </answer> then \\boxed{5} and 6 end"
+    assert pick_answer(text, "tag") == "4"
+    assert pick_answer(text, "boxed") == "5"
+    assert pick_answer(text, "last_number") == "6"
+    assert pick_answer("no tag \\boxed{5} 6", "any") == "5"
+    assert pick_answer("no tag, no box, 6", "any") == "6"
+    assert pick_answer("nothing", "any") is None
+    assert extract_boxed("\\boxed{\\frac{1}{\\sqrt{2}}}") == "\\frac{1}{\\sqrt{2}}"
+    assert extract_boxed("\\boxed 5 more") == "5"
+    assert extract_boxed("\\boxed{unclosed") is None
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("<answer>1</answer> x <answer> 2 </answer>", "2"),  # repeated: the last one
+    ("<answer><answer>5</answer></answer>", "5"),  # nested: the innermost
+    ("<answer>5 <answer>6</answer>", "6"),
+    ("<answer> 7", None),  # truncated
+    ("", None),
+    ("</answer>5<answer>", None),
+])
+def test_answer_tag_edge_cases(completion, expected):
+    assert extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize("completion,answer,strict,lenient", [
+    ("<think>x</think><answer>19</answer>", "19", 1.0, 1.0),
+    ("<think>x</think><answer>\\boxed{19}</answer>", "19", 1.0, 1.0),
+    ("<think>x</think><answer>18</answer> 19", "19", 0.0, 1.0),
+    ("<think>19</think><answer></answer>", "19", 0.0, 1.0),
+    ("", "19", 0.0, 0.0),
+    ("19", None, None, None),
+])
+def test_accuracy_rewards_table(completion, answer, strict, lenient):
+    assert BUILTIN["accuracy"]([""], [completion], answer=[answer]) == [strict]
+    assert BUILTIN["lenient_accuracy"]([""], [completion], answer=[answer]) == [lenient]
+
+
+def test_accuracy_settings_choose_where_the_answer_is_read():
+    text = "so the result is \\boxed{12}, not 13"
+    acc = lambda mode: make_accuracy_reward(AccuracySettings(extract=mode))  # noqa: E731
+    assert acc("tag")([""], [text], answer=["12"]) == [0.0]
+    assert acc("boxed")([""], [text], answer=["12"]) == [1.0]
+    assert acc("last_number")([""], [text], answer=["12"]) == [0.0]
+    assert acc("any")([""], [text], answer=["12"]) == [1.0]
+    cfg = make_config(None, [("reward_settings.accuracy.extract", "boxed")])
+    assert load_reward("accuracy", settings_for(cfg))([""], [text], answer=["12"]) == [1.0]
+
+
+SYMBOLIC = ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
+
+
+def test_symbolic_equivalence_with_math_verify():
+    pytest.importorskip("math_verify")
+    assert math_verify_checker() is not None
+    assert answers_match(*SYMBOLIC)
+    assert answers_match("2\\pi", "\\pi \\cdot 2")
+    assert not answers_match("\\sqrt{3}", "\\sqrt{2}")
+    assert not answers_match(*SYMBOLIC, math_verify=False)  # the built-in normaliser alone can't
+
+
+def test_without_math_verify_the_builtin_decides(monkeypatch):
+    import sys
+
+    math_verify_checker.cache_clear()
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # as if not installed
+    try:
+        assert math_verify_checker() is None
+        assert not answers_match(*SYMBOLIC)
+        assert answers_match("\\frac{3}{4}", "0.75")
+    finally:
+        math_verify_checker.cache_clear()
+
+
+# ---------------------------------------------------------------- format
+
+
+@pytest.mark.parametrize("text,strict,soft,tags", [
+    ("<think>a</think><answer>1</answer>", 1, 1, 1.0),
+    ("<think>\na\n</think>\n<answer>\n1\n</answer>\n", 1, 1, 1.0),
+    ("<think></think><answer>1</answer>", 1, 1, 1.0),  # empty think allowed
+    ("<think>a</think><answer>  </answer>", 0, 1, 1.0),  # empty answer is no answer
+    ("<think>a</think><answer>1</answer> trailing", 0, 1, 1.0),
+    ("lead <think>a</think><answer>1</answer>", 0, 1, 1.0),
+    ("<think>a</think><think>b</think><answer>1</answer>", 0, 1, 0.5),  # repeated think
+    ("<think>a</think><answer>1</answer><answer>2</answer>", 0, 1, 0.5),  # repeated answer
+    ("<think>a <think>b</think> c</think><answer>1</answer>", 0, 1, 0.5),  # nested think
+    ("<think>a</think><answer><answer>1</answer></answer>", 0, 1, 0.5),  # nested answer
+    ("<think>a <answer>1</answer></think>", 0, 0, 0.75),  # answer inside think
+    ("<answer>1</answer><think>a</think>", 0, 0, 0.5),  # wrong order
+    ("<think><answer></think></answer>", 0, 0, 0.75),  # interleaved
+    ("<think>a</think> 1", 0, 0, 0.5),
+    ("<think>a", 0, 0, 0.25),
+    ("<THINK>a</THINK><ANSWER>1</ANSWER>", 0, 0, 0.0),
+    ("", 0, 0, 0.0),
+])
+def test_format_rewards_table(text, strict, soft, tags):
+    assert format_reward([""], [text]) == [float(strict)]
+    assert soft_format_reward([""], [text]) == [float(soft)]
+    assert tag_count_reward([""], [text]) == [tags]
+
+
+# ---------------------------------------------------------------- countdown
+
+
+@pytest.mark.parametrize("answer,ok", [
+    ("(1 + 2) * 3", True), ("3 * (2 + 1)", True), ("(1+2)*3", True), ("(1 + 2) * 3 = 9", True),
+    ("(1 + 2) × 3", True), ("3 \\times (1 + 2)", True), ("-(1 - 2 - 3) + 5 * 0 + 3", False),
+    ("(1 + 2) * 3 = 10", False), ("1 + 2 + 3", False), ("(1 + 2) * 3 * 1", False), ("3 * 3", False),
+    ("9", False), ("", False), ("__import__('os')", False), ("(1 + 2) ** 3", False), ("1.0 * 9", False),
+    ("3 / (1 - 1) + 2", False), ("(1 + 2) * 3 = 9 = 9", False), ("(" * 300 + "1", False),
+])
+def test_countdown_table(answer, ok):
+    assert countdown_correct(answer, [1, 2, 3], 9) is ok
+
+
+def test_countdown_exact_fractions_and_columns():
+    assert countdown_correct("(6 / 4) * 2", [6, 4, 2], 3)  # 1.5 * 2, exactly
+    assert countdown_correct("8 / (3 - 8 / 3)", [8, 3, 8, 3], 24)
+    assert evaluate_expression("2 ** 100") is None and evaluate_expression("a + 1") is None
+    good = "<think>x</think><answer>(1 + 2) * 3</answer>"
+    assert countdown_reward([""] * 3, [good, good, "no"], numbers=[[1, 2, 3], [1, 2, 4], [1, 2, 3]],
+                            target=[9, 9, 9]) == [1.0, 0.0, 0.0]
+    assert countdown_reward([""], [good], nums=[[3, 2, 1]], target=["9"]) == [1.0]  # TinyZero's names
+    assert countdown_reward([""], [good]) == [None]
+
+
+# ---------------------------------------------------------------- shaping
+
+
+@pytest.mark.parametrize("length,expected", [(0, 0.0), (16, 0.0), (17, -0.25), (18, -0.5), (20, -1.0), (21, -1.0), (99, -1.0)])
+def test_overlong_penalty_matches_dapo(length, expected):
+    # L_max 20, L_cache 4: free up to 16, then ((20 - 4) - L) / 4, -1 beyond 20.
+    assert overlong_penalty(length, 20, 4) == pytest.approx(expected)
+
+
+def test_overlong_reward_counts_tokens_from_completion_ids_or_words():
+    s = resolve_settings(RewardSettings(overlong=OverlongSettings(max_length=10, cache=5)), 99)
+    fn = load_reward("overlong", s)
+    assert fn(["", ""], ["a", "b"], completion_ids=[[1] * 5, [1] * 8]) == [0.0, pytest.approx(-0.6)]
+    with pytest.raises(RewardError, match="no completion_ids column"):
+        fn([""], ["a"])
+    words = resolve_settings(RewardSettings(overlong=OverlongSettings(max_length=4, cache=2, unit="words")), 99)
+    assert load_reward("overlong", words)([""], ["a b c d"]) == [-1.0]
+
+
+def test_length_and_repetition_penalties():
+    s = resolve_settings(RewardSettings(length=LengthSettings(unit="chars")), 10)
+    assert load_reward("length", s)([""] * 3, ["", "abcde", "x" * 30]) == [0.0, -0.5, -1.0]
+    assert repetition_penalty("a b c d e", 3) == 0.0
+    assert repetition_penalty("a b", 3) == 0.0
+    assert repetition_penalty("a a a a a a", 3) == pytest.approx(-(1 - 1 / 4))
+    assert repetition_penalty("a b a b a b", 2) == pytest.approx(-(1 - 2 / 5))
+
+
+def test_settings_resolve_against_rollout_length_and_fail_clearly():
+    s = settings_for(make_config(None, [("rollout.max_tokens", 40)]))
+    assert (s.overlong.max_length, s.overlong.cache, s.length.max_length) == (40, 8, 40)
+    with pytest.raises(ConfigError, match="reward_settings.overlong.cache: must be at most max_length"):
+        resolve_settings(RewardSettings(overlong=OverlongSettings(max_length=4, cache=5)), 10)
+    with pytest.raises(ConfigError, match="reward_settings.overlong.lenght: unknown key"):
+        make_config(None, [("reward_settings.overlong.lenght", 3)])
+    with pytest.raises(ConfigError, match="reward_settings.overlong.unit: must be one of"):
+        make_config(None, [("reward_settings.overlong.unit", "bytes")])
+    with pytest.raises(ConfigError, match="reward_settings.accuracy.extract: must be one of"):
+        make_config(None, [("reward_settings.accuracy.extract", "first")])
+
+
+COMPLETIONS = [
+    "", "19", "<think>a</think><answer>19</answer>", "<answer>(1 + 2) * 3</answer>", "a a a a a a a a",
+    "<think><think></think></think><answer>\\boxed{\\frac{1}{2}}</answer>" * 3, "x " * 200,
+    "<answer>1,000%</answer>", "<answer>-0</answer>", "<think>\n</think>\n<answer>\n\u22127\n</answer>",
+]
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_every_builtin_stays_in_its_documented_range(name):
+    lo, hi = RANGES[name]
+    n = len(COMPLETIONS)
+    cols = {"answer": ["19", "19", "19", "9", "0.5", "0.5", "1", "10", "0", "-7"],
+            "numbers": [[1, 2, 3]] * n, "target": [9] * n,
+            "completion_ids": [list(range(len(c.split()))) for c in COMPLETIONS]}
+    values = BUILTIN[name]([""] * n, COMPLETIONS, **cols)
+    assert len(values) == n
+    assert all(v is None or lo <= v <= hi for v in values), values
+    assert set(RANGES) == set(BUILTIN)
+
+
+# ---------------------------------------------------------------- user rewards, more failure cases
+
+
+def test_user_reward_gets_dataset_columns_and_none_counts_zero_in_total(tmp_path):
+    f = tmp_path / "cols.py"
+    f.write_text(
+        "def by_level(prompts, completions, level=None, answer=None, **kw):\n"
+        "    return [None if l is None else float(l) for l in level]\n")
+    name = f"{f}:by_level"
+    rw = score(["p"] * 3, ["a", "b", "c"], {"level": [2, None, 1], "answer": ["x", "y", "z"]},
+               load_rewards([name]), {name: 0.5})
+    np.testing.assert_allclose(rw.total, [1.0, 0.0, 0.5])
+    assert rw.means()[name] == 1.5  # (2 + 1) / 2: the None row is not in the mean
+    assert np.isnan(rw.columns[name][1])
+
+
+@pytest.mark.parametrize("body,msg", [
+    # raises on one sample only: the message names that sample
+    ("def r(p, c, **k):\n    return [1.0 / len(x) for x in c]\n", "raised ZeroDivisionError: float division by zero on sample 1 (completion '')"),
+    ("def r(p, c, **k):\n    return None\n", "returned None for 2 completions"),
+    ("def r(p, c, **k):\n    return [1.0, 2.0, 3.0]\n", "returned 3 values for 2 completions"),
+    ("def r(p, c, **k):\n    return 1.0\n", "returned 1.0 for 2 completions"),
+    ("def r(p, c, **k):\n    return [1.0, float('inf')]\n", "returned inf for sample 1"),
+    ("def r(p, c, **k):\n    return [1.0, [2]]\n", "returned [2] (not a number) for sample 1"),
+    ("def r(p, c, answer, **k):\n    return [1.0, 1.0]\n", "missing 1 required positional argument: 'answer'"),
+])
+def test_user_reward_failures_name_reward_and_sample(tmp_path, body, msg):
+    f = tmp_path / "bad.py"
+    f.write_text(body)
+    with pytest.raises(RewardError) as e:
+        score(["a", "b"], ["x", ""], {}, load_rewards([f"{f}:r"]), {})
+    assert str(e.value).startswith(f"reward {f}:r ") and msg in str(e.value), str(e.value)
+
+
+def test_user_reward_from_installed_module_and_numpy_results(tmp_path, monkeypatch):
+    pkg = tmp_path / "labpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "scores.py").write_text(
+        "import numpy as np\n"
+        "def longer(prompts, completions, **kw):\n    return np.array([len(c) for c in completions], float)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rw = score(["p", "p"], ["ab", "abcd"], {}, load_rewards(["labpkg.scores:longer"]), {})
+    np.testing.assert_allclose(rw.columns["labpkg.scores:longer"], [2.0, 4.0])
+    with pytest.raises(RewardError, match="cannot import labpkg.nosuch"):
+        load_reward("labpkg.nosuch:fn")

@@ -84,6 +84,86 @@ def test_top_k_one_is_greedy(model_tok):
     assert greedy.texts == topk.texts
 
 
+def test_shared_prefill_cache_gives_the_logits_of_a_separate_prefill(model_tok):
+    """Prefill once + repeat the cache G times == prefill every row; then one decode step agrees."""
+    from mlx_grpo.models import batch_cache
+    from mlx_grpo.rollout import encode_prompt, left_pad, repeat_cache
+
+    model, tok = model_tok
+    prompts, pad = left_pad([encode_prompt(tok, p) for p in PROMPTS], 0)
+    G = 3
+    shared = batch_cache(model, pad)
+    first_shared = mx.repeat(model(prompts, cache=shared)[:, -1, :], G, axis=0)
+    repeat_cache(shared, G)
+    separate = batch_cache(model, [p for p in pad for _ in range(G)])
+    first_separate = model(mx.repeat(prompts, G, axis=0), cache=separate)[:, -1, :]
+    assert mx.abs(first_shared - first_separate).max().item() < 1e-5
+    nxt = mx.arange(3 * G)[:, None] + 5
+    a = model(nxt, cache=shared)[:, -1, :]
+    b = model(nxt, cache=separate)[:, -1, :]
+    assert mx.abs(a - b).max().item() < 1e-5
+    # Each row alone, unpadded, gives the same logits too (padding is invisible).
+    for r in range(3 * G):
+        ids = encode_prompt(tok, PROMPTS[r // G]) + [5 + r]
+        alone = model(mx.array([ids]))[0, -1, :]
+        assert mx.abs(alone - a[r]).max().item() < 1e-4
+
+
+def test_rollout_logprobs_match_a_plain_forward_pass(model_tok):
+    """The recorded logprob of each sampled token equals log softmax(model(prompt + prefix) / T)."""
+    model, tok = model_tok
+    mx.random.seed(5)
+    T = 0.8
+    ro = sample_groups(model, tok, PROMPTS, RolloutConfig(group_size=2, max_tokens=8, temperature=T, stop=[]))
+    for row in range(len(ro.texts)):
+        n = int(ro.mask[row].sum().item())
+        prompt = tok.encode(PROMPTS[row // 2])
+        seq = mx.array([prompt + ro.tokens[row, :n].tolist()])
+        logits = model(seq)[0, len(prompt) - 1 : -1, :] / T
+        want = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        want = mx.take_along_axis(want, ro.tokens[row, :n, None], axis=-1)[:, 0]
+        assert mx.abs(want - ro.sample_logprobs[row, :n]).max().item() < 1e-4
+
+
+def test_finished_rows_produce_only_padding(model_tok):
+    """After a row's stop token: pad ids, mask 0, logprob 0; the row's length is where it stopped."""
+    model, tok = model_tok
+    mx.random.seed(2)
+    cfg = RolloutConfig(group_size=8, max_tokens=16, temperature=1.0, stop=["+"])
+    ro = sample_groups(model, tok, PROMPTS, cfg)
+    plus = tok.encode("+", add_special_tokens=False)[0]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tokens, mask, logps = np.array(ro.tokens), np.array(ro.mask), np.array(ro.sample_logprobs)
+    ended = 0
+    for r in range(tokens.shape[0]):
+        n = int(mask[r].sum())
+        assert mask[r, :n].all() and not mask[r, n:].any()
+        assert (tokens[r, n:] == pad).all() and (logps[r, n:] == 0).all()
+        assert (logps[r, :n] < 0).all() or n == 0
+        if not ro.truncated[r]:
+            ended += 1
+            assert tokens[r, n - 1] in {plus, *tok.eos_token_ids}
+    lengths = mask.sum(axis=1)
+    assert ended > 0 and lengths.min() < lengths.max()  # rows finished at different steps
+
+
+def test_compiled_and_eager_steps_agree(model_tok):
+    """The compiled static-cache step picks the same tokens with the same logprobs as mlx-lm's
+    uncompiled batch cache, while finished rows are compacted away. (top_k=1: random draws would
+    depend on the batch size, which the two compact differently.)"""
+    model, tok = model_tok
+    cfg = RolloutConfig(group_size=4, max_tokens=14, temperature=0.9, top_k=1, stop=["+", "="])
+    out = []
+    for compiled in (True, False):
+        mx.random.seed(11)
+        out.append(sample_groups(model, tok, PROMPTS, cfg, compiled=compiled))
+    a, b = out
+    assert a.texts == b.texts
+    assert np.array_equal(np.array(a.tokens), np.array(b.tokens))
+    assert mx.abs(a.sample_logprobs - b.sample_logprobs).max().item() < 1e-4
+    assert any(not t for t in a.truncated)  # rows did finish, so compaction happened
+
+
 def test_row_keys_make_samples_independent_of_how_prompts_are_split(model_tok):
     """Each row draws from its own key: decoding the prompts together or in two parts (as two
     processes do) gives the same completions and log-probabilities."""

@@ -62,3 +62,91 @@ def test_shared_prompt_pass_equals_one_pass_per_row(model_tok):
     # Chunked scoring gives the same numbers.
     chunked = completion_logprobs(model, prompts, pad, comp, 0.8, row_prompt=row_prompt, chunk=4)
     assert mx.abs(chunked - lp1).max().item() < 1e-5
+
+
+def test_chunked_head_equals_whole_logits_values_and_grads(model_tok):
+    """Chunking the head + log-softmax over positions changes neither values nor gradients."""
+    from mlx_grpo.scoring import chunked_logprobs, gather_logprobs, output_head
+
+    model, tok = model_tok
+    enc = [tok.encode("What is 3 + 4 ?"), tok.encode("5 + 5 = 10 . What is 2 + 2 ?")]
+    prompts, pad = left_pad(enc, 0)
+    rng = np.random.default_rng(1)
+    comp = mx.array(rng.integers(4, 100, size=(4, 9)).astype(np.int32))
+    row_prompt = np.array([0, 0, 1, 1])
+    body, module, head, vocab = output_head(model)
+    assert vocab == model.model.embed_tokens.weight.shape[0]
+    # Train the (tied) head too, so the check covers gradients through the chunked head itself.
+    module.unfreeze()
+
+    # The plain reference: whole logits from the model's own forward pass, one row at a time.
+    def reference(model):
+        rows = []
+        for r in range(4):
+            p = enc[row_prompt[r]]
+            full = mx.concatenate([mx.array(p), comp[r]])[None]
+            logits = model(full)[:, len(p) - 1 : -1, :]
+            rows.append(gather_logprobs(logits, comp[r : r + 1], 0.8))
+        return mx.concatenate(rows, axis=0)
+
+    weights = mx.array(rng.normal(size=(4, 9)).astype(np.float32))
+    # budget 4 * vocab * 2: two positions per chunk, so 5 chunks (the last one shorter).
+    budget = 4 * vocab * 2
+    f_chunk = lambda m: (completion_logprobs(m, prompts, pad, comp, 0.8, row_prompt, budget=budget) * weights).sum()
+    f_whole = lambda m: (completion_logprobs(m, prompts, pad, comp, 0.8, row_prompt) * weights).sum()
+    f_ref = lambda m: (reference(m) * weights).sum()
+    try:
+        v1, g1 = nn.value_and_grad(model, f_chunk)(model)
+        v2, g2 = nn.value_and_grad(model, f_whole)(model)
+        v3, g3 = nn.value_and_grad(model, f_ref)(model)
+    finally:
+        module.freeze()
+    assert "model.embed_tokens.weight" in dict(tree_flatten(g1))
+    assert abs(v1.item() - v3.item()) < 1e-4 * abs(v3.item()) + 1e-5
+    assert abs(v2.item() - v3.item()) < 1e-4 * abs(v3.item()) + 1e-5
+    for (k, a), (_, b), (_, c) in zip(tree_flatten(g1), tree_flatten(g2), tree_flatten(g3)):
+        scale = mx.abs(c).max().item()
+        assert scale > 0, k
+        assert mx.abs(a - c).max().item() <= 1e-4 * scale + 1e-7, k
+        assert mx.abs(b - c).max().item() <= 1e-4 * scale + 1e-7, k
+
+    # chunked_logprobs against NumPy on random hidden states and a random head.
+    h = mx.array(rng.normal(size=(3, 7, 5)).astype(np.float32))
+    w = mx.array(rng.normal(size=(11, 5)).astype(np.float32))
+    t = mx.array(rng.integers(0, 11, size=(3, 7)).astype(np.int32))
+    got = chunked_logprobs(nn.Module(), lambda m, x: x @ w.T, h, t, 0.5, 11, budget=3 * 11 * 3)
+    z = (np.array(h) @ np.array(w).T) / 0.5
+    z = z - z.max(-1, keepdims=True)
+    want = np.take_along_axis(z, np.array(t)[..., None], -1)[..., 0] - np.log(np.exp(z).sum(-1))
+    assert np.abs(np.array(got) - want).max() < 1e-4
+
+
+def test_models_with_extra_output_work_fall_back_to_whole_logits(model_tok):
+    """A model whose output is not head(body(x)) (e.g. soft-capped logits) is not split."""
+    from mlx_grpo.scoring import output_head
+
+    model, tok = model_tok
+
+    class Capped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner.model
+            self.args = inner.args
+
+        @property
+        def layers(self):
+            return self.model.layers
+
+        def __call__(self, x, cache=None):
+            return 5.0 * mx.tanh(self.model.embed_tokens.as_linear(self.model(x, cache=cache)) / 5.0)
+
+    capped = Capped(model)
+    assert output_head(capped) is None
+    assert output_head(model) is not None
+    comp = mx.array([[5, 6, 7]])
+    p = tok.encode("What is 3 + 4 ?")
+    lp = completion_logprobs(capped, mx.array([p]), [0], comp, budget=1)
+    full = capped(mx.concatenate([mx.array(p), comp[0]])[None])[:, len(p) - 1 : -1, :]
+    want = full - mx.logsumexp(full, axis=-1, keepdims=True)
+    want = mx.take_along_axis(want, comp[..., None], axis=-1)[..., 0]
+    assert mx.abs(lp - want).max().item() < 1e-5

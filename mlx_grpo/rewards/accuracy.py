@@ -2,33 +2,36 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
-from .answers import answers_match, extract_answer, last_number
+from ..config import AccuracySettings
+from .answers import answers_match, pick_answer
+
+RewardFn = Callable[..., List[Optional[float]]]
 
 
-def accuracy_reward(
-    prompts: List[str], completions: List[str], answer: Optional[Sequence[str]] = None, **_
-) -> List[Optional[float]]:
-    """1.0 when the last <answer> block equals the reference ``answer`` column, else 0.0.
+def make_accuracy_reward(settings: AccuracySettings, extract: Optional[str] = None) -> RewardFn:
+    """The accuracy reward for ``settings`` (``extract`` overrides where the answer is read).
 
-    Rows without a reference answer get None (not applicable). Range [0, 1].
+    1.0 when the answer equals the reference ``answer`` column (``answers_match``), else 0.0; rows
+    without a reference get None (not applicable). Range [0, 1].
     """
-    if answer is None:
-        return [None] * len(completions)
-    return [
-        None if ref is None else float(answers_match(extract_answer(c), ref))
-        for c, ref in zip(completions, answer)
-    ]
+    mode = extract or settings.extract
+
+    def accuracy(
+        prompts: List[str], completions: List[str], answer: Optional[Sequence[object]] = None, **_
+    ) -> List[Optional[float]]:
+        if answer is None:
+            return [None] * len(completions)
+        return [
+            None if ref is None else float(answers_match(pick_answer(c, mode), ref, settings.math_verify))
+            for c, ref in zip(completions, answer)
+        ]
+
+    accuracy.__doc__ = f"Accuracy of the answer read as {mode!r} against the answer column. Range [0, 1]."
+    return accuracy
 
 
-def lenient_accuracy_reward(
-    prompts: List[str], completions: List[str], answer: Optional[Sequence[str]] = None, **_
-) -> List[Optional[float]]:
-    """1.0 when the last number anywhere in the completion equals the reference. Range [0, 1]."""
-    if answer is None:
-        return [None] * len(completions)
-    return [
-        None if ref is None else float(answers_match(last_number(c), ref))
-        for c, ref in zip(completions, answer)
-    ]
+# The built-ins with default settings: the answer inside <answer>, and the last number anywhere.
+accuracy_reward = make_accuracy_reward(AccuracySettings())
+lenient_accuracy_reward = make_accuracy_reward(AccuracySettings(), extract="last_number")

@@ -1,24 +1,32 @@
-"""Tasks: where prompts and reference answers come from.
+"""Tasks: where prompts and reference answers come from, and which rewards judge them.
 
-A task yields rows ``{"prompt": str, "answer": str, ...other columns}`` split into a training set
-and a held-out set that never overlap. Other columns travel to the rewards as keyword arguments.
+A task is chosen by one name (``data.task``) and bundles a dataset (train and held-out rows that
+never overlap), the question text of each row and a reward set (used when the config names no
+``rewards``). Rows are ``{"prompt": str, "answer": str, ...other columns}``; the other columns
+travel to the rewards as keyword arguments. The prompt template around the question (R1-Zero or
+the tokenizer's chat template) is the ``prompt`` section's business, not the task's.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
 from ..config import DataConfig
-from . import arithmetic
+from . import arithmetic, countdown, gsm8k
+from .files import (
+    DataError,
+    Fields,
+    dataset_root,
+    iter_jsonl,
+    read_jsonl,
+    read_rows,
+    read_split,
+)
 
 Row = Dict[str, Any]
 
-
-class DataError(ValueError):
-    """Unusable data; the message names the file and line or the missing field."""
+__all__ = ["DataError", "TASKS", "Task", "TaskData", "columns", "iter_jsonl", "load_task", "read_jsonl"]
 
 
 @dataclass
@@ -27,63 +35,89 @@ class TaskData:
     held_out: List[Row]
 
 
-def read_jsonl(
-    path: str, prompt_field: str, answer_field: str, answer_delimiter: Optional[str] = None
-) -> List[Row]:
-    """Rows of a JSONL file, renamed to prompt/answer; errors name the file and line.
+def split_off(rows: List[Row], eval_size: int) -> TaskData:
+    """Hold out the last ``eval_size`` rows (at most a fifth of them; none of one row)."""
+    n_eval = min(eval_size, len(rows) // 5)
+    if n_eval == 0:
+        return TaskData(rows, [])
+    return TaskData(rows[:-n_eval], rows[-n_eval:])
 
-    With ``answer_delimiter`` (GSM8K's "####"), the reference is the text after its last occurrence.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: data file not found")
-    rows: List[Row] = []
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object")
-        if prompt_field not in obj:
-            raise DataError(f"{path}:{n}: missing field {prompt_field!r} (data.prompt_field)")
-        row = {k: v for k, v in obj.items() if k not in (prompt_field, answer_field)}
-        row["prompt"] = str(obj[prompt_field])
-        if answer_field in obj:
-            answer = obj[answer_field]
-            if answer is not None:
-                answer = str(answer)
-                if answer_delimiter and answer_delimiter in answer:
-                    answer = answer.rsplit(answer_delimiter, 1)[1].strip()
-            row["answer"] = answer
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows (empty dataset)")
-    return rows
+
+def load_dataset(
+    cfg: DataConfig, path: str, fields: Fields, subset: Optional[str], eval_split: Optional[str]
+) -> TaskData:
+    """Rows from a file, a Hub-shaped folder or a Hub id; held out: ``cfg.eval_path``, else
+    ``eval_split`` (folders and Hub ids), else the last ``eval_size`` rows."""
+    root = dataset_root(path, cfg.revision, subset)
+    if root is None:
+        train = read_rows(path, fields)
+    else:
+        train = read_split(root, cfg.split, subset, fields, path)
+    if cfg.eval_path:
+        return TaskData(train, read_rows(cfg.eval_path, fields))
+    if root is not None and eval_split:
+        return TaskData(train, read_split(root, eval_split, subset, fields, path))
+    return split_off(train, cfg.eval_size)
+
+
+def _arithmetic(cfg: DataConfig) -> TaskData:
+    return TaskData(*arithmetic.make_splits(cfg.max_operand, cfg.eval_size, cfg.split_seed))
+
+
+def _countdown(cfg: DataConfig) -> TaskData:
+    return TaskData(*countdown.make_splits(cfg.countdown, cfg.eval_size, cfg.split_seed))
+
+
+def _gsm8k(cfg: DataConfig) -> TaskData:
+    gsm8k.check_fields(cfg)
+    return load_dataset(cfg, cfg.path or gsm8k.HUB_ID, gsm8k.FIELDS, cfg.subset or "main",
+                        cfg.eval_split or "test")
+
+
+def _dataset(cfg: DataConfig) -> TaskData:
+    if not cfg.path:
+        raise DataError(f"data.path: required when data.task is {cfg.task}")
+    fields = Fields(cfg.prompt_field, cfg.answer_field, cfg.answer_delimiter)
+    return load_dataset(cfg, cfg.path, fields, cfg.subset, cfg.eval_split)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task: how its rows are made and the rewards it is trained with by default."""
+
+    name: str
+    load: Callable[[DataConfig], TaskData]
+    rewards: Dict[str, float] = field(default_factory=dict)
+    summary: str = ""
+
+
+_NUMERIC = {"accuracy": 1.0, "format": 0.5}
+TASKS: Dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("arithmetic", _arithmetic, _NUMERIC, "a + b with a, b in 0..data.max_operand, generated"),
+        Task("countdown", _countdown, {"countdown": 1.0, "format": 0.1},
+             "reach a target from given numbers with + - * /, generated (data.countdown)"),
+        Task("gsm8k", _gsm8k, {"accuracy": 1.0, "format": 0.2},
+             "openai/gsm8k from the Hub, or data.path: a local file or folder of the same shape"),
+        Task("dataset", _dataset, _NUMERIC,
+             "data.path: a JSONL/Parquet file, a folder of them or a Hub dataset id; fields from data.*"),
+        Task("jsonl", _dataset, _NUMERIC, "the same as dataset (the older name)"),
+    ]
+}
 
 
 def load_task(cfg: DataConfig) -> TaskData:
     """The configured task's train and held-out rows."""
-    if cfg.task == "arithmetic":
-        train, held = arithmetic.make_splits(cfg.max_operand, cfg.eval_size, cfg.split_seed)
-        return TaskData(train, held)
-    if cfg.task == "jsonl":
-        fields = (cfg.prompt_field, cfg.answer_field, cfg.answer_delimiter)
-        rows = read_jsonl(cfg.path, *fields)  # type: ignore[arg-type]
-        if cfg.eval_path:
-            held = read_jsonl(cfg.eval_path, *fields)
-            return TaskData(rows, held)
-        n_eval = min(cfg.eval_size, len(rows) // 5)
-        if n_eval == 0:
-            return TaskData(rows, [])
-        return TaskData(rows[:-n_eval], rows[-n_eval:])
-    raise DataError(f"data.task: unknown task {cfg.task!r}")
+    task = TASKS.get(cfg.task)
+    if task is None:
+        raise DataError(f"data.task: unknown task {cfg.task!r} (known: {', '.join(TASKS)})")
+    try:
+        return task.load(cfg)
+    except DataError:
+        raise
+    except ValueError as e:  # a generator's settings that cannot work, named by key
+        raise DataError(str(e)) from None
 
 
 def columns(rows: List[Row]) -> Dict[str, List[Any]]:

@@ -1,0 +1,393 @@
+"""``cli.py bench``: how fast a GRPO step is, measured against baselines run in the same process.
+
+One run, the same prompts throughout:
+- rollout tokens/s of our engine against mlx-lm's ``batch_generate`` given the P*G rows in one
+  call (prompts repeated G times, completion and prefill batch = P*G), same sampler and max tokens,
+  both stopping only at EOS; and our engine uncompiled (what ``mx.compile`` buys);
+- greedy outputs of both engines compared token for token;
+- a GRPO step's time split into generate / reward / score / update (``grpo_step``'s timings);
+- peak memory of a step with beta = 0 and beta > 0 (same weights, seed and rollouts);
+- on Linux with MLX's CPU backend: step time with the fast BLAS against MLX's bundled BLAS, the
+  latter in a subprocess (the BLAS is chosen when the process starts).
+
+Timings are medians over ``reps`` repetitions after a warm-up; wall-clock numbers depend on the
+machine and its load, the ratios are what the benchmark is for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import mlx.core as mx
+
+from .config import EMBEDDED_MODEL, Config, make_config
+
+# --large: a randomly initialised ~100M-parameter llama with the embedded model's tokenizer.
+LARGE = {"hidden": 768, "layers": 10, "heads": 12, "ffn": 3072}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+@dataclass
+class BenchSettings:
+    prompts: int = 16  # P
+    group_size: int = 8  # G
+    max_tokens: int = 20
+    reps: int = 3  # timed repetitions after one warm-up
+    steps: int = 2  # timed GRPO steps after one warm-up
+    blas_steps: int = 1  # timed GRPO steps in the bundled-BLAS subprocess
+
+
+QUICK = BenchSettings(prompts=2, group_size=4, max_tokens=8, reps=1, steps=1, blas_steps=1)
+
+
+def device_kind() -> str:
+    """cpu | metal | cuda: where MLX computes by default."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return str(mx.default_device())
+
+
+def large_model_dir(cache_root: Optional[Path] = None) -> Path:
+    """Build (once, cached) a random ~100M-parameter model in the HF layout; returns its dir."""
+    from mlx.utils import tree_flatten
+
+    from .assets.make_tiny_model import build_model
+
+    root = cache_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-grpo"
+    tag = "-".join(f"{k}{v}" for k, v in LARGE.items())
+    out = root / f"bench-large-{tag}"
+    if (out / "model.safetensors").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    embedded = Path(EMBEDDED_MODEL)
+    for name in TOKENIZER_FILES:
+        (tmp / name).write_bytes((embedded / name).read_bytes())
+    vocab = json.loads((embedded / "config.json").read_text())["vocab_size"]
+    mx.random.seed(0)
+    model, config = build_model(vocab, **LARGE)
+    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out)  # atomic: a half-written model is never found
+    return out
+
+
+def bench_config(config_path: Optional[str], model: Optional[str], s: BenchSettings) -> Config:
+    overrides: List[Tuple[str, Any]] = [
+        ("rollout.group_size", s.group_size),
+        ("rollout.max_tokens", s.max_tokens),
+        ("train.prompts_per_step", s.prompts),
+        ("output.progress", False),
+        # Every row takes part in the update, so score/update time and memory don't depend on
+        # how many groups happened to have equal rewards.
+        ("grpo.skip_zero_advantage", False),
+    ]
+    if model:
+        overrides.append(("model.path", model))
+    return make_config(config_path, overrides)
+
+
+def _median_time(fn: Callable[[], Any], reps: int) -> Tuple[float, Any]:
+    fn()  # warm-up: compilation, allocator, caches
+    times, out = [], None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+class Session:
+    """The model, tokenizer, prompts and GRPO pieces one benchmark run shares."""
+
+    def __init__(self, cfg: Config):
+        from .models import attach_adapters, load_model
+        from .rewards import load_rewards
+        from .tasks import load_task
+        from .tasks.templates import prompt_format, render_prompt
+
+        self.cfg = cfg
+        self.model, self.tokenizer = load_model(cfg.model)
+        mx.random.seed(cfg.train.seed)
+        attach_adapters(self.model, cfg.adapter)
+        self.fmt = prompt_format(cfg.prompt)
+        self.reward_fns = load_rewards(list(cfg.rewards))
+        data = load_task(cfg.data)
+        n = cfg.train.prompts_per_step
+        self.rows = (data.train * (n // max(1, len(data.train)) + 1))[:n]
+        self.prompts = [render_prompt(r["prompt"], self.fmt, self.tokenizer) for r in self.rows]
+
+    # ------------------------------------------------------------------ rollouts
+
+    def ours(self, temperature: Optional[float] = None, compiled: bool = True):
+        from dataclasses import replace
+
+        from .rollout import sample_groups
+
+        rcfg = replace(self.cfg.rollout, stop=[])  # EOS only, as batch_generate
+        return sample_groups(self.model, self.tokenizer, self.prompts, rcfg, temperature=temperature,
+                             compiled=compiled)
+
+    def peer(self, temperature: Optional[float] = None, group_size: Optional[int] = None):
+        from mlx_lm.generate import batch_generate
+
+        from .rollout import encode_prompt, make_sampler
+
+        G = self.cfg.rollout.group_size if group_size is None else group_size
+        rows = [encode_prompt(self.tokenizer, p) for p in self.prompts for _ in range(G)]
+        return batch_generate(
+            self.model, self.tokenizer, rows, max_tokens=self.cfg.rollout.max_tokens,
+            sampler=make_sampler(self.cfg.rollout, temperature), completion_batch_size=len(rows),
+            prefill_batch_size=len(rows), return_token_ids=True,
+        )
+
+    def rollout_throughput(self, reps: int) -> Dict[str, float]:
+        def ours(compiled=True):
+            return lambda: int(self.ours(compiled=compiled).mask.sum().item())
+
+        def peer():
+            return int(self.peer().stats.generation_tokens)
+
+        out: Dict[str, float] = {}
+        for name, fn in (("ours", ours()), ("ours_uncompiled", ours(False)), ("batch_generate", peer)):
+            fn()  # warm-up
+        # Interleaved repetitions, so load changes on a shared machine hit all three alike.
+        rates: Dict[str, List[float]] = {"ours": [], "ours_uncompiled": [], "batch_generate": []}
+        for _ in range(reps):
+            for name, fn in (("ours", ours()), ("ours_uncompiled", ours(False)), ("batch_generate", peer)):
+                t = time.perf_counter()
+                n = fn()
+                rates[name].append(n / (time.perf_counter() - t))
+        for name, r in rates.items():
+            out[f"{name}_tokens_per_sec"] = statistics.median(r)
+        out["ratio_vs_batch_generate"] = out["ours_tokens_per_sec"] / out["batch_generate_tokens_per_sec"]
+        out["ratio_compiled_vs_uncompiled"] = out["ours_tokens_per_sec"] / out["ours_uncompiled_tokens_per_sec"]
+        return out
+
+    def greedy_check(self) -> Dict[str, Any]:
+        """Greedy completions of both engines, one row per prompt, compared token for token."""
+        from .rollout import stop_token_ids
+
+        eos, _, _ = stop_token_ids(self.tokenizer, [])
+        ro = self.ours(temperature=0.0)
+        G = self.cfg.rollout.group_size
+        theirs = self.peer(temperature=0.0, group_size=1).token_ids
+        mismatched = 0
+        for p, want in enumerate(theirs):
+            row = p * G
+            n = int(ro.mask[row].sum().item())
+            got = ro.tokens[row, :n].tolist()
+            if got and got[-1] in eos:  # batch_generate drops the EOS it stopped at
+                got = got[:-1]
+            same_group = all(ro.tokens[row + g].tolist() == ro.tokens[row].tolist() for g in range(G))
+            mismatched += int(got != list(want) or not same_group)
+        return {"rows": len(theirs), "mismatched": mismatched, "identical": mismatched == 0}
+
+    # ------------------------------------------------------------------ GRPO steps
+
+    def grpo_steps(self, n: int, beta: Optional[float] = None, warmup: bool = True) -> List[Dict[str, Any]]:
+        """Run (1 warm-up +) ``n`` GRPO steps from the current weights and a fixed seed; their
+        metrics. The weights are restored afterwards, so every call starts from the same policy."""
+        import mlx.optimizers as optim
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        from .trainer import grpo_step
+
+        cfg = self.cfg
+        if beta is not None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, grpo=replace(cfg.grpo, beta=beta))
+        start = [(k, mx.array(v)) for k, v in tree_flatten(self.model.trainable_parameters())]
+        opt = optim.AdamW(learning_rate=cfg.train.learning_rate)
+        out = []
+        try:
+            for i in range(n + 1 if warmup else n):
+                mx.random.seed(cfg.train.seed + i)
+                mx.synchronize()
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                m = grpo_step(self.model, self.tokenizer, opt, self.rows, cfg, self.fmt, self.reward_fns)
+                m.pop("_samples", None)
+                m["peak_memory_bytes"] = mx.get_peak_memory()
+                if i or not warmup:
+                    out.append(m)
+        finally:
+            self.model.update(tree_unflatten(start))
+        return out
+
+
+def step_split(metrics: List[Dict[str, Any]]) -> Dict[str, float]:
+    keys = ["time_generate", "time_reward", "time_score", "time_update", "step_time"]
+    out = {k.replace("time_", ""): statistics.median([m[k] for m in metrics]) for k in keys}
+    out["rows_updated"] = statistics.median([m["rows_updated"] for m in metrics])
+    out["tokens"] = statistics.median([m["tokens"] for m in metrics])
+    return out
+
+
+def peak_memory(sess: Session, beta: float) -> Dict[str, float]:
+    """Peak memory of the same step (weights, seed, rollouts) with beta = 0 and ``beta``."""
+    zero = sess.grpo_steps(1, beta=0.0, warmup=False)[0]["peak_memory_bytes"]
+    with_kl = sess.grpo_steps(1, beta=beta, warmup=False)[0]["peak_memory_bytes"]
+    return {"beta": beta, "beta0_bytes": zero, "beta_bytes": with_kl, "ratio": with_kl / max(zero, 1)}
+
+
+# ---------------------------------------------------------------------- BLAS comparison
+
+
+def blas_applies() -> Optional[str]:
+    """None when the fast-vs-bundled BLAS comparison applies here, else why not."""
+    from . import blas
+
+    if device_kind() != "cpu" or not sys.platform.startswith("linux"):
+        return f"not on Linux with MLX's CPU backend (device {device_kind()})"
+    if not blas.preloaded(dict(os.environ)):
+        return "no fast BLAS in use (nothing to compare the bundled BLAS with)"
+    return None
+
+
+def bundled_env(env: Dict[str, str]) -> Dict[str, str]:
+    """This environment without the preloaded fast BLAS, and told not to load one."""
+    from . import blas
+
+    out = dict(env)
+    lib = blas.preloaded(env)
+    rest = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != lib]
+    if rest:
+        out["LD_PRELOAD"] = ":".join(rest)
+    else:
+        out.pop("LD_PRELOAD", None)
+    out.pop(blas.MARKER, None)
+    out["MLX_GRPO_NO_FAST_BLAS"] = "1"
+    root = str(Path(__file__).resolve().parents[1])
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return out
+
+
+def probe_steps(cfg: Config, steps: int) -> Dict[str, Any]:
+    """The median GRPO step split of ``steps`` steps (after a warm-up): the BLAS probe's work."""
+    sess = Session(cfg)
+    return step_split(sess.grpo_steps(steps))
+
+
+def run_probe_subprocess(config_path: Optional[str], model: Optional[str], s: BenchSettings,
+                         steps: int) -> Dict[str, Any]:
+    args = {"config": config_path, "model": model, "settings": s.__dict__, "steps": steps}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_grpo.bench", "--probe", json.dumps(args)],
+        env=bundled_env(dict(os.environ)), capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"bundled-BLAS probe failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------- the benchmark
+
+
+def run_bench(config_path: Optional[str] = None, model: Optional[str] = None, large: bool = False,
+              quick: bool = False, say: Callable[[str], None] = lambda _: None) -> Dict[str, Any]:
+    """Run every measurement; returns one JSON-ready dict."""
+    s = QUICK if quick else (BenchSettings(prompts=4) if large else BenchSettings())
+    if large:
+        say("building/loading the random ~100M-parameter model ...")
+        model = str(large_model_dir())
+    cfg = bench_config(config_path, model, s)
+    say(f"loading {cfg.model.path} ...")
+    sess = Session(cfg)
+    from mlx.utils import tree_flatten
+
+    result: Dict[str, Any] = {
+        "model": cfg.model.path,
+        "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
+        "device": device_kind(),
+        "mlx_version": mx.__version__,
+        "settings": {
+            "prompts": s.prompts, "group_size": cfg.rollout.group_size,
+            "max_tokens": cfg.rollout.max_tokens, "temperature": cfg.rollout.temperature,
+            "top_p": cfg.rollout.top_p, "top_k": cfg.rollout.top_k, "min_p": cfg.rollout.min_p,
+            "beta": cfg.grpo.beta, "adapter": cfg.adapter.type, "rank": cfg.adapter.rank,
+            "reps": s.reps, "steps": s.steps,
+        },
+    }
+    say("rollouts: ours vs mlx_lm batch_generate ...")
+    result["rollout"] = sess.rollout_throughput(s.reps)
+    result["greedy"] = sess.greedy_check()
+    say("GRPO steps ...")
+    result["step"] = step_split(sess.grpo_steps(s.steps))
+    say("peak memory, beta = 0 vs beta > 0 ...")
+    result["memory"] = peak_memory(sess, cfg.grpo.beta if cfg.grpo.beta > 0 else 0.1)
+    why_not = blas_applies()
+    if why_not:
+        result["blas"] = {"skipped": why_not}
+    else:
+        say("bundled BLAS (subprocess) ...")
+        bundled = run_probe_subprocess(config_path, model, s, s.blas_steps)
+        fast = result["step"]
+        result["blas"] = {
+            "fast_step_s": fast["step_time"], "bundled_step_s": bundled["step_time"],
+            "ratio": bundled["step_time"] / fast["step_time"],
+            "fast_generate_s": fast["generate"], "bundled_generate_s": bundled["generate"],
+        }
+    return result
+
+
+def table(r: Dict[str, Any]) -> str:
+    """The result as a Markdown table (what the README quotes)."""
+    ro, st, mem, bl = r["rollout"], r["step"], r["memory"], r["blas"]
+    se = r["settings"]
+    lines = [
+        f"model {Path(r['model']).name} ({r['parameters'] / 1e6:.1f}M parameters), device {r['device']}, "
+        f"mlx {r['mlx_version']}; P={se['prompts']} prompts x G={se['group_size']}, max_tokens "
+        f"{se['max_tokens']}, temperature {se['temperature']}, {se['adapter']} rank {se['rank']}, "
+        f"beta {se['beta']}; medians of {se['reps']} rollouts / {se['steps']} steps",
+        "",
+        "| measurement | value |",
+        "|---|---|",
+        f"| rollout, ours (compiled step) | {ro['ours_tokens_per_sec']:.0f} tokens/s |",
+        f"| rollout, ours uncompiled | {ro['ours_uncompiled_tokens_per_sec']:.0f} tokens/s |",
+        f"| rollout, mlx_lm batch_generate (P*G rows in one call) | {ro['batch_generate_tokens_per_sec']:.0f} tokens/s |",
+        f"| **rollout ratio, ours / batch_generate** | **{ro['ratio_vs_batch_generate']:.2f}x** |",
+        f"| rollout ratio, compiled / uncompiled | {ro['ratio_compiled_vs_uncompiled']:.2f}x |",
+        f"| greedy outputs identical to batch_generate | {r['greedy']['identical']} "
+        f"({r['greedy']['rows'] - r['greedy']['mismatched']}/{r['greedy']['rows']} rows) |",
+        f"| GRPO step: generate / reward / score / update | {st['generate']:.3f} / {st['reward']:.4f} / "
+        f"{st['score']:.3f} / {st['update']:.3f} s |",
+        f"| GRPO step total | {st['step_time']:.3f} s ({st['tokens']:.0f} tokens, {st['rows_updated']:.0f} rows updated) |",
+        f"| peak memory beta=0 / beta={mem['beta']} | {mem['beta0_bytes'] / 1e6:.1f} / {mem['beta_bytes'] / 1e6:.1f} MB |",
+        f"| **peak memory ratio, beta>0 / beta=0** | **{mem['ratio']:.3f}** |",
+    ]
+    if "skipped" in bl:
+        lines.append(f"| fast vs bundled BLAS | skipped: {bl['skipped']} |")
+    else:
+        lines += [
+            f"| GRPO step, fast BLAS / bundled BLAS | {bl['fast_step_s']:.3f} / {bl['bundled_step_s']:.3f} s |",
+            f"| **step speed-up from the fast BLAS** | **{bl['ratio']:.2f}x** |",
+        ]
+    return "\n".join(lines)
+
+
+def _probe_main(arg: str) -> None:
+    a = json.loads(arg)
+    cfg = bench_config(a["config"], a["model"], BenchSettings(**a["settings"]))
+    print(json.dumps(probe_steps(cfg, a["steps"])))
+
+
+if __name__ == "__main__":  # the bundled-BLAS subprocess: python -m mlx_grpo.bench --probe JSON
+    if len(sys.argv) == 3 and sys.argv[1] == "--probe":
+        _probe_main(sys.argv[2])
+    else:
+        sys.exit("usage: python cli.py bench (this module's own entry is the BLAS probe)")

@@ -1,0 +1,110 @@
+"""The per-token decode step of the rollout engine, compiled with ``mx.compile`` where mlx allows.
+
+mlx-lm's batched caches grow their key/value buffers and slice them to the current length, so
+every decode step has new shapes and could not reuse a compiled graph. ``StaticKVCache`` instead
+preallocates the whole rollout (prompt + max_tokens positions) once; a step writes its keys at a
+position held in an array (``mx.slice_update``) and attends over the full buffer with a mask that
+hides the slots not yet written and each row's left padding. All shapes stay fixed, so one compiled
+graph (model forward + temperature-scaled log-softmax) serves every step of a rollout; it is traced
+again only when finished rows are compacted away (a new batch size).
+
+Compaction policy: mlx-lm filters finished rows out every step (cheap when nothing is compiled).
+Here each new batch size costs a trace, so finished rows stay in the batch (their outputs are
+ignored) until they are a quarter of it; at most a few traces per rollout, and dead rows never cost
+more than a third extra compute.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List
+
+import mlx.core as mx
+import mlx.nn as nn
+
+COMPACT_FRACTION = 0.25  # compact when this fraction of the batch has finished
+
+
+class StaticKVCache:
+    """One layer's keys/values in a fixed buffer [B, heads, T, dim], written at ``pos``.
+
+    Duck-types mlx-lm's ``BatchKVCache`` as far as the models use it: ``offset`` (per-row RoPE
+    positions), ``update_and_fetch`` and ``make_mask``.
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array, pos: mx.array, left_padding: mx.array):
+        self.keys, self.values = keys, values
+        self.pos = pos  # [1] int32: the slot this step writes
+        self.left_padding = left_padding  # [B]
+        self.offset = pos - left_padding
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.keys = mx.slice_update(self.keys, keys.astype(self.keys.dtype), self.pos, axes=(2,))
+        self.values = mx.slice_update(self.values, values.astype(self.values.dtype), self.pos, axes=(2,))
+        return self.keys, self.values
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None, **_):
+        if N != 1 or window_size is not None:
+            raise NotImplementedError("StaticKVCache decodes one token at a time, full attention")
+        slots = mx.arange(self.keys.shape[2])
+        mask = (slots <= self.pos) & (slots >= self.left_padding[:, None])
+        return mask[:, None, None, :]
+
+
+def normalized_logprobs(logits: mx.array, inv_temperature: float) -> mx.array:
+    """log softmax(logits / T) in float32: what the sampler draws from and the rollout records."""
+    logits = logits.astype(mx.float32) * inv_temperature
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+class CompiledDecoder:
+    """Decode steps over a prefilled, repeated ``BatchKVCache``, through one compiled graph.
+
+    ``step(y)`` feeds tokens [B] and returns [B, vocab] log-probabilities for the next token;
+    ``keep(index)`` drops rows (a new batch size: the next step traces again).
+    """
+
+    def __init__(self, model: nn.Module, cache: List[Any], max_new: int, inv_temperature: float):
+        length = cache[0]._idx
+        self.pos = length
+        self.left_padding = cache[0].left_padding
+        self.kv: List[mx.array] = []
+        for c in cache:
+            for a in (c.keys, c.values):
+                B, H, _, D = a.shape
+                buf = mx.zeros((B, H, length + max_new, D), dtype=a.dtype)
+                buf[:, :, :length, :] = a[:, :, :length, :]
+                self.kv.append(buf)
+        n_layers = len(cache)
+
+        def step(y, pos, left_padding, *kv):
+            caches = [StaticKVCache(kv[2 * i], kv[2 * i + 1], pos, left_padding) for i in range(n_layers)]
+            logits = model(y[:, None], cache=caches)[:, -1, :]
+            out = [a for c in caches for a in (c.keys, c.values)]
+            return (normalized_logprobs(logits, inv_temperature), *out)
+
+        # A fresh closure per rollout: the model's current weights are traced in as constants.
+        self._step: Callable = mx.compile(step)
+
+    def step(self, y: mx.array) -> mx.array:
+        out = self._step(y, mx.array([self.pos], dtype=mx.int32), self.left_padding, *self.kv)
+        self.kv = list(out[1:])
+        self.pos += 1
+        return out[0]
+
+    def keep(self, index: mx.array) -> None:
+        self.kv = [a[index] for a in self.kv]
+        self.left_padding = self.left_padding[index]
+
+
+class EagerDecoder:
+    """The same interface over any mlx-lm batch cache, uncompiled (e.g. sliding-window layers)."""
+
+    def __init__(self, model: nn.Module, cache: List[Any], inv_temperature: float):
+        self.model, self.cache, self.inv_t = model, cache, inv_temperature
+
+    def step(self, y: mx.array) -> mx.array:
+        return normalized_logprobs(self.model(y[:, None], cache=self.cache)[:, -1, :], self.inv_t)
+
+    def keep(self, index: mx.array) -> None:
+        for c in self.cache:
+            c.filter(index)

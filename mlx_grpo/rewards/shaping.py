@@ -1,0 +1,95 @@
+"""Length and repetition shaping: penalties (<= 0) added to the total to steer length and style.
+
+- ``overlong``: DAPO's soft overlong punishment (arXiv 2503.14476): 0 up to L_max - L_cache, then
+  linear down to -1 at L_max, and -1 beyond.
+- ``length``: a plain linear length penalty, -L / L_max (capped at -1).
+- ``repetition``: minus the share of repeated word n-grams (open-r1's repetition penalty).
+
+Lengths are counted in tokens (the ``completion_ids`` column the trainer passes, as TRL does),
+words or characters, as the reward's settings say.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+from ..config import LengthSettings, OverlongSettings, RepetitionSettings
+from .errors import RewardError
+
+RewardFn = Callable[..., List[Optional[float]]]
+
+
+def completion_lengths(
+    completions: Sequence[str], unit: str, completion_ids: Optional[Sequence[Sequence[int]]], reward: str
+) -> List[int]:
+    """Each completion's length in ``unit`` (tokens, words or chars)."""
+    if unit == "tokens":
+        if completion_ids is None:
+            raise RewardError(
+                f"reward {reward} counts tokens but got no completion_ids column (training passes it; "
+                f"for a file of completions add completion_ids or --set reward_settings.{reward}.unit=words)"
+            )
+        return [len(ids) for ids in completion_ids]
+    if unit == "words":
+        return [len(c.split()) for c in completions]
+    return [len(c) for c in completions]
+
+
+def overlong_penalty(length: int, max_length: int, cache: int) -> float:
+    """DAPO: 0 if length <= max_length - cache; ((max_length - cache) - length) / cache up to
+    max_length; -1 beyond. Range [-1, 0]."""
+    free = max_length - cache
+    if length <= free:
+        return 0.0
+    if length <= max_length:
+        return (free - length) / cache
+    return -1.0
+
+
+def _need(value: Optional[int], key: str) -> int:
+    # resolve_settings() fills these from rollout.max_tokens; a direct caller must give them.
+    if value is None:
+        raise RewardError(f"reward_settings.{key}: not set (resolve_settings fills it from rollout.max_tokens)")
+    return value
+
+
+def make_overlong_reward(settings: OverlongSettings) -> RewardFn:
+    """DAPO's overlong penalty with L_max = ``max_length`` and L_cache = ``cache``. Range [-1, 0]."""
+    max_length = _need(settings.max_length, "overlong.max_length")
+    cache = _need(settings.cache, "overlong.cache")
+
+    def overlong(prompts: List[str], completions: List[str], completion_ids=None, **_) -> List[Optional[float]]:
+        lengths = completion_lengths(completions, settings.unit, completion_ids, "overlong")
+        return [overlong_penalty(n, max_length, cache) for n in lengths]
+
+    return overlong
+
+
+def make_length_reward(settings: LengthSettings) -> RewardFn:
+    """-min(L, max_length) / max_length: shorter is better, linearly. Range [-1, 0]."""
+    max_length = _need(settings.max_length, "length.max_length")
+
+    def length(prompts: List[str], completions: List[str], completion_ids=None, **_) -> List[Optional[float]]:
+        lengths = completion_lengths(completions, settings.unit, completion_ids, "length")
+        return [0.0 - min(n, max_length) / max_length for n in lengths]
+
+    return length
+
+
+def repetition_penalty(text: str, n: int) -> float:
+    """-(1 - distinct n-grams / n-grams) over whitespace-separated words; 0 with fewer than n
+    words. Range (-1, 0]: -1 is approached by one n-gram said over and over."""
+    words = text.split()
+    if len(words) < n:
+        return 0.0
+    grams = list(zip(*(words[i:] for i in range(n))))
+    return len(set(grams)) / len(grams) - 1.0
+
+
+def make_repetition_reward(settings: RepetitionSettings) -> RewardFn:
+    """The repetition penalty on word ``ngram_size``-grams. Range (-1, 0]."""
+
+    def repetition(prompts: List[str], completions: List[str], **_) -> List[Optional[float]]:
+        return [repetition_penalty(c, settings.ngram_size) for c in completions]
+
+    return repetition
