@@ -22,7 +22,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 
-from mlx_grpo import distributed
+from mlx_grpo import blas, distributed
 from mlx_grpo.config import make_config
 from mlx_grpo.trainer import step_normalizer
 
@@ -130,6 +130,8 @@ def test_two_processes_under_mlx_launch_match_one(single_run, small_model_dir, t
     r = launch(run_args(small_model_dir) + ["--output", str(out)], env=env)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "data parallel over 2 processes: 2 of 4 prompts each per step" in r.stdout
+    if blas.reexec_env(env) is not None:  # (where a fast BLAS is installed) the re-exec happened
+        assert "(fast)" in r.stdout.splitlines()[0], r.stdout
     assert r.stdout.count("held-out, before -> after") == 1  # rank 0 alone reports
     assert_same_run(single_run, out)
     # The same files, each written once (two writers would double the log lines).
