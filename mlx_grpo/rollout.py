@@ -79,7 +79,8 @@ def repeat_cache(cache: List[Any], times: int) -> List[Any]:
 
 
 def make_sampler(cfg: RolloutConfig, temperature: Optional[float] = None):
-    """mlx-lm's sampler (temperature, top-p, top-k, min-p) taking log-probabilities."""
+    """mlx-lm's sampler (temperature, top-p, top-k, min-p) taking log-probabilities; it divides
+    them by ``temperature`` itself (as mlx-lm's generate loops expect)."""
     from mlx_lm.sample_utils import make_sampler as _make
 
     temp = cfg.temperature if temperature is None else temperature
@@ -173,7 +174,9 @@ def sample_groups(
     temp = cfg.temperature if temperature is None else temperature
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_ids, stop_ids, text_stops = stop_token_ids(tokenizer, cfg.stop)
-    sampler = make_sampler(cfg, temp) if keys is None else KeyedSampler(cfg, temp, keys)
+    # The decoder hands the sampler log-probs already divided by T (what the rollout records), so
+    # mlx-lm's sampler must not divide again: it gets T = 1 (or 0 for greedy).
+    sampler = make_sampler(cfg, 1.0 if temp > 0 else 0.0) if keys is None else KeyedSampler(cfg, temp, keys)
     inv_t = 1.0 / temp if temp > 0 else 1.0
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]

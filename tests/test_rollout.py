@@ -198,3 +198,29 @@ def test_keyed_sampling_follows_the_temperature_scaled_distribution():
     assert not np.array_equal(np.array(sampler(logprobs)), np.array(sampler(logprobs)))
     greedy = KeyedSampler(RolloutConfig(temperature=0.0), 0.0, mx.random.split(mx.random.key(0), 3))
     assert greedy(mx.log(mx.array([[0.2, 0.7, 0.1]] * 3))).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_rollouts_sample_the_temperature_scaled_distribution(model_tok, keyed):
+    """End to end, both samplers: the first token's frequencies over many rows follow
+    softmax(logits / T), and the recorded logprob is log of that probability (T applied once)."""
+    from mlx_grpo.rollout import encode_prompt, row_keys
+
+    model, tok = model_tok
+    T, n = 2.0, 3000
+    prompt = "What is 3 + 4 ? Assistant: <think>"
+    logits = model(mx.array([encode_prompt(tok, prompt)]))[0, -1].astype(mx.float32)
+    p = np.array(mx.softmax(logits / T))
+    mx.random.seed(3)
+    keys = row_keys(mx.random.key(5), 1, n) if keyed else None
+    ro = sample_groups(model, tok, [prompt], RolloutConfig(max_tokens=1, stop=[]), group_size=n,
+                       temperature=T, keys=keys)
+    first = np.array(ro.tokens[:, 0])
+    logp = np.log(p.astype(np.float64))
+    np.testing.assert_allclose(np.array(ro.sample_logprobs[:, 0]), logp[first], atol=1e-4)
+    # The mean log p of the drawn tokens estimates E_p[log p] = -H(p), within 4 standard errors.
+    se = np.sqrt((p * logp**2).sum() - ((p * logp).sum()) ** 2) / np.sqrt(n)
+    assert abs(logp[first].mean() - (p * logp).sum()) < 4 * se
+    # The test has the power to see T applied twice (drawing from softmax(logits / T^2)).
+    q = np.array(mx.softmax(logits / T**2)).astype(np.float64)
+    assert abs((q * logp).sum() - (p * logp).sum()) > 10 * se
