@@ -93,6 +93,26 @@ def maybe_reexec(argv: List[str], env: Dict[str, str]) -> None:
     os.execve(sys.executable, [sys.executable] + argv, new_env)
 
 
+def limit_threads(n: int, env: Dict[str, str]) -> bool:
+    """Cap the preloaded BLAS at ``n`` threads (processes sharing a machine would otherwise each
+    start one per core, and their spinning threads starve each other); True when it applied."""
+    import ctypes
+
+    lib = preloaded(env)
+    if lib is None:
+        return False
+    try:
+        handle = ctypes.CDLL(lib)
+    except OSError:
+        return False
+    for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads", "bli_thread_set_num_threads"):
+        fn = getattr(handle, name, None)
+        if fn is not None:
+            fn(ctypes.c_int(n))
+            return True
+    return False
+
+
 def describe(env: Dict[str, str]) -> str:
     """One line: which device and BLAS this run computes with."""
     import mlx.core as mx

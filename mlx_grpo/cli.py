@@ -54,10 +54,11 @@ def user_errors() -> Tuple[type, ...]:
 
 def run_faults() -> Tuple[type, ...]:
     """Exception types that stop a run for a stated reason (reported in one line, exit 1)."""
+    from .distributed import PeerLost
     from .models import NonFiniteError
     from .preflight import OutOfMemory
 
-    return (NonFiniteError, OutOfMemory)
+    return (NonFiniteError, OutOfMemory, PeerLost)
 
 
 def fail(message: str) -> None:
@@ -115,6 +116,7 @@ def train(config_path: Optional[str], sets: Tuple[str, ...], overwrite: bool, re
     Precedence: built-in defaults < --config YAML < --set and the flags above. With --resume, the
     run's own config replaces the defaults and the YAML file.
     """
+    from . import distributed
     from .interrupts import Interrupted
 
     try:
@@ -133,18 +135,25 @@ def train(config_path: Optional[str], sets: Tuple[str, ...], overwrite: bool, re
                                   "drop --overwrite/--config")
             if flags.get("output") is not None and flags["output"] != resume_dir:
                 raise ConfigError(f"--output: --resume continues {resume_dir} in place, got {flags['output']}")
-            cfg = resume_config(resume_dir, overrides)
+            # Under mlx.launch only rank 0 reads the run (other machines need no copy of it).
+            cfg = resume_config(resume_dir, overrides) if distributed.is_main() else None
         else:
             if overwrite:
                 overrides.append(("output.overwrite", True))
             cfg = make_config(config_path, overrides)
+        if distributed.size() > 1:  # every process runs rank 0's config
+            from .config import config_from_dict
+
+            cfg = config_from_dict(distributed.broadcast(cfg.to_dict() if cfg is not None else None))
         from . import blas
         from .trainer import train as run_training
 
-        click.echo(f"mlx-grpo: {blas.describe(dict(os.environ))}")
+        if distributed.is_main():
+            click.echo(f"mlx-grpo: {blas.describe(dict(os.environ))}")
         run_training(cfg, resume=resume_dir is not None)
     except Interrupted as e:
-        click.echo(str(e), err=True)
+        if distributed.is_main():  # rank 0 saved the checkpoint and says how to resume
+            click.echo(str(e), err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted; nothing saved since the last checkpoint", err=True)

@@ -433,6 +433,11 @@ def make_config(
     return validate(_build(Config, tree, ""))
 
 
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """A Config from ``Config.to_dict()`` output (e.g. one sent by another process), checked."""
+    return validate(_build(Config, data, ""))
+
+
 def _check_dotted_key(key: str) -> None:
     cls: Any = Config
     parts = key.split(".")

@@ -85,11 +85,56 @@ def repeat_cache(cache: List[Any], times: int) -> List[Any]:
 
 
 def make_sampler(cfg: RolloutConfig, temperature: Optional[float] = None):
-    """mlx-lm's sampler (temperature, top-p, top-k, min-p) taking log-probabilities."""
+    """mlx-lm's sampler (temperature, top-p, top-k, min-p) taking log-probabilities; it divides
+    them by ``temperature`` itself (as mlx-lm's generate loops expect)."""
     from mlx_lm.sample_utils import make_sampler as _make
 
     temp = cfg.temperature if temperature is None else temperature
     return _make(temp=temp, top_p=cfg.top_p if cfg.top_p < 1.0 else 0.0, min_p=cfg.min_p, top_k=cfg.top_k)
+
+
+def row_keys(key: mx.array, n_prompts: int, group_size: int) -> mx.array:
+    """[n_prompts * group_size, 2] PRNG keys, one per row: row g of prompt p gets split g of split
+    p of ``key``. A row's key depends on (key, p, g) alone, so a row samples the same completion
+    whichever slice of the prompts is decoded together (one process or several)."""
+    per_prompt = mx.random.split(key, n_prompts)
+    return mx.vmap(lambda k: mx.random.split(k, group_size))(per_prompt).reshape(-1, 2)
+
+
+class KeyedSampler:
+    """mlx-lm's filters (top-p, min-p, top-k), then each row drawn with its own key (Gumbel-max).
+
+    Called with the temperature-scaled log-probabilities of the batch's current rows; every call
+    advances each row's key, and ``keep`` follows the rows the decode loop keeps. Equal inputs
+    give equal tokens whatever the other rows in the batch are.
+    """
+
+    def __init__(self, cfg: RolloutConfig, temperature: float, keys: mx.array):
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+        self.greedy = temperature == 0
+        self.keys = keys
+        self.filters = []
+        if 0 < cfg.top_p < 1.0:
+            self.filters.append(lambda x: apply_top_p(x, cfg.top_p))
+        if cfg.min_p:
+            self.filters.append(lambda x: apply_min_p(x, cfg.min_p))
+        if cfg.top_k:
+            self.filters.append(lambda x: apply_top_k(x, cfg.top_k))
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if self.greedy:
+            return mx.argmax(logprobs, axis=-1)
+        for f in self.filters:
+            logprobs = f(logprobs)
+        pairs = mx.vmap(lambda k: mx.random.split(k, 2))(self.keys)  # [B, 2, 2]
+        self.keys = pairs[:, 0]
+        vocab = logprobs.shape[-1]
+        noise = mx.vmap(lambda k: mx.random.gumbel(shape=(vocab,), key=k))(pairs[:, 1])
+        return mx.argmax(logprobs + noise, axis=-1)
+
+    def keep(self, idx: mx.array) -> None:
+        self.keys = self.keys[idx]
 
 
 def encode_prompt(tokenizer: Any, text: str) -> List[int]:
@@ -122,13 +167,16 @@ def sample_groups(
     group_size: Optional[int] = None,
     temperature: Optional[float] = None,
     compiled: bool = True,
+    keys: Optional[mx.array] = None,
 ) -> Rollouts:
     """Sample ``group_size`` (default cfg.group_size) completions for each prompt text.
 
     ``compiled=False`` runs the same static-cache decode step without ``mx.compile`` (same tokens;
     the benchmark measures what compiling buys). Models whose caches don't fit the static buffer
     (sliding windows, recurrent state) decode with mlx-lm's own batch caches; so does a model whose
-    static step fails to build or trace, after a one-line warning (once per model).
+    static step fails to build or trace, after a one-line warning (once per model). ``keys``
+    ([P*G, 2], see ``row_keys``) gives each row its own random stream; without them the rows draw
+    from MLX's global PRNG, so a row's sample depends on the rest of the batch.
     """
     G = cfg.group_size if group_size is None else group_size
     temp = cfg.temperature if temperature is None else temperature
@@ -138,13 +186,13 @@ def sample_groups(
     if plain_kv_layers(model) and not getattr(model, STATIC_FAILED, False):
         try:
             logits, decoder = _start_static(model, prompt_tokens, left_padding, G, cfg.max_tokens, inv_t, compiled)
-            return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id)
+            return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id, keys)
         except DecodeSetupError as e:
             print(f"warning: compiled decoding does not fit {type(model).__name__} ({e}); "
                   "decoding with mlx-lm's caches, uncompiled, from now on", file=sys.stderr)
             object.__setattr__(model, STATIC_FAILED, True)  # a plain attribute, not a parameter
     logits, decoder = _start_eager(model, prompt_tokens, left_padding, G, inv_t)
-    return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id)
+    return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id, keys)
 
 
 def _start_static(model, prompt_tokens, left_padding, G, max_new, inv_t, compiled):
@@ -173,11 +221,13 @@ def _start_eager(model, prompt_tokens, left_padding, G, inv_t):
     return logits, EagerDecoder(model, cache, inv_t)
 
 
-def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id) -> Rollouts:
+def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id, keys) -> Rollouts:
     """Sample up to ``cfg.max_tokens`` tokens for every row, from the prefilled ``logits``."""
     n_rows = logits.shape[0]
     eos_ids, stop_ids, text_stops = stop_token_ids(tokenizer, cfg.stop)
-    sampler = make_sampler(cfg, temp)
+    # The decoder hands the sampler log-probs already divided by T (what the rollout records), so
+    # mlx-lm's sampler must not divide again: it gets T = 1 (or 0 for greedy).
+    sampler = make_sampler(cfg, 1.0 if temp > 0 else 0.0) if keys is None else KeyedSampler(cfg, temp, keys)
     inv_t = 1.0 / temp if temp > 0 else 1.0
     # Eager steps drop finished rows at once; a compiled step traces again for each batch size.
     min_dead = max(1, int(COMPACT_FRACTION * n_rows)) if isinstance(decoder, StaticDecoder) else 1
@@ -216,6 +266,8 @@ def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, tem
             idx = np.flatnonzero(live)
             decoder.keep(mx.array(idx.astype(np.int32)))
             y, active, live = y[mx.array(idx.astype(np.int32))], active[idx], live[idx]
+            if keys is not None:
+                sampler.keep(mx.array(idx.astype(np.int32)))
         logprobs = decoder.step(y)
 
     width = max(1, int(lengths.max()))

@@ -6,6 +6,7 @@
     update(...)                            # 4. clipped surrogate + KL, num_iterations times
 
 Everything else here is bookkeeping: the run directory, metrics, progress and checkpoints.
+Under ``mlx.launch`` every process runs this loop on its share of each step (distributed.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -24,7 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import __version__
+from . import __version__, distributed
 from .advantages import group_advantages
 from .checkpoint import (
     CHECKPOINTS,
@@ -33,6 +35,7 @@ from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     log_sizes,
+    restore_rng_key,
     rng_key,
     save_checkpoint,
     truncate_logs,
@@ -51,8 +54,8 @@ from .models import (
 )
 from .interrupts import Interrupted, stop_on_signals
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
-from .rewards import load_rewards, score, settings_for
-from .rollout import Rollouts, sample_groups
+from .rewards import Rewards, load_rewards, score, settings_for
+from .rollout import Rollouts, row_keys, sample_groups
 from .scoring import completion_logprobs
 from .tasks import columns, load_task
 from .tasks.templates import PromptFormat, prompt_format, render_prompt
@@ -168,17 +171,41 @@ def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int) 
     return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
 
 
+STATS = ("kl", "clip_fraction", "clip_low", "clip_high", "ratio_mean")  # grpo_loss's diagnostics
+
+
+def micro_size(rows: int, cfg: TrainConfig) -> int:
+    """Rows per micro-batch: the step's rows cut into ``grad_accumulation_steps`` parts."""
+    return max(1, math.ceil(rows / cfg.grad_accumulation_steps))
+
+
+def step_normalizer(rows_per_process: Sequence[int], tokens: float, cfg: Config) -> Normalizer:
+    """The whole step's sizes: rows and tokens in the update, and micro-batches over all processes
+    (each cuts its rows into micro-batches of ``micro_size`` of the step's rows)."""
+    n = int(sum(rows_per_process))
+    size = micro_size(n, cfg.train)
+    n_micro = sum(math.ceil(r / size) for r in rows_per_process)
+    return Normalizer(float(n), float(tokens), cfg.rollout.max_tokens, n_micro)
+
+
 def update(
     model: nn.Module,
     opt: optim.Optimizer,
-    batch: StepBatch,
+    batch: Optional[StepBatch],
     cfg: Config,
+    norm: Optional[Normalizer] = None,
 ) -> Dict[str, float]:
-    """One optimizer update on ``batch``, accumulated over micro-batches; returns loss and stats."""
-    n = batch.tokens.shape[0]
-    n_micro = min(cfg.train.grad_accumulation_steps, n)
-    size = math.ceil(n / n_micro)
-    norm = Normalizer(float(n), float(batch.mask.sum().item()), cfg.rollout.max_tokens, n_micro)
+    """One optimizer update on ``batch``, accumulated over micro-batches; returns loss and stats.
+
+    ``norm`` holds the sizes of the whole step over all processes (default: ``batch``'s own);
+    losses are normalised by them, so every process's gradient is its share of the step's
+    gradient and their sum is the update applied on every process. A process with no rows
+    (``batch`` None) adds zeros.
+    """
+    if norm is None:
+        norm = step_normalizer([batch.tokens.shape[0]], batch.mask.sum().item(), cfg)
+    n = 0 if batch is None else batch.tokens.shape[0]
+    size = micro_size(int(norm.num_sequences), cfg.train)
     temperature = cfg.rollout.temperature
 
     def loss_fn(model, b: StepBatch):
@@ -195,9 +222,15 @@ def update(
         grads = g if grads is None else tree_map(mx.add, grads, g)
         mx.eval(loss, grads, stats)
         loss_total += loss.item()
-        w = mb.tokens.shape[0] / n
+        # The stats are token means: weighting each micro-batch by its tokens gives the step's.
+        w = mb.mask.sum().item() / max(norm.num_tokens, 1.0)
         for k, v in stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + w * v.item()
+    if grads is None:
+        grads = tree_map(mx.zeros_like, model.trainable_parameters())
+    grads = distributed.sum_gradients(grads)
+    loss_total, *values = distributed.sum_values([loss_total] + [stats_sum.get(k, 0.0) for k in STATS])
+    stats_sum = dict(zip(STATS, values))
     grad_norm = math.sqrt(sum((g.astype(mx.float32) ** 2).sum().item() for _, g in tree_flatten(grads)))
     if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
         return {"loss": loss_total, "grad_norm": grad_norm, "skipped": 1.0, **stats_sum}
@@ -217,61 +250,83 @@ def grpo_step(
     fmt: PromptFormat,
     reward_fns: Dict[str, Callable],
     ref_model: Optional[nn.Module] = None,
+    key: Optional[mx.array] = None,
 ) -> Dict[str, Any]:
-    """One GRPO step on ``rows``; returns the step's metrics (and samples under "_samples")."""
+    """One GRPO step on the global batch ``rows``; returns the step's metrics (and samples under
+    "_samples").
+
+    This process samples and learns from its share of ``rows`` (all of them when run alone); the
+    advantages and metrics are computed on every process's rows, gathered. With ``key`` (see
+    ``sampling_key``) each row samples from its own stream, the same however ``rows`` is split.
+    """
     G = cfg.rollout.group_size
     temperature = cfg.rollout.temperature
-    micro = math.ceil(len(rows) * G / cfg.train.grad_accumulation_steps)
+    part = distributed.shard(len(rows))
+    mine = rows[part]
+    lo, hi = part.start * G, part.stop * G  # this process's rows in the step's row order
+    micro = math.ceil(len(mine) * G / cfg.train.grad_accumulation_steps)
     t0 = time.perf_counter()
 
     # 1. Rollouts from the current policy.
     model.eval()
-    prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows]
-    ro = sample_groups(model, tokenizer, prompts, cfg.rollout)
+    prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in mine]
+    keys = None if key is None else row_keys(key, len(rows), G)[lo:hi]
+    ro = sample_groups(model, tokenizer, prompts, cfg.rollout, keys=keys)
     t1 = time.perf_counter()
 
     # 2. Rewards on the whole response (the template's response prefix + the completion).
     responses = [fmt.response_prefix + t for t in ro.texts]
-    row_of = [r for r in rows for _ in range(G)]
+    row_of = [r for r in mine for _ in range(G)]
     cols = {**columns(row_of), "completion_ids": ro.completion_ids()}
     rw = score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
     t2 = time.perf_counter()
 
-    # 3. Group-relative advantages.
-    adv = group_advantages(rw.total, G, cfg.grpo.scale_rewards)
-    keep = np.flatnonzero(adv != 0) if cfg.grpo.skip_zero_advantage else np.arange(adv.size)
+    # 3. Group-relative advantages, over every process's rows (each one's own come back sliced).
+    entropy_terms = -(ro.sample_logprobs * ro.mask).sum(axis=1)
+    table = distributed.gather(np.column_stack(
+        [rw.total, ro.lengths, ro.truncated, np.array(entropy_terms.tolist()), *rw.columns.values()]
+    ))
+    total, lengths, truncated, entropy_sum = table[:, 0], table[:, 1], table[:, 2], table[:, 3].sum()
+    reward_columns = {k: table[:, 4 + i] for i, k in enumerate(rw.columns)}
+    adv_all = group_advantages(total, G, cfg.grpo.scale_rewards)
+    keep_all = np.flatnonzero(adv_all != 0) if cfg.grpo.skip_zero_advantage else np.arange(adv_all.size)
+    adv = adv_all[lo:hi]
+    keep = keep_all[(keep_all >= lo) & (keep_all < hi)] - lo
+    per_process = np.bincount(keep_all // (hi - lo), minlength=distributed.size())
+    norm = step_normalizer(per_process.tolist(), lengths[keep_all].sum(), cfg)
 
     # 4. Reference and old-policy logprobs, then num_iterations clipped updates.
     upd: Dict[str, float] = {}
     t3 = t4 = time.perf_counter()
-    if keep.size:
-        batch = select_rows(ro, adv, keep)
-        if cfg.grpo.beta > 0:
+    if keep_all.size:
+        batch = select_rows(ro, adv, keep) if keep.size else None
+        if batch is not None and cfg.grpo.beta > 0:
             if ref_model is not None:
                 batch.ref_logp = logprobs_of(ref_model, batch, temperature, micro)
             else:
                 with adapters_disabled(model):
                     batch.ref_logp = logprobs_of(model, batch, temperature, micro)
-        if cfg.grpo.num_iterations > 1:
+        if batch is not None and cfg.grpo.num_iterations > 1:
             batch.old_logp = logprobs_of(model, batch, temperature, micro)
-        mx.eval(batch.ref_logp, batch.old_logp)
+        if batch is not None:
+            mx.eval(batch.ref_logp, batch.old_logp)
         t3 = time.perf_counter()
         model.train()
-        per_iter = [update(model, opt, batch, cfg) for _ in range(cfg.grpo.num_iterations)]
+        per_iter = [update(model, opt, batch, cfg, norm) for _ in range(cfg.grpo.num_iterations)]
         model.eval()
         upd = {k: float(np.mean([p[k] for p in per_iter])) for k in per_iter[0]}
         upd["skipped"] = float(sum(p["skipped"] for p in per_iter))
         t4 = time.perf_counter()
 
-    lengths = ro.lengths
     n_tokens = int(lengths.sum())
     step_time = t4 - t0
-    groups = rw.total.reshape(-1, G)
+    generate_time = float(distributed.gather(np.array([t1 - t0])).max())  # the slowest process's
+    groups = total.reshape(-1, G)
     metrics: Dict[str, Any] = {
         "loss": upd.get("loss", 0.0),
-        "reward_mean": float(rw.total.mean()),
-        "reward_std": float(rw.total.std()),
-        **{f"rewards/{k}": v for k, v in rw.means().items()},
+        "reward_mean": float(total.mean()),
+        "reward_std": float(total.std()),
+        **{f"rewards/{k}": v for k, v in Rewards(reward_columns, total).means().items()},
         "kl": upd.get("kl", 0.0),
         "clip_fraction": upd.get("clip_fraction", 0.0),
         "clip_low": upd.get("clip_low", 0.0),
@@ -281,24 +336,24 @@ def grpo_step(
         "skipped_updates": upd.get("skipped", 0.0),
         # Mean -log p of the sampled tokens: a Monte-Carlo estimate of the per-token entropy of the
         # (temperature-scaled) policy, free because the rollout kept the logprobs.
-        "entropy": -float((ro.sample_logprobs * ro.mask).sum().item()) / max(n_tokens, 1),
+        "entropy": float(entropy_sum) / max(n_tokens, 1),
         "completion_length": float(lengths.mean()),
-        "truncated_rate": float(np.mean(ro.truncated)),
+        "truncated_rate": float(np.mean(truncated)),
         "zero_std_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
-        "rows_updated": int(keep.size),
+        "rows_updated": int(keep_all.size),
         "tokens": n_tokens,
-        "tokens_per_sec": n_tokens / max(t1 - t0, 1e-9),
+        "tokens_per_sec": n_tokens / max(generate_time, 1e-9),
         "step_time": step_time,
-        "time_generate": t1 - t0,
+        "time_generate": generate_time,
         "time_reward": t2 - t1,
         "time_score": t3 - t2,
         "time_update": t4 - t3,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
     }
-    metrics["_samples"] = [
-        {"prompt": rows[i // G]["prompt"], "completion": ro.texts[i], "reward": float(rw.total[i]),
+    metrics["_samples"] = [  # from this process's rows
+        {"prompt": mine[i // G]["prompt"], "completion": ro.texts[i], "reward": float(rw.total[i]),
          "rewards": {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in rw.columns.items()},
-         "advantage": float(adv[i]), "answer": rows[i // G].get("answer")}
+         "advantage": float(adv[i]), "answer": mine[i // G].get("answer")}
         for i in range(0, len(ro.texts), max(1, len(ro.texts) // 4))
     ]
     return metrics
@@ -323,14 +378,21 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     With ``resume``, continue the run in ``output.dir`` from its newest checkpoint (``cfg`` comes
     from ``checkpoint.resume_config``). Everything that can be checked before the first step
     (rewards, data, model, prompts, run directory) is checked before anything is written.
+
+    Under ``mlx.launch`` every process calls this; rank 0 alone prints, reads the run directory
+    and writes to it, and the others start from its weights, optimizer state and position.
     """
     out = Path(cfg.output.dir)
+    distributed.check_batch(cfg.train.prompts_per_step)
+    main = distributed.is_main()
+    if not main:
+        say = lambda _: None  # noqa: E731 - rank 0 speaks for the run
     reward_fns = load_rewards(list(cfg.rewards), settings_for(cfg))  # fail before loading a model
     data = load_task(cfg.data)
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
+    ckpt = latest_checkpoint(out) if resume and main else None
+    if resume and main and ckpt is None:
         raise CheckpointError(f"--resume: {out} has no complete checkpoint")
-    if not resume:
+    if not resume and main:
         check_run_dir(out, cfg.output.overwrite)
 
     model, tokenizer = load_model(cfg.model)
@@ -366,17 +428,25 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
         (out / "summary.json").unlink(missing_ok=True)  # it described the run before this resume
         say(f"resuming {out} from {ckpt.name}: step {state.step + 1} of {cfg.train.steps}")
     else:
-        prepare_run_dir(out, cfg.output.overwrite)
+        if main:
+            prepare_run_dir(out, cfg.output.overwrite)
         state = RunState()
-    save_config(cfg, out / "config.yaml")
+    if main:
+        save_config(cfg, out / "config.yaml")
+    state = _start_from_rank0(model, opt, state)
+    if distributed.size() > 1:
+        say(f"data parallel over {distributed.size()} processes: "
+            f"{cfg.train.prompts_per_step // distributed.size()} of {cfg.train.prompts_per_step} prompts each per step")
     metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
 
     eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
 
-    trackers = Trackers(cfg, out)
+    trackers = Trackers(cfg, out) if main else None
 
     def run_eval(step: int) -> Optional[Dict[str, Any]]:
-        if not eval_rows:
+        # Rank 0 evaluates alone (the others wait at the next step's first exchange): the
+        # held-out figures are then exactly a single process's.
+        if not eval_rows or not main:
             return None
         t = time.perf_counter()
         res = evaluate_held_out(model, tokenizer, eval_rows, cfg, cfg.output.eval_samples, None, reward_fns)
@@ -400,22 +470,25 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
         return path
 
     batches = prompt_batches(data.train, cfg.train.prompts_per_step, cfg.train.seed, state.batches_drawn)
-    bar = _progress(cfg.train.steps, cfg.output.progress)
+    bar = _progress(cfg.train.steps, cfg.output.progress and main)
     if bar is not None:
         bar.update(state.step)
     step = state.step
     try:
         with stop_on_signals(say) as stop:
             for step in range(state.step + 1, cfg.train.steps + 1):
-                m = grpo_step(model, tokenizer, opt, next(batches), cfg, fmt, reward_fns, ref_model)
+                distributed.test_exit_hook(step)
+                key = sampling_key(cfg.train.seed, step)
+                m = grpo_step(model, tokenizer, opt, next(batches), cfg, fmt, reward_fns, ref_model, key)
                 state.step, state.batches_drawn = step, state.batches_drawn + 1
                 samples = m.pop("_samples")
                 m["learning_rate"] = float(opt.learning_rate.item())
-                _append_jsonl(metrics_path, {"step": step, "kind": "train", **m})
-                trackers.log(step, m)
                 state.tokens += m["tokens"]
-                for s in samples:
-                    _append_jsonl(samples_path, {"step": step, **s})
+                if main:
+                    _append_jsonl(metrics_path, {"step": step, "kind": "train", **m})
+                    trackers.log(step, m)
+                    for s in samples:
+                        _append_jsonl(samples_path, {"step": step, **s})
                 if state.reward_first is None:
                     state.reward_first = m["reward_mean"]
                 state.reward_last = m["reward_mean"]
@@ -426,8 +499,11 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
                         (bar.write if bar is not None else say)(
                             f"held-out at step {step}: {_eval_line(state.eval_end)}"
                         )
+                # A signal seen by any process stops every process after this same step.
+                stopping = distributed.any_true(stop.signum is not None)
+                stop.signum = stop.signum or (signal.SIGTERM if stopping else None)
                 due = cfg.output.save_every and step % cfg.output.save_every == 0
-                if due or step == cfg.train.steps or stop.signum is not None:
+                if main and (due or step == cfg.train.steps or stopping):
                     with stop.uninterruptible():
                         ckpt = save(step)
                 if bar is not None:
@@ -441,6 +517,9 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
                     raise Interrupted(stop.signum, out, ckpt)
     except Interrupted as e:  # a second signal stops at once: the newest checkpoint is the one on disk
         raise Interrupted(e.signum, out, e.checkpoint or latest_checkpoint(out)) from None
+    except distributed.PeerLost as e:  # (a RuntimeError) name what is left to resume from
+        last = latest_checkpoint(out) if main else None
+        raise distributed.PeerLost(f"{e}; last checkpoint: {last or 'none'}" if main else str(e)) from None
     except (RuntimeError, MemoryError) as e:
         if is_out_of_memory(e):
             raise out_of_memory(e, cfg, step, latest_checkpoint(out)) from e
@@ -448,6 +527,8 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     finally:
         if bar is not None:
             bar.close()
+    if not main:
+        return {}
     save_adapters(model, out, cfg.adapter, cfg.model.path)
     if cfg.train.steps:
         state.eval_end = run_eval(cfg.train.steps)
@@ -468,6 +549,25 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
         say("held-out, before -> after: " + _compare_line(state.eval_start, state.eval_end))
     say(f"adapters saved in {out} (load with: mlx_lm.generate --model {cfg.model.path} --adapter-path {out})")
     return summary
+
+
+def sampling_key(seed: int, step: int) -> mx.array:
+    """The PRNG key of step ``step``'s rollouts: a function of the seed and step alone, so a
+    resumed run and any number of processes sample exactly what one uninterrupted process does."""
+    return mx.array(np.random.SeedSequence([seed % 2**64, step]).generate_state(2), dtype=mx.uint32)
+
+
+def _start_from_rank0(model: nn.Module, opt: optim.Optimizer, state: RunState) -> RunState:
+    """Every process continues from rank 0's adapters, optimizer state and loop position (on
+    resume only rank 0 reads the checkpoint: other machines need no copy of the run)."""
+    if distributed.size() == 1:
+        return state
+    model.update(distributed.broadcast_arrays(model.trainable_parameters()))
+    opt.state = distributed.broadcast_arrays(opt.state)
+    state = RunState(**distributed.broadcast(asdict(state)))
+    if state.rng_key is not None:
+        restore_rng_key(state.rng_key)
+    return state
 
 
 def _count_nonfinite(state: RunState, m: Dict[str, Any], cfg: Config, out: Path) -> None:

@@ -205,3 +205,65 @@ def test_the_compiled_step_follows_weight_updates(small_model_dir):
     fresh = sample_groups(model, tok, PROMPTS, cfg, compiled=False)
     assert after.texts == fresh.texts and after.texts != before.texts
     assert mx.abs(after.sample_logprobs - fresh.sample_logprobs).max().item() < 1e-4
+
+
+def test_row_keys_make_samples_independent_of_how_prompts_are_split(model_tok):
+    """Each row draws from its own key: decoding the prompts together or in two parts (as two
+    processes do) gives the same completions and log-probabilities."""
+    from mlx_grpo.rollout import row_keys
+
+    model, tok = model_tok
+    cfg = RolloutConfig(group_size=4, max_tokens=10, temperature=1.0, top_p=0.95, stop=[])
+    keys = row_keys(mx.random.key(5), len(PROMPTS), 4)
+    assert keys.shape == (12, 2) and len({tuple(k) for k in keys.tolist()}) == 12
+    whole = sample_groups(model, tok, PROMPTS, cfg, keys=keys)
+    first = sample_groups(model, tok, PROMPTS[:1], cfg, keys=keys[:4])
+    rest = sample_groups(model, tok, PROMPTS[1:], cfg, keys=keys[4:])
+    assert whole.texts == first.texts + rest.texts
+    assert len(set(whole.texts[:4])) > 1  # a group's rows still differ
+    for part, rows in ((first, slice(0, 4)), (rest, slice(4, 12))):
+        w = part.tokens.shape[1]
+        diff = mx.abs(whole.sample_logprobs[rows, :w] - part.sample_logprobs) * part.mask
+        assert diff.max().item() < 1e-4
+    other = sample_groups(model, tok, PROMPTS, cfg, keys=row_keys(mx.random.key(6), len(PROMPTS), 4))
+    assert other.texts != whole.texts
+
+
+def test_keyed_sampling_follows_the_temperature_scaled_distribution():
+    """Gumbel-max with per-row keys draws token i with probability softmax(logprobs)_i."""
+    from mlx_grpo.rollout import KeyedSampler
+
+    logprobs = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    sampler = KeyedSampler(RolloutConfig(temperature=1.0), 1.0, mx.random.split(mx.random.key(0), 4000))
+    counts = np.bincount(np.array(sampler(logprobs)), minlength=4) / 4000
+    assert np.allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    # Each call advances every row's key: a second draw is not a copy of the first.
+    assert not np.array_equal(np.array(sampler(logprobs)), np.array(sampler(logprobs)))
+    greedy = KeyedSampler(RolloutConfig(temperature=0.0), 0.0, mx.random.split(mx.random.key(0), 3))
+    assert greedy(mx.log(mx.array([[0.2, 0.7, 0.1]] * 3))).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_rollouts_sample_the_temperature_scaled_distribution(model_tok, keyed):
+    """End to end, both samplers: the first token's frequencies over many rows follow
+    softmax(logits / T), and the recorded logprob is log of that probability (T applied once)."""
+    from mlx_grpo.rollout import encode_prompt, row_keys
+
+    model, tok = model_tok
+    T, n = 2.0, 3000
+    prompt = "What is 3 + 4 ? Assistant: <think>"
+    logits = model(mx.array([encode_prompt(tok, prompt)]))[0, -1].astype(mx.float32)
+    p = np.array(mx.softmax(logits / T))
+    mx.random.seed(3)
+    keys = row_keys(mx.random.key(5), 1, n) if keyed else None
+    ro = sample_groups(model, tok, [prompt], RolloutConfig(max_tokens=1, stop=[]), group_size=n,
+                       temperature=T, keys=keys)
+    first = np.array(ro.tokens[:, 0])
+    logp = np.log(p.astype(np.float64))
+    np.testing.assert_allclose(np.array(ro.sample_logprobs[:, 0]), logp[first], atol=1e-4)
+    # The mean log p of the drawn tokens estimates E_p[log p] = -H(p), within 4 standard errors.
+    se = np.sqrt((p * logp**2).sum() - ((p * logp).sum()) ** 2) / np.sqrt(n)
+    assert abs(logp[first].mean() - (p * logp).sum()) < 4 * se
+    # The test has the power to see T applied twice (drawing from softmax(logits / T^2)).
+    q = np.array(mx.softmax(logits / T**2)).astype(np.float64)
+    assert abs((q * logp).sum() - (p * logp).sum()) > 10 * se
