@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 check (issue 5): run on the lent GPU machine after ../shared/gpu/prepare-mlx-cuda.sh's
-# part1 was copied to /root/stage. Everything it measures lands in $OUT.
+# part1 was copied to /root/stage. Everything it measures lands in $OUT. QUICK=1: tiny bench and tests only.
 set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 # No package index there: run from the checkout (cli.py imports mlx_grpo from here), no pip install -e.
@@ -8,7 +8,7 @@ python -c "import mlx.core" 2>/dev/null || bash .device/part2/install.sh > "$OUT
 python -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__, mx.default_device())" | tee "$OUT/device.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$OUT/device.txt" 2>&1
 timeout 150 python cli.py bench --out "$OUT/bench_tiny.json" > "$OUT/bench_tiny.txt" 2>&1; echo "bench tiny rc=$?"
-timeout 200 python cli.py bench --large --out "$OUT/bench_large.json" > "$OUT/bench_large.txt" 2>&1; echo "bench large rc=$?"
-timeout 120 python -m pytest -q -p no:cacheprovider tests/test_rollout.py tests/test_scoring.py tests/test_trainer.py > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?"
-timeout 90 python cli.py train --steps 40 --no-progress --output /tmp/r40 > "$OUT/train40.txt" 2>&1; echo "train rc=$?"
-tail -3 "$OUT/pytest.txt"; cat "$OUT/bench_tiny.txt" | tail -25; tail -25 "$OUT/bench_large.txt"; tail -4 "$OUT/train40.txt"
+[ -n "${QUICK:-}" ] || timeout 200 python cli.py bench --large --out "$OUT/bench_large.json" > "$OUT/bench_large.txt" 2>&1; echo "bench large rc=$?"
+timeout 120 python -m pytest -q -p no:cacheprovider tests/test_rollout.py tests/test_scoring.py tests/test_prefill.py tests/test_trainer.py > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?"
+[ -n "${QUICK:-}" ] || timeout 90 python cli.py train --steps 40 --no-progress --output /tmp/r40 > "$OUT/train40.txt" 2>&1; echo "train rc=$?"
+tail -3 "$OUT/pytest.txt"; tail -25 "$OUT/bench_tiny.txt"; tail -25 "$OUT/bench_large.txt" "$OUT/train40.txt" 2>/dev/null
