@@ -9,7 +9,7 @@ from mlx_grpo.models import load_model
 from mlx_grpo.rollout import sample_groups, stop_token_ids
 from mlx_grpo.scoring import completion_logprobs
 
-from conftest import mlx_lm_greedy
+from conftest import mlx_lm_greedy, tol
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_row_keys_make_samples_independent_of_how_prompts_are_split(model_tok):
     for part, rows in ((first, slice(0, 4)), (rest, slice(4, 12))):
         w = part.tokens.shape[1]
         diff = mx.abs(whole.sample_logprobs[rows, :w] - part.sample_logprobs) * part.mask
-        assert diff.max().item() < 1e-4
+        assert diff.max().item() < tol(1e-4, 1e-2)
     other = sample_groups(model, tok, PROMPTS, cfg, keys=row_keys(mx.random.key(6), len(PROMPTS), 4))
     assert other.texts != whole.texts
 
@@ -260,7 +260,7 @@ def test_rollouts_sample_the_temperature_scaled_distribution(model_tok, keyed):
                        temperature=T, keys=keys)
     first = np.array(ro.tokens[:, 0])
     logp = np.log(p.astype(np.float64))
-    np.testing.assert_allclose(np.array(ro.sample_logprobs[:, 0]), logp[first], atol=1e-4)
+    np.testing.assert_allclose(np.array(ro.sample_logprobs[:, 0]), logp[first], atol=tol(1e-4, 1e-2))
     # The mean log p of the drawn tokens estimates E_p[log p] = -H(p), within 4 standard errors.
     se = np.sqrt((p * logp**2).sum() - ((p * logp).sum()) ** 2) / np.sqrt(n)
     assert abs(logp[first].mean() - (p * logp).sum()) < 4 * se
