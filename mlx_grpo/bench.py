@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -300,8 +300,10 @@ def run_probe_subprocess(config_path: Optional[str], model: Optional[str], s: Be
 
 
 def run_bench(config_path: Optional[str] = None, model: Optional[str] = None, large: bool = False,
-              quick: bool = False, say: Callable[[str], None] = lambda _: None) -> Dict[str, Any]:
-    """Run every measurement; returns one JSON-ready dict."""
+              quick: bool = False, say: Callable[[str], None] = lambda _: None,
+              processes: int = 0) -> Dict[str, Any]:
+    """Run every measurement; returns one JSON-ready dict. ``processes`` N >= 2 adds training
+    steps/s with 1 and N processes (``distributed_throughput``)."""
     s = QUICK if quick else (BenchSettings(prompts=4) if large else BenchSettings())
     if large:
         say("building/loading the random ~100M-parameter model ...")
@@ -343,7 +345,54 @@ def run_bench(config_path: Optional[str] = None, model: Optional[str] = None, la
             "ratio": bundled["step_time"] / fast["step_time"],
             "fast_generate_s": fast["generate"], "bundled_generate_s": bundled["generate"],
         }
+    if processes >= 2:
+        say(f"training steps/s with 1 and {processes} processes (mlx.launch) ...")
+        sets = ["--batch-size", str(s.prompts), "-G", str(s.group_size), "--max-tokens", str(s.max_tokens)]
+        sets += ["--config", config_path] if config_path else []
+        result["distributed"] = distributed_throughput(processes, 2 + 2 * s.steps, model, sets)
     return result
+
+
+def distributed_throughput(processes: int, steps: int, model: Optional[str] = None,
+                           extra: Sequence[str] = (), launcher: Sequence[str] = ()) -> Dict[str, Any]:
+    """Steps/s of the same seeded training run with 1 process and with ``processes`` under
+    ``mlx.launch`` (ring backend; ``launcher`` adds e.g. ``--hostfile hosts.json``).
+
+    Both runs use the same config, seed and global batch, so they do the same work; the
+    N-process run splits every step's prompt groups between its processes. A step's time is
+    ``step_time`` from rank 0's metrics (rollouts, rewards, scoring, update and the exchanges
+    between processes), median over the steps after the first (a warm-up). On one machine the
+    processes share its cores, so N processes are faster only where one leaves hardware idle.
+    """
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--steps", str(steps), "--seed", "0", "--no-progress", "--set", "output.eval_size=1",
+            "--set", "output.save_every=0", *(["--model", model] if model else []), *extra]
+    launch = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, processes):
+            out = Path(tmp) / f"p{n}"
+            cmd = [sys.executable, "-m", "mlx_grpo.cli", "train", "--output", str(out), *args]
+            if n > 1:
+                cmd = launch + ["-n", str(n), "--backend", "ring", *launcher, "--", *cmd]
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            metrics = out / "metrics.jsonl"
+            # mlx.launch exits 0 whatever its processes did: judge by the run's own files.
+            if r.returncode or not (out / "summary.json").exists() or "error:" in r.stderr:
+                raise RuntimeError(f"{n}-process training run failed: {r.stderr.strip()[-1500:]}")
+            lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+            timed = [m for m in lines if m["kind"] == "train"][1:] or [lines[-1]]
+            step_time = statistics.median(m["step_time"] for m in timed)
+            runs.append({
+                "processes": n, "step_time_s": step_time, "steps_per_s": 1.0 / step_time,
+                "tokens_per_s": statistics.median(m["tokens"] / m["step_time"] for m in timed),
+                "wall_s": wall,
+            })
+    return {"runs": runs, "speedup_steps_per_s": runs[1]["steps_per_s"] / runs[0]["steps_per_s"]}
 
 
 def table(r: Dict[str, Any]) -> str:
@@ -377,6 +426,14 @@ def table(r: Dict[str, Any]) -> str:
         lines += [
             f"| GRPO step, fast BLAS / bundled BLAS | {bl['fast_step_s']:.3f} / {bl['bundled_step_s']:.3f} s |",
             f"| **step speed-up from the fast BLAS** | **{bl['ratio']:.2f}x** |",
+        ]
+    if "distributed" in r:
+        d = r["distributed"]
+        one, many = d["runs"]
+        lines += [
+            f"| training steps/s, 1 process / {many['processes']} processes (mlx.launch, ring) | "
+            f"{one['steps_per_s']:.2f} / {many['steps_per_s']:.2f} |",
+            f"| **steps/s ratio, {many['processes']} processes / 1** | **{d['speedup_steps_per_s']:.2f}x** |",
         ]
     return "\n".join(lines)
 

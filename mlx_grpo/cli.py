@@ -384,9 +384,11 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
 @click.option("--large", is_flag=True, help="Bench a randomly initialised ~100M-parameter model (built once, cached).")
 @click.option("--quick", is_flag=True, help="Tiny settings, one repetition: checks that everything runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--processes", "-n", type=click.IntRange(min=0), default=0,
+              help="Also time training steps/s with 1 and N processes under mlx.launch (N >= 2).")
 @click.option("--out", "out_path", type=str, default=None, help="Also write the JSON result to this file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def bench(model, config_path, large, quick, as_json, out_path, debug):
+def bench(model, config_path, large, quick, processes, as_json, out_path, debug):
     """Rollout throughput vs mlx_lm.batch_generate, GRPO step split, peak memory, fast vs bundled BLAS."""
     import json
 
@@ -394,7 +396,7 @@ def bench(model, config_path, large, quick, as_json, out_path, debug):
 
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
     try:
-        result = run_bench(config_path, model, large=large, quick=quick, say=say)
+        result = run_bench(config_path, model, large=large, quick=quick, say=say, processes=processes)
     except Exception as e:
         if debug or not isinstance(e, user_errors()):
             raise

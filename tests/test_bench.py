@@ -13,7 +13,7 @@ def _positive(x):
 
 def test_bench_quick_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_cli("bench", "--quick", "--json", "--out", str(out))
+    proc = run_cli("bench", "--quick", "--processes", "2", "--json", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == r
@@ -40,6 +40,10 @@ def test_bench_quick_json(tmp_path):
     else:
         assert _positive(bl["fast_step_s"]) and _positive(bl["bundled_step_s"])
         assert abs(bl["ratio"] - bl["bundled_step_s"] / bl["fast_step_s"]) < 1e-9
+    one, two = r["distributed"]["runs"]  # training under mlx.launch -n 2 against one process
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert _positive(one["steps_per_s"]) and _positive(two["steps_per_s"])
+    assert abs(r["distributed"]["speedup_steps_per_s"] - two["steps_per_s"] / one["steps_per_s"]) < 1e-9
 
 
 def test_bench_table_and_bad_config(tmp_path):
