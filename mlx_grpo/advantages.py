@@ -19,7 +19,13 @@ def group_advantages(
     r = np.asarray(rewards, dtype=np.float64)
     if r.ndim != 1 or r.size % group_size:
         raise ValueError(f"{r.size} rewards do not split into groups of {group_size}")
-    groups = r.reshape(-1, group_size)
+    # Rewards beyond float range give inf/NaN advantages without a NumPy warning: the update then
+    # sees a non-finite loss and is skipped and counted (trainer), which is the report.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _advantages(r.reshape(-1, group_size), r, scale, eps)
+
+
+def _advantages(groups: np.ndarray, r: np.ndarray, scale: str, eps: float) -> np.ndarray:
     centered = groups - groups.mean(axis=1, keepdims=True)
     if scale == "group":
         # ddof=0: the population std of the G rewards, as in the paper's formula.

@@ -32,8 +32,13 @@ class Interrupted(Exception):
         name = signal.Signals(self.signum).name
         if self.checkpoint is None:
             return f"{name}: stopped before the first checkpoint; nothing to resume"
+        from .distributed import size
+
+        # Several processes: the same launch line again, with --resume (the launcher's own
+        # arguments are not known here).
+        launch = f"mlx.launch -n {size()} <same launch arguments> -- " if size() > 1 else ""
         return (f"{name}: stopped; last checkpoint {self.checkpoint}\n"
-                f"resume with: python cli.py train --resume {self.run_dir}")
+                f"resume with: {launch}python cli.py train --resume {self.run_dir}")
 
 
 class StopFlag:

@@ -80,7 +80,7 @@ def test_second_ctrl_c_stops_at_once(small_model_dir, tmp_path):
 
 
 def test_sigkill_at_many_points_always_resumes_to_the_same_run(small_model_dir, tmp_path):
-    steps = 14
+    steps = 40  # enough that eight kill rounds never reach the end, however fast steps get
     common = ["--model", str(small_model_dir), "--steps", str(steps), "--set", "output.save_every=1",
               "--set", "output.keep_checkpoints=2", *ARGS]
     straight = tmp_path / "straight"
