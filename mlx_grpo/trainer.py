@@ -513,7 +513,9 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
                         f"reward {m['reward_mean']:.3f} kl {m['kl']:.4f} len {m['completion_length']:.1f}"
                         f"{acc} {m['tokens_per_sec']:.0f} tok/s"
                     )
-                if stop.signum is not None:
+                # Decided once, above: a signal that lands after that point is acted on after
+                # the next step (which then saves), never here without a checkpoint.
+                if stopping:
                     raise Interrupted(stop.signum, out, ckpt)
     except Interrupted as e:  # a second signal stops at once: the newest checkpoint is the one on disk
         raise Interrupted(e.signum, out, e.checkpoint or latest_checkpoint(out)) from None
