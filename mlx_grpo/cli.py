@@ -354,7 +354,7 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
     worst and best examples. From a file (--completions) or sampled (--model --samples N)."""
     import json
 
-    try:
+    with reported(debug):
         if bool(completions_path) == bool(model):
             raise ConfigError("reward: give either --completions FILE.jsonl or --model M --samples N")
         if model and not (samples and samples > 0):
@@ -371,10 +371,6 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
 
         weights = parse_reward_list(reward_list, cfg.rewards) if reward_list else dict(cfg.rewards)
         summary = run(cfg, weights, completions_path, samples, adapter, group_size, out_path, top)
-    except Exception as e:
-        if debug or not isinstance(e, user_errors()):
-            raise
-        fail(str(e))
     click.echo(json.dumps(summary) if as_json else format_report(summary))
 
 
@@ -395,12 +391,8 @@ def bench(model, config_path, large, quick, processes, as_json, out_path, debug)
     from .bench import run_bench, table
 
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
-    try:
+    with reported(debug):
         result = run_bench(config_path, model, large=large, quick=quick, say=say, processes=processes)
-    except Exception as e:
-        if debug or not isinstance(e, user_errors()):
-            raise
-        fail(str(e))
     if out_path:
         from pathlib import Path
 
