@@ -264,7 +264,7 @@ def grpo_step(
     part = distributed.shard(len(rows))
     mine = rows[part]
     lo, hi = part.start * G, part.stop * G  # this process's rows in the step's row order
-    micro = math.ceil(len(mine) * G / cfg.train.grad_accumulation_steps)
+    micro = micro_size(len(mine) * G, cfg.train)
     t0 = time.perf_counter()
 
     # 1. Rollouts from the current policy.
@@ -299,16 +299,16 @@ def grpo_step(
     upd: Dict[str, float] = {}
     t3 = t4 = time.perf_counter()
     if keep_all.size:
-        batch = select_rows(ro, adv, keep) if keep.size else None
-        if batch is not None and cfg.grpo.beta > 0:
-            if ref_model is not None:
-                batch.ref_logp = logprobs_of(ref_model, batch, temperature, micro)
-            else:
-                with adapters_disabled(model):
-                    batch.ref_logp = logprobs_of(model, batch, temperature, micro)
-        if batch is not None and cfg.grpo.num_iterations > 1:
-            batch.old_logp = logprobs_of(model, batch, temperature, micro)
+        batch = select_rows(ro, adv, keep) if keep.size else None  # None: this process adds zeros
         if batch is not None:
+            if cfg.grpo.beta > 0:
+                if ref_model is not None:
+                    batch.ref_logp = logprobs_of(ref_model, batch, temperature, micro)
+                else:
+                    with adapters_disabled(model):
+                        batch.ref_logp = logprobs_of(model, batch, temperature, micro)
+            if cfg.grpo.num_iterations > 1:
+                batch.old_logp = logprobs_of(model, batch, temperature, micro)
             mx.eval(batch.ref_logp, batch.old_logp)
         t3 = time.perf_counter()
         model.train()
@@ -531,7 +531,8 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
             bar.close()
     if not main:
         return {}
-    save_adapters(model, out, cfg.adapter, cfg.model.path)
+    if state.step == 0:  # a run of no steps: the last step's checkpoint would have written them
+        save_adapters(model, out, cfg.adapter, cfg.model.path)
     if cfg.train.steps:
         state.eval_end = run_eval(cfg.train.steps)
     trackers.close()
