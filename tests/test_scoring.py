@@ -24,6 +24,16 @@ def model_tok(small_model_dir):
     return model, tok
 
 
+def two_prompts(tok, rows: int, width: int, seed: int):
+    """Two prompts of different lengths, left-padded, and ``rows`` random completions of ``width``
+    tokens; the generator comes back too, for the test's further draws."""
+    enc = [tok.encode("What is 3 + 4 ?"), tok.encode("5 + 5 = 10 . What is 2 + 2 ?")]
+    prompts, pad = left_pad(enc, 0)
+    rng = np.random.default_rng(seed)
+    comp = mx.array(rng.integers(4, 100, size=(rows, width)).astype(np.int32))
+    return enc, prompts, pad, comp, rng
+
+
 def test_padding_is_invisible(model_tok):
     model, tok = model_tok
     short, long = tok.encode("What is 3 + 4 ?"), tok.encode("tags : <think> </think> What is 13 + 14 ? <think>")
@@ -40,10 +50,7 @@ def test_padding_is_invisible(model_tok):
 
 def test_shared_prompt_pass_equals_one_pass_per_row(model_tok):
     model, tok = model_tok
-    enc = [tok.encode("What is 3 + 4 ?"), tok.encode("5 + 5 = 10 . What is 2 + 2 ?")]
-    prompts, pad = left_pad(enc, 0)
-    rng = np.random.default_rng(0)
-    comp = mx.array(rng.integers(4, 100, size=(6, 7)).astype(np.int32))
+    enc, prompts, pad, comp, rng = two_prompts(tok, 6, 7, seed=0)
     row_prompt = np.array([0, 0, 0, 1, 1, 1])
     repeated = prompts[mx.array(row_prompt)]
     rep_pad = [pad[i] for i in row_prompt]
@@ -71,10 +78,7 @@ def test_chunked_head_equals_whole_logits_values_and_grads(model_tok):
     from mlx_grpo.scoring import chunked_logprobs, gather_logprobs, output_head
 
     model, tok = model_tok
-    enc = [tok.encode("What is 3 + 4 ?"), tok.encode("5 + 5 = 10 . What is 2 + 2 ?")]
-    prompts, pad = left_pad(enc, 0)
-    rng = np.random.default_rng(1)
-    comp = mx.array(rng.integers(4, 100, size=(4, 9)).astype(np.int32))
+    enc, prompts, pad, comp, rng = two_prompts(tok, 4, 9, seed=1)
     row_prompt = np.array([0, 0, 1, 1])
     body, module, head, vocab = output_head(model)
     assert vocab == model.model.embed_tokens.weight.shape[0]
@@ -181,10 +185,7 @@ def test_length_groups_give_the_same_logprobs_and_gradients(model_tok):
     from mlx_grpo import scoring
 
     model, tok = model_tok
-    enc = [tok.encode("What is 3 + 4 ?"), tok.encode("5 + 5 = 10 . What is 2 + 2 ?")]
-    prompts, pad = left_pad(enc, 0)
-    rng = np.random.default_rng(2)
-    comp = mx.array(rng.integers(4, 100, size=(6, 12)).astype(np.int32))
+    enc, prompts, pad, comp, rng = two_prompts(tok, 6, 12, seed=2)
     lengths = np.array([3, 12, 3, 4, 11, 3])
     mask = mx.array((np.arange(12)[None] < lengths[:, None]).astype(np.float32))
     row_prompt = np.array([0, 0, 0, 1, 1, 1])
