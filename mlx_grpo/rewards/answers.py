@@ -16,50 +16,88 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
-# The innermost last answer block: an <answer> inside another one is skipped over.
-ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
+import numpy as np
 
-_NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d{1,3})?|\.\d+"  # exponents up to 999: no huge ints
-# One number: a mixed number (1 1/2), a fraction (3/4, -1.5/2) or a plain number; sign included.
-NUMBER_RE = re.compile(
-    rf"(?P<mixed>[-+]?\d+)\s+(?P<mnum>\d+)\s*/\s*(?P<mden>\d+)(?![\d.,/])"
-    rf"|(?P<num>[-+]?(?:{_NUM}))\s*/\s*(?P<den>[-+]?(?:{_NUM}))"
-    rf"|(?P<plain>[-+]?(?:{_NUM}))"
-)
-# What may surround the one number of an answer: words (units, "x ="), currency, %, degrees.
-_DECORATION_RE = re.compile(r"[A-Za-z_\s$€£¥₹%°'.:=]*")
-_UNIT_SLASH_RE = re.compile(r"(?<=[A-Za-z])/(?=[A-Za-z])")  # km/h, not 5 / x
-_PERCENT_RE = re.compile(r"\s*(?:%|percent\b|per\s+cent\b)", re.IGNORECASE)
+from .numbers import NUMBER_RE, SIMPLE_NUMBER_RE, Number, read_number
+
+__all__ = ["Number", "NUMBER_RE", "answers_match", "clean_answer", "extract_answer", "extract_boxed",
+           "last_number", "latex_to_plain", "parse_number", "pick_answer", "strip_trailing", "to_number"]
+
+# An answer longer than this, once its \boxed{} is taken, is no final answer: it matches nothing,
+# and is not cleaned (a megabyte of degenerate text would cost a regex pass per cleaning step).
+MAX_ANSWER_CHARS = 10_000
+# The lenient reading looks for the last number in this many final characters only: the answer is
+# at the end, and a completion with tens of thousands of numbers would cost a Python step each.
+LAST_NUMBER_WINDOW = 10_000
+# Longer answers are not handed to math-verify: its LaTeX parser and sympy can spend seconds on a
+# long expression (its own timeout is 5 s), and no final answer needs this many characters.
+MAX_MATH_VERIFY_CHARS = 300
 
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRAC_SHORT_RE = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")
-_DEGREES_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
+# ^\circ, ^{\circ}, ° (then an optional C or F). The brace and the spaces after it form one optional
+# group: two optional space runs side by side would be tried in every split (quadratic on "^   ").
+_DEGREES_RE = re.compile(r"(?:\^\s*(?:\{\s*)?\\circ\s*\}?|°)(?:[CF](?![A-Za-z]))?")
 _THIN_SPACE_RE = re.compile(r"\\[,;:!]")
-_WIDE_SPACE_RE = re.compile(r"\\q?quad\b|\\ |~")
-_SIMPLE_NUMBER_RE = re.compile(rf"[-+]?(?:{_NUM})")
-
-
-@dataclass(frozen=True)
-class Number:
-    """A parsed number: its exact value (the percent sign not applied) and whether it had one."""
-
-    value: Fraction
-    percent: bool = False
-
-    @property
-    def scaled(self) -> Fraction:
-        return self.value / 100 if self.percent else self.value
+# Patterns start with a literal or a character set, so the engine skips ahead to candidates
+# instead of trying every position (a lookbehind first would cost ~50 ms per MB).
+_WIDE_SPACE_RE = re.compile(r"\\(?:q?quad\b| )")
+_TIE_RE = re.compile(r"~(?<=\S~)(?=\S)")  # a LaTeX tie (5~cm), not "~5" (about 5)
+_DIGIT_GROUP_SPACE_RE = re.compile(r"[\u00a0\u2009\u202f\u2007](?<=\d.)(?=\d{3}(?!\d))")  # 1 000 000
+_VULGAR = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "⅕": "1/5", "⅖": "2/5", "⅗": "3/5",
+           "⅘": "4/5", "⅙": "1/6", "⅚": "5/6", "⅐": "1/7", "⅛": "1/8", "⅜": "3/8", "⅝": "5/8", "⅞": "7/8",
+           "⅑": "1/9", "⅒": "1/10"}
+_VULGAR_RE = re.compile("[" + "".join(_VULGAR) + "]")
+_CHARS = str.maketrans({"\u2212": "-", "\u2044": "/", "²": "^2", "³": "^3"})
+_MATH_DELIMITER_RE = re.compile(r"\\[()\[\]]")
+_BOXED_WORD_RE = re.compile(r" *([^\s$]*)")
+# Every character str.isspace() accepts (the same set as the regex \s), for one C-level rstrip.
+_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+               "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+_TRAILING = _WHITESPACE + ".!?;:,"
 
 
 def extract_answer(completion: str) -> Optional[str]:
-    """The text inside the last complete <answer>...</answer> (the innermost when nested), or None."""
-    found = ANSWER_RE.findall(completion)
-    return found[-1].strip() if found else None
+    """The text inside the last complete <answer>...</answer> (the innermost when nested), or None.
+
+    The last ``<answer>`` that opens before the last ``</answer>``, up to the first ``</answer>``
+    after it: no opening tag stands between them, and no later block is closed. A few ``find``
+    calls, whatever the number of tags.
+    """
+    last_close = completion.rfind("</answer>")
+    start = completion.rfind("<answer>", 0, max(last_close, 0))
+    if start < 0:
+        return None
+    start += len("<answer>")
+    return completion[start : completion.find("</answer>", start)].strip()
+
+
+def matching_close(text: str, start: int) -> int:
+    """The index of the bracket that closes the one at ``text[start]`` (``(``, ``[`` or ``{``), or -1.
+
+    The usual case (no bracket opens before the first close) is two ``find`` calls; otherwise the
+    depth is a running sum over the UTF-8 bytes (brackets are ASCII, and no byte of a multi-byte
+    character is ASCII), vectorised: a megabyte of nested brackets costs milliseconds, where a
+    Python loop over it would cost a second.
+    """
+    opening = text[start]
+    closing = {"(": ")", "[": "]", "{": "}"}[opening]
+    first_close = text.find(closing, start + 1)
+    if first_close < 0:
+        return -1
+    if text.find(opening, start + 1, first_close) < 0:
+        return first_close
+    data = text[start:].encode("utf-8", "surrogatepass")
+    codes = np.frombuffer(data, dtype=np.uint8)
+    depth = np.cumsum((codes == ord(opening)).astype(np.int32) - (codes == ord(closing)), dtype=np.int32)
+    closed = np.flatnonzero(depth == 0)
+    if not closed.size:
+        return -1
+    return start + len(data[: int(closed[0])].decode("utf-8", "surrogatepass"))
 
 
 def extract_boxed(text: str) -> Optional[str]:
@@ -68,100 +106,86 @@ def extract_boxed(text: str) -> Optional[str]:
     if start < 0:
         return None
     i = start + (6 if text.startswith("\\boxed", start) else 5)
-    while i < len(text) and text[i] == " ":
-        i += 1
+    word = _BOXED_WORD_RE.match(text, i)
+    i = word.start(1)
     if i >= len(text):
         return None
     if text[i] != "{":  # \boxed 5: the next word
-        word = re.match(r"[^\s$]+", text[i:])
-        return word.group(0) if word else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None  # unbalanced: a truncated answer
+        return word.group(1) or None
+    end = matching_close(text, i)
+    return text[i + 1 : end].strip() if end >= 0 else None  # unbalanced: a truncated answer
 
 
 def _frac(m: re.Match) -> str:
     num, den = m.group(1).strip(), m.group(2).strip()
-    if _SIMPLE_NUMBER_RE.fullmatch(num) and _SIMPLE_NUMBER_RE.fullmatch(den):
+    if SIMPLE_NUMBER_RE.fullmatch(num) and SIMPLE_NUMBER_RE.fullmatch(den):
         return f"{num}/{den}"
     return f"({num})/({den})"
 
 
 def latex_to_plain(text: str) -> str:
-    """LaTeX number notation as plain text: fractions, percent, spaces, text commands, degrees."""
-    s = text.replace("\u2212", "-").replace("\\%", "%").replace("\\$", "$").replace("{,}", ",")
-    s = _THIN_SPACE_RE.sub("", s)  # \, inside numbers is a thousands separator: 1\,000
-    s = _WIDE_SPACE_RE.sub(" ", s)
-    s = re.sub(r"\\left\b|\\right\b", "", s)
-    for _ in range(3):  # nested \text{\textbf{..}}
-        s = _TEXT_CMD_RE.sub(lambda m: f" {m.group(1)} ", s)
-    s = _DEGREES_RE.sub("", s)
-    s = _FRAC_SHORT_RE.sub(r"\1/\2", s)
-    for _ in range(3):  # nested fractions stay symbolic after the first pass
-        s = _FRAC_RE.sub(_frac, s)
+    """LaTeX and Unicode number notation as plain text: fractions (``\\frac``, ``½``), percent,
+    spaces (``\\,`` and thin or no-break spaces between digit groups), text commands, degrees,
+    powers (``²``), the minus sign."""
+    s = text.translate(_CHARS).replace("\\%", "%").replace("\\$", "$").replace("{,}", ",")
+    # Each pass runs only when its trigger character is there: ``in`` is a C scan, ~50x faster
+    # than a regex pass, and degenerate completions are long.
+    if any(ch in s for ch in _VULGAR):
+        s = _VULGAR_RE.sub(lambda m: " " + _VULGAR[m.group()], s)  # 1½ -> 1 1/2, a mixed number
+    if any(ch in s for ch in "\u00a0\u2009\u202f\u2007"):
+        s = _DIGIT_GROUP_SPACE_RE.sub("", s)
+    if "~" in s:
+        s = _TIE_RE.sub(" ", s)
+    latex = "\\" in s
+    if latex:
+        s = _THIN_SPACE_RE.sub("", s)  # \, inside numbers is a thousands separator: 1\,000
+        s = _WIDE_SPACE_RE.sub(" ", s)
+        s = re.sub(r"\\left\b|\\right\b", "", s)
+        for _ in range(3):  # nested \text{\textbf{..}}
+            s = _TEXT_CMD_RE.sub(lambda m: f" {m.group(1)} ", s)
+    if "^" in s or "°" in s:
+        s = _DEGREES_RE.sub("", s)
+    if latex:
+        s = _FRAC_SHORT_RE.sub(r"\1/\2", s)
+        for _ in range(3):  # nested fractions stay symbolic after the first pass
+            s = _FRAC_RE.sub(_frac, s)
     return s
+
+
+def strip_trailing(text: str) -> str:
+    """``text`` without trailing whitespace and sentence punctuation (``.!?;:,``), in one C-level
+    pass (a regex ``[...]+$`` retries from every position of a long run: quadratic)."""
+    return text.rstrip(_TRAILING)
 
 
 def _unwrap(s: str) -> str:
     """Drop one pair of brackets around the whole string: (5), {5}, [5]."""
-    pairs = {"(": ")", "{": "}", "[": "]"}
-    if len(s) < 2 or s[0] not in pairs or s[-1] != pairs[s[0]]:
-        return s
-    depth = 0
-    for i, ch in enumerate(s):
-        depth += ch == s[0]
-        depth -= ch == pairs[s[0]]
-        if depth == 0 and i < len(s) - 1:
-            return s  # (1)/(2): the first bracket closes early
+    if len(s) < 2 or s[0] not in "({[" or matching_close(s, 0) != len(s) - 1:
+        return s  # (1)/(2): the first bracket closes early
     return s[1:-1].strip()
 
 
 def clean_answer(text: str) -> str:
-    """An answer without its wrappers: \\boxed, $...$, \\(..\\), LaTeX spacing, trailing punctuation."""
+    """An answer without its wrappers: \\boxed, $...$, \\(..\\), LaTeX spacing, trailing punctuation;
+    "" for an answer longer than ``MAX_ANSWER_CHARS`` (after its box is taken)."""
     s = text.strip()
     boxed = extract_boxed(s)
     if boxed is not None:
         s = boxed
+    if len(s) > MAX_ANSWER_CHARS:
+        return ""
     s = latex_to_plain(s)
-    s = re.sub(r"\\[()\[\]]", " ", s).replace("$", " ")  # math delimiters and dollar signs
+    if "\\" in s:
+        s = _MATH_DELIMITER_RE.sub(" ", s)
+    s = s.replace("$", " ")  # math delimiters and dollar signs
     s = s.strip().strip("*`\"").strip()
-    s = re.sub(r"[\s.!?;:,]+$", "", s)
-    return _unwrap(s)
+    return _unwrap(strip_trailing(s))
 
 
 def parse_number(text: str) -> Optional[Number]:
-    """The value of an answer that is exactly one number (words and units around it allowed)."""
-    s = clean_answer(text)
-    found = list(NUMBER_RE.finditer(s))
-    if len(found) != 1:
-        return None
-    m = found[0]
-    rest = _UNIT_SLASH_RE.sub("", s[: m.start()] + " " + s[m.end() :])
-    if not _DECORATION_RE.fullmatch(rest):  # an operator or bracket left over: an expression
-        return None
-    try:
-        if m.group("mixed") is not None:
-            whole = Fraction(m.group("mixed"))
-            part = Fraction(int(m.group("mnum")), int(m.group("mden")))
-            value = whole - part if m.group("mixed").startswith("-") else whole + part
-        elif m.group("num") is not None:
-            value = _fraction(m.group("num")) / _fraction(m.group("den"))
-        else:
-            value = _fraction(m.group("plain"))
-    except (ValueError, ZeroDivisionError):
-        return None
-    percent = bool(_PERCENT_RE.match(s, m.end()))
-    return Number(value, percent)
-
-
-def _fraction(token: str) -> Fraction:
-    return Fraction(token.replace(",", ""))
+    """The value of an answer that is exactly one number, with only a lead (``x =``), a sign,
+    currency, percent, a scale word and units around it (see ``numbers``)."""
+    return read_number(clean_answer(text))
 
 
 def to_number(text: str) -> Optional[Fraction]:
@@ -170,10 +194,47 @@ def to_number(text: str) -> Optional[Fraction]:
     return None if n is None else n.scaled
 
 
+_DIGIT_RE = re.compile(r"\d")
+_SPACE_RE = re.compile(r"\s+")
+
+
+def numbers_in(text: str) -> Iterator[re.Match]:
+    """The matches of ``NUMBER_RE`` in ``text``, as ``finditer`` finds them, but fast on long text.
+
+    ``finditer`` tries the pattern at every position (~0.5 s per MB of text without digits).
+    Every number starts at a digit, or one or two characters before it (``-5``, ``.5``, ``-.5``),
+    so the search jumps from digit to digit and tries the pattern only there.
+    """
+    pos = 0
+    while True:
+        digit = _DIGIT_RE.search(text, pos)
+        if digit is None:
+            return
+        start = digit.start()
+        if start > pos and text[start - 1] == ".":
+            start -= 1
+        if start > pos and text[start - 1] in "+-":
+            start -= 1
+        m = NUMBER_RE.match(text, start)
+        if m is None:  # cannot happen (a digit is a number), but never loop forever
+            pos = digit.end()
+            continue
+        yield m
+        pos = m.end()
+
+
 def last_number(text: str) -> Optional[str]:
-    """The last number anywhere in ``text`` (the lenient reading of an answer), or None."""
-    found = list(NUMBER_RE.finditer(latex_to_plain(text)))
-    return found[-1].group(0) if found else None
+    """The last number in ``text`` (the lenient reading of an answer), or None. Only the last
+    ``LAST_NUMBER_WINDOW`` characters are read, from the first whitespace in them (so the cut
+    does not split a number)."""
+    if len(text) > LAST_NUMBER_WINDOW:
+        tail = text[-LAST_NUMBER_WINDOW:]
+        space = _SPACE_RE.search(tail)
+        text = tail[space.end() :] if space else tail
+    found = None
+    for found in numbers_in(latex_to_plain(text)):
+        pass
+    return found.group(0) if found else None
 
 
 def numbers_equal(a: Number, b: Number) -> bool:
@@ -202,7 +263,7 @@ def answers_match(predicted: Optional[str], reference: object, math_verify: bool
         return p is not None and numbers_equal(p, r)
     if _text_key(predicted) == _text_key(ref):
         return True
-    if math_verify and _mathy(predicted) and _mathy(ref):
+    if math_verify and _mathy(predicted) and _mathy(ref) and max(len(predicted), len(ref)) <= MAX_MATH_VERIFY_CHARS:
         checker = math_verify_checker()
         if checker is not None:
             return checker(predicted, ref)

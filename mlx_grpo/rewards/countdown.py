@@ -1,9 +1,12 @@
 """The countdown reward: an arithmetic expression that uses each given number exactly once and
 equals the target (TinyZero's task), read without eval().
 
-The expression is checked in two ways before it is computed: its characters (digits, spaces,
-``+ - * / ( )``), then its syntax tree, node by node, against a whitelist (numbers, the four
-operations, unary signs). Values are exact fractions, so ``(6 / 4) * 2`` is 3, not 2.9999.
+The usual ways of writing it are read: ``×``, ``·``, ``\\times``, ``\\cdot`` or an ``x`` between
+operands for ``*``, ``÷`` for ``/``, the target on either side of ``=``, trailing punctuation, and an
+expression broken over lines. It is then checked in two ways before it is computed: its
+characters (digits, spaces, ``+ - * / ( )``), then its syntax tree, node by node, against a
+whitelist (numbers, the four operations, unary signs). Values are exact fractions, so
+``(6 / 4) * 2`` is 3, not 2.9999.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import re
 from fractions import Fraction
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .answers import extract_answer
+from .answers import extract_answer, strip_trailing
 
 MAX_EXPRESSION_CHARS = 200
 _ALLOWED_CHARS_RE = re.compile(r"[\d\s+\-*/().]*")
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-_SYMBOLS = {"×": "*", "÷": "/", "−": "-", "\\times": "*", "\\cdot": "*", "\\div": "/"}
+_SYMBOLS = {"\\times": "*", "\\cdot": "*", "\\ast": "*", "\\div": "/", "\\left": "", "\\right": "",
+            "×": "*", "·": "*", "⋅": "*", "∙": "*", "∗": "*", "÷": "/", "∕": "/", "−": "-", "–": "-"}
+_LETTER_TIMES_RE = re.compile(r"[xX](?<=[\d)\s].)(?=[\s\d(])")  # 3 x 4, (1 + 2)x3
 
 
 def evaluate_expression(text: str) -> Optional[Tuple[Fraction, List[int]]]:
@@ -29,9 +34,18 @@ def evaluate_expression(text: str) -> Optional[Tuple[Fraction, List[int]]]:
     Allowed: non-negative integer literals, ``+ - * /``, unary signs and parentheses. Anything
     else (names, calls, powers, floats, a division by zero, more than 200 characters) is None.
     """
+    # One line ("1 +\n2" is not Python). Splitting stops after the most pieces a valid expression
+    # can have, so a megabyte of words costs no more than a short answer.
+    limit = 8 * MAX_EXPRESSION_CHARS  # generous: every operator may be a LaTeX command
+    pieces = text.split(maxsplit=limit)
+    if len(pieces) > limit:
+        return None
+    text = " ".join(pieces)
+    if len(text) > limit:
+        return None
     for symbol, plain in _SYMBOLS.items():
         text = text.replace(symbol, plain)
-    text = text.strip()
+    text = _LETTER_TIMES_RE.sub("*", text)
     if not text or len(text) > MAX_EXPRESSION_CHARS or not _ALLOWED_CHARS_RE.fullmatch(text):
         return None
     try:
@@ -57,7 +71,7 @@ def evaluate_expression(text: str) -> Optional[Tuple[Fraction, List[int]]]:
 
 
 def countdown_correct(answer: Optional[str], numbers: Sequence[Any], target: Any) -> bool:
-    """Whether ``answer`` ("expr" or "expr = target") uses every number of ``numbers`` exactly once
+    """Whether ``answer`` ("expr", "expr = target" or "target = expr") uses every number of ``numbers`` exactly once
     and equals ``target``."""
     if answer is None:
         return False
@@ -66,15 +80,23 @@ def countdown_correct(answer: Optional[str], numbers: Sequence[Any], target: Any
         goal = Fraction(int(target))
     except (TypeError, ValueError):
         return False
-    parts = answer.split("=")
-    if len(parts) > 2:
+    sides = strip_trailing(answer).split("=")
+    if len(sides) == 1:
+        return _solves(sides[0], given, goal)
+    if len(sides) != 2:
         return False
-    if len(parts) == 2:  # "expr = 24": the right side must be the target itself
-        rhs = evaluate_expression(parts[1])
-        if rhs is None or rhs[0] != goal:
-            return False
-    found = evaluate_expression(parts[0])
+    # "expr = 24" or "24 = expr": one side solves it, the other is worth the target.
+    return any(_solves(sides[i], given, goal) and _worth(sides[1 - i], goal) for i in (0, 1))
+
+
+def _solves(expression: str, given: List[int], goal: Fraction) -> bool:
+    found = evaluate_expression(expression)
     return found is not None and sorted(found[1]) == given and found[0] == goal
+
+
+def _worth(expression: str, goal: Fraction) -> bool:
+    found = evaluate_expression(expression)
+    return found is not None and found[0] == goal
 
 
 def countdown_reward(

@@ -1,15 +1,14 @@
-"""Format rewards for the R1-Zero answer layout ``<think> ... </think> <answer> ... </answer>``."""
+"""Format rewards for the R1-Zero answer layout ``<think> ... </think> <answer> ... </answer>``.
+
+Parsed with ``str.find``/``str.count`` only, never a backtracking regex: a model under RL writes
+degenerate text (thousands of repeated tags, long whitespace runs), and each reward here must stay
+linear in the completion (a 1 MB completion of any shape costs milliseconds).
+"""
 
 from __future__ import annotations
 
-import re
 from typing import List
 
-_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
-STRICT_RE = re.compile(
-    rf"^\s*<think>{_NO_TAG}</think>\s*<answer>(?P<answer>{_NO_TAG})</answer>\s*$", re.DOTALL
-)
-SOFT_RE = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
@@ -17,8 +16,27 @@ def is_strict_format(completion: str) -> bool:
     """Exactly one think block then one non-empty answer block, nothing but whitespace around
     them (newlines allowed anywhere). The think block may be empty; an answer of only
     whitespace is no answer (otherwise ``<think></think><answer></answer>`` earns the reward)."""
-    m = STRICT_RE.match(completion)
-    return m is not None and bool(m.group("answer").strip())
+    if any(completion.count(tag) != 1 for tag in TAGS):
+        return False
+    think, end_think, answer, end_answer = (completion.find(tag) for tag in TAGS)
+    if not think < end_think < answer < end_answer:
+        return False
+    outside = completion[:think] + completion[end_think + len("</think>") : answer] + completion[end_answer + len("</answer>") :]
+    inside = completion[answer + len("<answer>") : end_answer]
+    return not outside.strip() and bool(inside.strip())
+
+
+def has_soft_format(completion: str) -> bool:
+    """A ``<think>`` then ``</think>`` then ``<answer>`` then ``</answer>``, anything around and
+    between. Taking the earliest of each tag after the previous one finds such a chain whenever one
+    exists, in one pass."""
+    at = 0
+    for tag in TAGS:
+        at = completion.find(tag, at)
+        if at < 0:
+            return False
+        at += len(tag)
+    return True
 
 
 def format_reward(prompts: List[str], completions: List[str], **_) -> List[float]:
@@ -29,7 +47,7 @@ def format_reward(prompts: List[str], completions: List[str], **_) -> List[float
 def soft_format_reward(prompts: List[str], completions: List[str], **_) -> List[float]:
     """1.0 when a think pair is followed by an answer pair anywhere (text around, nesting and
     repeats allowed), else 0.0. Range [0, 1]."""
-    return [1.0 if SOFT_RE.search(c) else 0.0 for c in completions]
+    return [1.0 if has_soft_format(c) else 0.0 for c in completions]
 
 
 def tag_count(completion: str) -> float:
