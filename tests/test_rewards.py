@@ -134,6 +134,50 @@ NOT_EQUAL = [
 ]
 
 
+# Issue 14 §2: words that negate, bound or scale a number are not units; forms that mean the same
+# value are read. Only a short allow-list (lead words, signs, currency, percent, scale, units) may
+# stand around the one number.
+SAME_VALUE = [
+    ("minus 5", "-5"), ("Minus 5", "-5"), ("negative 5", "-5"), ("x = minus 5", "-5"), ("plus 5", "5"),
+    ("- 5", "-5"), ("+ 5", "5"), ("-$5", "-5"), ("- $5", "-5"), ("$-5", "-5"), ("\\$-5", "-5"), ("-€5", "-5"),
+    ("€ -5", "-5"), ("-5 €", "-5"), ("5 $", "5"), ("\u22125", "-5"), ("\u2212 5", "-5"),
+    ("5 million", "5000000"), ("5 thousand", "5000"), ("2.5 billion", "2500000000"), ("$3 million", "3000000"),
+    ("5 hundred", "500"), ("1.5 thousand dollars", "1500"), ("3 millions", "3000000"),
+    ("½", "0.5"), ("1½", "1.5"), ("1 ½", "3/2"), ("-½", "-0.5"), ("¾", "0.75"), ("2⅓", "7/3"), ("⅛ cup", "0.125"),
+    ("1\u20442", "0.5"), ("5 cm²", "5"), ("5 cm³", "5"), ("5 m^2", "5"), ("5 m^{2}", "5"), ("5 \\text{cm}^2", "5"),
+    ("5 square feet", "5"), ("5 sq ft", "5"), ("9.8 m/s^2", "9.8"), ("60 km per hour", "60"), ("60 mph", "60"),
+    ("1\u2009000\u2009000", "1000000"), ("1\u00a0000", "1000"), ("1\u202f234.5", "1234.5"), ("12\u2007345", "12345"),
+    ("5 m", "5"), ("5 kg", "5"), ("90°C", "90"), ("90 degrees", "90"), ("3 hours", "3"), ("5~cm", "5"),
+    ("Answer: 5", "5"), ("The final answer is 5", "5"), ("x=5", "5"), ("n = -3", "-3"), ("USD 5", "5"),
+    ("5 per cent", "0.05"), ("minus 50%", "-0.5"), ("1 1/2 cups", "1.5"),
+]
+NOT_SAME_VALUE = [
+    ("not 5", "5"), ("never 5", "5"), ("no 5", "5"), ("less than 5", "5"), ("more than 5", "5"), ("at least 5", "5"),
+    ("at most 5", "5"), ("under 5", "5"), ("over 5", "5"), ("about 5", "5"), ("approximately 5", "5"),
+    ("around 5", "5"), ("nearly 5", "5"), ("almost 5", "5"), ("roughly 5", "5"), ("~5", "5"), ("~ 5", "5"),
+    ("≈5", "5"), ("x ≈ 5", "5"), ("x \\approx 5", "5"), ("> 5", "5"), ("x > 5", "5"), ("x < 5", "5"),
+    ("x >= 5", "5"), ("x \\geq 5", "5"), ("x \\neq 5", "5"), ("x != 5", "5"), ("≥ 5", "5"), ("≠ 5", "5"),
+    ("5 or more", "5"), ("5 or less", "5"), ("5 or fewer", "5"), ("5+", "5"), ("5 less", "5"), ("5 more", "5"),
+    ("5 fewer", "5"), ("5 times", "5"), ("5 squared", "5"), ("5 cubed", "5"), ("5 dozen", "5"), ("5k", "5"),
+    ("5 M", "5"), ("5 million", "5"), ("5 thousand", "5"), ("minus 5", "5"), ("negative 5", "5"), ("- 5", "5"),
+    ("-$5", "5"), ("5²", "5"), ("5^2", "5"), ("5^2", "25"), ("5 square", "5"), ("5 cm /", "5"), ("5 / cm", "5"),
+    ("minus -5", "5"), ("- -5", "5"), ("- -5", "-5"), ("+ -5", "-5"), ("--5", "5"), ("5 x", "5"), ("x 5", "5"),
+    ("5 is wrong", "5"), ("5, not 6", "5"), ("between 4 and 6", "5"), ("5 ± 1", "5"), ("1 over 5", "0.2"),
+    ("42 apples", "42"),  # a count noun is not told apart from "less" or "dozen": only listed units stand
+    ("1 000", "1000"),  # a plain space between digit groups stays two numbers (thin and no-break spaces join)
+]
+
+
+@pytest.mark.parametrize("predicted,reference", SAME_VALUE)
+def test_forms_of_the_same_value_get_credit(predicted, reference):
+    assert answers_match(predicted, reference), (predicted, reference)
+
+
+@pytest.mark.parametrize("predicted,reference", NOT_SAME_VALUE)
+def test_words_that_negate_bound_or_scale_are_not_units(predicted, reference):
+    assert not answers_match(predicted, reference), (predicted, reference)
+
+
 @pytest.mark.parametrize("predicted,reference", EQUAL)
 def test_equal_answers_in_every_format(predicted, reference):
     assert answers_match(predicted, reference), (predicted, reference)
@@ -265,6 +309,16 @@ def test_format_rewards_table(text, strict, soft, tags):
     ("(1 + 2) * 3 = 10", False), ("1 + 2 + 3", False), ("(1 + 2) * 3 * 1", False), ("3 * 3", False),
     ("9", False), ("", False), ("__import__('os')", False), ("(1 + 2) ** 3", False), ("1.0 * 9", False),
     ("3 / (1 - 1) + 2", False), ("(1 + 2) * 3 = 9 = 9", False), ("(" * 300 + "1", False),
+    # issue 14: the target on either side, the usual multiplication signs, trailing punctuation, lines
+    ("9 = (1 + 2) * 3", True), ("9 = 3 * (1 + 2).", True), ("10 = (1 + 2) * 3", False), ("9 = 9", False),
+    ("3 * 3 = (1 + 2) * 3", True), ("(1 + 2) * 3 = 3 * 3", True), ("(1 + 2) * 3 = 10 - 1", True),
+    ("(1 + 2) · 3", True), ("(1 + 2) ⋅ 3", True), ("(1 + 2) ∙ 3", True), ("(1 + 2) ∗ 3", True),
+    ("(1 + 2) x 3", True), ("3 X (1 + 2)", True), ("(1 + 2)x3", True), ("3 \\cdot (1 + 2)", True),
+    ("\\left(1 + 2\\right) \\times 3", True), ("3 \\ast (2 + 1)", True), ("(2 ÷ 2 + 2) * 3", False),
+    ("x * (1 + 2) * 3", False), ("(1 + 2) * 3.", True), ("(1 + 2) * 3 = 9.", True), ("(1 + 2) * 3;", True),
+    ("(1 + 2) * 3 .", True), ("(1 + 2) * 3!", False), ("(1 + 2) * 3?", False),
+    ("(1 + 2)\n* 3", True), ("(1 +\n2) *\n3", True), ("1 +\n2 +\n3 +\n3", False), ("3 *\n(1 + 2)\n= 9\n", True),
+    ("(1 + 2) * 3" + " " * 10000, True), ("(1 + 2) * 3 " + "+ 0 " * 1000, False),
 ])
 def test_countdown_table(answer, ok):
     assert countdown_correct(answer, [1, 2, 3], 9) is ok

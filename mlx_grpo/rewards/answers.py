@@ -58,7 +58,6 @@ _BOXED_WORD_RE = re.compile(r" *([^\s$]*)")
 # Every character str.isspace() accepts (the same set as the regex \s), for one C-level rstrip.
 _WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
                "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
-_TRAILING = _WHITESPACE + ".!?;:,"
 
 
 def extract_answer(completion: str) -> Optional[str]:
@@ -152,10 +151,10 @@ def latex_to_plain(text: str) -> str:
     return s
 
 
-def strip_trailing(text: str) -> str:
-    """``text`` without trailing whitespace and sentence punctuation (``.!?;:,``), in one C-level
-    pass (a regex ``[...]+$`` retries from every position of a long run: quadratic)."""
-    return text.rstrip(_TRAILING)
+def strip_trailing(text: str, punctuation: str = ".!?;:,") -> str:
+    """``text`` without trailing whitespace and ``punctuation``, in one C-level pass (a regex
+    ``[...]+$`` retries from every position of a long run: quadratic)."""
+    return text.rstrip(_WHITESPACE + punctuation)
 
 
 def _unwrap(s: str) -> str:

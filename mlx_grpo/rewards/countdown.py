@@ -80,7 +80,7 @@ def countdown_correct(answer: Optional[str], numbers: Sequence[Any], target: Any
         goal = Fraction(int(target))
     except (TypeError, ValueError):
         return False
-    sides = strip_trailing(answer).split("=")
+    sides = strip_trailing(answer, ".,;:").split("=")  # not "!": 3! is a factorial
     if len(sides) == 1:
         return _solves(sides[0], given, goal)
     if len(sides) != 2:

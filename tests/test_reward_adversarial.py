@@ -1,0 +1,122 @@
+"""Issue 14 §1: every built-in reward is linear in the completion, on every degenerate shape a
+model may generate, and the parsers that replaced the backtracking regexes agree with them.
+
+Time is never asserted in seconds: each reward runs on a completion of n and of 8n characters of
+the same shape, and the ratio must stay far from 64 (quadratic). Before this issue,
+``soft_format`` on repeated ``<think></think><answer>`` and ``accuracy`` on ``5`` + spaces +
+``x`` grew by 100x-500x between these sizes.
+"""
+
+import random
+import re
+
+import pytest
+
+from mlx_grpo.rewards import BUILTIN
+from mlx_grpo.rewards.adversarial import SHAPES, seconds
+from mlx_grpo.rewards.answers import (LAST_NUMBER_WINDOW, MAX_ANSWER_CHARS, answers_match, extract_answer,
+                                      last_number, matching_close, numbers_in, strip_trailing)
+from mlx_grpo.rewards.format import has_soft_format, is_strict_format
+from mlx_grpo.rewards.numbers import NUMBER_RE
+
+N = 2048  # and 8N: big enough that a reward's fixed cost does not hide its growth
+LINEAR_RATIO_LIMIT = 24.0  # linear ~8, n log n ~10, quadratic ~64
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_reward_is_linear_on_every_degenerate_shape(shape):
+    small, large = SHAPES[shape](N), SHAPES[shape](8 * N)
+    assert len(large) > 6 * len(small)
+    slow = {}
+    for name, fn in BUILTIN.items():
+        # The fastest of 5 runs: a loaded machine only ever adds time, so the minimum is the cost.
+        t_small, t_large = seconds(fn, small, repeats=5), seconds(fn, large, repeats=5)
+        # A floor of 20 us on the small run: a reward that returns in a few microseconds whatever
+        # the size would otherwise give ratios made of timer noise.
+        ratio = t_large / max(t_small, 20e-6)
+        if ratio > LINEAR_RATIO_LIMIT:
+            slow[name] = round(ratio, 1)
+    assert not slow, f"{shape}: time grows faster than linear from {N} to {8 * N} chars: {slow}"
+
+
+# ---------------------------------------------------------------- the parsers against the regexes they replaced
+
+OLD_ANSWER_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
+_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
+OLD_STRICT_RE = re.compile(rf"^\s*<think>{_NO_TAG}</think>\s*<answer>(?P<answer>{_NO_TAG})</answer>\s*$", re.DOTALL)
+OLD_SOFT_RE = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
+PIECES = ["<think>", "</think>", "<answer>", "</answer>", " ", "\n", "5", "x", "<", "/", "answer>"]
+
+
+def random_texts(count, seed):
+    rng = random.Random(seed)
+    return ["".join(rng.choice(PIECES) for _ in range(rng.randint(0, 12))) for _ in range(count)]
+
+
+def test_tag_parsers_agree_with_the_regexes_on_random_tag_soup():
+    for text in random_texts(5000, seed=0):
+        found = OLD_ANSWER_RE.findall(text)
+        assert extract_answer(text) == (found[-1].strip() if found else None), text
+        strict = OLD_STRICT_RE.match(text)
+        assert is_strict_format(text) == (strict is not None and bool(strict.group("answer").strip())), text
+        assert has_soft_format(text) == bool(OLD_SOFT_RE.search(text)), text
+
+
+def test_numbers_in_finds_what_finditer_finds():
+    rng = random.Random(1)
+    alphabet = "0123456789 -+./,eE%x\n½"
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25)))
+        assert [m.span() for m in numbers_in(text)] == [m.span() for m in NUMBER_RE.finditer(text)], text
+
+
+def test_matching_close_agrees_with_a_python_depth_count():
+    def reference(text, start):
+        depth = 0
+        for j in range(start, len(text)):
+            depth += (text[j] == text[start]) - (text[j] == {"(": ")", "[": "]", "{": "}"}[text[start]])
+            if depth == 0:
+                return j
+        return -1
+
+    rng = random.Random(2)
+    for _ in range(3000):
+        text = "".join(rng.choice("{}()[]a½é𝛼 ") for _ in range(rng.randint(1, 30)))  # multi-byte too
+        for start, ch in enumerate(text):
+            if ch in "{([":
+                assert matching_close(text, start) == reference(text, start), (text, start)
+
+
+def test_strip_trailing_knows_every_whitespace_character():
+    every_space = "".join(ch for ch in map(chr, range(0x110000)) if ch.isspace())
+    assert strip_trailing("5" + every_space + ". ! ,") == "5"
+    assert strip_trailing("5" + every_space, punctuation="") == "5"
+    assert strip_trailing("3!", punctuation=".,") == "3!"
+
+
+# ---------------------------------------------------------------- the caps that keep one completion cheap
+
+
+def test_long_answers_are_judged_only_through_their_box():
+    reasoning = "step " * (MAX_ANSWER_CHARS // 5 + 10)
+    assert answers_match(reasoning + "\\boxed{19}", "19")  # the box is read whatever the length
+    assert not answers_match("19" + " " * MAX_ANSWER_CHARS + "cm", "19")  # no final answer is this long
+    assert answers_match("19" + " " * 100 + "cm", "19")
+
+
+def test_lenient_reads_the_last_number_in_the_final_window():
+    assert last_number("7 " + "x " * LAST_NUMBER_WINDOW + "then 19") == "19"
+    assert last_number("123456 " + "x" * (LAST_NUMBER_WINDOW - 3)) is None  # the number is before the window
+    # The window starts after its first whitespace, so a number it cuts into is not read in part.
+    assert last_number("12345 " + "y" * (LAST_NUMBER_WINDOW - 3)) is None
+
+
+def test_math_verify_gets_no_long_input(monkeypatch):
+    from mlx_grpo.rewards import answers
+
+    calls = []
+    monkeypatch.setattr(answers, "math_verify_checker", lambda: (lambda p, r: calls.append(p) or True))
+    assert answers.answers_match("\\sqrt{2}", "\\sqrt{2}/1")
+    long = "\\sqrt{2}" + " + 0" * answers.MAX_MATH_VERIFY_CHARS
+    assert not answers.answers_match(long, "\\sqrt{2}/1")
+    assert calls == ["\\sqrt{2}"]
