@@ -111,7 +111,7 @@ def test_lenient_reads_the_last_number_in_the_final_window():
     assert last_number("12345 " + "y" * (LAST_NUMBER_WINDOW - 3)) is None
 
 
-def test_math_verify_gets_no_long_input(monkeypatch):
+def test_math_verify_gets_no_long_or_explosive_input(monkeypatch):
     from mlx_grpo.rewards import answers
 
     calls = []
@@ -119,4 +119,17 @@ def test_math_verify_gets_no_long_input(monkeypatch):
     assert answers.answers_match("\\sqrt{2}", "\\sqrt{2}/1")
     long = "\\sqrt{2}" + " + 0" * answers.MAX_MATH_VERIFY_CHARS
     assert not answers.answers_match(long, "\\sqrt{2}/1")
+    assert not answers.answers_match("9^{9^{9}}", "\\sqrt{2}/1")
     assert calls == ["\\sqrt{2}"]
+
+
+@pytest.mark.parametrize("text,safe", [
+    ("\\frac{\\sqrt{2}}{2}", True), ("x^2 + 1", True), ("2^{100}", True), ("e^{\\pi i}", True),
+    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True), ("(" * 8 + "1" + ")" * 8, True),
+    ("9^{9^{9}}", False), ("x^{x^{x}}", False), ("2^{10000}", False), ("10!!", False), ("(10^{10})!", False),
+    ("(" * 9 + "1" + ")" * 9, False), ("1+" * 80 + "1", False), ("2^{1+x^{2}", False),
+])
+def test_what_math_verify_may_judge(text, safe):
+    from mlx_grpo.rewards.answers import safe_for_math_verify
+
+    assert safe_for_math_verify(text) is safe

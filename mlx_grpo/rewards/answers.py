@@ -32,9 +32,14 @@ MAX_ANSWER_CHARS = 10_000
 # The lenient reading looks for the last number in this many final characters only: the answer is
 # at the end, and a completion with tens of thousands of numbers would cost a Python step each.
 LAST_NUMBER_WINDOW = 10_000
-# Longer answers are not handed to math-verify: its LaTeX parser and sympy can spend seconds on a
-# long expression (its own timeout is 5 s), and no final answer needs this many characters.
-MAX_MATH_VERIFY_CHARS = 300
+# What math-verify is given: its LaTeX parser and sympy spend up to its timeout (5 s by default,
+# 1 s here) on long or explosive input (``\\frac{1}{2}`` 25 times: 0.6 s; ``9^{9^{9}}``, ``10!!``,
+# 100 nested brackets: the whole timeout). A final answer needs none of these.
+MAX_MATH_VERIFY_CHARS = 150
+MAX_MATH_VERIFY_DEPTH = 8  # bracket nesting
+MATH_VERIFY_TIMEOUT_S = 1  # math-verify takes whole seconds (signal.alarm)
+_EXPONENT_RE = re.compile(r"\^\s*(\{)?")
+_LONG_INTEGER_RE = re.compile(r"\d{4}")
 
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
@@ -262,7 +267,7 @@ def answers_match(predicted: Optional[str], reference: object, math_verify: bool
         return p is not None and numbers_equal(p, r)
     if _text_key(predicted) == _text_key(ref):
         return True
-    if math_verify and _mathy(predicted) and _mathy(ref) and max(len(predicted), len(ref)) <= MAX_MATH_VERIFY_CHARS:
+    if math_verify and _mathy(predicted) and _mathy(ref) and safe_for_math_verify(predicted) and safe_for_math_verify(ref):
         checker = math_verify_checker()
         if checker is not None:
             return checker(predicted, ref)
@@ -273,6 +278,29 @@ def _mathy(s: str) -> bool:
     # Only answers with a digit or a LaTeX command go to math-verify: it reads plain words as
     # products of symbols ("Pairs" would equal "Paris").
     return any(ch.isdigit() for ch in s) or "\\" in s
+
+
+def safe_for_math_verify(text: str) -> bool:
+    """Whether ``text`` is short and tame enough for math-verify to judge in milliseconds: at most
+    ``MAX_MATH_VERIFY_CHARS`` characters and ``MAX_MATH_VERIFY_DEPTH`` nested brackets, no
+    factorial, no exponent that holds another exponent or a number of 4+ digits (sympy would
+    compute ``9^{9^{9}}``)."""
+    if len(text) > MAX_MATH_VERIFY_CHARS or "!" in text:
+        return False
+    depth = 0
+    for ch in text:  # at most 150 characters
+        depth += (ch in "({[") - (ch in ")}]")
+        if depth > MAX_MATH_VERIFY_DEPTH:
+            return False
+    for m in _EXPONENT_RE.finditer(text):
+        if m.group(1) is None:
+            exponent = text[m.end() : m.end() + 1]  # x^2: one character
+        else:
+            close = matching_close(text, m.start(1))
+            exponent = text[m.end() : close if close >= 0 else len(text)]
+        if "^" in exponent or _LONG_INTEGER_RE.search(exponent):
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=1)
@@ -295,13 +323,13 @@ def math_verify_checker() -> Optional[Callable[[str, str], bool]]:
     def check(predicted: str, reference: str) -> bool:
         # Its timeouts use signal.alarm, which only the main thread may set.
         main = threading.current_thread() is threading.main_thread()
-        timeout: Dict[str, Optional[int]] = {} if main else {"parsing_timeout": None}
+        limit: Optional[int] = MATH_VERIFY_TIMEOUT_S if main else None
         try:
-            gold = parse(as_latex(reference), extraction_config=config, **timeout)
-            pred = parse(as_latex(predicted), extraction_config=config, **timeout)
+            gold = parse(as_latex(reference), extraction_config=config, parsing_timeout=limit)
+            pred = parse(as_latex(predicted), extraction_config=config, parsing_timeout=limit)
             if not gold or not pred:
                 return False
-            return bool(verify(gold, pred, **({} if main else {"timeout_seconds": None})))
+            return bool(verify(gold, pred, timeout_seconds=limit))
         except Exception:  # a parser failure on model output is a wrong answer, not a crash
             return False
 
