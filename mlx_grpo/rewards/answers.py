@@ -2,13 +2,17 @@
 
 The built-in normaliser reads one number in the usual dresses: signs, decimals, thousands
 separators (``1,000``), fractions (``3/4``, ``\\frac{3}{4}``), mixed numbers (``1 1/2``),
-percentages (``50%``, ``50\\%``), currency and units around it (``$5``, ``5 cm``, ``x = 5``), LaTeX
-wrappers (``\\boxed{}``, ``$...$``, ``\\text{}``, thin spaces) and trailing punctuation. Two numbers
+percentages (``50%``, ``50\\%``), vulgar fractions (``½``), LaTeX wrappers (``\\boxed{}``, ``$...$``,
+``\\text{}``, thin spaces) and trailing punctuation, with only a closed list of words around it
+(``x = 5``, ``minus 5``, ``$5``, ``5 million``, ``5 cm²``: see ``numbers``). Two numbers
 are compared exactly (``fractions.Fraction``), so ``0.75`` equals ``3/4`` but ``0.33`` does not
 equal ``1/3``; when the reference is one number the answer must be one number too (``3 + 4`` is
 not a final answer for 7). Other references are compared as text (case and whitespace ignored)
 and, when the optional ``math-verify`` package is installed, by its LaTeX parser (symbolic
 equivalence such as ``\\frac{\\sqrt{2}}{2}`` = ``\\frac{1}{\\sqrt{2}}``). Nothing here calls eval().
+
+Everything here is linear in the text, with few regex passes, each run only when its trigger
+character is present: a model may generate a megabyte of degenerate text (issue 14).
 """
 
 from __future__ import annotations
