@@ -57,9 +57,9 @@ _THIN_SPACE_RE = re.compile(r"\\[,;:!]")
 _WIDE_SPACE_RE = re.compile(r"\\(?:q?quad\b| )")
 _TIE_RE = re.compile(r"~(?<=\S~)(?=\S)")  # a LaTeX tie (5~cm), not "~5" (about 5)
 _DIGIT_GROUP_SPACE_RE = re.compile(r"[\u00a0\u2009\u202f\u2007](?<=\d.)(?=\d{3}(?!\d))")  # 1 000 000
-_VULGAR = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "⅕": "1/5", "⅖": "2/5", "⅗": "3/5",
-           "⅘": "4/5", "⅙": "1/6", "⅚": "5/6", "⅐": "1/7", "⅛": "1/8", "⅜": "3/8", "⅝": "5/8", "⅞": "7/8",
-           "⅑": "1/9", "⅒": "1/10"}
+_VULGAR = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "⅕": "1/5", "⅖": "2/5",
+           "⅗": "3/5", "⅘": "4/5", "⅙": "1/6", "⅚": "5/6", "⅐": "1/7", "⅛": "1/8", "⅜": "3/8",
+           "⅝": "5/8", "⅞": "7/8", "⅑": "1/9", "⅒": "1/10"}
 _VULGAR_RE = re.compile("[" + "".join(_VULGAR) + "]")
 _CHARS = str.maketrans({"\u2212": "-", "\u2044": "/", "²": "^2", "³": "^3"})
 _MATH_DELIMITER_RE = re.compile(r"\\[()\[\]]")
@@ -271,7 +271,7 @@ def answers_match(predicted: Optional[str], reference: object, math_verify: bool
         return p is not None and numbers_equal(p, r)
     if _text_key(predicted) == _text_key(ref):
         return True
-    if math_verify and _mathy(predicted) and _mathy(ref) and safe_for_math_verify(predicted) and safe_for_math_verify(ref):
+    if math_verify and all(safe_for_math_verify(s) and _mathy(s) for s in (predicted, ref)):
         checker = math_verify_checker()
         if checker is not None:
             return checker(predicted, ref)

@@ -21,9 +21,10 @@ def is_strict_format(completion: str) -> bool:
     think, end_think, answer, end_answer = (completion.find(tag) for tag in TAGS)
     if not think < end_think < answer < end_answer:
         return False
-    outside = completion[:think] + completion[end_think + len("</think>") : answer] + completion[end_answer + len("</answer>") :]
+    between = completion[end_think + len("</think>") : answer]
+    after = completion[end_answer + len("</answer>") :]
     inside = completion[answer + len("<answer>") : end_answer]
-    return not outside.strip() and bool(inside.strip())
+    return not (completion[:think] + between + after).strip() and bool(inside.strip())
 
 
 def has_soft_format(completion: str) -> bool:

@@ -60,7 +60,7 @@ UNITS = frozenset(
     # mass
     "mg g kg gram grams kilogram kilograms lb lbs oz ounce ounces ton tons tonne tonnes "
     # volume
-    "ml l liter liters litre litres gallon gallons gal cup cups pint pints quart quarts cc "
+    "ml l L liter liters litre litres gallon gallons gal cup cups pint pints quart quarts cc "
     # time
     "s sec secs second seconds min mins minute minutes h hr hrs hour hours day days week weeks "
     "month months year years yr yrs "
