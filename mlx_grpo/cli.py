@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Tuple
 import click
 
 from .config import ConfigError, make_config, parse_set
+from .outputs import check_output_file
 
 # Command-line flags that are shortcuts for config keys (flag name -> dotted key).
 TRAIN_FLAGS = {
@@ -46,7 +47,7 @@ def user_errors() -> Tuple[type, ...]:
     from .models import ModelLoadError
     from .rewards import RewardError
     from .tasks import DataError
-    from .trainer import RunDirError
+    from .outputs import RunDirError
 
     return (ConfigError, ModelLoadError, RewardError, DataError, RunDirError, CheckpointError,
             FileNotFoundError)
@@ -232,8 +233,12 @@ def eval_cmd(config_path, run_dir, model, adapter, sets, debug, task, data, limi
             overrides += [("data.task", "jsonl"), ("data.path", data)]
         if task:
             overrides.append(("data.task", task))
-        if max_tokens:
+        if limit is not None and limit < 1:
+            raise ConfigError(f"--n: must be at least 1, got {limit}")
+        if max_tokens is not None:
             overrides += [("rollout.max_tokens", max_tokens), ("output.eval_max_tokens", max_tokens)]
+        if temperature is not None:  # checked by the config like train's (>= 0, finite)
+            overrides.append(("rollout.temperature", temperature))
         cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
         from .evaluate import evaluate_config
 
@@ -272,8 +277,10 @@ def generate(config_path, run_dir, model, adapter, sets, debug, question, templa
         overrides: List[Tuple[str, Any]] = []
         if template:
             overrides.append(("prompt.kind", template))
-        if max_tokens:
+        if max_tokens is not None:
             overrides.append(("rollout.max_tokens", max_tokens))
+        if temperature is not None:  # checked by the config like train's (>= 0, finite)
+            overrides.append(("rollout.temperature", temperature))
         cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
         from .generate import generate as run_generate
         from .models import load_for_inference
@@ -300,7 +307,7 @@ def plot(run_dirs, out, smooth, debug):
 
     try:
         path = plot_runs(run_dirs, out or Path(run_dirs[0]) / "curves.png", smooth)
-    except (PlotError, FileNotFoundError, ValueError) as e:
+    except (PlotError, FileNotFoundError, ValueError) as e:  # (RunDirError is a ValueError)
         if debug:
             raise
         fail(str(e))
@@ -369,6 +376,9 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
         cfg = make_config(config_path, overrides)
         from .reward_lab import format_report, parse_reward_list, run
 
+        if out_path is not None:
+            check_output_file(out_path, "--out")
+
         weights = parse_reward_list(reward_list, cfg.rewards) if reward_list else dict(cfg.rewards)
         summary = run(cfg, weights, completions_path, samples, adapter, group_size, out_path, top)
     click.echo(json.dumps(summary) if as_json else format_report(summary))
@@ -392,13 +402,24 @@ def bench(model, config_path, large, quick, processes, as_json, out_path, debug)
 
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
     with reported(debug):
+        if processes == 1:
+            raise ConfigError("--processes: must be 0 (off) or at least 2 (it compares 1 and N processes), got 1")
+        if out_path is not None:  # before the measurement: minutes of it must not be lost at the end
+            check_output_file(out_path, "--out")
         result = run_bench(config_path, model, large=large, quick=quick, say=say, processes=processes)
-    if out_path:
-        from pathlib import Path
+        if out_path:
+            from pathlib import Path
 
-        from .models import atomic_write
+            from .models import atomic_write
 
-        atomic_write(Path(out_path), lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                atomic_write(Path(out_path), lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+            except OSError as e:  # changed since the check: say so, and keep the result on stdout
+                click.echo(f"error: --out: cannot write {out_path} ({e.strerror or e}); the result follows",
+                           err=True)
+                click.echo(json.dumps(result))
+                sys.exit(2)
     click.echo(json.dumps(result) if as_json else table(result))
 
 
