@@ -238,7 +238,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if number is None:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(number):  # no setting means anything at nan or inf (weights would poison totals)
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {number}")
         return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
