@@ -74,7 +74,30 @@ def _self_argv() -> List[str]:
     return list(sys.argv)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """click's own option errors (a bad type, a value out of range, a missing option) in the
+    one-line form of every other bad input: ``error: ...``, exit 2, no usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False  # errors come back here instead of being printed
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # no command given: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
+            where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+            fail(where + " ".join(e.format_message().split()))
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C outside a command's own handling
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)  # --help and --version return their exit code
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-grpo")
 def main() -> None:
     """mlx-grpo: teach a language model to reason with GRPO on MLX, through LoRA adapters."""
