@@ -228,6 +228,10 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _kind(a: mx.array) -> str:
+    return f"{str(a.dtype).removeprefix('mlx.core.')}{list(a.shape)}"
+
+
 def _load_arrays(path: Path, expected: Dict[str, mx.array], what: str) -> Dict[str, mx.array]:
     """The arrays of a checkpoint file, which must hold exactly ``expected``'s names with their
     shapes and dtypes, all finite; anything else (truncated, edited, another layout) is a
@@ -242,9 +246,7 @@ def _load_arrays(path: Path, expected: Dict[str, mx.array], what: str) -> Dict[s
         raise CheckpointError(f"{path}: its {what} do not match this run's layout ({diff[:3]} ...)")
     for k, ref in expected.items():
         if saved[k].shape != ref.shape or saved[k].dtype != ref.dtype:
-            raise CheckpointError(
-                f"{path}: {k} is {saved[k].dtype}{list(saved[k].shape)}, this run needs {ref.dtype}{list(ref.shape)}"
-            )
+            raise CheckpointError(f"{path}: {k} is {_kind(saved[k])}, this run needs {_kind(ref)}")
     bad = [k for k, v in saved.items() if mx.issubdtype(v.dtype, mx.inexact) and not mx.isfinite(v).all().item()]
     if bad:
         raise CheckpointError(f"{path}: {bad[0]} holds NaN or infinite values")
