@@ -53,7 +53,9 @@ def check_writable_dir(path: str | Path, key: str) -> None:
     base = _nearest_existing(p)
     if not base.is_dir():
         raise RunDirError(f"{key}: cannot create {p}: {base} is a file, not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
+    # To create in a folder needs write and search; to look into the directory itself, read too.
+    mode = os.W_OK | os.X_OK | (os.R_OK if p.is_dir() else 0)
+    if not os.access(base, mode):
         raise RunDirError(f"{key}: cannot write in {base} (permission denied)")
 
 

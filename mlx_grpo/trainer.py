@@ -399,8 +399,8 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     opt.init(model.trainable_parameters())  # the full state tree from the start: every checkpoint has it
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
-        adopt_run_dir(out)
         truncate_logs(out, state)
+        adopt_run_dir(out)
         (out / "summary.json").unlink(missing_ok=True)  # it described the run before this resume
         say(f"resuming {out} from {ckpt.name}: step {state.step + 1} of {cfg.train.steps}")
     else:

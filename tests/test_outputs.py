@@ -158,3 +158,17 @@ def test_checks_change_nothing_and_prepare_writes_the_manifest_first(tmp_path):
     (out / "config.yaml").write_text("x: 1")
     prepare_run_dir(out, overwrite=True)
     assert (out / "notes.txt").exists() and not (out / "config.yaml").exists()
+
+
+def test_resume_adopts_a_run_from_before_manifests(tmp_path, small_model_dir):
+    """Such a run's files count as foreign for --overwrite (nothing proves them ours), but its
+    checkpoint does: --resume continues it and writes the manifest."""
+    out = tmp_path / "old"
+    assert tiny_run(small_model_dir, out).returncode == 0
+    (out / MANIFEST).unlink()
+    before = tree_hash(out)
+    one_line_error(tiny_run(small_model_dir, out, "--overwrite"), "was not written by mlx-grpo")
+    assert tree_hash(out) == before
+    r = run_cli("train", "--resume", str(out), "--steps", "2", "--no-progress", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    assert "checkpoints" in json.loads((out / MANIFEST).read_text())["files"]
