@@ -401,6 +401,9 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
 
         if out_path is not None:
             check_output_file(out_path, "--out")
+            if completions_path and os.path.exists(out_path) and os.path.exists(completions_path) \
+                    and os.path.samefile(out_path, completions_path):
+                raise ConfigError(f"--out: {out_path} is the --completions file; it would be replaced")
 
         weights = parse_reward_list(reward_list, cfg.rewards) if reward_list else dict(cfg.rewards)
         summary = run(cfg, weights, completions_path, samples, adapter, group_size, out_path, top)

@@ -101,6 +101,8 @@ UNWRITABLE = [
     (["plot", "{tmp}/run", "--out", "{tmp}/run"], "--out: {tmp}/run is a directory, not a file"),
     (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format", "--out", "{tmp}/afile/s.jsonl"],
      "--out: cannot write {tmp}/afile/s.jsonl: {tmp}/afile is a file"),
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format", "--out", "{tmp}/./c.jsonl"],
+     "--out: {tmp}/./c.jsonl is the --completions file; it would be replaced"),
     (["bench", "--quick", "--out", "{tmp}/afile/bench.json"], "--out: cannot write {tmp}/afile/bench.json: {tmp}/afile is a file"),
 ]
 

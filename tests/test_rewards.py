@@ -447,3 +447,22 @@ def test_user_reward_accepted_forms_and_prints_go_to_stderr(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert "loaded at import" in err and "scoring 3" in err
+
+
+def test_keyboard_interrupt_in_a_reward_is_its_error_only_when_ctrl_c_cannot_raise_it(tmp_path):
+    """With Python's default SIGINT handler a KeyboardInterrupt may be the user's Ctrl-C: it stays
+    an interrupt. Under a handler (training: Ctrl-C only sets a flag) it can only be the reward's."""
+    import signal
+
+    f = tmp_path / "kbd.py"
+    f.write_text("def r(p, c, **k):\n    raise KeyboardInterrupt\n")
+    fns = load_rewards([f"{f}:r"])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            score(["a"], ["x"], {}, fns, {})
+        signal.signal(signal.SIGINT, lambda *_: None)
+        with pytest.raises(RewardError, match=f"reward {f}:r raised KeyboardInterrupt"):
+            score(["a"], ["x"], {}, fns, {})
+    finally:
+        signal.signal(signal.SIGINT, previous)
