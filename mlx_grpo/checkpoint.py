@@ -22,10 +22,11 @@ new one is in place.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -171,11 +172,85 @@ def prune(run_dir: Path, keep: int) -> None:
 
 
 def read_state(ckpt: Path) -> RunState:
-    """The loop state stored in a checkpoint directory."""
+    """The loop state stored in a checkpoint directory, every field checked: a resumed run must
+    fail here, before it truncates a log or deletes a summary, not after."""
+    where = Path(ckpt) / "state.json"
     try:
-        return RunState(**json.loads((ckpt / "state.json").read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{ckpt}: unreadable checkpoint state ({e})") from None
+        data = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{where}: unreadable checkpoint state ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - {f.name for f in fields(RunState)})
+    if unknown:
+        raise CheckpointError(f"{where}: unknown key {unknown[0]!r}")
+    for key, value in data.items():
+        why = _bad_state_value(key, value)
+        if why:
+            raise CheckpointError(f"{where}: {key}: {why}, got {_short(value)}")
+    state = RunState(**data)
+    m = _STEP_DIR.match(Path(ckpt).name)
+    if m and int(m.group(1)) != state.step:
+        raise CheckpointError(f"{where}: step: {state.step} in a checkpoint of step {int(m.group(1))}")
+    return state
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad_state_value(key: str, v: Any) -> Optional[str]:
+    """Why ``v`` cannot be RunState's ``key`` (None when it can)."""
+    if key in ("step", "batches_drawn", "nonfinite_streak", "skipped_updates", "tokens"):
+        return None if _count(v) else "expected an integer >= 0"
+    if key == "seconds":
+        return None if _number(v) and v >= 0 else "expected a finite number >= 0"
+    if key in ("reward_first", "reward_last"):
+        return None if v is None or _number(v) else "expected a finite number or null"
+    if key in ("eval_start", "eval_end"):
+        return None if v is None or isinstance(v, dict) else "expected an object or null"
+    if key == "log_sizes":
+        ok = isinstance(v, dict) and all(k in LOGS and _count(n) for k, n in v.items())
+        return None if ok else f"expected {{name: bytes}} for {', '.join(LOGS)}"
+    if key == "rng_key":  # MLX's key: a fixed number of uint32 words
+        size = mx.random.state[0].size
+        ok = v is None or (isinstance(v, list) and len(v) == size and all(_count(x) and x < 2**32 for x in v))
+        return None if ok else f"expected null or {size} integers in [0, 2**32)"
+    return None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(a: mx.array) -> str:
+    return f"{str(a.dtype).removeprefix('mlx.core.')}{list(a.shape)}"
+
+
+def _load_arrays(path: Path, expected: Dict[str, mx.array], what: str) -> Dict[str, mx.array]:
+    """The arrays of a checkpoint file, which must hold exactly ``expected``'s names with their
+    shapes and dtypes, all finite; anything else (truncated, edited, another layout) is a
+    CheckpointError naming the file."""
+    try:
+        saved = mx.load(str(path))
+    except Exception as e:  # truncated or not safetensors: MLX's message, on one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: unreadable {what} ({first})") from None
+    if not isinstance(saved, dict) or set(saved) != set(expected):
+        diff = sorted(set(saved) ^ set(expected)) if isinstance(saved, dict) else []
+        raise CheckpointError(f"{path}: its {what} do not match this run's layout ({diff[:3]} ...)")
+    for k, ref in expected.items():
+        if saved[k].shape != ref.shape or saved[k].dtype != ref.dtype:
+            raise CheckpointError(f"{path}: {k} is {_kind(saved[k])}, this run needs {_kind(ref)}")
+    bad = [k for k, v in saved.items() if mx.issubdtype(v.dtype, mx.inexact) and not mx.isfinite(v).all().item()]
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]} holds NaN or infinite values")
+    return saved
 
 
 def load_checkpoint(ckpt: Path, model: nn.Module, opt: optim.Optimizer) -> RunState:
@@ -187,16 +262,12 @@ def load_checkpoint(ckpt: Path, model: nn.Module, opt: optim.Optimizer) -> RunSt
     silent partial load.
     """
     state = read_state(ckpt)
-    weights = mx.load(str(ckpt / "adapters.safetensors"))
     ours = dict(tree_flatten(model.trainable_parameters()))
-    if set(weights) != set(ours):
-        raise CheckpointError(f"{ckpt}: its adapters do not match this model's adapter layout")
-    model.load_weights(list(weights.items()), strict=False)
-    saved = mx.load(str(ckpt / "optimizer.safetensors"))
+    weights = _load_arrays(ckpt / "adapters.safetensors", ours, "adapters")
     opt.init(model.trainable_parameters())
-    missing = set(dict(tree_flatten(opt.state))) ^ set(saved)
-    if missing:
-        raise CheckpointError(f"{ckpt}: optimizer state does not match ({sorted(missing)[:3]} ...)")
+    saved = _load_arrays(ckpt / "optimizer.safetensors", dict(tree_flatten(opt.state)), "optimizer state")
+    # Both files checked before either is used: a bad optimizer file leaves the model as it was.
+    model.load_weights(list(weights.items()), strict=False)
     opt.state = tree_map_with_path(lambda path, _: saved[path], opt.state)
     if state.rng_key is not None:
         restore_rng_key(state.rng_key)
@@ -206,7 +277,9 @@ def load_checkpoint(ckpt: Path, model: nn.Module, opt: optim.Optimizer) -> RunSt
 
 def truncate_logs(run_dir: Path, state: RunState) -> None:
     """Cut metrics.jsonl and samples.jsonl back to their size at the checkpoint, so the steps the
-    resumed run repeats (and any half-written line of a killed run) are not in them twice."""
+    resumed run repeats (and any half-written line of a killed run) are not in them twice.
+
+    Every log is checked before any is cut, so a refused resume changes nothing."""
     for name in LOGS:
         path = Path(run_dir) / name
         size = state.log_sizes.get(name, 0)
@@ -218,7 +291,9 @@ def truncate_logs(run_dir: Path, state: RunState) -> None:
             raise CheckpointError(
                 f"{path}: shorter ({path.stat().st_size} bytes) than at the checkpoint ({size} bytes)"
             )
-        os.truncate(path, size)
+    for name in LOGS:
+        if (Path(run_dir) / name).exists():
+            os.truncate(Path(run_dir) / name, state.log_sizes.get(name, 0))
 
 
 def log_sizes(run_dir: Path) -> Dict[str, int]:

@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Tuple
 import click
 
 from .config import ConfigError, make_config, parse_set
+from .outputs import check_output_file
 
 # Command-line flags that are shortcuts for config keys (flag name -> dotted key).
 TRAIN_FLAGS = {
@@ -46,7 +47,7 @@ def user_errors() -> Tuple[type, ...]:
     from .models import ModelLoadError
     from .rewards import RewardError
     from .tasks import DataError
-    from .trainer import RunDirError
+    from .outputs import RunDirError
 
     return (ConfigError, ModelLoadError, RewardError, DataError, RunDirError, CheckpointError,
             FileNotFoundError)
@@ -73,7 +74,30 @@ def _self_argv() -> List[str]:
     return list(sys.argv)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """click's own option errors (a bad type, a value out of range, a missing option) in the
+    one-line form of every other bad input: ``error: ...``, exit 2, no usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False  # errors come back here instead of being printed
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # no command given: the help, as click shows it
+                e.show()
+                sys.exit(e.exit_code)
+            where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+            fail(where + " ".join(e.format_message().split()))
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C outside a command's own handling
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)  # --help and --version return their exit code
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-grpo")
 def main() -> None:
     """mlx-grpo: teach a language model to reason with GRPO on MLX, through LoRA adapters."""
@@ -232,8 +256,12 @@ def eval_cmd(config_path, run_dir, model, adapter, sets, debug, task, data, limi
             overrides += [("data.task", "jsonl"), ("data.path", data)]
         if task:
             overrides.append(("data.task", task))
-        if max_tokens:
+        if limit is not None and limit < 1:
+            raise ConfigError(f"--n: must be at least 1, got {limit}")
+        if max_tokens is not None:
             overrides += [("rollout.max_tokens", max_tokens), ("output.eval_max_tokens", max_tokens)]
+        if temperature is not None:  # checked by the config like train's (>= 0, finite)
+            overrides.append(("rollout.temperature", temperature))
         cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
         from .evaluate import evaluate_config
 
@@ -272,8 +300,10 @@ def generate(config_path, run_dir, model, adapter, sets, debug, question, templa
         overrides: List[Tuple[str, Any]] = []
         if template:
             overrides.append(("prompt.kind", template))
-        if max_tokens:
+        if max_tokens is not None:
             overrides.append(("rollout.max_tokens", max_tokens))
+        if temperature is not None:  # checked by the config like train's (>= 0, finite)
+            overrides.append(("rollout.temperature", temperature))
         cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
         from .generate import generate as run_generate
         from .models import load_for_inference
@@ -300,7 +330,7 @@ def plot(run_dirs, out, smooth, debug):
 
     try:
         path = plot_runs(run_dirs, out or Path(run_dirs[0]) / "curves.png", smooth)
-    except (PlotError, FileNotFoundError, ValueError) as e:
+    except (PlotError, FileNotFoundError, ValueError) as e:  # (RunDirError is a ValueError)
         if debug:
             raise
         fail(str(e))
@@ -369,6 +399,12 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
         cfg = make_config(config_path, overrides)
         from .reward_lab import format_report, parse_reward_list, run
 
+        if out_path is not None:
+            check_output_file(out_path, "--out")
+            if completions_path and os.path.exists(out_path) and os.path.exists(completions_path) \
+                    and os.path.samefile(out_path, completions_path):
+                raise ConfigError(f"--out: {out_path} is the --completions file; it would be replaced")
+
         weights = parse_reward_list(reward_list, cfg.rewards) if reward_list else dict(cfg.rewards)
         summary = run(cfg, weights, completions_path, samples, adapter, group_size, out_path, top)
     click.echo(json.dumps(summary) if as_json else format_report(summary))
@@ -392,13 +428,24 @@ def bench(model, config_path, large, quick, processes, as_json, out_path, debug)
 
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
     with reported(debug):
+        if processes == 1:
+            raise ConfigError("--processes: must be 0 (off) or at least 2 (it compares 1 and N processes), got 1")
+        if out_path is not None:  # before the measurement: minutes of it must not be lost at the end
+            check_output_file(out_path, "--out")
         result = run_bench(config_path, model, large=large, quick=quick, say=say, processes=processes)
-    if out_path:
-        from pathlib import Path
+        if out_path:
+            from pathlib import Path
 
-        from .models import atomic_write
+            from .models import atomic_write
 
-        atomic_write(Path(out_path), lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                atomic_write(Path(out_path), lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+            except OSError as e:  # changed since the check: say so, and keep the result on stdout
+                click.echo(f"error: --out: cannot write {out_path} ({e.strerror or e}); the result follows",
+                           err=True)
+                click.echo(json.dumps(result))
+                sys.exit(2)
     click.echo(json.dumps(result) if as_json else table(result))
 
 

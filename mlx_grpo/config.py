@@ -9,6 +9,7 @@ The defaults are the embedded offline run (the tiny model on the arithmetic task
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,14 +227,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number: Optional[float] = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no setting means anything at nan or inf (weights would poison totals)
+            raise ConfigError(f"{key}: expected a finite number, got {number}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -302,6 +308,8 @@ def validate(cfg: Config) -> Config:
         ("reward_settings.overlong.cache", _positive(cfg.reward_settings.overlong.cache), "must be at least 1"),
         ("reward_settings.length.max_length", _positive(cfg.reward_settings.length.max_length), "must be at least 1"),
         ("reward_settings.repetition.ngram_size", cfg.reward_settings.repetition.ngram_size >= 1, "must be at least 1"),
+        ("output.dir", bool(cfg.output.dir.strip()), "must name a directory (an unset shell variable?)"),
+        ("output.eval_max_tokens", _positive(cfg.output.eval_max_tokens), "must be at least 1"),
         ("output.save_every", cfg.output.save_every >= 0, "must be >= 0"),
         ("output.keep_checkpoints", cfg.output.keep_checkpoints >= 1, "must be at least 1"),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),

@@ -350,10 +350,25 @@ def save_adapters(model: nn.Module, out_dir: Path, cfg: AdapterConfig, model_id:
 
 
 def load_adapters(model: nn.Module, adapter_dir: str) -> nn.Module:
-    """Attach and load adapters saved by ``save_adapters`` (or by mlx-lm) with mlx-lm's loader."""
+    """Attach and load adapters saved by ``save_adapters`` (or by mlx-lm) with mlx-lm's loader.
+
+    A missing, truncated or mismatched adapter is a ``ModelLoadError`` naming the file.
+    """
     from mlx_lm.tuner.utils import load_adapters as _load
 
-    return _load(model, adapter_dir)
+    where = Path(adapter_dir)
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (where / name).is_file():
+            raise ModelLoadError(f"--adapter: {where / name} not found (not an adapter directory)")
+    try:
+        json.loads((where / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"--adapter: {where / 'adapter_config.json'}: unreadable ({e})") from None
+    try:
+        return _load(model, adapter_dir)
+    except Exception as e:  # truncated, edited, or for another model: one line, named
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"--adapter: {where / 'adapters.safetensors'}: cannot load adapters ({first})") from None
 
 
 def load_for_inference(cfg: ModelConfig, adapter_dir: Optional[str] = None) -> Tuple[nn.Module, Any]:

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .outputs import check_output_file
 from .runs import RunRecords, read_run
 
 # (title, metrics key) of the single-curve panels, after the reward and accuracy panels.
@@ -57,6 +58,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, smooth_window: Op
         raise PlotError("plotting needs matplotlib: pip install 'mlx-grpo[plot]' (or pip install matplotlib)") from None
 
     runs: List[RunRecords] = [read_run(d) for d in run_dirs]
+    check_output_file(out, "--out")  # before drawing: say so now, not after the work
     fig, axes = plt.subplots(2, 4, figsize=FIGSIZE, dpi=DPI)
     axes = axes.ravel()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

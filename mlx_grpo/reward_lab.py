@@ -171,6 +171,7 @@ def write_scores(path: str, data: Completions, rw: Rewards) -> None:
     out = Path(path)
     tmp = out.with_name(out.name + ".tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             for i, record in enumerate(data.records):
                 scores = {k: _num(v[i]) for k, v in rw.columns.items()}
@@ -259,6 +260,8 @@ def parse_reward_list(text: str, configured: Mapping[str, float]) -> Dict[str, f
                 weight = float(raw)
             except ValueError:
                 raise ConfigError(f"--rewards: bad weight {raw!r} in {item!r} (expected name=number)") from None
+            if not math.isfinite(weight):  # a nan weight makes every total nan (and the JSON invalid)
+                raise ConfigError(f"--rewards: weight {raw!r} in {item!r} must be a finite number")
         out[name] = weight
     if not out:
         raise ConfigError("--rewards: no reward named")

@@ -26,12 +26,20 @@ def is_run(path: Path) -> bool:
 
 
 def read_run(path: str | Path) -> RunRecords:
-    """Load a run directory; a line cut short by a crash (the last one) is ignored."""
+    """Load a run directory; a line cut short by a crash (the last one) is ignored. A malformed
+    line is a ValueError naming metrics.jsonl and the line."""
     path = Path(path)
     if not is_run(path):
         raise FileNotFoundError(f"{path}: not a run directory (no metrics.jsonl)")
     rec = RunRecords(path)
-    lines = (path / "metrics.jsonl").read_text().splitlines()
+    where = path / "metrics.jsonl"
+    try:
+        text = where.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}:{text_line(where, e.start)}: not UTF-8 text") from None
+    lines = text.split("\n")  # JSON strings may hold U+2028 and the like: only \n ends a line
+    while lines and not lines[-1].strip():
+        lines.pop()
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -40,13 +48,20 @@ def read_run(path: str | Path) -> RunRecords:
         except json.JSONDecodeError:
             if i == len(lines):  # a partial last line from an interrupted write
                 break
-            raise ValueError(f"{path / 'metrics.jsonl'}:{i}: not valid JSON") from None
+            raise ValueError(f"{where}:{i}: not valid JSON") from None
+        if not isinstance(r, dict) or isinstance(r.get("step"), bool) or not isinstance(r.get("step"), (int, float)):
+            raise ValueError(f"{where}:{i}: expected a JSON object with a numeric \"step\"")
         (rec.evals if r.get("kind") == "eval" else rec.train).append(r)
     if (path / "config.yaml").is_file():
         rec.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     if (path / "summary.json").is_file():
         rec.summary = json.loads((path / "summary.json").read_text())
     return rec
+
+
+def text_line(path: Path, offset: int) -> int:
+    """The 1-based line of byte ``offset`` in ``path``."""
+    return path.read_bytes()[:offset].count(b"\n") + 1
 
 
 def find_runs(root: str | Path) -> List[Path]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,6 @@ from mlx.utils import tree_flatten, tree_map
 from . import __version__, distributed
 from .advantages import group_advantages
 from .checkpoint import (
-    CHECKPOINTS,
     CheckpointError,
     RunState,
     latest_checkpoint,
@@ -53,36 +51,13 @@ from .models import (
     save_adapters,
 )
 from .interrupts import Interrupted, stop_on_signals
+from .outputs import RunDirError, adopt_run_dir, check_run_dir, prepare_run_dir  # noqa: F401 (RunDirError: re-exported)
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
 from .rewards import Rewards, load_rewards, score, settings_for
 from .rollout import Rollouts, row_keys, sample_groups
 from .scoring import completion_logprobs
 from .tasks import columns, load_task
 from .tasks.templates import PromptFormat, prompt_format, render_prompt
-
-
-class RunDirError(ValueError):
-    """The output directory cannot be used (it already holds a run)."""
-
-
-def check_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a directory that already holds a run, unless told to overwrite (changes nothing)."""
-    if ((out / "metrics.jsonl").exists() or latest_checkpoint(out) is not None) and not overwrite:
-        raise RunDirError(
-            f"output.dir: {out} already holds a run; continue it with --resume {out}, "
-            "replace it with --overwrite, or choose another --output"
-        )
-
-
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Create the run directory; with ``overwrite``, remove the previous run's logs and checkpoints
-    (so a later --resume cannot pick up a checkpoint of the run that was replaced)."""
-    check_run_dir(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for name in ("metrics.jsonl", "samples.jsonl", "summary.json"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 def make_schedule(cfg: TrainConfig, total_updates: int) -> Callable:
@@ -425,6 +400,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         truncate_logs(out, state)
+        adopt_run_dir(out)
         (out / "summary.json").unlink(missing_ok=True)  # it described the run before this resume
         say(f"resuming {out} from {ckpt.name}: step {state.step + 1} of {cfg.train.steps}")
     else:

@@ -78,6 +78,23 @@ def mlx_lm_greedy(model, ids, max_tokens: int, eos) -> list:
     return out
 
 
+def tree_hash(root: Path) -> dict:
+    """Every file under ``root`` with a hash of its bytes: equal before and after means untouched."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def one_line_error(r, msg: str) -> None:
+    """The CLI's bad-input contract: exit 2, exactly one line on stderr, ``error: ...`` holding
+    ``msg``, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.startswith("error: ") and msg in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
     """Run ``python cli.py ARGS`` as a real subprocess; returns CompletedProcess."""
     import subprocess

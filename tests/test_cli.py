@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, tree_hash
 
 
 def test_help_lists_commands():
@@ -63,14 +63,6 @@ def test_adapters_work_with_mlx_lm_generate_and_fuse(short_run, small_model_dir,
                        capture_output=True, text=True)
     assert f.returncode == 0, f.stderr
     assert (tmp_path / "fused" / "config.json").exists()
-
-
-def tree_hash(root):
-    """Every file under ``root`` with a hash of its bytes: equal before and after means untouched."""
-    import hashlib
-
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _files(tmp, model):

@@ -425,6 +425,17 @@ def test_user_reward_gets_dataset_columns_and_none_counts_zero_in_total(tmp_path
     ("def r(p, c, **k):\n    return [1.0, float('inf')]\n", "returned inf for sample 1"),
     ("def r(p, c, **k):\n    return [1.0, [2]]\n", "returned [2] (not a number) for sample 1"),
     ("def r(p, c, answer, **k):\n    return [1.0, 1.0]\n", "missing 1 required positional argument: 'answer'"),
+    # issue 14: what a reward returns or does cannot escape the contract
+    ("import sys\ndef r(p, c, **k):\n    sys.exit(0)\n", "raised SystemExit: 0 on sample 0"),
+    ("def r(p, c, **k):\n    raise SystemExit('done')\n", "raised SystemExit: done on sample 0"),
+    ("def r(p, c, **k):\n    return {1.0: 'a', 0.0: 'b'}\n", "(a dict) for 2 completions (expected a list of 2 numbers or None)"),
+    ("def r(p, c, **k):\n    return '11'\n", "returned '11' (a str) for 2 completions"),
+    ("import numpy as np\ndef r(p, c, **k):\n    return np.array(1.0)\n", "returned an array of shape () for 2 completions"),
+    ("import numpy as np\ndef r(p, c, **k):\n    return np.ones((2, 1))\n", "returned an array of shape (2, 1) for 2 completions"),
+    ("import numpy as np\ndef r(p, c, **k):\n    return np.ones(3)\n", "returned 3 values for 2 completions"),
+    ("import numpy as np\ndef r(p, c, **k):\n    return [np.ones(1), 1.0]\n", "(not a number) for sample 0"),
+    ("def r(p, c, **k):\n    return ['1', 1.0]\n", "returned '1' (not a number) for sample 0"),
+    ("def r(p, c, **k):\n    return (x for x in [1.0, 1.0])\n", "(a generator) for 2 completions"),
 ])
 def test_user_reward_failures_name_reward_and_sample(tmp_path, body, msg):
     f = tmp_path / "bad.py"
@@ -446,3 +457,66 @@ def test_user_reward_from_installed_module_and_numpy_results(tmp_path, monkeypat
     np.testing.assert_allclose(rw.columns["labpkg.scores:longer"], [2.0, 4.0])
     with pytest.raises(RewardError, match="cannot import labpkg.nosuch"):
         load_reward("labpkg.nosuch:fn")
+
+
+# ---------------------------------------------------------------- user rewards: the import contract
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("import sys\nsys.exit(0)\n", "cannot import {f}: SystemExit: 0"),
+    ("raise KeyboardInterrupt\n", "cannot import {f}: KeyboardInterrupt"),
+    ("raise SystemExit(3)\n", "cannot import {f}: SystemExit: 3"),
+    # argparse at import sees only the file's name: a required option fails, quoting argparse
+    ("import argparse\np = argparse.ArgumentParser()\np.add_argument('--scale', required=True)\n"
+     "args = p.parse_args()\n",
+     "cannot import {f}: SystemExit: 2 (it printed: {name}: error: the following arguments are required: --scale)"),
+])
+def test_user_reward_import_cannot_exit(tmp_path, capsys, body, msg):
+    f = tmp_path / "escape.py"
+    f.write_text(body + "def r(p, c, **k):\n    return [1.0] * len(c)\n")
+    with pytest.raises(RewardError) as e:
+        load_rewards([f"{f}:r"])
+    assert str(e.value).startswith(f"rewards.{f}:r: ")
+    assert msg.format(f=f, name=f.name) in str(e.value), str(e.value)
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""  # what it printed is in the one error line, nowhere else
+
+
+def test_user_reward_accepted_forms_and_prints_go_to_stderr(tmp_path, capsys):
+    """Documented acceptances: argparse at import with optional flags parses no arguments of
+    ours; tuples, 1-D arrays, bools and NumPy scalars are values; prints go to stderr."""
+    f = tmp_path / "ok.py"
+    f.write_text(
+        "import argparse, sys\nimport numpy as np\n"
+        "opts = argparse.ArgumentParser()\nopts.add_argument('--scale', type=float, default=2.0)\n"
+        "SCALE = opts.parse_args().scale\nprint('loaded at import')\n"
+        "def as_tuple(p, c, **k):\n    print('scoring', len(c))\n    return (True, np.float32(0.5), np.int64(1))\n"
+        "def as_array(p, c, **k):\n    return np.array([SCALE, 0.0, None], dtype=object)\n"
+        "def as_mixed(p, c, **k):\n    return [np.bool_(False), 2, None]\n")
+    fns = load_rewards([f"{f}:as_tuple", f"{f}:as_array", f"{f}:as_mixed"])
+    rw = score(["p"] * 3, ["a", "b", "c"], {}, fns, {})
+    np.testing.assert_allclose(rw.columns[f"{f}:as_tuple"], [1.0, 0.5, 1.0])
+    np.testing.assert_allclose(rw.columns[f"{f}:as_array"], [2.0, 0.0, np.nan])
+    np.testing.assert_allclose(rw.columns[f"{f}:as_mixed"], [0.0, 2.0, np.nan])
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "loaded at import" in err and "scoring 3" in err
+
+
+def test_keyboard_interrupt_in_a_reward_is_its_error_only_when_ctrl_c_cannot_raise_it(tmp_path):
+    """With Python's default SIGINT handler a KeyboardInterrupt may be the user's Ctrl-C: it stays
+    an interrupt. Under a handler (training: Ctrl-C only sets a flag) it can only be the reward's."""
+    import signal
+
+    f = tmp_path / "kbd.py"
+    f.write_text("def r(p, c, **k):\n    raise KeyboardInterrupt\n")
+    fns = load_rewards([f"{f}:r"])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            score(["a"], ["x"], {}, fns, {})
+        signal.signal(signal.SIGINT, lambda *_: None)
+        with pytest.raises(RewardError, match=f"reward {f}:r raised KeyboardInterrupt"):
+            score(["a"], ["x"], {}, fns, {})
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -11,15 +11,31 @@ Policy for a broken reward: a reward that raises, returns the wrong number of va
 NaN/inf or a non-number stops the run with a ``RewardError`` naming the reward and the offending
 sample. Silently scoring it as zero would train on a wrong signal.
 
+The contract a user reward cannot escape (each case is a ``RewardError``, never an exit or a
+traceback): a reward returns a list or tuple, or a 1-D array, of one value per completion, each
+``None``, a bool or a real number (Python's or NumPy's); a dict, a string, a scalar, a 0-d or
+2-D array is refused. ``sys.exit`` (``SystemExit``) inside a reward, or anything its module raises
+at import (``SystemExit`` and ``KeyboardInterrupt`` included) is reported as that reward's error. A
+module runs with ``sys.argv = [its file]`` while it is imported, so an argparse call at import
+sees no arguments of ours. What user code prints to stdout goes to stderr, so ``--json`` output
+stays one JSON object; output printed by a failing import is quoted in the error instead.
+A ``KeyboardInterrupt`` raised while a reward runs is an interrupt (Ctrl-C), not the reward's
+error, unless SIGINT is handled (training: Ctrl-C only sets a flag), when only the reward raised it.
+
 Rewards work on strings only (no mlx, no model), so reward experiments start instantly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import io
 import math
+import numbers
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -27,6 +43,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..config import Config, ConfigError, RewardSettings
+from ..interrupts import Interrupted
 from .accuracy import make_accuracy_reward
 from .countdown import countdown_reward
 from .errors import RewardError
@@ -95,24 +112,38 @@ def load_reward(name: str, settings: Optional[RewardSettings] = None) -> RewardF
             "user rewards are named path/to/file.py:function or package.module:function)"
         )
     target, fn_name = name.rsplit(":", 1)
+    if target.endswith(".py") and not Path(target).is_file():
+        raise RewardError(f"rewards.{name}: file {target} not found")
+    printed = io.StringIO()
+    argv = sys.argv
     try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise RewardError(f"rewards.{name}: file {target} not found")
-            spec = importlib.util.spec_from_file_location(f"mlx_grpo_user_reward_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-        else:
-            module = importlib.import_module(target)
-    except RewardError:
-        raise
-    except Exception as e:  # an import error in user code, reported in one line
-        raise RewardError(f"rewards.{name}: cannot import {target}: {type(e).__name__}: {e}") from None
+        sys.argv = [target]  # an argparse call at import must not parse our command line
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            module = _import(target)
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # user code, reported in one line
+        said = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
+        quoted = f" (it printed: {_short(said[-1])[1:-1]})" if said else ""
+        raise RewardError(
+            f"rewards.{name}: cannot import {target}: {type(e).__name__}: {e}{quoted}"
+        ) from None
+    finally:
+        sys.argv = argv
+    sys.stderr.write(printed.getvalue())  # what it printed at import, kept off stdout
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise RewardError(f"rewards.{name}: {target} has no function {fn_name!r}")
     return fn
+
+
+def _import(target: str) -> Any:
+    """The module of a user reward: a ``.py`` file or an importable module name."""
+    if not target.endswith(".py"):
+        return importlib.import_module(target)
+    path = Path(target)
+    spec = importlib.util.spec_from_file_location(f"mlx_grpo_user_reward_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
 def load_rewards(names: Sequence[str], settings: Optional[RewardSettings] = None) -> Dict[str, RewardFn]:
@@ -157,20 +188,17 @@ def score(
     prompts, completions = list(prompts), list(completions)
     cols: Dict[str, np.ndarray] = {}
     for name, fn in reward_fns.items():
-        values = _call(name, fn, prompts, completions, columns)
-        if values is None or not hasattr(values, "__len__") or len(values) != n:
-            got = "None" if values is None else (f"{len(values)} values" if hasattr(values, "__len__") else repr(values))
-            raise RewardError(f"reward {name} returned {got} for {n} completions")
+        with contextlib.redirect_stdout(sys.stderr):  # a reward's prints never reach --json output
+            values = _values(name, _call(name, fn, prompts, completions, columns), n)
         col = np.full(n, np.nan)
         for i, v in enumerate(values):
             if v is None:
                 continue
-            try:
-                f = float(v)
-            except (TypeError, ValueError):
+            if not isinstance(v, (numbers.Real, np.bool_)):  # not float(v): "1" or a 1-element array
                 raise RewardError(
                     f"reward {name} returned {_short(v)} (not a number) for {_sample(i, completions)}"
-                ) from None
+                )
+            f = float(v)
             if not math.isfinite(f):
                 raise RewardError(f"reward {name} returned {f} for {_sample(i, completions)}")
             col[i] = f
@@ -181,19 +209,47 @@ def score(
     return Rewards(columns=cols, total=total)
 
 
+def _values(name: str, values: Any, n: int) -> Sequence[Any]:
+    """A reward's result as a sequence of ``n`` values, or a RewardError saying what it was."""
+    if hasattr(values, "ndim") and hasattr(values, "tolist"):  # NumPy, MLX (or torch) arrays
+        if values.ndim != 1:
+            raise RewardError(f"reward {name} returned an array of shape {tuple(values.shape)} for {n} "
+                              f"completions (expected one value per completion)")
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):  # a dict's keys or a string's characters are no rewards
+        kind = "" if values is None or isinstance(values, (int, float)) else f" (a {type(values).__name__})"
+        raise RewardError(f"reward {name} returned {_short(values)}{kind} for {n} completions "
+                          f"(expected a list of {n} numbers or None)")
+    if len(values) != n:
+        raise RewardError(f"reward {name} returned {len(values)} values for {n} completions")
+    return values
+
+
+def _reward_raised() -> Tuple[type, ...]:
+    """What a reward may raise that is its own error: any Exception, ``sys.exit``, and
+    KeyboardInterrupt when SIGINT is handled (then Ctrl-C does not raise it: the reward did)."""
+    handled = signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, None)
+    return (Exception, SystemExit, KeyboardInterrupt) if handled else (Exception, SystemExit)
+
+
 def _call(name: str, fn: RewardFn, prompts: List[str], completions: List[str],
           columns: Mapping[str, Sequence[Any]]) -> Any:
     """``fn`` on the batch; when it raises, find the first sample that makes it raise alone."""
+    own = _reward_raised()
     try:
         return fn(prompts, completions, **{k: list(v) for k, v in columns.items()})
     except RewardError as e:  # already says what is wrong (e.g. a missing column)
         raise RewardError(str(e)) from None
-    except Exception as e:
+    except own as e:
+        if isinstance(e, Interrupted):  # a second Ctrl-C in training, landing inside the reward
+            raise
         error = f"{type(e).__name__}: {e}"
     for i in range(len(completions)):
         try:
             fn(prompts[i : i + 1], completions[i : i + 1], **{k: list(v)[i : i + 1] for k, v in columns.items()})
-        except Exception as e:
+        except own as e:
+            if isinstance(e, Interrupted):
+                raise
             raise RewardError(f"reward {name} raised {type(e).__name__}: {e} on {_sample(i, completions)}") from None
     raise RewardError(f"reward {name} raised {error} on the batch of {len(completions)} (each sample alone passes)")
 

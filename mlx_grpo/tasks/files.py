@@ -45,7 +45,9 @@ def iter_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     if not p.is_file():
         raise DataError(f"{path}: data file not found")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        # Only \n ends a JSONL line: str.splitlines also splits at U+2028, U+0085 and other
+        # characters a JSON string may hold as they are.
+        lines = p.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     for n, line in enumerate(lines, start=1):

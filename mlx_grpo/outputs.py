@@ -1,0 +1,174 @@
+"""Where results go: run directories this project owns, and output files, checked before any work.
+
+A run records what it owns in a manifest, ``RUN/.mlx-grpo-run`` (JSON), written before any other
+file of the run. A file in an output directory is ours only when that manifest lists its name:
+names alone prove nothing, since mlx-lm's LoRA training writes ``adapters.safetensors`` and
+``adapter_config.json`` too. So:
+
+* a directory holding files the manifest does not list is refused without ``--overwrite``; with
+  it, those files are kept and the run is written next to them;
+* a file we did not write that a run would replace (an mlx-lm ``adapters.safetensors``) is
+  refused even with ``--overwrite``;
+* ``--overwrite`` removes only what the manifest lists.
+
+Every check here changes nothing on disk, so a refused run leaves the directory as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+MANIFEST = ".mlx-grpo-run"
+# Everything a run writes at the top of its directory (the trainer, checkpoints and trackers).
+RUN_FILES = (
+    "config.yaml", "metrics.jsonl", "samples.jsonl", "summary.json",
+    "adapters.safetensors", "adapter_config.json", "checkpoints", "tensorboard", "wandb",
+)
+
+
+class RunDirError(ValueError):
+    """An output path that cannot be used; the message names the path and what to do."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """Raise RunDirError (naming ``key``) unless ``path`` is, or can be created as, a directory
+    this process may write in. Creates nothing."""
+    if not str(path).strip():
+        raise RunDirError(f"{key}: empty path (an unset shell variable?); name a directory")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise RunDirError(f"{key}: {p} is a file, not a directory")
+    base = _nearest_existing(p)
+    if not base.is_dir():
+        raise RunDirError(f"{key}: cannot create {p}: {base} is a file, not a directory")
+    # To create in a folder needs write and search; to look into the directory itself, read too.
+    mode = os.W_OK | os.X_OK | (os.R_OK if p.is_dir() else 0)
+    if not os.access(base, mode):
+        raise RunDirError(f"{key}: cannot write in {base} (permission denied)")
+
+
+def check_output_file(path: str | Path, key: str) -> None:
+    """Raise RunDirError unless ``path`` can be written as a file (its folders created as needed).
+    Called before any work, so a long job never ends unable to save its result."""
+    if not str(path).strip():
+        raise RunDirError(f"{key}: empty path (an unset shell variable?); name a file")
+    p = Path(path)
+    if p.is_dir():
+        raise RunDirError(f"{key}: {p} is a directory, not a file")
+    try:
+        check_writable_dir(p.parent, key)
+    except RunDirError as e:  # the same reason, said of the file asked for
+        raise RunDirError(f"{key}: cannot write {p}: {str(e).split(': ', 1)[1]}") from None
+
+
+def read_manifest(out: Path) -> List[str]:
+    """The names the run in ``out`` wrote, per its manifest; [] when there is none (or it is not
+    ours: an unreadable manifest proves nothing)."""
+    try:
+        data = json.loads((Path(out) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return []
+    files = data.get("files") if isinstance(data, dict) and data.get("written_by") == "mlx-grpo" else None
+    return [f for f in files if f in RUN_FILES] if isinstance(files, list) else []
+
+
+def write_manifest(out: Path) -> None:
+    """Record that the run in ``out`` owns RUN_FILES (atomically; before it writes any of them)."""
+    from . import __version__
+
+    tmp = Path(out) / f"{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({"written_by": "mlx-grpo", "version": __version__, "files": list(RUN_FILES)}) + "\n")
+    os.replace(tmp, Path(out) / MANIFEST)
+
+
+def foreign_files(out: Path) -> List[str]:
+    """Entries of ``out`` that no manifest says we wrote, sorted."""
+    ours = set(read_manifest(out)) | {MANIFEST}
+    return sorted(e for e in os.listdir(out) if e not in ours)
+
+
+def _listing(names: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_run_dir(out: str | Path, overwrite: bool) -> None:
+    """Refuse an output directory that cannot take a new run (changes nothing):
+
+    not writable; holds a run of ours (unless ``overwrite``); holds files we did not write
+    (unless ``overwrite``); holds a file we did not write under a name the run would replace
+    (always: ``--overwrite`` never touches other files).
+    """
+    check_writable_dir(out, "output.dir")
+    out = Path(out)
+    if not out.is_dir():
+        return
+    foreign = foreign_files(out)
+    clash = [f for f in foreign if f in RUN_FILES]
+    if clash:
+        raise RunDirError(
+            f"output.dir: {out / clash[0]} was not written by mlx-grpo (no {MANIFEST} lists it) and a run "
+            "would replace it; choose another --output (--overwrite never removes files it did not write)"
+        )
+    if overwrite:
+        return
+    if any((out / name).exists() for name in read_manifest(out)):
+        raise RunDirError(
+            f"output.dir: {out} already holds a run; continue it with --resume {out}, "
+            "replace it with --overwrite, or choose another --output"
+        )
+    if foreign:
+        raise RunDirError(
+            f"output.dir: {out} holds files mlx-grpo did not write ({_listing(foreign)}); choose a new "
+            "or empty --output, or pass --overwrite to write the run next to them (they are kept)"
+        )
+
+
+def prepare_run_dir(out: str | Path, overwrite: bool) -> None:
+    """Create the run directory and its manifest; with ``overwrite``, first remove what the
+    previous run wrote (so a later --resume cannot pick up a checkpoint of the replaced run)."""
+    check_run_dir(out, overwrite)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in read_manifest(out):
+            _remove(out / name, only=_CHECKPOINT_ENTRY if name == "checkpoints" else None)
+    write_manifest(out)
+
+
+# What a run writes inside checkpoints/: step directories and the hidden ones of a save in progress.
+_CHECKPOINT_ENTRY = re.compile(r"^(step_\d+|\.tmp-step_\d+-\d+|\.old-step_\d+-\d+)$")
+
+
+def _remove(path: Path, only: Optional[re.Pattern] = None) -> None:
+    """Delete ``path``; with ``only``, a directory keeps the entries it does not match (a file a
+    user put among our checkpoints stays, and so does the directory then)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir() and only is None:
+        shutil.rmtree(path)
+    elif path.is_dir():
+        for entry in path.iterdir():
+            if only.match(entry.name):
+                _remove(entry)
+        if not any(path.iterdir()):
+            path.rmdir()
+
+
+def adopt_run_dir(out: str | Path) -> Optional[Path]:
+    """A resumed run whose directory predates manifests gets one (its checkpoint shows it is ours)."""
+    if not (Path(out) / MANIFEST).exists():
+        write_manifest(Path(out))
+        return Path(out) / MANIFEST
+    return None

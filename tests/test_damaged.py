@@ -1,0 +1,120 @@
+"""Damaged checkpoints and adapters (issue 14, section 5): a truncated or edited file in
+``--resume``, ``eval --run`` or ``generate --adapter`` is one line naming the file, exit 2, and
+the run directory byte for byte as it was. Real runs, real damage, real subprocesses."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import pytest
+
+from conftest import one_line_error, run_cli, tree_hash
+from mlx_grpo.checkpoint import CheckpointError, latest_checkpoint, read_state
+
+NO_BLAS = {"MLX_GRPO_NO_FAST_BLAS": "1"}
+
+
+@pytest.fixture(scope="module")
+def saved_run(small_model_dir, tmp_path_factory):
+    """A finished 2-step run with a checkpoint after each step."""
+    out = tmp_path_factory.mktemp("damaged") / "run"
+    r = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "2",
+                "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress",
+                "--set", "output.eval_size=2", "--set", "output.save_every=1", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    assert (out / "summary.json").is_file()
+    return out
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def transpose_first(path):
+    """A well-formed file whose first rectangular matrix is transposed (edited, or from another model)."""
+    arrays = mx.load(str(path))
+    k = next(k for k in sorted(arrays) if arrays[k].ndim == 2 and arrays[k].shape[0] != arrays[k].shape[1])
+    arrays[k] = arrays[k].T
+    mx.save_safetensors(str(path), arrays)
+
+
+def edit_state(**changes):
+    def edit(path):
+        state = json.loads(path.read_text())
+        state.update(changes)
+        path.write_text(json.dumps(state))
+    return edit
+
+
+DAMAGE = [
+    ("optimizer.safetensors", truncate, "unreadable optimizer state"),
+    ("adapters.safetensors", truncate, "unreadable adapters"),
+    ("adapters.safetensors", transpose_first, "this run needs"),
+    ("optimizer.safetensors", transpose_first, "this run needs"),
+    ("state.json", edit_state(seconds="soon"), "seconds: expected a finite number >= 0, got 'soon'"),
+    ("state.json", edit_state(step=-1), "step: expected an integer >= 0, got -1"),
+    ("state.json", edit_state(batches_drawn=-3), "batches_drawn: expected an integer >= 0"),
+    ("state.json", edit_state(rng_key=[1, 2, 3]), "rng_key: expected null or 2 integers"),
+    ("state.json", edit_state(log_sizes={"metrics.jsonl": -5}), "log_sizes: expected {name: bytes}"),
+    ("state.json", truncate, "unreadable checkpoint state"),
+]
+
+
+@pytest.mark.parametrize("name,damage,msg", DAMAGE,
+                         ids=[f"{n}-{getattr(d, '__name__', 'edit')}-{i}" for i, (n, d, _) in enumerate(DAMAGE)])
+def test_damaged_checkpoint_refused_and_run_unchanged(saved_run, tmp_path, name, damage, msg):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    path = latest_checkpoint(run) / name
+    damage(path)
+    before = tree_hash(run)
+    r = run_cli("train", "--resume", str(run), "--steps", "3", "--no-progress", env=NO_BLAS)
+    one_line_error(r, f"{path}: ")
+    assert msg in r.stderr, r.stderr
+    assert tree_hash(run) == before  # logs not cut, summary.json not deleted
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+@pytest.mark.parametrize("damage", [truncate, transpose_first])
+def test_damaged_adapter_refused_by_eval_and_generate(saved_run, small_model_dir, tmp_path, command, damage):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    damage(run / "adapters.safetensors")
+    before = tree_hash(run)
+    args = (["eval", "--run", str(run), "--n", "2"] if command == "eval" else
+            ["generate", "--model", str(small_model_dir), "--adapter", str(run), "-p", "1 + 1", "--max-tokens", "2"])
+    r = run_cli(*args, env=NO_BLAS)
+    one_line_error(r, f"--adapter: {run / 'adapters.safetensors'}: cannot load adapters")
+    assert tree_hash(run) == before
+
+
+def test_missing_adapter_file_named(saved_run, small_model_dir, tmp_path):
+    r = run_cli("generate", "--model", str(small_model_dir), "--adapter", str(tmp_path), "-p", "1 + 1", env=NO_BLAS)
+    one_line_error(r, f"--adapter: {tmp_path / 'adapter_config.json'} not found")
+
+
+@pytest.mark.parametrize("changes,msg", [
+    ({"tokens": 1.5}, "tokens: expected an integer >= 0"),
+    ({"step": True}, "step: expected an integer >= 0"),
+    ({"seconds": float("nan")}, "seconds: expected a finite number >= 0"),
+    ({"seconds": -1}, "seconds: expected a finite number >= 0"),
+    ({"reward_last": "high"}, "reward_last: expected a finite number or null"),
+    ({"eval_end": [1]}, "eval_end: expected an object or null"),
+    ({"rng_key": [1, 2 ** 32]}, "rng_key: expected null or 2 integers in [0, 2**32)"),
+    ({"log_sizes": {"other.log": 3}}, "log_sizes: expected {name: bytes}"),
+    ({"surprise": 1}, "unknown key 'surprise'"),
+    ({"step": 7}, "step: 7 in a checkpoint of step 2"),
+])
+def test_state_json_checked_field_by_field(saved_run, tmp_path, changes, msg):
+    ckpt = tmp_path / "step_000002"
+    shutil.copytree(latest_checkpoint(saved_run), ckpt)
+    edit_state(**changes)(ckpt / "state.json")
+    with pytest.raises(CheckpointError) as e:
+        read_state(ckpt)
+    assert str(e.value).startswith(f"{ckpt / 'state.json'}: ") and msg in str(e.value), str(e.value)
+
+
+def test_untouched_state_reads_back(saved_run):
+    state = read_state(latest_checkpoint(saved_run))
+    assert state.step == 2 and len(state.rng_key) == 2 and state.log_sizes["metrics.jsonl"] > 0

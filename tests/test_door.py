@@ -1,0 +1,146 @@
+"""Every option checked at the door (issue 14, sections 4 and 6): a bad value is one line naming
+the option or key, exit 2, before any model loads; user rewards cannot end a run with their own
+exit code or corrupt --json output; JSONL lines end at \\n only; plot names the bad metrics line.
+Real subprocesses, real files."""
+
+import json
+
+import pytest
+
+from conftest import one_line_error, run_cli, tree_hash
+from mlx_grpo.runs import read_run
+from mlx_grpo.tasks import iter_jsonl
+
+NO_BLAS = {"MLX_GRPO_NO_FAST_BLAS": "1"}
+GOOD = "<think> 2 + 3 = 5 </think> <answer> 5 </answer>"
+
+DOOR = [
+    (["eval", "--n", "0"], "--n: must be at least 1, got 0"),
+    (["eval", "--n", "-2"], "--n: must be at least 1, got -2"),
+    (["eval", "--max-tokens", "0"], "rollout.max_tokens: must be at least 1, got 0"),
+    (["eval", "--temperature", "-0.5"], "rollout.temperature: must be >= 0, got -0.5"),
+    (["eval", "--temperature", "nan"], "rollout.temperature: expected a finite number, got nan"),
+    (["generate", "-p", "1 + 1", "--temperature", "nan"], "rollout.temperature: expected a finite number, got nan"),
+    (["generate", "-p", "1 + 1", "--temperature", "-1"], "rollout.temperature: must be >= 0, got -1.0"),
+    (["generate", "-p", "1 + 1", "--max-tokens", "0"], "rollout.max_tokens: must be at least 1, got 0"),
+    (["train", "--lr", "inf"], "train.learning_rate: expected a finite number, got inf"),
+    (["train", "--set", "rewards.accuracy=nan"], "rewards.accuracy: expected a finite number, got nan"),
+    (["train", "--set", "output.eval_max_tokens=0"], "output.eval_max_tokens: must be at least 1, got 0"),
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "accuracy=nan", "--json"],
+     "--rewards: weight 'nan' in 'accuracy=nan' must be a finite number"),
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format=-inf"],
+     "--rewards: weight '-inf' in 'format=-inf' must be a finite number"),
+    (["bench", "--quick", "--processes", "1"], "--processes: must be 0 (off) or at least 2"),
+    # click's own checks, in the same one-line form (no usage block)
+    (["eval", "--samples", "-1"], "cli.py eval: Invalid value for '--samples' / '-k': -1 is not in the range x>=0."),
+    (["train", "--steps", "x"], "cli.py train: Invalid value for '--steps': 'x' is not a valid integer."),
+    (["generate", "--max-tokens", "4"], "cli.py generate: Missing option '--prompt' / '-p'."),
+    (["train", "--stpes", "3"], "cli.py train: No such option"),  # (wording varies by click version)
+]
+
+
+@pytest.mark.parametrize("args,msg", DOOR, ids=[" ".join(a)[:40] for a, _ in DOOR])
+def test_bad_option_one_line_before_any_work(tmp_path, args, msg):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"completion": GOOD, "answer": "5"}) + "\n")
+    before = tree_hash(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args[0] == "train":
+        args += ["--output", str(tmp_path / "o")]
+    r = run_cli(*args, env=NO_BLAS)
+    one_line_error(r, msg)
+    assert r.stdout == "", r.stdout  # refused before anything ran (train's device line included)
+    assert tree_hash(tmp_path) == before
+
+
+def test_reward_calling_sys_exit_stops_training_with_exit_2(small_model_dir, tmp_path):
+    """Before: sys.exit(0) inside a reward ended training with exit 0 and a near-empty run."""
+    f = tmp_path / "quits.py"
+    f.write_text("import sys\ndef r(prompts, completions, **kw):\n    sys.exit(0)\n")
+    r = run_cli("train", "--model", str(small_model_dir), "--output", str(tmp_path / "o"), "--steps", "2",
+                "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress",
+                "--set", "output.eval_size=0", "--set", f"rewards.{f}:r=1", env=NO_BLAS)
+    one_line_error(r, f"reward {f}:r raised SystemExit: 0 on sample 0")
+
+
+def test_reward_prints_never_reach_json_stdout(tmp_path):
+    f = tmp_path / "chatty.py"
+    f.write_text("print('hello from import')\n"
+                 "def r(prompts, completions, **kw):\n    print('scoring', len(completions))\n"
+                 "    return [1.0] * len(completions)\n")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"completion": GOOD}) + "\n" for _ in range(3)))
+    r = run_cli("reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", f"{f}:r,format", "--json",
+                env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)  # the whole of stdout is the one JSON object
+    assert res["n"] == 3 and res["rewards"][f"{f}:r"]["mean"] == 1.0
+    assert "hello from import" in r.stderr and "scoring 3" in r.stderr
+
+
+def test_reward_import_that_exits_is_one_line(tmp_path):
+    f = tmp_path / "cli_at_import.py"
+    f.write_text("import argparse\np = argparse.ArgumentParser()\np.add_argument('--k', required=True)\n"
+                 "p.parse_args()\ndef r(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"completion": GOOD}) + "\n")
+    r = run_cli("reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", f"{f}:r", "--json", env=NO_BLAS)
+    one_line_error(r, f"rewards.{f}:r: cannot import {f}: SystemExit: 2 (it printed: ")
+    assert "required: --k" in r.stderr and r.stdout == ""
+
+
+SEPARATORS = "\u2028\u2029\u0085\x1c\x1d\x1e\x0b\x0c"
+
+
+def test_jsonl_strings_with_unicode_line_separators_load(tmp_path):
+    """str.splitlines would cut these JSON lines apart; valid JSON, so they must load."""
+    p = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"a{c}b", "answer": "1"} for c in SEPARATORS]
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    got = list(iter_jsonl(str(p)))
+    assert [n for n, _ in got] == list(range(1, len(rows) + 1))
+    assert [o for _, o in got] == rows
+
+
+def test_jsonl_with_separators_trains_and_scores(small_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is 2 + {i % 7} ?{c}", "answer": str(2 + i % 7)},
+                                       ensure_ascii=False) + "\n" for i, c in enumerate(SEPARATORS * 2)),
+                    encoding="utf-8")
+    r = run_cli("train", "--model", str(small_model_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+                "--steps", "1", "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress",
+                "--set", "output.eval_size=2", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    comp = tmp_path / "c.jsonl"
+    comp.write_text("".join(json.dumps({"completion": f"<think>{c}</think><answer>1</answer>"},
+                                       ensure_ascii=False) + "\n" for c in SEPARATORS), encoding="utf-8")
+    r = run_cli("reward", "--completions", str(comp), "--rewards", "format", "--json", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == len(SEPARATORS)
+
+
+def test_metrics_with_separators_read_back(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "kind": "train", "reward_mean": 0.5, "note": "a\u2028b"}, ensure_ascii=False) + "\n"
+        + json.dumps({"step": 1, "kind": "eval", "accuracy": 0.5}) + "\n", encoding="utf-8")
+    rec = read_run(run)
+    assert len(rec.train) == 1 and len(rec.evals) == 1 and rec.train[0]["note"] == "a\u2028b"
+
+
+MALFORMED = [
+    ('{"step": 1, "kind": "train"}\n{oops\n{"step": 2, "kind": "train"}\n', "metrics.jsonl:2: not valid JSON"),
+    ('{"step": 1, "kind": "train"}\n[1, 2]\n{"step": 3}\n', "metrics.jsonl:2: expected a JSON object with a numeric \"step\""),
+    ('{"kind": "train"}\n', "metrics.jsonl:1: expected a JSON object"),
+    ('{"step": "one", "kind": "train"}\n', "metrics.jsonl:1: expected a JSON object"),
+    (b'{"step": 1}\n{"step": 2, "x": "\xff"}\n', "metrics.jsonl:2: not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("text,msg", MALFORMED, ids=range(len(MALFORMED)))
+def test_plot_on_malformed_metrics_names_file_and_line(tmp_path, text, msg):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(text if isinstance(text, bytes) else text.encode())
+    before = tree_hash(tmp_path)
+    r = run_cli("plot", str(run), env=NO_BLAS)
+    one_line_error(r, f"{run}/{msg}")
+    assert tree_hash(tmp_path) == before

@@ -1,0 +1,176 @@
+"""Output paths (issue 14, section 3): nothing of the user's is touched, and an output that
+cannot be written is refused before any work starts. Real subprocesses, real files."""
+
+import json
+import os
+
+import pytest
+
+from conftest import one_line_error, run_cli, tree_hash
+from mlx_grpo.outputs import (
+    MANIFEST,
+    RunDirError,
+    check_output_file,
+    check_run_dir,
+    check_writable_dir,
+    prepare_run_dir,
+)
+
+NO_BLAS = {"MLX_GRPO_NO_FAST_BLAS": "1"}  # these runs fail (or finish) in seconds: no BLAS restart
+
+
+def tiny_run(model, out, *extra):
+    """One cheap training step into ``out``."""
+    return run_cli("train", "--model", str(model), "--output", str(out), "--steps", "1",
+                   "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress",
+                   "--set", "output.eval_size=2", *extra, env=NO_BLAS)
+
+
+def mlx_lm_output(d):
+    """What mlx-lm's LoRA training leaves: the same file names as ours, not ours."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapters.safetensors").write_bytes(b"mlx-lm weights")
+    (d / "adapter_config.json").write_text('{"fine_tune_type": "lora"}')
+    (d / "0000100_adapters.safetensors").write_bytes(b"older weights")
+
+
+def test_empty_output_is_refused_and_the_current_directory_untouched(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "mine.txt").write_text("not the project's")
+    before = tree_hash(tmp_path)
+    r = run_cli("train", "--output", "", "--overwrite", "--steps", "1", cwd=tmp_path, env=NO_BLAS)
+    one_line_error(r, "output.dir: must name a directory (an unset shell variable?)")
+    assert tree_hash(tmp_path) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+def test_mlx_lm_adapters_are_never_replaced(tmp_path, small_model_dir, overwrite):
+    out = tmp_path / "lora"
+    mlx_lm_output(out)
+    before = tree_hash(out)
+    r = tiny_run(small_model_dir, out, *(["--overwrite"] if overwrite else []))
+    one_line_error(r, "was not written by mlx-grpo")
+    assert tree_hash(out) == before
+
+
+def test_foreign_files_refused_without_overwrite_kept_with_it(tmp_path, small_model_dir):
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = tree_hash(out)
+    one_line_error(tiny_run(small_model_dir, out), "holds files mlx-grpo did not write (notes.txt)")
+    assert tree_hash(out) == before
+    r = tiny_run(small_model_dir, out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (out / "notes.txt").read_text() == "mine" and (out / "metrics.jsonl").is_file()
+
+
+def test_overwrite_removes_only_what_the_run_wrote(tmp_path, small_model_dir):
+    out = tmp_path / "run"
+    assert tiny_run(small_model_dir, out).returncode == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["written_by"] == "mlx-grpo" and "adapters.safetensors" in manifest["files"]
+    # The user's files next to the run and among its checkpoints.
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "my-best.safetensors").write_bytes(b"kept")
+    old_step = next((out / "checkpoints").glob("step_*"))
+    (old_step / "state.json").write_text('{"marker": "the replaced run"}')
+    one_line_error(tiny_run(small_model_dir, out), "already holds a run")
+    r = tiny_run(small_model_dir, out, "--overwrite", "--set", "train.seed=7")
+    assert r.returncode == 0, r.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "checkpoints" / "my-best.safetensors").read_bytes() == b"kept"
+    assert "marker" not in (old_step / "state.json").read_text()  # the new run's checkpoint
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["kind"] == "train"] == [1]
+
+
+def _plot_run(d):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "kind": "train", "reward_mean": 0.1 * s}) + "\n" for s in (1, 2)))
+    return d
+
+
+# Each command with an output that cannot be written: refused in one line before any work, and
+# nothing written anywhere.
+UNWRITABLE = [
+    (["train", "--output", "{tmp}/afile/run", "--steps", "1"], "output.dir: cannot create {tmp}/afile/run: {tmp}/afile is a file"),
+    (["train", "--output", "{tmp}/afile", "--steps", "1"], "output.dir: {tmp}/afile is a file, not a directory"),
+    (["plot", "{tmp}/run", "--out", "{tmp}/afile/curves.png"], "--out: cannot write {tmp}/afile/curves.png: {tmp}/afile is a file"),
+    (["plot", "{tmp}/run", "--out", "{tmp}/run"], "--out: {tmp}/run is a directory, not a file"),
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format", "--out", "{tmp}/afile/s.jsonl"],
+     "--out: cannot write {tmp}/afile/s.jsonl: {tmp}/afile is a file"),
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format", "--out", "{tmp}/./c.jsonl"],
+     "--out: {tmp}/./c.jsonl is the --completions file; it would be replaced"),
+    (["bench", "--quick", "--out", "{tmp}/afile/bench.json"], "--out: cannot write {tmp}/afile/bench.json: {tmp}/afile is a file"),
+]
+
+
+@pytest.mark.parametrize("args,msg", UNWRITABLE, ids=[" ".join(a[:1] + a[-2:-1]) + str(i) for i, (a, _) in enumerate(UNWRITABLE)])
+def test_unwritable_output_refused_before_any_work(tmp_path, args, msg):
+    (tmp_path / "afile").write_text("a regular file")
+    (tmp_path / "c.jsonl").write_text('{"completion": "<think>x</think><answer>1</answer>"}\n')
+    _plot_run(tmp_path / "run")
+    before = tree_hash(tmp_path)
+    r = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], env=NO_BLAS)
+    one_line_error(r, msg.replace("{tmp}", str(tmp_path)))
+    assert tree_hash(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = run_cli("train", "--output", str(ro / "run"), "--steps", "1", env=NO_BLAS)
+        one_line_error(r, f"output.dir: cannot write in {ro} (permission denied)")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_permission_check_consults_the_nearest_existing_folder(tmp_path, monkeypatch):
+    """The read-only case where the tests run as root (root may write anywhere): the check asks
+    the OS about the nearest folder that exists, and refuses when the OS says no."""
+    asked = []
+
+    def access(path, mode):
+        asked.append(os.fspath(path))
+        return False
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(RunDirError, match=f"output.dir: cannot write in {tmp_path} \\(permission denied\\)"):
+        check_writable_dir(tmp_path / "a" / "b", "output.dir")
+    assert asked == [str(tmp_path)]
+    with pytest.raises(RunDirError, match="--out: cannot write .*permission denied"):
+        check_output_file(tmp_path / "x.json", "--out")
+
+
+def test_checks_change_nothing_and_prepare_writes_the_manifest_first(tmp_path):
+    out = tmp_path / "new" / "run"
+    check_run_dir(out, overwrite=False)
+    assert not (tmp_path / "new").exists()
+    prepare_run_dir(out, overwrite=False)
+    assert os.listdir(out) == [MANIFEST]
+    check_run_dir(out, overwrite=False)  # only a manifest: nothing to protect
+    # An edited manifest cannot make us delete what a run never writes.
+    (out / MANIFEST).write_text(json.dumps({"written_by": "mlx-grpo", "files": ["notes.txt", "config.yaml"]}))
+    (out / "notes.txt").write_text("mine")
+    (out / "config.yaml").write_text("x: 1")
+    prepare_run_dir(out, overwrite=True)
+    assert (out / "notes.txt").exists() and not (out / "config.yaml").exists()
+
+
+def test_resume_adopts_a_run_from_before_manifests(tmp_path, small_model_dir):
+    """Such a run's files count as foreign for --overwrite (nothing proves them ours), but its
+    checkpoint does: --resume continues it and writes the manifest."""
+    out = tmp_path / "old"
+    assert tiny_run(small_model_dir, out).returncode == 0
+    (out / MANIFEST).unlink()
+    before = tree_hash(out)
+    one_line_error(tiny_run(small_model_dir, out, "--overwrite"), "was not written by mlx-grpo")
+    assert tree_hash(out) == before
+    r = run_cli("train", "--resume", str(out), "--steps", "2", "--no-progress", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    assert "checkpoints" in json.loads((out / MANIFEST).read_text())["files"]
