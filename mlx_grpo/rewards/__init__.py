@@ -33,7 +33,7 @@ import importlib
 import importlib.util
 import io
 import math
-import numbers
+from numbers import Real  # not "import numbers": the package's own rewards.numbers module would shadow it
 import signal
 import sys
 from dataclasses import dataclass
@@ -194,7 +194,7 @@ def score(
         for i, v in enumerate(values):
             if v is None:
                 continue
-            if not isinstance(v, (numbers.Real, np.bool_)):  # not float(v): "1" or a 1-element array
+            if not isinstance(v, (Real, np.bool_)):  # not float(v): "1" or a 1-element array
                 raise RewardError(
                     f"reward {name} returned {_short(v)} (not a number) for {_sample(i, completions)}"
                 )
