@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from .config import EMBEDDED_MODEL, Config, make_config
+from .float_base import device_kind
 
 # --large: a randomly initialised ~100M-parameter llama with the embedded model's tokenizer.
 LARGE = {"hidden": 768, "layers": 10, "heads": 12, "ffn": 3072}
@@ -47,17 +48,6 @@ class BenchSettings:
 
 
 QUICK = BenchSettings(prompts=2, group_size=4, max_tokens=8, reps=1, steps=1, blas_steps=1)
-
-
-def device_kind() -> str:
-    """cpu | metal | cuda: where MLX computes by default."""
-    if mx.default_device() == mx.cpu:
-        return "cpu"
-    if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
-        return "cuda"
-    if mx.metal.is_available():
-        return "metal"
-    return str(mx.default_device())
 
 
 def large_model_dir(cache_root: Optional[Path] = None) -> Path:

@@ -162,9 +162,40 @@ def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[s
     }
 
 
+MEMORY_LIMIT_ENV = "MLX_GRPO_MEMORY_LIMIT"  # caps "available memory", e.g. 2GB, 500MB or bytes
+
+
+def memory_limit() -> Optional[float]:
+    """The cap set in ``MLX_GRPO_MEMORY_LIMIT`` in bytes (None when unset); a bad value is an
+    error naming the variable."""
+    raw = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    units = {"GB": 1e9, "MB": 1e6, "KB": 1e3, "B": 1.0}
+    unit = next((u for u in units if raw.upper().endswith(u)), "B")
+    try:
+        value = float(raw[: len(raw) - len(unit)] if raw.upper().endswith(unit) else raw) * units[unit]
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        from .config import ConfigError
+
+        raise ConfigError(f"{MEMORY_LIMIT_ENV}: expected a size such as 8GB, 500MB or bytes, got {raw!r}")
+    return value
+
+
 def available_memory() -> Optional[float]:
-    """Bytes the run can use: the GPU's recommended working set on Metal, else free RAM; None if
-    unknown. (psutil is not a dependency: /proc/meminfo on Linux, sysctl on macOS.)"""
+    """Bytes the run can use: the GPU's recommended working set on Metal, else free RAM, capped by
+    ``MLX_GRPO_MEMORY_LIMIT``; None if unknown."""
+    found = _machine_memory()
+    cap = memory_limit()
+    if cap is None:
+        return found
+    return cap if found is None else min(cap, found)
+
+
+def _machine_memory() -> Optional[float]:
+    """(psutil is not a dependency: /proc/meminfo on Linux, sysctl on macOS.)"""
     info: Dict[str, Any] = {}
     try:
         info = dict(mx.device_info()) if hasattr(mx, "device_info") else dict(mx.metal.device_info())

@@ -395,10 +395,10 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     if not resume and main:
         check_run_dir(out, cfg.output.overwrite)
 
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, say=say)
     ref_model = None
     if cfg.model.reference:
-        ref_model, _ = load_model(cfg.model, cfg.model.reference)
+        ref_model, _ = load_model(cfg.model, cfg.model.reference, say=say)
         ref_model.freeze()
     # Seed after loading: building a model draws random initial weights before loading its own,
     # so the adapters' initialisation and the rollouts don't depend on what else was loaded.
