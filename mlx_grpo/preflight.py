@@ -230,7 +230,7 @@ def memory_report(estimate: Dict[str, float], available: Optional[float], cfg: C
     parts = ", ".join(f"{k.replace('_', ' ')} {v / GB:.2f}" for k, v in estimate.items())
     have = f"{available / GB:.1f} GB available" if available else "available memory unknown"
     lines = [f"memory: ~{total / GB:.2f} GB estimated for one step ({parts}); {have}"]
-    if available and total > available:
+    if available and total > available and cfg.train.micro_batch != "auto":  # auto fits it (fit.py)
         lines.append(f"warning: this batch may not fit in memory; {lower_settings(cfg)}")
     return lines
 

@@ -42,6 +42,7 @@ from .checkpoint import (
 )
 from .config import Config, TrainConfig, save_config
 from .evaluate import evaluate_held_out
+from .fit import fit_micro_batch
 from .loggers import Trackers
 from .loss import Normalizer, grpo_loss
 from .models import (
@@ -422,6 +423,8 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
         learning_rate=make_schedule(cfg.train, total_updates), weight_decay=cfg.train.weight_decay
     )
     opt.init(model.trainable_parameters())  # the full state tree from the start: every checkpoint has it
+    if not resume and distributed.size() == 1:  # a resumed run keeps the micro-batching it chose
+        cfg = fit_micro_batch(model, cfg, longest_prompt, enable_grad_checkpoint, say)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         truncate_logs(out, state)

@@ -47,9 +47,10 @@ def test_kv_cache_estimate_matches_a_real_cache(small_model_dir):
 
 
 def test_memory_warning_names_the_settings_to_lower(small_model_dir):
-    cfg, model, _ = loaded(small_model_dir)
+    cfg, model, _ = loaded(small_model_dir, ("train.micro_batch", "fixed"))  # auto fits it instead
     est = estimate_memory(model, cfg, 50)
     assert len(memory_report(est, 1e12, cfg)) == 1
+    assert len(memory_report(est, 1.0, make_config(None, []))) == 1
     lines = memory_report(est, 1.0, cfg)
     assert lines[1].startswith("warning: this batch may not fit in memory")
     assert "rollout.group_size (8)" in lines[1] and "train.grad_accumulation_steps (1)" in lines[1]
