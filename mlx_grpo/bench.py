@@ -103,14 +103,14 @@ def _median_time(fn: Callable[[], Any], reps: int) -> Tuple[float, Any]:
 class Session:
     """The model, tokenizer, prompts and GRPO pieces one benchmark run shares."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, say: Callable[[str], None] = lambda _: None):
         from .models import attach_adapters, load_model
         from .rewards import load_rewards
         from .tasks import load_task
         from .tasks.templates import prompt_format, render_prompt
 
         self.cfg = cfg
-        self.model, self.tokenizer = load_model(cfg.model)
+        self.model, self.tokenizer = load_model(cfg.model, say=say)
         mx.random.seed(cfg.train.seed)
         attach_adapters(self.model, cfg.adapter)
         self.fmt = prompt_format(cfg.prompt)

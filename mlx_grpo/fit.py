@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import restore_rng_key, rng_key
 from .config import Config, ConfigError
 from .float_base import device_kind
-from .preflight import GB, _machine_memory, estimate_memory, lower_settings, memory_limit
+from .preflight import GB, _machine_memory, estimate_memory, estimate_total, lower_settings, memory_limit
 
 MARGIN = 0.85  # a step may use this share of the memory available
 # The dry step runs only when the preflight estimate (within +-25% of the measured peak) exceeds
@@ -136,7 +136,7 @@ def choose(model: nn.Module, cfg: Config, prompt_tokens: int, budget: float,
     rows = t.prompts_per_step * cfg.rollout.group_size
     room = MARGIN * budget
     est = estimate_memory(model, cfg, prompt_tokens)
-    rollout = mx.get_active_memory() + est["kv_cache"] + rows * _vocab(model) * 4 * 3
+    rollout = mx.get_active_memory() + est["kv_cache"] + est["decode_logits"]
     if rollout > room:
         raise DoesNotFit(
             f"train.micro_batch: the rollout alone needs ~{rollout / GB:.2f} GB (its KV cache "
@@ -175,7 +175,7 @@ def fit_micro_batch(model: nn.Module, cfg: Config, prompt_tokens: int,
     if budget is None:
         say("micro_batch auto: the memory available is unknown; keeping the configured micro-batches")
         return cfg
-    estimate = sum(estimate_memory(model, cfg, prompt_tokens).values())
+    estimate = estimate_total(estimate_memory(model, cfg, prompt_tokens))
     if estimate <= SURE * MARGIN * budget:  # far from the limit: not worth a dry step
         say(f"micro_batch auto: kept grad_accumulation_steps={cfg.train.grad_accumulation_steps}: "
             f"the step's estimate, {estimate / GB:.2f} GB, is well within {MARGIN * budget / GB:.2f} GB")
