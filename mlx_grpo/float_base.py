@@ -75,6 +75,14 @@ def base_kind(model: nn.Module) -> Optional[str]:
     return None
 
 
+def _describe(model: nn.Module, kind: str) -> str:
+    """'4-bit', '4/8-bit' or 'bf16/fp16': what the base is, for the one line."""
+    if kind == "half":
+        return "bf16/fp16"
+    bits = sorted({m.bits for _, m in model.named_modules() if _quantized(m)})
+    return "/".join(str(b) for b in bits) + "-bit"
+
+
 def to_float32(model: nn.Module) -> nn.Module:
     """Dequantize every quantized layer (mlx-lm's ``dequantize_model``) and cast every floating
     weight to float32, in place; the weights are evaluated here, not at the first forward."""
@@ -97,7 +105,7 @@ def float_base(model: nn.Module, enabled: bool, available: Optional[float],
     kind = base_kind(model)
     if kind is None or device_kind() != "cpu":
         return False
-    what = "4-bit/8-bit" if kind == "quantized" else "bf16/fp16"
+    what = _describe(model, kind)
     slower = CPU_SLOWDOWN[kind]
     if not enabled:
         say(f"model: keeping the {what} weights on the CPU backend (model.float_base=false); its "
