@@ -6,7 +6,9 @@ Not part of the test suite. mlx-lm-lora is kept out of the project's environment
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
         PYTHONPATH=/tmp/peer python benchmarks/peer_mlx_lm_lora.py [--steps N] [--json]
 
-(its own dependencies beyond mlx/mlx-lm are not needed for the trainer module). Settings for both:
+(its own dependencies beyond mlx/mlx-lm are not needed for the trainer module). ``--shape NAME``
+runs a release's shape (``mlx_grpo/shapes.py``) in float32 with P=2 x G=4 x 64 new tokens
+(``-P``, ``-G``, ``--max-tokens`` change them). Settings for both otherwise:
 the embedded tiny model, arithmetic prompts, P=16 prompts x G=8, max 20 new tokens, temperature 1,
 no top-p/top-k, LoRA rank 8 on every linear of every block, beta 0.1 (mlx-lm-lora keeps a second
 copy of the model as the reference, as its CLI does), epsilon 0.2, one update per batch, lr 7e-4.
@@ -31,12 +33,13 @@ import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 
 P, G, MAX_TOKENS, BETA, LR = 16, 8, 20, 0.1, 7e-4
+MODEL = None  # None: the embedded model; --shape NAME: a release's shape in float32 (shapes.py)
 
 
 def ours(steps: int):
     from mlx_grpo.bench import BenchSettings, Session, bench_config, step_split
 
-    cfg = bench_config(None, None, BenchSettings(prompts=P, group_size=G, max_tokens=MAX_TOKENS))
+    cfg = bench_config(None, MODEL, BenchSettings(prompts=P, group_size=G, max_tokens=MAX_TOKENS))
     cfg.grpo.beta, cfg.train.learning_rate = BETA, LR
     sess = Session(cfg)
     return step_split(sess.grpo_steps(steps)), sess
@@ -75,7 +78,7 @@ def peer(steps: int, sess, best: bool):
                 batch_size=P, iters=steps + 1, group_size=G, beta=BETA, epsilon=0.2,
                 max_completion_length=MAX_TOKENS, temperature=cfg.rollout.temperature, top_p=1.0,
                 top_k=0, min_p=0.0, steps_per_report=1, steps_per_eval=10**9, steps_per_save=10**9,
-                adapter_file=str(Path(d) / "adapters.safetensors"), max_seq_length=512,
+                adapter_file=str(Path(d) / "adapters.safetensors"), max_seq_length=512 + MAX_TOKENS,
             )
             gt.train_grpo(
                 model, ref, tok, optim.AdamW(learning_rate=LR), dataset, None,
@@ -91,8 +94,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--shape", default=None, help="e.g. qwen2.5-0.5b: its float32 shape, P=2 x G=4 x 64 tokens")
+    ap.add_argument("-P", type=int, default=None)
+    ap.add_argument("-G", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=None)
     a = ap.parse_args()
     import mlx_lm_lora
+
+    global P, G, MAX_TOKENS, MODEL
+    if a.shape:  # float32 weights, so the peer (no float32 base of its own) can finish
+        from mlx_grpo.shapes import shape_dir
+
+        MODEL, P, G, MAX_TOKENS = str(shape_dir(a.shape, bits=0)), 2, 4, 64
+    P, G, MAX_TOKENS = a.P or P, a.G or G, a.max_tokens or MAX_TOKENS
 
     split, sess = ours(a.steps)
     peer_default = peer(a.steps, sess, best=False)
@@ -101,6 +115,7 @@ def main():
     mine = min(split["step_time"], split2["step_time"])
     res = {
         "mlx_lm_lora_version": mlx_lm_lora.__version__,
+        "model": MODEL or "embedded",
         "settings": {"prompts": P, "group_size": G, "max_tokens": MAX_TOKENS, "beta": BETA, "lr": LR,
                      "temperature": sess.cfg.rollout.temperature, "lora_rank": sess.cfg.adapter.rank},
         "ours_step_s": [split["step_time"], split2["step_time"]],

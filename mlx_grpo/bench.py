@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from .config import EMBEDDED_MODEL, Config, make_config
+from .float_base import device_kind
 
 # --large: a randomly initialised ~100M-parameter llama with the embedded model's tokenizer.
 LARGE = {"hidden": 768, "layers": 10, "heads": 12, "ffn": 3072}
@@ -47,17 +48,6 @@ class BenchSettings:
 
 
 QUICK = BenchSettings(prompts=2, group_size=4, max_tokens=8, reps=1, steps=1, blas_steps=1)
-
-
-def device_kind() -> str:
-    """cpu | metal | cuda: where MLX computes by default."""
-    if mx.default_device() == mx.cpu:
-        return "cpu"
-    if getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
-        return "cuda"
-    if mx.metal.is_available():
-        return "metal"
-    return str(mx.default_device())
 
 
 def large_model_dir(cache_root: Optional[Path] = None) -> Path:
@@ -113,14 +103,14 @@ def _median_time(fn: Callable[[], Any], reps: int) -> Tuple[float, Any]:
 class Session:
     """The model, tokenizer, prompts and GRPO pieces one benchmark run shares."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, say: Callable[[str], None] = lambda _: None):
         from .models import attach_adapters, load_model
         from .rewards import load_rewards
         from .tasks import load_task
         from .tasks.templates import prompt_format, render_prompt
 
         self.cfg = cfg
-        self.model, self.tokenizer = load_model(cfg.model)
+        self.model, self.tokenizer = load_model(cfg.model, say=say)
         mx.random.seed(cfg.train.seed)
         attach_adapters(self.model, cfg.adapter)
         self.fmt = prompt_format(cfg.prompt)

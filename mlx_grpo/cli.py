@@ -45,12 +45,13 @@ def user_errors() -> Tuple[type, ...]:
     """Exception types that mean bad input (reported in one line), not a bug."""
     from .checkpoint import CheckpointError
     from .models import ModelLoadError
+    from .shapes import ShapeError
     from .rewards import RewardError
     from .tasks import DataError
     from .outputs import RunDirError
 
     return (ConfigError, ModelLoadError, RewardError, DataError, RunDirError, CheckpointError,
-            FileNotFoundError)
+            FileNotFoundError, ShapeError)
 
 
 def run_faults() -> Tuple[type, ...]:
@@ -419,8 +420,16 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
 @click.option("--processes", "-n", type=click.IntRange(min=0), default=0,
               help="Also time training steps/s with 1 and N processes under mlx.launch (N >= 2).")
 @click.option("--out", "out_path", type=str, default=None, help="Also write the JSON result to this file.")
+@click.option("--shape", type=str, default=None,
+              help="qwen2.5-0.5b | qwen2.5-1.5b | llama-3.2-1b (random weights, built once, cached) or a "
+                   "model path/Hub id: a step at real scale, memory measured vs the estimate.")
+@click.option("--bits", type=click.Choice(["0", "4", "8"]), default="4", help="--shape weights: 0 = float32.")
+@click.option("--max-tokens", type=int, default=256, help="--shape: new tokens per completion.")
+@click.option("-P", "prompts", type=int, default=2, help="--shape: prompts per step.")
+@click.option("-G", "group_size", type=int, default=4, help="--shape: completions per prompt.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def bench(model, config_path, large, quick, processes, as_json, out_path, debug):
+def bench(model, config_path, large, quick, processes, as_json, out_path, shape, bits, max_tokens, prompts,
+          group_size, debug):
     """Rollout throughput vs mlx_lm.batch_generate, GRPO step split, peak memory, fast vs bundled BLAS."""
     import json
 
@@ -432,7 +441,12 @@ def bench(model, config_path, large, quick, processes, as_json, out_path, debug)
             raise ConfigError("--processes: must be 0 (off) or at least 2 (it compares 1 and N processes), got 1")
         if out_path is not None:  # before the measurement: minutes of it must not be lost at the end
             check_output_file(out_path, "--out")
-        result = run_bench(config_path, model, large=large, quick=quick, say=say, processes=processes)
+        if shape:
+            from .bench_shape import run_shape_bench, shape_table as table  # noqa: F811
+
+            result = run_shape_bench(shape, int(bits), prompts, group_size, max_tokens, config_path, say)
+        else:
+            result = run_bench(config_path, model, large=large, quick=quick, say=say, processes=processes)
         if out_path:
             from pathlib import Path
 

@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,11 +39,14 @@ def check_finite(arrays: Dict[str, mx.array], what: str) -> None:
             raise NonFiniteError(f"{what}: {name} holds NaN or infinite values; not saved")
 
 
-def load_model(cfg: ModelConfig, path: Optional[str] = None) -> Tuple[nn.Module, Any]:
+def load_model(cfg: ModelConfig, path: Optional[str] = None,
+               say: Callable[[str], None] = lambda _: None) -> Tuple[nn.Module, Any]:
     """Load (model, tokenizer) with mlx-lm's own loader, exactly as for a Hub model.
 
     ``path`` defaults to ``cfg.path``. A local directory is used as is; anything else is treated as
-    a Hub id and downloaded (or taken from the Hugging Face cache) by mlx-lm.
+    a Hub id and downloaded (or taken from the Hugging Face cache) by mlx-lm. On MLX's CPU backend
+    a quantized or half-precision base becomes float32 when it fits (``float_base.py``; ``say``
+    gets the one line about it).
     """
     from mlx_lm.utils import load
 
@@ -62,6 +65,10 @@ def load_model(cfg: ModelConfig, path: Optional[str] = None) -> Tuple[nn.Module,
     except Exception as e:  # no network, unknown architecture, bad weights: one line, named
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"model.path: cannot load {target}: {first}") from None
+    from .float_base import float_base
+    from .preflight import available_memory
+
+    float_base(model, cfg.float_base, available_memory(), say)
     return model, tokenizer
 
 

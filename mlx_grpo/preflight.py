@@ -113,6 +113,7 @@ def _dims(model: nn.Module) -> Dict[str, int]:
     return {
         "layers": len(getattr(model, "layers", [])),
         "hidden": hidden,
+        "ffn": get("intermediate_size", 4 * hidden),
         "heads": heads,
         "kv_heads": get("num_key_value_heads", heads),
         "head_dim": get("head_dim", hidden // max(heads, 1)),
@@ -128,43 +129,109 @@ def _activation_bytes(model: nn.Module) -> int:
     return 2  # pragma: no cover
 
 
+# Float32 logits alive at once per chunk of the scoring head (logits, their exponentials, the
+# log-softmax and the gradients of the backward pass), measured on the Qwen2.5-0.5B shape.
+LOGITS_COPIES = 6
+
+
 def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[str, float]:
-    """A rough upper estimate, in bytes, of the memory one step needs.
+    """An estimate, in bytes, of what one step holds at its peak, by part (``estimate_total``
+    adds them up: the rollout's KV cache and the update's activations never coexist).
 
     weights      every parameter as loaded (quantized weights at their packed size);
-    training     3 x the trainable parameters: their gradients and Adam's two moments;
-    kv_cache     P*G rows x (prompt + max_tokens) positions x layers x 2 (keys, values)
-                 x kv_heads x head_dim, at the activation dtype;
-    activations  one update micro-batch of m = ceil(P*G / grad_accumulation_steps) rows of
-                 T = prompt + max_tokens positions: per layer about 16 x hidden values per position
-                 (attention and MLP inputs kept for the backward pass) plus heads x T attention
-                 scores, for every layer (one with grad_checkpoint, plus each layer's input);
-                 and the float32 logits over the vocabulary of the completion positions, three
-                 times (logits, log-softmax, their gradient).
+    training     4 x the trainable parameters: gradients, their running sum over micro-batches
+                 and Adam's two moments;
+    kv_cache     the rollout: P*G rows x (prompt + max_tokens) positions x layers x 2 (keys,
+                 values) x kv_heads x head_dim at the activation dtype;
+    decode_logits  the float32 logits of a decode step (rows x vocab, three times: logits,
+                 log-softmax, sampling);
+    activations  one update micro-batch of m = ceil(P*G / grad_accumulation_steps) rows, i.e.
+                 ceil(m / G) prompts (each runs once, shared by its rows) and m completions:
+                 N = prompts x prompt_tokens + m x max_tokens positions. Per layer the
+                 backward pass keeps about 8 x hidden + 2 x ffn values per position (norms,
+                 projections and their LoRA branches, the MLP), 4 copies of each row's keys and
+                 values over all T = prompt + max_tokens positions (m x T x kv_heads x head_dim:
+                 the prompt's are copied to every row) and 4 of the m x heads x max_tokens x T
+                 attention scores; with grad_checkpoint each layer keeps its input, the keys
+                 and values and 2 copies of the scores, plus one layer's full set while it is
+                 recomputed. Coefficients measured per layer (by difference between depths) on
+                 the Qwen2.5-0.5B shape and on small llamas.
+                 And the scoring head: ``LOGITS_COPIES`` x one chunk of float32 logits (at most
+                 ``scoring.LOGITS_BUDGET`` of them).
+    Measured against ``mx.get_peak_memory`` on the Qwen2.5-0.5B shape and the embedded model
+    (README, Speed and memory); tested within +-25% on a small model (tests/test_preflight.py).
     """
+    from .scoring import LOGITS_BUDGET
+
     d = _dims(model)
     b = _activation_bytes(model)
-    rows = cfg.train.prompts_per_step * cfg.rollout.group_size
-    T = prompt_tokens + cfg.rollout.max_tokens
+    G = cfg.rollout.group_size
+    rows = cfg.train.prompts_per_step * G
+    Tc = cfg.rollout.max_tokens
+    T = prompt_tokens + Tc
+    kv = d["kv_heads"] * d["head_dim"]
     micro = math.ceil(rows / cfg.train.grad_accumulation_steps)
+    positions = math.ceil(micro / G) * prompt_tokens + micro * Tc
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    per_layer = micro * T * (16 * d["hidden"] + d["heads"] * T) * b
+    keys = micro * T * kv  # each row's keys (or values) over the prompt and its completion
+    scores = d["heads"] * micro * Tc * T  # attention scores of the completion positions
+    per_layer = (positions * (8 * d["hidden"] + 2 * d["ffn"]) + 4 * keys + 4 * scores) * b
     if cfg.train.grad_checkpoint:
-        layer_acts = per_layer + d["layers"] * micro * T * d["hidden"] * b
+        layer_acts = per_layer + d["layers"] * (positions * d["hidden"] + 4 * keys + 2 * scores) * b
     else:
         layer_acts = d["layers"] * per_layer
+    logits = LOGITS_COPIES * min(LOGITS_BUDGET, micro * Tc * d["vocab"]) * 4
     return {
         "weights": float(weights),
-        "training": float(3 * trainable),
-        "kv_cache": float(rows * T * d["layers"] * 2 * d["kv_heads"] * d["head_dim"] * b),
-        "activations": float(layer_acts + 3 * micro * cfg.rollout.max_tokens * d["vocab"] * 4),
+        "training": float(4 * trainable),
+        "kv_cache": float(rows * T * d["layers"] * 2 * kv * b),
+        "decode_logits": float(3 * rows * d["vocab"] * 4),
+        "activations": float(layer_acts + logits),
     }
 
 
+def estimate_total(estimate: Dict[str, float]) -> float:
+    """A step's estimated peak: weights and training state, plus the larger of the rollout's KV
+    cache and the update's activations (the cache is freed before the update)."""
+    rollout = estimate["kv_cache"] + estimate.get("decode_logits", 0.0)
+    return estimate["weights"] + estimate["training"] + max(rollout, estimate["activations"])
+
+
+MEMORY_LIMIT_ENV = "MLX_GRPO_MEMORY_LIMIT"  # caps "available memory", e.g. 2GB, 500MB or bytes
+
+
+def memory_limit() -> Optional[float]:
+    """The cap set in ``MLX_GRPO_MEMORY_LIMIT`` in bytes (None when unset); a bad value is an
+    error naming the variable."""
+    raw = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    units = {"GB": 1e9, "MB": 1e6, "KB": 1e3, "B": 1.0}
+    unit = next((u for u in units if raw.upper().endswith(u)), "B")
+    try:
+        value = float(raw[: len(raw) - len(unit)] if raw.upper().endswith(unit) else raw) * units[unit]
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        from .config import ConfigError
+
+        raise ConfigError(f"{MEMORY_LIMIT_ENV}: expected a size such as 8GB, 500MB or bytes, got {raw!r}")
+    return value
+
+
 def available_memory() -> Optional[float]:
-    """Bytes the run can use: the GPU's recommended working set on Metal, else free RAM; None if
-    unknown. (psutil is not a dependency: /proc/meminfo on Linux, sysctl on macOS.)"""
+    """Bytes the run can use: the GPU's recommended working set on Metal, else free RAM, capped by
+    ``MLX_GRPO_MEMORY_LIMIT``; None if unknown."""
+    found = _machine_memory()
+    cap = memory_limit()
+    if cap is None:
+        return found
+    return cap if found is None else min(cap, found)
+
+
+def _machine_memory() -> Optional[float]:
+    """(psutil is not a dependency: /proc/meminfo on Linux, sysctl on macOS.)"""
     info: Dict[str, Any] = {}
     try:
         info = dict(mx.device_info()) if hasattr(mx, "device_info") else dict(mx.metal.device_info())
@@ -195,11 +262,11 @@ def available_memory() -> Optional[float]:
 
 def memory_report(estimate: Dict[str, float], available: Optional[float], cfg: Config) -> List[str]:
     """One line with the estimate, and a warning with what to lower when it exceeds ``available``."""
-    total = sum(estimate.values())
+    total = estimate_total(estimate)
     parts = ", ".join(f"{k.replace('_', ' ')} {v / GB:.2f}" for k, v in estimate.items())
     have = f"{available / GB:.1f} GB available" if available else "available memory unknown"
     lines = [f"memory: ~{total / GB:.2f} GB estimated for one step ({parts}); {have}"]
-    if available and total > available:
+    if available and total > available and cfg.train.micro_batch != "auto":  # auto fits it (fit.py)
         lines.append(f"warning: this batch may not fit in memory; {lower_settings(cfg)}")
     return lines
 

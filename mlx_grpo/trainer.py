@@ -40,6 +40,7 @@ from .checkpoint import (
 )
 from .config import Config, TrainConfig, save_config
 from .evaluate import evaluate_held_out
+from .fit import fit_micro_batch
 from .loggers import Trackers
 from .loss import Normalizer, grpo_loss
 from .models import (
@@ -370,10 +371,10 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     if not resume and main:
         check_run_dir(out, cfg.output.overwrite)
 
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, say=say)
     ref_model = None
     if cfg.model.reference:
-        ref_model, _ = load_model(cfg.model, cfg.model.reference)
+        ref_model, _ = load_model(cfg.model, cfg.model.reference, say=say)
         ref_model.freeze()
     # Seed after loading: building a model draws random initial weights before loading its own,
     # so the adapters' initialisation and the rollouts don't depend on what else was loaded.
@@ -397,6 +398,8 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
         learning_rate=make_schedule(cfg.train, total_updates), weight_decay=cfg.train.weight_decay
     )
     opt.init(model.trainable_parameters())  # the full state tree from the start: every checkpoint has it
+    if not resume and distributed.size() == 1:  # a resumed run keeps the micro-batching it chose
+        cfg = fit_micro_batch(model, cfg, longest_prompt, enable_grad_checkpoint, say)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         truncate_logs(out, state)

@@ -25,10 +25,10 @@ def rollout_batch(model, tok, cfg):
     return select_rows(ro, adv, np.arange(len(ro.texts)))
 
 
-def make(model_dir, **adapter):
+def make(model_dir, float_base=True, **adapter):
     cfg = make_config(None, [("rollout.group_size", 4), ("rollout.max_tokens", 8), ("rollout.stop", [])]
                       + [(f"adapter.{k}", v) for k, v in adapter.items()])
-    model, tok = load_model(ModelConfig(path=str(model_dir)))
+    model, tok = load_model(ModelConfig(path=str(model_dir), float_base=float_base))
     attach_adapters(model, cfg.adapter)
     return model, tok, cfg
 
@@ -106,7 +106,7 @@ def test_qlora_on_a_quantized_base(small_model_dir, tmp_path):
                     "--mlx-path", str(q), "-q", "--q-bits", "4", "--q-group-size", "32"],
                    check=True, capture_output=True)
     assert "quantization" in json.loads((q / "config.json").read_text())
-    model, tok, cfg = make(q)
+    model, tok, cfg = make(q, float_base=False)  # the quantized kernels (Metal, CUDA)
     assert any(type(m).__name__ == "QuantizedLinear" for _, m in model.named_modules())
     b = rollout_batch(model, tok, cfg)
     before = logprobs(model, b)

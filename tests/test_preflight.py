@@ -47,9 +47,10 @@ def test_kv_cache_estimate_matches_a_real_cache(small_model_dir):
 
 
 def test_memory_warning_names_the_settings_to_lower(small_model_dir):
-    cfg, model, _ = loaded(small_model_dir)
+    cfg, model, _ = loaded(small_model_dir, ("train.micro_batch", "fixed"))  # auto fits it instead
     est = estimate_memory(model, cfg, 50)
     assert len(memory_report(est, 1e12, cfg)) == 1
+    assert len(memory_report(est, 1.0, make_config(None, []))) == 1
     lines = memory_report(est, 1.0, cfg)
     assert lines[1].startswith("warning: this batch may not fit in memory")
     assert "rollout.group_size (8)" in lines[1] and "train.grad_accumulation_steps (1)" in lines[1]
@@ -107,3 +108,34 @@ def test_out_of_memory_in_a_step_says_what_to_lower(small_model_dir, tmp_path, m
     assert "\n" not in msg
     steps = [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
+
+
+@pytest.mark.parametrize("beta,checkpoint,micro_batches", [(0.0, False, 1), (0.1, False, 2), (0.1, True, 1)])
+def test_estimate_is_within_a_quarter_of_the_measured_peak(embedded_model_dir, beta, checkpoint, micro_batches):
+    """The trainer's real update (micro-batches, gradient sum, AdamW) on full-length completions:
+    mx.get_peak_memory against the preflight estimate of the same step, as a ratio."""
+    import mlx.optimizers as optim
+
+    from mlx_grpo.fit import dry_batch
+    from mlx_grpo.models import enable_grad_checkpoint
+    from mlx_grpo.preflight import estimate_total
+    from mlx_grpo.trainer import update
+
+    cfg, model, _ = loaded(embedded_model_dir, ("train.prompts_per_step", 4), ("rollout.group_size", 4),
+                           ("rollout.max_tokens", 64), ("grpo.beta", beta), ("train.grad_checkpoint", checkpoint),
+                           ("train.grad_accumulation_steps", micro_batches))
+    if checkpoint:
+        enable_grad_checkpoint(model)
+    prompt = 90
+    batch = dry_batch(cfg, model.args.vocab_size, prompt, 16)
+    opt = optim.AdamW(learning_rate=1e-4)
+    opt.init(model.trainable_parameters())
+    mx.eval(opt.state)
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    model.train()
+    update(model, opt, batch, cfg)
+    measured = mx.get_peak_memory()
+    ratio = estimate_total(estimate_memory(model, cfg, prompt)) / measured
+    assert 0.75 <= ratio <= 1.25, f"estimate / measured peak = {ratio:.2f}"

@@ -1,0 +1,113 @@
+"""Real model shapes with random weights, for ``cli.py bench --shape``.
+
+A shape is a release's exact configuration (layers, hidden size, heads, KV heads, FFN, the full
+vocabulary, tied embeddings, RoPE settings), so every matmul, cache and logits tensor has the size
+the released model gives it; the weights are random and the tokenizer is the embedded model's
+(its ids are a subset of the vocabulary), because the cost sits in the shapes, not in the values.
+Built once and cached outside the repository, 4-bit by default like the mlx-community releases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import EMBEDDED_MODEL
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+# From each release's config.json on the Hub (Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B,
+# meta-llama/Llama-3.2-1B).
+SHAPES: Dict[str, Dict[str, Any]] = {
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "intermediate_size": 4864,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-1.5b": {
+        "model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28, "intermediate_size": 8960,
+        "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+        "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    "llama-3.2-1b": {
+        "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    },
+}
+
+
+class ShapeError(ValueError):
+    """An unknown shape name or bit width; the message lists the known ones."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-grpo"
+
+
+def shape_config(name: str, layers: Optional[int] = None) -> Dict[str, Any]:
+    """The HF config.json of shape ``name`` (``layers`` overrides the depth, for measurements)."""
+    if name not in SHAPES:
+        raise ShapeError(f"--shape: unknown shape {name!r} (known: {', '.join(SHAPES)})")
+    config = {**SHAPES[name], "architectures": ["Qwen2ForCausalLM" if name.startswith("qwen") else "LlamaForCausalLM"],
+              "bos_token_id": 2, "eos_token_id": 3, "torch_dtype": "float32"}
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    return config
+
+
+def build(config: Dict[str, Any], seed: int = 0) -> nn.Module:
+    """A float32 model of ``config`` with random weights: mlx-lm's initialisation, the residual
+    branches' output projections scaled by 1/sqrt(2 x layers) so the residual stream stays of
+    order one through the depth (GPT-2's scheme), so logits and softmaxes stay finite."""
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    scale = 1.0 / math.sqrt(2 * config["num_hidden_layers"])
+    scaled = [(k, v * scale) for k, v in tree_flatten(model.parameters())
+              if k.endswith(("o_proj.weight", "down_proj.weight"))]
+    model.update(tree_unflatten(scaled))
+    mx.eval(model.parameters())
+    return model
+
+
+def shape_dir(name: str, bits: int = 4, layers: Optional[int] = None, root: Optional[Path] = None) -> Path:
+    """Build (once, cached under ~/.cache/mlx-grpo) shape ``name`` with ``bits``-bit weights (0:
+    float32) in the HF/mlx-lm layout; returns its directory."""
+    from mlx.utils import tree_flatten
+
+    if bits not in (0, 4, 8):
+        raise ShapeError(f"--bits: must be 0 (float32), 4 or 8, got {bits}")
+    config = shape_config(name, layers)
+    tag = f"{name}-{'fp32' if bits == 0 else f'{bits}bit'}" + (f"-{layers}layers" if layers else "")
+    out = (root or cache_root()) / f"shape-{tag}"
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name_ in TOKENIZER_FILES:
+        (tmp / name_).write_bytes((Path(EMBEDDED_MODEL) / name_).read_bytes())
+    model = build(config)
+    if bits:
+        from mlx_lm.utils import quantize_model
+
+        model, config = quantize_model(model, config, group_size=64, bits=bits)
+    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out)  # atomic: a half-written model is never found
+    return out
