@@ -135,7 +135,14 @@ class GRPOConfig:
     loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
     importance_sampling: str = "token"  # token | sequence (GSPO)
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
-    skip_zero_advantage: bool = True  # rows with zero advantage carry no policy gradient
+    # Leave zero-advantage rows (flat groups) out of the update: faster, and exact only when
+    # beta = 0 (with beta > 0 their KL term is dropped). False: the paper's objective, every row.
+    skip_zero_advantage: bool = False
+    mask_truncated_completions: bool = False  # TRL's flag: rows cut at max_tokens leave the loss
+    # DAPO: sample more prompt groups until the step has prompts_per_step groups whose rewards
+    # differ, at most dynamic_sampling_max_draws batches of prompts per step.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int = 4
 
     def clip_range(self) -> Tuple[float, float]:
         high = self.epsilon if self.epsilon_high is None else self.epsilon_high
@@ -282,6 +289,7 @@ def validate(cfg: Config) -> Config:
         ("grpo.epsilon", cfg.grpo.epsilon > 0, "must be > 0"),
         ("grpo.epsilon_high", cfg.grpo.epsilon_high is None or cfg.grpo.epsilon_high > 0, "must be > 0"),
         ("grpo.num_iterations", cfg.grpo.num_iterations >= 1, "must be at least 1"),
+        ("grpo.dynamic_sampling_max_draws", cfg.grpo.dynamic_sampling_max_draws >= 1, "must be at least 1"),
         ("train.steps", cfg.train.steps >= 0, "must be >= 0"),
         ("train.prompts_per_step", cfg.train.prompts_per_step >= 1, "must be at least 1"),
         ("train.learning_rate", cfg.train.learning_rate > 0, "must be > 0"),

@@ -43,7 +43,7 @@ from .checkpoint import (
 from .config import Config, TrainConfig, save_config
 from .evaluate import evaluate_held_out
 from .loggers import Trackers
-from .loss import Normalizer, grpo_loss
+from .loss import Normalizer, counted_tokens, grpo_loss, rows_in_loss
 from .models import (
     adapters_disabled,
     attach_adapters,
@@ -179,13 +179,17 @@ def micro_size(rows: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(rows / cfg.grad_accumulation_steps))
 
 
-def step_normalizer(rows_per_process: Sequence[int], tokens: float, cfg: Config) -> Normalizer:
-    """The whole step's sizes: rows and tokens in the update, and micro-batches over all processes
-    (each cuts its rows into micro-batches of ``micro_size`` of the step's rows)."""
+def step_normalizer(
+    rows_per_process: Sequence[int], tokens: float, cfg: Config, step_rows: Optional[int] = None
+) -> Normalizer:
+    """The whole step's sizes: the completions counted (``step_rows``, default the rows in the
+    update) and their tokens, and micro-batches over all processes (each cuts its rows in the
+    update into micro-batches of ``micro_size`` of the step's rows in the update)."""
     n = int(sum(rows_per_process))
     size = micro_size(n, cfg.train)
     n_micro = sum(math.ceil(r / size) for r in rows_per_process)
-    return Normalizer(float(n), float(tokens), cfg.rollout.max_tokens, n_micro)
+    counted = n if step_rows is None else step_rows
+    return Normalizer(float(counted), float(tokens), cfg.rollout.max_tokens, n_micro, float(n))
 
 
 def update(
@@ -205,7 +209,7 @@ def update(
     if norm is None:
         norm = step_normalizer([batch.tokens.shape[0]], batch.mask.sum().item(), cfg)
     n = 0 if batch is None else batch.tokens.shape[0]
-    size = micro_size(int(norm.num_sequences), cfg.train)
+    size = micro_size(norm.rows, cfg.train)
     temperature = cfg.rollout.temperature
 
     def loss_fn(model, b: StepBatch):
@@ -289,11 +293,12 @@ def grpo_step(
     total, lengths, truncated, entropy_sum = table[:, 0], table[:, 1], table[:, 2], table[:, 3].sum()
     reward_columns = {k: table[:, 4 + i] for i, k in enumerate(rw.columns)}
     adv_all = group_advantages(total, G, cfg.grpo.scale_rewards)
-    keep_all = np.flatnonzero(adv_all != 0) if cfg.grpo.skip_zero_advantage else np.arange(adv_all.size)
+    keep_all = np.flatnonzero(rows_in_loss(adv_all, truncated, cfg.grpo))
     adv = adv_all[lo:hi]
     keep = keep_all[(keep_all >= lo) & (keep_all < hi)] - lo
     per_process = np.bincount(keep_all // (hi - lo), minlength=distributed.size())
-    norm = step_normalizer(per_process.tolist(), lengths[keep_all].sum(), cfg)
+    # Every completion counts in the normaliser, in the update or not (the paper's, TRL's).
+    norm = step_normalizer(per_process.tolist(), counted_tokens(lengths, truncated, cfg.grpo), cfg, adv_all.size)
 
     # 4. Reference and old-policy logprobs, then num_iterations clipped updates.
     upd: Dict[str, float] = {}
