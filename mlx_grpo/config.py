@@ -171,7 +171,7 @@ class OutputConfig:
     dir: str = "runs/default"
     save_every: int = 50  # steps between checkpoints; 0: only at the end (and on an interrupt)
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
-    eval_every: int = 0  # steps between held-out evaluations; 0: only at start and end
+    eval_every: int = 25  # steps between held-out evaluations (a curve in `plot`); 0: only at start and end
     eval_size: Optional[int] = None  # held-out prompts per evaluation; None: all
     eval_max_tokens: Optional[int] = None  # None: rollout.max_tokens
     eval_samples: int = 0  # K samples per held-out prompt for pass@1 / pass@K; 0: greedy only
@@ -344,6 +344,18 @@ def validate(cfg: Config) -> Config:
     if not cfg.rewards:
         raise ConfigError("rewards: at least one reward is needed")
     return cfg
+
+
+def config_warnings(cfg: Config) -> List[str]:
+    """Settings that are valid but probably not meant (said at the start of a run, as TRL does)."""
+    out = []
+    if cfg.grpo.importance_sampling == "sequence" and cfg.grpo.loss_type != "grpo":
+        out.append(
+            f"grpo.importance_sampling: sequence (GSPO) is defined with each sequence's ratio "
+            f"averaged per sequence (loss_type grpo); with loss_type {cfg.grpo.loss_type} longer "
+            "completions weigh more than in GSPO"
+        )
+    return out
 
 
 def _positive(value: Optional[int]) -> bool:

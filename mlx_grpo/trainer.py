@@ -40,7 +40,7 @@ from .checkpoint import (
     save_checkpoint,
     truncate_logs,
 )
-from .config import Config, TrainConfig, save_config
+from .config import Config, ConfigError, TrainConfig, config_warnings, save_config
 from .evaluate import evaluate_held_out
 from .loggers import Trackers
 from .loss import Normalizer, counted_tokens, grpo_loss, rows_in_loss
@@ -56,8 +56,10 @@ from .interrupts import Interrupted, stop_on_signals
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
 from .rewards import Rewards, load_rewards, score, settings_for
 from .rollout import Rollouts, row_keys, sample_groups
+from .sampling import Drawn, fill_with_spread
 from .scoring import completion_logprobs
 from .tasks import columns, load_task
+from .tripwires import Tripwires, fingerprint
 from .tasks.templates import PromptFormat, prompt_format, render_prompt
 
 
@@ -167,6 +169,32 @@ def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
     )
 
 
+def draw_groups(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: List[Dict[str, Any]],
+    cfg: Config,
+    fmt: PromptFormat,
+    reward_fns: Dict[str, Callable],
+    keys: Optional[mx.array],
+) -> Drawn:
+    """Steps 1 and 2 for ``rows``: G completions each, scored on the whole response (the
+    template's response prefix + the completion)."""
+    G = cfg.rollout.group_size
+    t0 = time.perf_counter()
+    prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows]
+    ro = sample_groups(model, tokenizer, prompts, cfg.rollout, keys=keys)
+    t1 = time.perf_counter()
+    responses = [fmt.response_prefix + t for t in ro.texts]
+    cols = {**columns([r for r in rows for _ in range(G)]), "completion_ids": ro.completion_ids()}
+    rw = score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
+    return Drawn(list(rows), prompts, ro, rw, t1 - t0, time.perf_counter() - t1)
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int) -> mx.array:
     return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
 
@@ -255,9 +283,13 @@ def grpo_step(
     reward_fns: Dict[str, Callable],
     ref_model: Optional[nn.Module] = None,
     key: Optional[mx.array] = None,
+    more_rows: Optional[Callable[[], List[Dict[str, Any]]]] = None,
 ) -> Dict[str, Any]:
     """One GRPO step on the global batch ``rows``; returns the step's metrics (and samples under
     "_samples").
+
+    With ``grpo.dynamic_sampling``, ``more_rows()`` gives the next batch of prompts whenever the
+    step needs more groups with reward spread (sampling.py); "dynamic_draws" counts the batches.
 
     This process samples and learns from its share of ``rows`` (all of them when run alone); the
     advantages and metrics are computed on every process's rows, gathered. With ``key`` (see
@@ -271,19 +303,22 @@ def grpo_step(
     micro = micro_size(len(mine) * G, cfg.train)
     t0 = time.perf_counter()
 
-    # 1. Rollouts from the current policy.
+    # 1-2. Rollouts from the current policy, and their rewards; DAPO draws more prompts if asked.
     model.eval()
-    prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in mine]
     keys = None if key is None else row_keys(key, len(rows), G)[lo:hi]
-    ro = sample_groups(model, tokenizer, prompts, cfg.rollout, keys=keys)
-    t1 = time.perf_counter()
+    drawn = draw_groups(model, tokenizer, mine, cfg, fmt, reward_fns, keys)
+    extra: Dict[str, float] = {}
+    if cfg.grpo.dynamic_sampling:  # one process (checked at the start of train)
+        def draw(d: int) -> Drawn:
+            more = more_rows()
+            k = None if key is None else row_keys(mx.random.split(key, cfg.grpo.dynamic_sampling_max_draws)[d], len(more), G)
+            return draw_groups(model, tokenizer, more, cfg, fmt, reward_fns, k)
 
-    # 2. Rewards on the whole response (the template's response prefix + the completion).
-    responses = [fmt.response_prefix + t for t in ro.texts]
-    row_of = [r for r in mine for _ in range(G)]
-    cols = {**columns(row_of), "completion_ids": ro.completion_ids()}
-    rw = score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
-    t2 = time.perf_counter()
+        drawn, extra = fill_with_spread(drawn, draw, len(rows), cfg.grpo.dynamic_sampling_max_draws, pad_id(tokenizer))
+    mine, prompts, ro, rw = drawn.rows, drawn.prompts, drawn.ro, drawn.rw
+    hi = lo + len(mine) * G  # dynamic sampling: the step's groups as drawn
+    t1 = t0 + drawn.generate_time
+    t2 = t1 + drawn.reward_time
 
     # 3. Group-relative advantages, over every process's rows (each one's own come back sliced).
     entropy_terms = -(ro.sample_logprobs * ro.mask).sum(axis=1)
@@ -354,6 +389,7 @@ def grpo_step(
         "time_score": t3 - t2,
         "time_update": t4 - t3,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        **extra,  # dynamic sampling's log; its zero_std_groups counts every group it sampled
     }
     metrics["_samples"] = [  # from this process's rows
         {"prompt": mine[i // G]["prompt"], "completion": ro.texts[i], "reward": float(rw.total[i]),
@@ -389,6 +425,8 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     """
     out = Path(cfg.output.dir)
     distributed.check_batch(cfg.train.prompts_per_step)
+    if cfg.grpo.dynamic_sampling and distributed.size() > 1:
+        raise ConfigError("grpo.dynamic_sampling: runs on one process only (not under mlx.launch yet)")
     main = distributed.is_main()
     if not main:
         say = lambda _: None  # noqa: E731 - rank 0 speaks for the run
@@ -422,6 +460,8 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     )
     for line in memory_report(estimate_memory(model, cfg, longest_prompt), available_memory(), cfg):
         say(line)
+    for line in config_warnings(cfg):
+        say(f"warning: {line}")
     total_updates = cfg.train.steps * cfg.grpo.num_iterations
     opt = optim.AdamW(
         learning_rate=make_schedule(cfg.train, total_updates), weight_decay=cfg.train.weight_decay
@@ -447,6 +487,14 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
 
     trackers = Trackers(cfg, out) if main else None
+    tripwires = Tripwires(lambda: fingerprint(model)) if main else Tripwires()
+    bar = None
+
+    def warn(found: List[Dict[str, Any]]) -> None:
+        # Tripwires warn and never stop the run: in the console and in metrics.jsonl.
+        for w in found if main else []:
+            _append_jsonl(metrics_path, w)
+            (bar.write if bar is not None and not bar.disable else say)(f"warning: {w['message']}")
 
     def run_eval(step: int) -> Optional[Dict[str, Any]]:
         # Rank 0 evaluates alone (the others wait at the next step's first exchange): the
@@ -458,6 +506,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
         res = {"step": step, **res, "time": time.perf_counter() - t}
         _append_jsonl(metrics_path, {"kind": "eval", **res})
         trackers.log(step, res, "eval")
+        warn(tripwires.evaluated(step, res))
         return res
 
     start, seconds_before = time.perf_counter(), state.seconds
@@ -484,8 +533,9 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
             for step in range(state.step + 1, cfg.train.steps + 1):
                 distributed.test_exit_hook(step)
                 key = sampling_key(cfg.train.seed, step)
-                m = grpo_step(model, tokenizer, opt, next(batches), cfg, fmt, reward_fns, ref_model, key)
-                state.step, state.batches_drawn = step, state.batches_drawn + 1
+                m = grpo_step(model, tokenizer, opt, next(batches), cfg, fmt, reward_fns, ref_model, key,
+                              more_rows=lambda: next(batches))
+                state.step, state.batches_drawn = step, state.batches_drawn + int(m.get("dynamic_draws", 1))
                 samples = m.pop("_samples")
                 m["learning_rate"] = float(opt.learning_rate.item())
                 state.tokens += m["tokens"]
@@ -498,6 +548,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
                     state.reward_first = m["reward_mean"]
                 state.reward_last = m["reward_mean"]
                 _count_nonfinite(state, m, cfg, out)
+                warn(tripwires.train(step, m))
                 if cfg.output.eval_every and step % cfg.output.eval_every == 0 and step < cfg.train.steps:
                     state.eval_end = run_eval(step)
                     if state.eval_end:
@@ -513,11 +564,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
                         ckpt = save(step)
                 if bar is not None:
                     bar.update(1)
-                    acc = f" acc {state.eval_end['accuracy']:.3f}" if state.eval_end else ""
-                    bar.set_postfix_str(
-                        f"reward {m['reward_mean']:.3f} kl {m['kl']:.4f} len {m['completion_length']:.1f}"
-                        f"{acc} {m['tokens_per_sec']:.0f} tok/s"
-                    )
+                    bar.set_postfix_str(_bar_line(m))
                 # Decided once, above: a signal that lands after that point is acted on after
                 # the next step (which then saves), never here without a checkpoint.
                 if stopping:
@@ -534,6 +581,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     finally:
         if bar is not None:
             bar.close()
+            bar = None  # what is said after the loop goes to ``say``
     if not main:
         return {}
     if state.step == 0:  # a run of no steps: the last step's checkpoint would have written them
@@ -598,6 +646,15 @@ def _count_nonfinite(state: RunState, m: Dict[str, Any], cfg: Config, out: Path)
             f"unchanged); lower train.learning_rate or check the rewards' scale "
             f"(train.max_nonfinite_steps={limit}); last checkpoint: {last or 'none'}"
         )
+
+
+def _bar_line(m: Dict[str, Any]) -> str:
+    """The progress bar's figures: this step's training reward, accuracy and format (the reward
+    columns of that name, when configured), KL, length and speed."""
+    shown = "".join(f" {label} {m[k]:.3f}" for k, label in (("rewards/accuracy", "acc"), ("rewards/format", "fmt"))
+                    if isinstance(m.get(k), float))
+    return (f"reward {m['reward_mean']:.3f}{shown} kl {m['kl']:.4f} len {m['completion_length']:.1f} "
+            f"{m['tokens_per_sec']:.0f} tok/s")
 
 
 def _eval_line(e: Dict[str, Any]) -> str:
