@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_grpo.config import make_config, config_warnings
+from mlx_grpo.config import make_config
 from mlx_grpo.rewards import Rewards
 from mlx_grpo.rollout import Rollouts
 from mlx_grpo.sampling import Drawn, concat_rollouts, fill_with_spread, spread_groups, take_groups
@@ -93,11 +93,3 @@ def test_dynamic_sampling_run_learns_from_full_steps(small_model_dir, tmp_path):
         assert s["dynamic_groups_sampled"] == 4 * s["dynamic_draws"]
         assert s["rows_updated"] == 8  # four groups of two, whatever was drawn
     assert any(s["dynamic_draws"] > 1 for s in steps)
-
-
-def test_sequence_ratio_with_a_token_loss_warns():
-    assert config_warnings(make_config(None, [("grpo.importance_sampling", "sequence")])) == []
-    for lt in ("bnpo", "dr_grpo", "dapo"):
-        (w,) = config_warnings(make_config(None, [("grpo.importance_sampling", "sequence"), ("grpo.loss_type", lt)]))
-        assert w.startswith("grpo.importance_sampling: sequence") and lt in w
-    assert config_warnings(make_config(None, [("grpo.loss_type", "dapo")])) == []
