@@ -7,7 +7,8 @@ Three signs, each checked on the records the run writes anyway:
 - a still model: at step ``STILL_AFTER``, or later until it has moved, a gradient norm that has
   been zero at every step, or adapters whose values have not changed since the run (or resume)
   began;
-- reward hacking: the training reward rose while held-out accuracy fell below its best.
+- reward hacking: the training reward rose while held-out accuracy fell below its best
+  (lenient accuracy, with strict accuracy no better than its best either).
 
 Each warning is said once when its condition begins (again only after it ended and came back),
 and written to metrics.jsonl as ``{"kind": "warning", "step", "tripwire", "message"}``.
@@ -50,6 +51,7 @@ class Tripwires:
         self.hacking = False
         self.rewards: Dict[int, float] = {}
         self.best: Optional[Dict[str, Any]] = None  # the eval with the best lenient accuracy so far
+        self.best_strict = 0.0  # the best strict accuracy so far
 
     def train(self, step: int, m: Dict[str, Any]) -> List[Dict[str, Any]]:
         """Check one training step's metrics."""
@@ -83,12 +85,14 @@ class Tripwires:
 
     def evaluated(self, step: int, e: Dict[str, Any]) -> List[Dict[str, Any]]:
         """Check one held-out evaluation (after the training steps up to ``step``)."""
-        acc = e.get("lenient_accuracy")
+        acc, strict = e.get("lenient_accuracy"), e.get("accuracy", 0.0)
         if acc is None:
             return []
         out = []
         if self.best is not None and step > self.best["step"]:
-            fell = acc <= self.best["acc"] - ACCURACY_DROP
+            # Strict accuracy rising while lenient falls is a model learning the format (the
+            # default run's first steps), not a reward paying for something other than answers.
+            fell = acc <= self.best["acc"] - ACCURACY_DROP and strict <= self.best_strict
             rose = self._reward_near(step) >= self._reward_near(self.best["step"]) + REWARD_RISE
             if fell and rose and not self.hacking:
                 out.append(_warning(step, "reward_hacking", (
@@ -100,6 +104,7 @@ class Tripwires:
             self.hacking = fell and rose
         if self.best is None or acc > self.best["acc"]:
             self.best = {"step": step, "acc": acc}
+        self.best_strict = max(self.best_strict, strict)
         return out
 
     def _reward_near(self, step: int) -> float:

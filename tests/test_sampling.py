@@ -93,3 +93,7 @@ def test_dynamic_sampling_run_learns_from_full_steps(small_model_dir, tmp_path):
         assert s["dynamic_groups_sampled"] == 4 * s["dynamic_draws"]
         assert s["rows_updated"] == 8  # four groups of two, whatever was drawn
     assert any(s["dynamic_draws"] > 1 for s in steps)
+    # the data order's position counts every batch drawn, so a resumed run draws what comes next
+    (ckpt,) = (tmp_path / "run" / "checkpoints").iterdir()
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["batches_drawn"] == sum(s["dynamic_draws"] for s in steps)

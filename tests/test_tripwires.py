@@ -71,6 +71,19 @@ def test_reward_hacking_fires_when_reward_rises_while_accuracy_falls():
     assert t.evaluated(30, {"lenient_accuracy": 0.85}) == []  # still on: said once
 
 
+def test_learning_the_format_is_not_hacking():
+    """The default run's first steps: the answers suffer while the format is learned, and strict
+    accuracy (what the reward pays for) rises."""
+    t = tw.Tripwires()
+    t.evaluated(0, {"lenient_accuracy": 0.995, "accuracy": 0.0})
+    for s in range(1, 26):
+        t.train(s, rec(reward=0.0 if s < 5 else 0.85))
+    assert t.evaluated(25, {"lenient_accuracy": 0.605, "accuracy": 0.598}) == []
+    for s in range(26, 51):
+        t.train(s, rec(reward=1.3))
+    assert names(t.evaluated(50, {"lenient_accuracy": 0.5, "accuracy": 0.5})) == ["reward_hacking"]
+
+
 def test_falling_accuracy_with_a_flat_reward_is_not_hacking():
     t = tw.Tripwires()
     t.evaluated(0, {"lenient_accuracy": 0.99})
