@@ -139,7 +139,14 @@ class GRPOConfig:
     loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
     importance_sampling: str = "token"  # token | sequence (GSPO)
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
-    skip_zero_advantage: bool = True  # rows with zero advantage carry no policy gradient
+    # Leave zero-advantage rows (flat groups) out of the update: faster, and exact only when
+    # beta = 0 (with beta > 0 their KL term is dropped). False: the paper's objective, every row.
+    skip_zero_advantage: bool = False
+    mask_truncated_completions: bool = False  # TRL's flag: rows cut at max_tokens leave the loss
+    # DAPO: sample more prompt groups until the step has prompts_per_step groups whose rewards
+    # differ, at most dynamic_sampling_max_draws batches of prompts per step.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_draws: int = 4
 
     def clip_range(self) -> Tuple[float, float]:
         high = self.epsilon if self.epsilon_high is None else self.epsilon_high
@@ -171,7 +178,7 @@ class OutputConfig:
     dir: str = "runs/default"
     save_every: int = 50  # steps between checkpoints; 0: only at the end (and on an interrupt)
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
-    eval_every: int = 0  # steps between held-out evaluations; 0: only at start and end
+    eval_every: int = 25  # steps between held-out evaluations (a curve in `plot`); 0: only at start and end
     eval_size: Optional[int] = None  # held-out prompts per evaluation; None: all
     eval_max_tokens: Optional[int] = None  # None: rollout.max_tokens
     eval_samples: int = 0  # K samples per held-out prompt for pass@1 / pass@K; 0: greedy only
@@ -294,6 +301,7 @@ def validate(cfg: Config) -> Config:
         ("grpo.epsilon", cfg.grpo.epsilon > 0, "must be > 0"),
         ("grpo.epsilon_high", cfg.grpo.epsilon_high is None or cfg.grpo.epsilon_high > 0, "must be > 0"),
         ("grpo.num_iterations", cfg.grpo.num_iterations >= 1, "must be at least 1"),
+        ("grpo.dynamic_sampling_max_draws", cfg.grpo.dynamic_sampling_max_draws >= 1, "must be at least 1"),
         ("train.steps", cfg.train.steps >= 0, "must be >= 0"),
         ("train.prompts_per_step", cfg.train.prompts_per_step >= 1, "must be at least 1"),
         ("train.learning_rate", cfg.train.learning_rate > 0, "must be > 0"),
@@ -351,6 +359,18 @@ def validate(cfg: Config) -> Config:
     if not cfg.rewards:
         raise ConfigError("rewards: at least one reward is needed")
     return cfg
+
+
+def config_warnings(cfg: Config) -> List[str]:
+    """Settings that are valid but probably not meant (said at the start of a run, as TRL does)."""
+    out = []
+    if cfg.grpo.importance_sampling == "sequence" and cfg.grpo.loss_type != "grpo":
+        out.append(
+            f"grpo.importance_sampling: sequence (GSPO) is defined with each sequence's ratio "
+            f"averaged per sequence (loss_type grpo); with loss_type {cfg.grpo.loss_type} longer "
+            "completions weigh more than in GSPO"
+        )
+    return out
 
 
 def _positive(value: Optional[int]) -> bool:

@@ -10,6 +10,14 @@ update per batch (num_iterations = 1) that policy *is* the current one, so rho =
 its gradient is the policy gradient; with num_iterations > 1 the caller passes the logprobs recorded
 before the first update and clipping acts. ``importance_sampling="sequence"`` is GSPO: one ratio per
 sequence, exp of the mean token log-ratio.
+
+Which rows enter the loss (``rows_in_loss``) and what the normaliser counts follow TRL: every
+completion of the step counts in the normaliser, including a row of a flat group (all rewards
+equal, advantage 0), which still carries its beta * KL term. ``skip_zero_advantage`` leaves such
+rows out of the update to save their forward/backward pass, with the normaliser unchanged, so it
+is exact when beta = 0 (its rows then contribute exactly nothing) and drops their KL anchor
+otherwise. ``mask_truncated_completions`` (TRL's flag) gives rows cut at ``max_tokens`` a zero
+mask: they leave the loss and the token counts but still count as completions (grpo, dr_grpo).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from .config import GRPOConfig
 
@@ -26,19 +35,51 @@ from .config import GRPOConfig
 class Normalizer:
     """The sizes of the whole step's batch, so that micro-batched losses add up to the full loss.
 
-    num_sequences: completions in the step; num_tokens: their completion tokens; max_len: the
-    configured maximum completion length (Dr. GRPO's constant); num_micro: micro-batches (bnpo
-    normalises each micro-batch by its own tokens and averages them, as TRL's local batch does).
+    num_sequences: completions in the step, all of them (rows left out of the update count too);
+    num_tokens: the completion tokens of the step's rows that are not masked (those of skipped
+    zero-advantage rows included); max_len: the configured maximum completion length (Dr. GRPO's
+    constant); num_micro: micro-batches (bnpo normalises each micro-batch by its own tokens and
+    averages them, as TRL's local batch does); update_rows: the rows that go through the update
+    over all processes, which sets the micro-batch size (0: num_sequences).
     """
 
     num_sequences: float
     num_tokens: float
     max_len: int
     num_micro: int = 1
+    update_rows: float = 0.0
 
     @staticmethod
     def of(mask: mx.array, max_len: int) -> "Normalizer":
         return Normalizer(float(mask.shape[0]), float(mask.sum().item()), max_len, 1)
+
+    @property
+    def rows(self) -> int:
+        """Rows in the update over all processes."""
+        return int(self.update_rows or self.num_sequences)
+
+
+def rows_in_loss(advantages: np.ndarray, truncated: np.ndarray, cfg: GRPOConfig) -> np.ndarray:
+    """[B] bool: the rows whose terms enter the loss (and so the update).
+
+    Every row, except: a truncated row under ``mask_truncated_completions`` (its mask is zero);
+    a zero-advantage row under ``skip_zero_advantage`` (its policy term is zero; with beta > 0
+    its KL term is dropped too, which is why skipping is exact only when beta = 0).
+    """
+    keep = np.ones(len(advantages), dtype=bool)
+    if cfg.mask_truncated_completions:
+        keep &= ~np.asarray(truncated, dtype=bool)
+    if cfg.skip_zero_advantage:
+        keep &= np.asarray(advantages) != 0
+    return keep
+
+
+def counted_tokens(lengths: np.ndarray, truncated: np.ndarray, cfg: GRPOConfig) -> float:
+    """The step's tokens in the token normalisers (dapo): every row's, but a masked row's."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    if cfg.mask_truncated_completions:
+        lengths = lengths * ~np.asarray(truncated, dtype=bool)
+    return float(lengths.sum())
 
 
 def k3_kl(logp: mx.array, ref_logp: mx.array) -> mx.array:

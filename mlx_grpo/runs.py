@@ -12,11 +12,12 @@ import yaml
 
 @dataclass
 class RunRecords:
-    """A run's metrics.jsonl split by kind, plus its config and summary when present."""
+    """A run's metrics.jsonl split by kind (train, eval, warning), plus its config and summary."""
 
     path: Path
     train: List[Dict[str, Any]] = field(default_factory=list)
     evals: List[Dict[str, Any]] = field(default_factory=list)
+    warnings: List[Dict[str, Any]] = field(default_factory=list)  # the tripwires' (tripwires.py)
     config: Dict[str, Any] = field(default_factory=dict)
     summary: Optional[Dict[str, Any]] = None
 
@@ -51,7 +52,8 @@ def read_run(path: str | Path) -> RunRecords:
             raise ValueError(f"{where}:{i}: not valid JSON") from None
         if not isinstance(r, dict) or isinstance(r.get("step"), bool) or not isinstance(r.get("step"), (int, float)):
             raise ValueError(f"{where}:{i}: expected a JSON object with a numeric \"step\"")
-        (rec.evals if r.get("kind") == "eval" else rec.train).append(r)
+        kind = r.get("kind")
+        (rec.evals if kind == "eval" else rec.warnings if kind == "warning" else rec.train).append(r)
     if (path / "config.yaml").is_file():
         rec.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     if (path / "summary.json").is_file():

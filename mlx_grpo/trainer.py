@@ -38,11 +38,11 @@ from .checkpoint import (
     save_checkpoint,
     truncate_logs,
 )
-from .config import Config, TrainConfig, save_config
+from .config import Config, ConfigError, TrainConfig, config_warnings, save_config
 from .evaluate import evaluate_held_out
 from .fit import fit_micro_batch
 from .loggers import Trackers
-from .loss import Normalizer, grpo_loss
+from .loss import Normalizer, counted_tokens, grpo_loss, rows_in_loss
 from .models import (
     adapters_disabled,
     attach_adapters,
@@ -56,8 +56,10 @@ from .outputs import RunDirError, adopt_run_dir, check_run_dir, prepare_run_dir 
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
 from .rewards import Rewards, load_rewards, score, settings_for
 from .rollout import Rollouts, row_keys, sample_groups
+from .sampling import Drawn, fill_with_spread
 from .scoring import completion_logprobs
 from .tasks import columns, load_task
+from .tripwires import Tripwires, fingerprint
 from .tasks.templates import PromptFormat, prompt_format, render_prompt
 
 
@@ -143,6 +145,32 @@ def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
     )
 
 
+def draw_groups(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: List[Dict[str, Any]],
+    cfg: Config,
+    fmt: PromptFormat,
+    reward_fns: Dict[str, Callable],
+    keys: Optional[mx.array],
+) -> Drawn:
+    """Steps 1 and 2 for ``rows``: G completions each, scored on the whole response (the
+    template's response prefix + the completion)."""
+    G = cfg.rollout.group_size
+    t0 = time.perf_counter()
+    prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows]
+    ro = sample_groups(model, tokenizer, prompts, cfg.rollout, keys=keys)
+    t1 = time.perf_counter()
+    responses = [fmt.response_prefix + t for t in ro.texts]
+    cols = {**columns([r for r in rows for _ in range(G)]), "completion_ids": ro.completion_ids()}
+    rw = score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
+    return Drawn(list(rows), prompts, ro, rw, t1 - t0, time.perf_counter() - t1)
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int) -> mx.array:
     return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
 
@@ -155,13 +183,17 @@ def micro_size(rows: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(rows / cfg.grad_accumulation_steps))
 
 
-def step_normalizer(rows_per_process: Sequence[int], tokens: float, cfg: Config) -> Normalizer:
-    """The whole step's sizes: rows and tokens in the update, and micro-batches over all processes
-    (each cuts its rows into micro-batches of ``micro_size`` of the step's rows)."""
+def step_normalizer(
+    rows_per_process: Sequence[int], tokens: float, cfg: Config, step_rows: Optional[int] = None
+) -> Normalizer:
+    """The whole step's sizes: the completions counted (``step_rows``, default the rows in the
+    update) and their tokens, and micro-batches over all processes (each cuts its rows in the
+    update into micro-batches of ``micro_size`` of the step's rows in the update)."""
     n = int(sum(rows_per_process))
     size = micro_size(n, cfg.train)
     n_micro = sum(math.ceil(r / size) for r in rows_per_process)
-    return Normalizer(float(n), float(tokens), cfg.rollout.max_tokens, n_micro)
+    counted = n if step_rows is None else step_rows
+    return Normalizer(float(counted), float(tokens), cfg.rollout.max_tokens, n_micro, float(n))
 
 
 def update(
@@ -181,7 +213,7 @@ def update(
     if norm is None:
         norm = step_normalizer([batch.tokens.shape[0]], batch.mask.sum().item(), cfg)
     n = 0 if batch is None else batch.tokens.shape[0]
-    size = micro_size(int(norm.num_sequences), cfg.train)
+    size = micro_size(norm.rows, cfg.train)
     temperature = cfg.rollout.temperature
 
     def loss_fn(model, b: StepBatch):
@@ -227,9 +259,13 @@ def grpo_step(
     reward_fns: Dict[str, Callable],
     ref_model: Optional[nn.Module] = None,
     key: Optional[mx.array] = None,
+    more_rows: Optional[Callable[[], List[Dict[str, Any]]]] = None,
 ) -> Dict[str, Any]:
     """One GRPO step on the global batch ``rows``; returns the step's metrics (and samples under
     "_samples").
+
+    With ``grpo.dynamic_sampling``, ``more_rows()`` gives the next batch of prompts whenever the
+    step needs more groups with reward spread (sampling.py); "dynamic_draws" counts the batches.
 
     This process samples and learns from its share of ``rows`` (all of them when run alone); the
     advantages and metrics are computed on every process's rows, gathered. With ``key`` (see
@@ -243,19 +279,22 @@ def grpo_step(
     micro = micro_size(len(mine) * G, cfg.train)
     t0 = time.perf_counter()
 
-    # 1. Rollouts from the current policy.
+    # 1-2. Rollouts from the current policy, and their rewards; DAPO draws more prompts if asked.
     model.eval()
-    prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in mine]
     keys = None if key is None else row_keys(key, len(rows), G)[lo:hi]
-    ro = sample_groups(model, tokenizer, prompts, cfg.rollout, keys=keys)
-    t1 = time.perf_counter()
+    drawn = draw_groups(model, tokenizer, mine, cfg, fmt, reward_fns, keys)
+    extra: Dict[str, float] = {}
+    if cfg.grpo.dynamic_sampling:  # one process (checked at the start of train)
+        def draw(d: int) -> Drawn:
+            more = more_rows()
+            k = None if key is None else row_keys(mx.random.split(key, cfg.grpo.dynamic_sampling_max_draws)[d], len(more), G)
+            return draw_groups(model, tokenizer, more, cfg, fmt, reward_fns, k)
 
-    # 2. Rewards on the whole response (the template's response prefix + the completion).
-    responses = [fmt.response_prefix + t for t in ro.texts]
-    row_of = [r for r in mine for _ in range(G)]
-    cols = {**columns(row_of), "completion_ids": ro.completion_ids()}
-    rw = score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
-    t2 = time.perf_counter()
+        drawn, extra = fill_with_spread(drawn, draw, len(rows), cfg.grpo.dynamic_sampling_max_draws, pad_id(tokenizer))
+    mine, prompts, ro, rw = drawn.rows, drawn.prompts, drawn.ro, drawn.rw
+    hi = lo + len(mine) * G  # dynamic sampling: the step's groups as drawn
+    t1 = t0 + drawn.generate_time
+    t2 = t1 + drawn.reward_time
 
     # 3. Group-relative advantages, over every process's rows (each one's own come back sliced).
     entropy_terms = -(ro.sample_logprobs * ro.mask).sum(axis=1)
@@ -265,11 +304,12 @@ def grpo_step(
     total, lengths, truncated, entropy_sum = table[:, 0], table[:, 1], table[:, 2], table[:, 3].sum()
     reward_columns = {k: table[:, 4 + i] for i, k in enumerate(rw.columns)}
     adv_all = group_advantages(total, G, cfg.grpo.scale_rewards)
-    keep_all = np.flatnonzero(adv_all != 0) if cfg.grpo.skip_zero_advantage else np.arange(adv_all.size)
+    keep_all = np.flatnonzero(rows_in_loss(adv_all, truncated, cfg.grpo))
     adv = adv_all[lo:hi]
     keep = keep_all[(keep_all >= lo) & (keep_all < hi)] - lo
     per_process = np.bincount(keep_all // (hi - lo), minlength=distributed.size())
-    norm = step_normalizer(per_process.tolist(), lengths[keep_all].sum(), cfg)
+    # Every completion counts in the normaliser, in the update or not (the paper's, TRL's).
+    norm = step_normalizer(per_process.tolist(), counted_tokens(lengths, truncated, cfg.grpo), cfg, adv_all.size)
 
     # 4. Reference and old-policy logprobs, then num_iterations clipped updates.
     upd: Dict[str, float] = {}
@@ -325,6 +365,7 @@ def grpo_step(
         "time_score": t3 - t2,
         "time_update": t4 - t3,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        **extra,  # dynamic sampling's log; its zero_std_groups counts every group it sampled
     }
     metrics["_samples"] = [  # from this process's rows
         {"prompt": mine[i // G]["prompt"], "completion": ro.texts[i], "reward": float(rw.total[i]),
@@ -360,6 +401,8 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     """
     out = Path(cfg.output.dir)
     distributed.check_batch(cfg.train.prompts_per_step)
+    if cfg.grpo.dynamic_sampling and distributed.size() > 1:
+        raise ConfigError("grpo.dynamic_sampling: runs on one process only (not under mlx.launch yet)")
     main = distributed.is_main()
     if not main:
         say = lambda _: None  # noqa: E731 - rank 0 speaks for the run
@@ -393,6 +436,8 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     )
     for line in memory_report(estimate_memory(model, cfg, longest_prompt), available_memory(), cfg):
         say(line)
+    for line in config_warnings(cfg):
+        say(f"warning: {line}")
     total_updates = cfg.train.steps * cfg.grpo.num_iterations
     opt = optim.AdamW(
         learning_rate=make_schedule(cfg.train, total_updates), weight_decay=cfg.train.weight_decay
@@ -421,6 +466,14 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
 
     trackers = Trackers(cfg, out) if main else None
+    tripwires = Tripwires(lambda: fingerprint(model)) if main else Tripwires()
+    bar = None
+
+    def warn(found: List[Dict[str, Any]]) -> None:
+        # Tripwires warn and never stop the run: in the console and in metrics.jsonl.
+        for w in found if main else []:
+            _append_jsonl(metrics_path, w)
+            (bar.write if bar is not None and not bar.disable else say)(f"warning: {w['message']}")
 
     def run_eval(step: int) -> Optional[Dict[str, Any]]:
         # Rank 0 evaluates alone (the others wait at the next step's first exchange): the
@@ -432,6 +485,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
         res = {"step": step, **res, "time": time.perf_counter() - t}
         _append_jsonl(metrics_path, {"kind": "eval", **res})
         trackers.log(step, res, "eval")
+        warn(tripwires.evaluated(step, res))
         return res
 
     start, seconds_before = time.perf_counter(), state.seconds
@@ -458,8 +512,9 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
             for step in range(state.step + 1, cfg.train.steps + 1):
                 distributed.test_exit_hook(step)
                 key = sampling_key(cfg.train.seed, step)
-                m = grpo_step(model, tokenizer, opt, next(batches), cfg, fmt, reward_fns, ref_model, key)
-                state.step, state.batches_drawn = step, state.batches_drawn + 1
+                m = grpo_step(model, tokenizer, opt, next(batches), cfg, fmt, reward_fns, ref_model, key,
+                              more_rows=lambda: next(batches))
+                state.step, state.batches_drawn = step, state.batches_drawn + int(m.get("dynamic_draws", 1))
                 samples = m.pop("_samples")
                 m["learning_rate"] = float(opt.learning_rate.item())
                 state.tokens += m["tokens"]
@@ -472,6 +527,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
                     state.reward_first = m["reward_mean"]
                 state.reward_last = m["reward_mean"]
                 _count_nonfinite(state, m, cfg, out)
+                warn(tripwires.train(step, m))
                 if cfg.output.eval_every and step % cfg.output.eval_every == 0 and step < cfg.train.steps:
                     state.eval_end = run_eval(step)
                     if state.eval_end:
@@ -487,11 +543,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
                         ckpt = save(step)
                 if bar is not None:
                     bar.update(1)
-                    acc = f" acc {state.eval_end['accuracy']:.3f}" if state.eval_end else ""
-                    bar.set_postfix_str(
-                        f"reward {m['reward_mean']:.3f} kl {m['kl']:.4f} len {m['completion_length']:.1f}"
-                        f"{acc} {m['tokens_per_sec']:.0f} tok/s"
-                    )
+                    bar.set_postfix_str(_bar_line(m))
                 # Decided once, above: a signal that lands after that point is acted on after
                 # the next step (which then saves), never here without a checkpoint.
                 if stopping:
@@ -508,6 +560,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     finally:
         if bar is not None:
             bar.close()
+            bar = None  # what is said after the loop goes to ``say``
     if not main:
         return {}
     if state.step == 0:  # a run of no steps: the last step's checkpoint would have written them
@@ -572,6 +625,15 @@ def _count_nonfinite(state: RunState, m: Dict[str, Any], cfg: Config, out: Path)
             f"unchanged); lower train.learning_rate or check the rewards' scale "
             f"(train.max_nonfinite_steps={limit}); last checkpoint: {last or 'none'}"
         )
+
+
+def _bar_line(m: Dict[str, Any]) -> str:
+    """The progress bar's figures: this step's training reward, accuracy and format (the reward
+    columns of that name, when configured), KL, length and speed."""
+    shown = "".join(f" {label} {m[k]:.3f}" for k, label in (("rewards/accuracy", "acc"), ("rewards/format", "fmt"))
+                    if isinstance(m.get(k), float))
+    return (f"reward {m['reward_mean']:.3f}{shown} kl {m['kl']:.4f} len {m['completion_length']:.1f} "
+            f"{m['tokens_per_sec']:.0f} tok/s")
 
 
 def _eval_line(e: Dict[str, Any]) -> str:

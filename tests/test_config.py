@@ -1,6 +1,6 @@
 import pytest
 
-from mlx_grpo.config import Config, ConfigError, make_config, parse_set
+from mlx_grpo.config import Config, ConfigError, config_warnings, make_config, parse_set
 
 
 def write(tmp_path, text):
@@ -98,3 +98,22 @@ def test_shipped_configs_load_and_default_yaml_equals_defaults():
     assert default == builtin
     for f in sorted((root / "configs").glob("*.yaml")):
         make_config(str(f), [("data.path", "x.jsonl")] if "gsm8k" in f.name else [])
+
+
+def test_sequence_ratio_with_a_token_loss_warns():
+    assert config_warnings(make_config(None, [("grpo.importance_sampling", "sequence")])) == []
+    for lt in ("bnpo", "dr_grpo", "dapo"):
+        (w,) = config_warnings(make_config(None, [("grpo.importance_sampling", "sequence"), ("grpo.loss_type", lt)]))
+        assert w.startswith("grpo.importance_sampling: sequence") and lt in w
+    assert config_warnings(make_config(None, [("grpo.loss_type", "dapo")])) == []
+
+
+def test_a_run_says_the_config_warnings(small_model_dir, tmp_path):
+    from mlx_grpo.trainer import train
+
+    cfg = make_config(None, [("model.path", str(small_model_dir)), ("output.dir", str(tmp_path / "r")),
+                             ("train.steps", 0), ("data.eval_size", 4), ("output.progress", False),
+                             ("grpo.importance_sampling", "sequence"), ("grpo.loss_type", "dr_grpo")])
+    said = []
+    train(cfg, say=said.append)
+    assert [s for s in said if s.startswith("warning: grpo.importance_sampling: sequence")]

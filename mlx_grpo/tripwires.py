@@ -1,0 +1,119 @@
+"""Tripwires: warnings, never stops, for a run that is not learning or learns the wrong thing.
+
+Three signs, each checked on the records the run writes anyway:
+
+- flat groups: more than ``FLAT_SHARE`` of the groups had equal rewards for ``FLAT_STEPS``
+  steps in a row, so almost no row carries a policy gradient;
+- a still model: at step ``STILL_AFTER``, or later until it has moved, a gradient norm that has
+  been zero at every step, or adapters whose values have not changed since the run (or resume)
+  began;
+- reward hacking: the training reward rose while held-out accuracy fell below its best
+  (lenient accuracy, with strict accuracy no better than its best either).
+
+Each warning is said once when its condition begins (again only after it ended and came back),
+and written to metrics.jsonl as ``{"kind": "warning", "step", "tripwire", "message"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+FLAT_SHARE = 0.9
+FLAT_STEPS = 10
+STILL_AFTER = 3  # step 1 of LoRA can have a zero gradient for some arrays; three cannot
+REWARD_WINDOW = 10  # training steps averaged on each side of the reward comparison
+ACCURACY_DROP = 0.05  # held-out accuracy this far below its best...
+REWARD_RISE = 0.05  # ...while the mean training reward rose this much
+
+
+def fingerprint(model: nn.Module) -> np.ndarray:
+    """Sum and sum of squares of each trainable array: equal fingerprints mean unmoved weights
+    (read without a second copy of the weights, which full fine-tuning could not afford)."""
+    arrays = [v.astype(mx.float32) for _, v in tree_flatten(model.trainable_parameters())]
+    sums = [mx.stack([a.sum(), (a * a).sum()]) for a in arrays]
+    return np.array(mx.concatenate(sums)) if sums else np.zeros(0)
+
+
+class Tripwires:
+    """Watches a run's train and eval records; ``train``/``evaluated`` return new warnings."""
+
+    def __init__(self, weights: Optional[Callable[[], np.ndarray]] = None):
+        self.weights = weights  # the model's fingerprint now (None: not watched)
+        self.start = weights() if weights is not None else None
+        self.flat_streak = 0
+        self.still_warned = False
+        self.any_gradient = False
+        self.hacking = False
+        self.rewards: Dict[int, float] = {}
+        self.best: Optional[Dict[str, Any]] = None  # the eval with the best lenient accuracy so far
+        self.best_strict = 0.0  # the best strict accuracy so far
+
+    def train(self, step: int, m: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """Check one training step's metrics."""
+        out = []
+        self.rewards[step] = float(m["reward_mean"])
+        share = float(m.get("zero_std_groups", 0.0))
+        self.flat_streak = self.flat_streak + 1 if share > FLAT_SHARE else 0
+        if self.flat_streak == FLAT_STEPS:
+            out.append(_warning(step, "flat_groups", (
+                f"over {FLAT_SHARE:.0%} of the groups had equal rewards for {FLAT_STEPS} steps in a row "
+                f"(now {share:.0%}, mean reward {m['reward_mean']:.3f}): little learning signal; raise rollout.group_size "
+                "or rollout.temperature, or change the prompts' difficulty (all right: harder; all "
+                "wrong: easier)")))
+        self.any_gradient = self.any_gradient or float(m.get("grad_norm", 0.0)) > 0.0
+        if step >= STILL_AFTER and not self.still_warned and not (self.any_gradient and self.weights is None):
+            # Once a gradient was seen and the weights moved, the setup works: a zero gradient
+            # later (every group flat with beta 0) is the flat_groups tripwire's business.
+            why = None
+            if not self.any_gradient:
+                why = "the gradient norm has been zero at every step"
+            elif self.weights is not None and np.array_equal(self.weights(), self.start):
+                why = "the adapters have not changed since the start"
+            if why:
+                self.still_warned = True
+                out.append(_warning(step, "not_learning", (
+                    f"{why} ({step} steps): nothing is learned; check train.learning_rate, the "
+                    "adapter (adapter.keys, adapter.num_layers) and that the rewards differ within groups")))
+            else:
+                self.weights = None  # it moved: no need to read the weights again
+        return out
+
+    def evaluated(self, step: int, e: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """Check one held-out evaluation (after the training steps up to ``step``)."""
+        acc, strict = e.get("lenient_accuracy"), e.get("accuracy", 0.0)
+        if acc is None:
+            return []
+        out = []
+        if self.best is not None and step > self.best["step"]:
+            # Strict accuracy rising while lenient falls is a model learning the format (the
+            # default run's first steps), not a reward paying for something other than answers.
+            fell = acc <= self.best["acc"] - ACCURACY_DROP and strict <= self.best_strict
+            rose = self._reward_near(step) >= self._reward_near(self.best["step"]) + REWARD_RISE
+            if fell and rose and not self.hacking:
+                out.append(_warning(step, "reward_hacking", (
+                    f"the training reward rose ({self._reward_near(self.best['step']):.3f} -> "
+                    f"{self._reward_near(step):.3f}) while held-out lenient accuracy fell "
+                    f"({self.best['acc']:.3f} at step {self.best['step']} -> {acc:.3f}): the rewards "
+                    "pay for something other than right answers; check them with `cli.py reward`, "
+                    "raise grpo.beta or lower train.learning_rate")))
+            self.hacking = fell and rose
+        if self.best is None or acc > self.best["acc"]:
+            self.best = {"step": step, "acc": acc}
+        self.best_strict = max(self.best_strict, strict)
+        return out
+
+    def _reward_near(self, step: int) -> float:
+        """Mean training reward of the REWARD_WINDOW steps up to ``step`` (the first ones for 0)."""
+        steps = sorted(s for s in self.rewards if s <= step)[-REWARD_WINDOW:]
+        if not steps:
+            steps = sorted(self.rewards)[:REWARD_WINDOW]
+        return float(np.mean([self.rewards[s] for s in steps])) if steps else float("nan")
+
+
+def _warning(step: int, name: str, message: str) -> Dict[str, Any]:
+    return {"kind": "warning", "step": step, "tripwire": name, "message": f"tripwire {name}: {message}"}

@@ -1,0 +1,147 @@
+"""Tripwires: each one provoked, on records and in real runs; none fires on a healthy run."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_grpo import tripwires as tw
+from mlx_grpo.config import make_config
+from mlx_grpo.runs import read_run
+from mlx_grpo.trainer import _bar_line, train
+
+
+def rec(reward=0.5, flat=0.0, grad=1.0):
+    return {"reward_mean": reward, "zero_std_groups": flat, "grad_norm": grad}
+
+
+def names(found):
+    return [w["tripwire"] for w in found]
+
+
+def test_flat_groups_fire_after_ten_steps_in_a_row_once():
+    t = tw.Tripwires()
+    fired = {s: t.train(s, rec(flat=0.95 if s != 5 else 0.5)) for s in range(1, 30)}
+    # the streak restarts at step 6 (step 5 had spread): 10 in a row ends at step 15, said once
+    assert [s for s, w in fired.items() if "flat_groups" in names(w)] == [15]
+    w = fired[15][0]
+    assert w["kind"] == "warning" and w["step"] == 15
+    for advice in ("rollout.group_size", "rollout.temperature", "difficulty"):
+        assert advice in w["message"]
+
+
+def test_exactly_the_share_does_not_fire():
+    t = tw.Tripwires()
+    assert not any(t.train(s, rec(flat=tw.FLAT_SHARE)) for s in range(1, 30))
+
+
+def test_still_model_fires_on_zero_gradient_or_unmoved_weights():
+    t = tw.Tripwires()
+    assert names(t.train(1, rec(grad=0.0))) == []  # the first steps are allowed
+    assert names(t.train(3, rec(grad=0.0))) == ["not_learning"]
+    assert names(t.train(4, rec(grad=0.0))) == []  # said once
+
+    t = tw.Tripwires()
+    t.train(1, rec(grad=0.5))
+    assert all(t.train(s, rec(grad=0.0)) == [] for s in range(2, 20))  # it learned, then saturated
+
+    layer = nn.Linear(3, 3)
+    t = tw.Tripwires(lambda: tw.fingerprint(layer))
+    assert names(t.train(3, rec())) == ["not_learning"]  # grad_norm fine, weights the same
+
+    layer = nn.Linear(3, 3)
+    t = tw.Tripwires(lambda: tw.fingerprint(layer))
+    layer.weight = layer.weight + 1e-3
+    assert names(t.train(3, rec())) == [] and t.weights is None  # moved: not read again
+
+
+def test_reward_hacking_fires_when_reward_rises_while_accuracy_falls():
+    t = tw.Tripwires()
+    assert t.evaluated(0, {"lenient_accuracy": 0.99}) == []
+    for s in range(1, 11):
+        t.train(s, rec(reward=0.2))
+    assert t.evaluated(10, {"lenient_accuracy": 0.98}) == []  # within noise
+    for s in range(11, 21):
+        t.train(s, rec(reward=0.9))
+    found = t.evaluated(20, {"lenient_accuracy": 0.90})
+    assert names(found) == ["reward_hacking"] and "0.990 at step 0 -> 0.900" in found[0]["message"]
+    for s in range(21, 31):
+        t.train(s, rec(reward=0.95))
+    assert t.evaluated(30, {"lenient_accuracy": 0.85}) == []  # still on: said once
+
+
+def test_learning_the_format_is_not_hacking():
+    """The default run's first steps: the answers suffer while the format is learned, and strict
+    accuracy (what the reward pays for) rises."""
+    t = tw.Tripwires()
+    t.evaluated(0, {"lenient_accuracy": 0.995, "accuracy": 0.0})
+    for s in range(1, 26):
+        t.train(s, rec(reward=0.0 if s < 5 else 0.85))
+    assert t.evaluated(25, {"lenient_accuracy": 0.605, "accuracy": 0.598}) == []
+    for s in range(26, 51):
+        t.train(s, rec(reward=1.3))
+    assert names(t.evaluated(50, {"lenient_accuracy": 0.5, "accuracy": 0.5})) == ["reward_hacking"]
+
+
+def test_falling_accuracy_with_a_flat_reward_is_not_hacking():
+    t = tw.Tripwires()
+    t.evaluated(0, {"lenient_accuracy": 0.99})
+    for s in range(1, 21):
+        t.train(s, rec(reward=0.5))
+    assert t.evaluated(20, {"lenient_accuracy": 0.5}) == []
+
+
+def test_bar_shows_this_steps_training_accuracy_and_format():
+    m = {"reward_mean": 1.2, "rewards/accuracy": 0.75, "rewards/format": 0.875, "kl": 0.01,
+         "completion_length": 12.0, "tokens_per_sec": 900.0}
+    assert _bar_line(m).startswith("reward 1.200 acc 0.750 fmt 0.875 kl 0.0100")
+    del m["rewards/accuracy"], m["rewards/format"]
+    assert "acc" not in _bar_line(m)
+
+
+def run(model_dir, tmp_path, reward_src, *overrides):
+    (tmp_path / "rw.py").write_text(reward_src)
+    cfg = make_config(None, [
+        ("model.path", str(model_dir)), ("output.dir", str(tmp_path / "run")),
+        ("train.prompts_per_step", 2), ("rollout.group_size", 2), ("rollout.max_tokens", 4),
+        ("rollout.stop", []), ("data.max_operand", 9), ("data.eval_size", 10),
+        ("output.progress", False), ("output.eval_size", 4), ("output.save_every", 0),
+        ("rewards", {f"{tmp_path / 'rw.py'}:r": 1.0}), *overrides])
+    said = []
+    train(cfg, say=said.append)
+    return read_run(tmp_path / "run"), said
+
+
+def test_a_run_with_one_reward_for_all_warns_flat_and_still(small_model_dir, tmp_path):
+    """Equal rewards and beta 0: no gradient at all, every group flat; the run goes on."""
+    rec_, said = run(small_model_dir, tmp_path, "def r(prompts, completions, **kw):\n    return [1.0] * len(completions)\n",
+                     ("train.steps", 11), ("grpo.beta", 0.0))
+    got = {w["tripwire"]: w["step"] for w in rec_.warnings}
+    assert got == {"not_learning": 3, "flat_groups": 10}
+    assert len(rec_.train) == 11 and rec_.summary is not None  # warnings never stop the run
+    assert any(s.startswith("warning: tripwire flat_groups") for s in said)
+
+
+def test_a_learning_run_trips_nothing(small_model_dir, tmp_path):
+    rec_, _ = run(small_model_dir, tmp_path,
+                  "def r(prompts, completions, **kw):\n    return [len(c) / 20 for c in completions]\n",
+                  ("train.steps", 4), ("train.learning_rate", 1e-2))
+    assert rec_.warnings == [] and len(rec_.train) == 4
+
+
+def test_a_hacked_reward_trips_the_hacking_wire(embedded_model_dir, tmp_path):
+    """The embedded model knows its sums but samples wrong ones at temperature 1; a reward that
+    pays for a wrong last number is learned while held-out accuracy falls."""
+    src = ("import re\n"
+           "def r(prompts, completions, answer, **kw):\n"
+           "    last = [re.findall(r'-?\\d+', c)[-1:] for c in completions]\n"
+           "    return [float(l != [a]) for l, a in zip(last, answer)]\n")
+    rec_, said = run(embedded_model_dir, tmp_path, src, ("train.steps", 24), ("rollout.max_tokens", 20),
+                     ("rollout.stop", ["</answer>"]), ("train.prompts_per_step", 8), ("rollout.group_size", 4),
+                     ("train.learning_rate", 3e-3), ("grpo.beta", 0.0), ("output.eval_every", 8),
+                     ("data.eval_size", 40), ("output.eval_size", 40), ("data.max_operand", 29))
+    found = [w["tripwire"] for w in rec_.warnings]
+    assert "reward_hacking" in found and "not_learning" not in found, (found, rec_.evals)
+    assert rec_.evals[0]["lenient_accuracy"] > 0.9 and rec_.evals[-1]["lenient_accuracy"] < 0.5
+    assert any(s.startswith("warning: tripwire reward_hacking") for s in said)
