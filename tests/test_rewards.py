@@ -363,6 +363,42 @@ def test_length_and_repetition_penalties():
     assert repetition_penalty("a b a b a b", 2) == pytest.approx(-(1 - 2 / 5))
 
 
+def _repetition_by_tuples(text: str, n: int) -> float:
+    # The formula as open-r1 writes it: a set of word n-gram tuples.
+    words = text.split()
+    grams = list(zip(*(words[i:] for i in range(n))))
+    return len(set(grams)) / len(grams) - 1.0 if grams else 0.0
+
+
+@pytest.mark.parametrize("vocab,n", [(3, 1), (3, 3), (50, 2), (50, 3), (400, 8), (9, 24), (2, 40)])
+def test_repetition_penalty_counts_exactly_as_a_set_of_tuples(vocab, n):
+    # (400, 8), (9, 24) and (2, 40) overflow int64 when packed, so they take the re-ranking path;
+    # the separators include the Unicode spaces str.split() knows (U+2028, U+0085, U+3000).
+    rng = np.random.default_rng(vocab * 100 + n)
+    for length in (0, n - 1, n, 3000):
+        words = [f"w{i}" for i in rng.integers(0, vocab, length)]
+        text = "".join(w + str(rng.choice([" ", "\n", "\u2028", "\x85", "\u3000  "])) for w in words)
+        assert repetition_penalty(text, n) == _repetition_by_tuples(text, n)
+
+
+def test_repetition_penalty_does_not_wrap_around_int64():
+    # Two 70-grams of {a, b} that differ only in their first word: packed in base 2 without
+    # re-ranking, that word's digit would be 2**69 = 0 (mod 2**64) and the two would count as one.
+    assert repetition_penalty("a" + " b" * 70, 70) == 0.0
+    assert repetition_penalty("a" + " b" * 70, 70) == _repetition_by_tuples("a" + " b" * 70, 70)
+
+
+def test_repetition_penalty_reads_the_first_max_words_words():
+    from mlx_grpo.rewards.shaping import MAX_WORDS
+    head = " ".join(f"w{i}" for i in range(MAX_WORDS))
+    assert repetition_penalty(head, 3) == 0.0
+    # What follows the first MAX_WORDS words is not read, repeated or not ...
+    assert repetition_penalty(head + " the end" * 1000, 3) == 0.0
+    # ... and a text of exactly MAX_WORDS words is read whole.
+    looped = " ".join(["a"] * MAX_WORDS)
+    assert repetition_penalty(looped, 3) == pytest.approx(1 / (MAX_WORDS - 2) - 1)
+
+
 def test_settings_resolve_against_rollout_length_and_fail_clearly():
     s = settings_for(make_config(None, [("rollout.max_tokens", 40)]))
     assert (s.overlong.max_length, s.overlong.cache, s.length.max_length) == (40, 8, 40)
