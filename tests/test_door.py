@@ -76,6 +76,47 @@ def test_reward_prints_never_reach_json_stdout(tmp_path):
     assert "hello from import" in r.stderr and "scoring 3" in r.stderr
 
 
+ESCAPES = {  # what a reward may do to the process's output, each tried with --json
+    "a subprocess writing to descriptor 1": "import os\nos.system('echo at-import')\n"
+                                             "def r(p, c, **k):\n    os.system('echo from-a-subprocess')\n"
+                                             "    return [1.0] * len(c)\n",
+    "sys.stdout.close()": "import sys\ndef r(p, c, **k):\n    sys.stdout.close()\n    sys.stderr.close()\n"
+                          "    return [1.0] * len(c)\n",
+    "os.close(1) and os.close(2)": "import os\ndef r(p, c, **k):\n    os.close(1)\n    os.close(2)\n"
+                                   "    return [1.0] * len(c)\n",
+    "os.fork() (the child returns too)": "import os\ndef r(p, c, **k):\n    os.fork()\n    return [1.0] * len(c)\n",
+}
+
+
+@pytest.mark.parametrize("body", list(ESCAPES.values()), ids=list(ESCAPES))
+def test_reward_cannot_corrupt_or_close_the_output(tmp_path, body):
+    """Before: a subprocess's echo landed in --json stdout, a fork printed the JSON twice (and in
+    training two processes would write one run), os.close(1) ended in a traceback."""
+    f = tmp_path / "escape.py"
+    f.write_text(body)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"completion": GOOD, "answer": "5"}) + "\n" for _ in range(3)))
+    r = run_cli("reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", f"{f}:r,accuracy", "--json",
+                "--out", str(tmp_path / "scored.jsonl"), env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)  # the whole of stdout is the one JSON object
+    assert res["n"] == 3 and res["rewards"]["accuracy"]["mean"] == 1.0
+    assert len((tmp_path / "scored.jsonl").read_text().splitlines()) == 3
+    assert "Traceback" not in r.stderr
+
+
+def test_reward_that_forks_trains_one_run(small_model_dir, tmp_path):
+    f = tmp_path / "forks.py"
+    f.write_text("import os\ndef r(prompts, completions, **kw):\n    os.fork()\n    return [0.5] * len(completions)\n")
+    out = tmp_path / "o"
+    r = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "2",
+                "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress",
+                "--set", "output.eval_size=0", "--set", f"rewards.{f}:r=1", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in records if m.get("kind", "train") == "train"]
+    assert steps == [1, 2]  # one process wrote the run: no step logged twice
+
+
 def test_reward_import_that_exits_is_one_line(tmp_path):
     f = tmp_path / "cli_at_import.py"
     f.write_text("import argparse\np = argparse.ArgumentParser()\np.add_argument('--k', required=True)\n"

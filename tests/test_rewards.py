@@ -472,6 +472,12 @@ def test_user_reward_gets_dataset_columns_and_none_counts_zero_in_total(tmp_path
     ("import numpy as np\ndef r(p, c, **k):\n    return [np.ones(1), 1.0]\n", "(not a number) for sample 0"),
     ("def r(p, c, **k):\n    return ['1', 1.0]\n", "returned '1' (not a number) for sample 0"),
     ("def r(p, c, **k):\n    return (x for x in [1.0, 1.0])\n", "(a generator) for 2 completions"),
+    # any BaseException of the reward's own, and numbers float() cannot hold
+    ("def r(p, c, **k):\n    raise GeneratorExit('stop')\n", "raised GeneratorExit: stop on sample 0"),
+    ("class Boom(BaseException):\n    pass\ndef r(p, c, **k):\n    raise Boom('x')\n", "raised Boom: x on sample 0"),
+    ("def r(p, c, **k):\n    return [1.0, 10**400]\n", "returned 1000000000000000000000000000"),
+    ("def r(p, c, **k):\n    return [1.0, 10**400]\n", "(not a finite number) for sample 1"),
+    ("def r(p, c, **k):\n    return [10**5000, 1.0]\n", "returned <a int> (not a finite number) for sample 0"),
 ])
 def test_user_reward_failures_name_reward_and_sample(tmp_path, body, msg):
     f = tmp_path / "bad.py"
@@ -537,6 +543,17 @@ def test_user_reward_accepted_forms_and_prints_go_to_stderr(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert "loaded at import" in err and "scoring 3" in err
+
+
+def test_a_reward_that_edits_its_lists_cannot_change_the_next_rewards_input(tmp_path):
+    f = tmp_path / "editor.py"
+    f.write_text("def r(p, c, answer, **k):\n    n = len(c)\n    c.clear()\n    p.append('x')\n"
+                 "    answer[:] = ['0'] * n\n    return [0.0] * n\n")
+    fns = load_rewards([f"{f}:r", "format", "accuracy"])
+    good = "<think> 2 + 3 = 5 </think>\n<answer> 5 </answer>"
+    rw = score(["p", "p"], [good, "no"], {"answer": ["5", "5"]}, fns, {})
+    np.testing.assert_allclose(rw.columns["format"], [1.0, 0.0])
+    np.testing.assert_allclose(rw.columns["accuracy"], [1.0, 0.0])
 
 
 def test_keyboard_interrupt_in_a_reward_is_its_error_only_when_ctrl_c_cannot_raise_it(tmp_path):
