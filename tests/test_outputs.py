@@ -174,3 +174,45 @@ def test_resume_adopts_a_run_from_before_manifests(tmp_path, small_model_dir):
     r = run_cli("train", "--resume", str(out), "--steps", "2", "--no-progress", env=NO_BLAS)
     assert r.returncode == 0, r.stderr
     assert "checkpoints" in json.loads((out / MANIFEST).read_text())["files"]
+
+
+@pytest.mark.parametrize("below", ["", "/run"], ids=["the link", "under it"])
+def test_output_through_a_broken_symlink_refused(tmp_path, below):
+    """Before: the checks passed (nothing exists there) and mkdir ended in a FileExistsError traceback."""
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "x")
+    before = tree_hash(tmp_path)
+    r = run_cli("train", "--output", f"{tmp_path}/link{below}", "--steps", "1", env=NO_BLAS)
+    one_line_error(r, f"output.dir: cannot create {tmp_path}/link: a broken symbolic link (to {tmp_path}/nowhere/x)")
+    assert tree_hash(tmp_path) == before and not (tmp_path / "nowhere").exists()
+
+
+def test_a_manifest_that_is_a_directory_is_refused(tmp_path):
+    """Before: os.replace onto it ended in an IsADirectoryError traceback."""
+    (tmp_path / "run" / MANIFEST).mkdir(parents=True)
+    (tmp_path / "run" / MANIFEST / "inside.txt").write_text("mine")
+    before = tree_hash(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        r = run_cli("train", "--output", str(tmp_path / "run"), "--steps", "1", *extra, env=NO_BLAS)
+        one_line_error(r, f"output.dir: {tmp_path / 'run' / MANIFEST} is not a file")
+    assert tree_hash(tmp_path) == before
+
+
+def test_overwrite_follows_no_symlink_out_of_the_run(tmp_path, small_model_dir):
+    """A run's checkpoints/ and metrics.jsonl replaced by links to the user's files elsewhere:
+    --overwrite removes the links, never what they point to."""
+    outside = tmp_path / "elsewhere"
+    (outside / "step_000001").mkdir(parents=True)
+    (outside / "step_000001" / "precious.txt").write_text("keep")
+    (outside / "log.txt").write_text("keep too")
+    out = tmp_path / "run"
+    assert tiny_run(small_model_dir, out).returncode == 0
+    import shutil
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").symlink_to(outside)
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").symlink_to(outside / "log.txt")
+    before = tree_hash(outside)
+    r = tiny_run(small_model_dir, out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert tree_hash(outside) == before
+    assert not (out / "checkpoints").is_symlink() and not (out / "metrics.jsonl").is_symlink()
