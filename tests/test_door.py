@@ -31,6 +31,9 @@ DOOR = [
     (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format=-inf"],
      "--rewards: weight '-inf' in 'format=-inf' must be a finite number"),
     (["bench", "--quick", "--processes", "1"], "--processes: must be 0 (off) or at least 2"),
+    # an empty --rewards (an unset shell variable) is refused, not read as "the configured ones"
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", ""], "--rewards: no reward named in '' (an unset shell variable?)"),
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", " , "], "--rewards: no reward named in ' , '"),
     # click's own checks, in the same one-line form (no usage block)
     (["eval", "--samples", "-1"], "cli.py eval: Invalid value for '--samples' / '-k': -1 is not in the range x>=0."),
     (["train", "--steps", "x"], "cli.py train: Invalid value for '--steps': 'x' is not a valid integer."),

@@ -104,6 +104,10 @@ UNWRITABLE = [
     (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format", "--out", "{tmp}/./c.jsonl"],
      "--out: {tmp}/./c.jsonl is the --completions file; it would be replaced"),
     (["bench", "--quick", "--out", "{tmp}/afile/bench.json"], "--out: cannot write {tmp}/afile/bench.json: {tmp}/afile is a file"),
+    # an unset shell variable: refused, not the default (plot wrote RUN/curves.png before)
+    (["plot", "{tmp}/run", "--out", ""], "--out: empty path (an unset shell variable?); name a file"),
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format", "--out", ""], "--out: empty path"),
+    (["bench", "--quick", "--out", ""], "--out: empty path"),
 ]
 
 
