@@ -188,3 +188,55 @@ def test_plot_on_malformed_metrics_names_file_and_line(tmp_path, text, msg):
     r = run_cli("plot", str(run), env=NO_BLAS)
     one_line_error(r, f"{run}/{msg}")
     assert tree_hash(tmp_path) == before
+
+
+def test_jsonl_with_a_byte_order_mark_or_deep_nesting(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('\ufeff{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2"}\n', encoding="utf-8")
+    assert [o["prompt"] for _, o in iter_jsonl(str(p))] == ["a", "b"]  # as Windows editors save it
+    p.write_text('{"prompt": "a"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(Exception) as e:  # before: a RecursionError traceback
+        list(iter_jsonl(str(p)))
+    assert type(e.value).__name__ == "DataError" and str(e.value) == f"{p}:2: malformed JSON (nested too deeply)"
+
+
+def _metrics_run(d):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "kind": "train", "reward_mean": 0.1 * s}) + "\n"
+                                             for s in (1, 2)))
+    return d
+
+
+DAMAGED_RUN_FILES = [  # (file, content, what `runs` says when it skips the run)
+    ("config.yaml", "x: [1\n", "config.yaml: unreadable (while parsing a flow sequence)"),
+    ("config.yaml", "- 1\n- 2\n", "config.yaml: expected a mapping, got list"),
+    ("config.yaml", b"\xff\xfe", "config.yaml: unreadable ('utf-8' codec can't decode byte 0xff"),
+    ("summary.json", "nope", "summary.json: unreadable (Expecting value"),
+    ("summary.json", "[1]", "summary.json: expected a mapping, got list"),
+]
+
+
+@pytest.mark.parametrize("name,content,msg", DAMAGED_RUN_FILES)
+def test_runs_skips_and_plot_ignores_a_damaged_config_or_summary(tmp_path, name, content, msg):
+    """Before: runs and plot ended in tracebacks (YAMLError, AttributeError) or an error naming no file."""
+    run = _metrics_run(tmp_path / "runs" / "r")
+    (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    r = run_cli("runs", str(tmp_path / "runs"), env=NO_BLAS)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"warning: skipping {run}: {run}/{msg}") and len(r.stderr.splitlines()) == 1, r.stderr
+    r = run_cli("plot", str(run), "--out", str(tmp_path / "c.png"), env=NO_BLAS)  # curves need only metrics
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_runs_lists_hand_edited_figures_as_missing(tmp_path):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\n{"step": 2, "kind": "train", "reward_mean": "hi"}\n'
+                                       '{"step": 3, "kind": "train", "reward_mean": 0.5}\n')
+    (run / "config.yaml").write_text("train: 5\nmodel: [1]\n")
+    (run / "summary.json").write_text('{"seconds": "long"}')
+    r = run_cli("runs", str(tmp_path / "runs"), "--json", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr  # before: KeyError / AttributeError tracebacks
+    (row,) = json.loads(r.stdout)
+    assert (row["step"], row["steps"], row["model"], row["reward_first"], row["reward_last10"]) == (3, None, None, 0.5, 0.5)
