@@ -21,8 +21,8 @@ from .errors import RewardError
 
 RewardFn = Callable[..., List[Optional[float]]]
 
-# The repetition penalty reads at most this many words: a completion of any length then costs at
-# most ~50 ms (splitting and counting 250 k words of 1 MB took 100-200 ms on a loaded CPU, issue 14).
+# The repetition penalty reads at most this many words, so a completion of any length costs no more
+# than 50 k words do (1 MB holds up to 500 k words; numbering 250 k took 100-200 ms, issue 14).
 # A rollout's completions (rollout.max_tokens tokens, rarely more than one word each) stay below it,
 # so in training the penalty is exact; only longer texts scored with `cli.py reward` are cut.
 MAX_WORDS = 50_000
