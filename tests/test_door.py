@@ -87,6 +87,8 @@ ESCAPES = {  # what a reward may do to the process's output, each tried with --j
                           "    return [1.0] * len(c)\n",
     "os.close(1) and os.close(2)": "import os\ndef r(p, c, **k):\n    os.close(1)\n    os.close(2)\n"
                                    "    return [1.0] * len(c)\n",
+    "sys.stdout.buffer.write": "import sys\ndef r(p, c, **k):\n    sys.stdout.buffer.write(b'bytes\\n')\n"
+                               "    print(sys.stdout.encoding, file=sys.stdout)\n    return [1.0] * len(c)\n",
     "os.fork() (the child returns too)": "import os\ndef r(p, c, **k):\n    os.fork()\n    return [1.0] * len(c)\n",
 }
 

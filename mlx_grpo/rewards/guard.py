@@ -39,6 +39,15 @@ class _Unclosable(io.TextIOBase):
         pass
 
     @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._target, "encoding", None) or "utf-8"
+
+    def __getattr__(self, name: str):  # .buffer, .isatty ... of the stream written to
+        if name == "_target":  # not set yet (copy, pickle): no endless recursion
+            raise AttributeError(name)
+        return getattr(self._target, name)
+
+    @property
     def closed(self) -> bool:
         return False
 
