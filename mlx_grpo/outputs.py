@@ -69,6 +69,8 @@ def check_output_file(path: str | Path, key: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise RunDirError(f"{key}: {p} is a directory, not a file")
+    if p.is_symlink() and not p.exists():  # writing through it fails, after the work
+        raise RunDirError(f"{key}: cannot write {p}: a broken symbolic link (to {os.readlink(p)})")
     try:
         check_writable_dir(p.parent, key)
     except RunDirError as e:  # the same reason, said of the file asked for

@@ -220,3 +220,17 @@ def test_overwrite_follows_no_symlink_out_of_the_run(tmp_path, small_model_dir):
     assert r.returncode == 0, r.stderr
     assert tree_hash(outside) == before
     assert not (out / "checkpoints").is_symlink() and not (out / "metrics.jsonl").is_symlink()
+
+
+@pytest.mark.parametrize("command", ["plot", "reward"])
+def test_out_through_a_broken_symlink_refused_before_the_work(tmp_path, command):
+    """Before: plot drew, then failed with '[Errno 2] No such file or directory' naming no option."""
+    _plot_run(tmp_path / "run")
+    (tmp_path / "c.jsonl").write_text('{"completion": "<think>x</think><answer>1</answer>"}\n')
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere" / "x")
+    before = tree_hash(tmp_path)
+    args = (["plot", str(tmp_path / "run")] if command == "plot"
+            else ["reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", "format"])
+    r = run_cli(*args, "--out", str(tmp_path / "out"), env=NO_BLAS)
+    one_line_error(r, f"--out: cannot write {tmp_path}/out: a broken symbolic link (to {tmp_path}/nowhere/x)")
+    assert tree_hash(tmp_path) == before and (tmp_path / "out").is_symlink()
