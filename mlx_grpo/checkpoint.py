@@ -177,7 +177,7 @@ def read_state(ckpt: Path) -> RunState:
     where = Path(ckpt) / "state.json"
     try:
         data = json.loads(where.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (RecursionError: 100 k nested brackets)
         raise CheckpointError(f"{where}: unreadable checkpoint state ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{where}: expected a JSON object, got {type(data).__name__}")
@@ -193,6 +193,9 @@ def read_state(ckpt: Path) -> RunState:
     if m and int(m.group(1)) != state.step:
         raise CheckpointError(f"{where}: step: {state.step} in a checkpoint of step {int(m.group(1))}")
     return state
+
+
+EVAL_KEYS = ("n", "accuracy", "format_rate", "lenient_accuracy")
 
 
 def _count(v: Any) -> bool:
@@ -211,8 +214,9 @@ def _bad_state_value(key: str, v: Any) -> Optional[str]:
         return None if _number(v) and v >= 0 else "expected a finite number >= 0"
     if key in ("reward_first", "reward_last"):
         return None if v is None or _number(v) else "expected a finite number or null"
-    if key in ("eval_start", "eval_end"):
-        return None if v is None or isinstance(v, dict) else "expected an object or null"
+    if key in ("eval_start", "eval_end"):  # the end-of-run summary line reads these keys
+        ok = v is None or (isinstance(v, dict) and all(_number(v.get(k)) for k in EVAL_KEYS))
+        return None if ok else f"expected null or an object with numbers {', '.join(EVAL_KEYS)}"
     if key == "log_sizes":
         ok = isinstance(v, dict) and all(k in LOGS and _count(n) for k, n in v.items())
         return None if ok else f"expected {{name: bytes}} for {', '.join(LOGS)}"

@@ -330,7 +330,7 @@ def plot(run_dirs, out, smooth, debug):
     from .plot import PlotError, plot_runs
 
     try:
-        path = plot_runs(run_dirs, out or Path(run_dirs[0]) / "curves.png", smooth)
+        path = plot_runs(run_dirs, Path(run_dirs[0]) / "curves.png" if out is None else out, smooth)  # "" is refused
     except (PlotError, FileNotFoundError, ValueError) as e:  # (RunDirError is a ValueError)
         if debug:
             raise
@@ -406,7 +406,7 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
                     and os.path.samefile(out_path, completions_path):
                 raise ConfigError(f"--out: {out_path} is the --completions file; it would be replaced")
 
-        weights = parse_reward_list(reward_list, cfg.rewards) if reward_list else dict(cfg.rewards)
+        weights = parse_reward_list(reward_list, cfg.rewards) if reward_list is not None else dict(cfg.rewards)
         summary = run(cfg, weights, completions_path, samples, adapter, group_size, out_path, top)
     click.echo(json.dumps(summary) if as_json else format_report(summary))
 

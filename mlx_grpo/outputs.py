@@ -35,9 +35,11 @@ class RunDirError(ValueError):
     """An output path that cannot be used; the message names the path and what to do."""
 
 
-def _nearest_existing(path: Path) -> Path:
+def _nearest_existing(path: Path, key: str) -> Path:
     path = Path(os.path.abspath(path))
     while not path.exists() and path != path.parent:
+        if path.is_symlink():  # mkdir would fail on it, after the checks said yes
+            raise RunDirError(f"{key}: cannot create {path}: a broken symbolic link (to {os.readlink(path)})")
         path = path.parent
     return path
 
@@ -50,7 +52,7 @@ def check_writable_dir(path: str | Path, key: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise RunDirError(f"{key}: {p} is a file, not a directory")
-    base = _nearest_existing(p)
+    base = _nearest_existing(p, key)
     if not base.is_dir():
         raise RunDirError(f"{key}: cannot create {p}: {base} is a file, not a directory")
     # To create in a folder needs write and search; to look into the directory itself, read too.
@@ -67,6 +69,8 @@ def check_output_file(path: str | Path, key: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise RunDirError(f"{key}: {p} is a directory, not a file")
+    if p.is_symlink() and not p.exists():  # writing through it fails, after the work
+        raise RunDirError(f"{key}: cannot write {p}: a broken symbolic link (to {os.readlink(p)})")
     try:
         check_writable_dir(p.parent, key)
     except RunDirError as e:  # the same reason, said of the file asked for
@@ -114,6 +118,9 @@ def check_run_dir(out: str | Path, overwrite: bool) -> None:
     out = Path(out)
     if not out.is_dir():
         return
+    manifest = out / MANIFEST
+    if manifest.exists() and not manifest.is_file():  # ours to replace only when it is a file
+        raise RunDirError(f"output.dir: {manifest} is not a file (mlx-grpo's manifest is); choose another --output")
     foreign = foreign_files(out)
     clash = [f for f in foreign if f in RUN_FILES]
     if clash:
@@ -140,7 +147,10 @@ def prepare_run_dir(out: str | Path, overwrite: bool) -> None:
     previous run wrote (so a later --resume cannot pick up a checkpoint of the replaced run)."""
     check_run_dir(out, overwrite)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # what no check foresees (/proc, a full disk, a race)
+        raise RunDirError(f"output.dir: cannot create {out}: {e.strerror or e}") from None
     if overwrite:
         for name in read_manifest(out):
             _remove(out / name, only=_CHECKPOINT_ENTRY if name == "checkpoints" else None)

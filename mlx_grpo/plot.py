@@ -57,7 +57,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, smooth_window: Op
     except ImportError:
         raise PlotError("plotting needs matplotlib: pip install 'mlx-grpo[plot]' (or pip install matplotlib)") from None
 
-    runs: List[RunRecords] = [read_run(d) for d in run_dirs]
+    runs: List[RunRecords] = [read_run(d, config=False) for d in run_dirs]  # curves need only the metrics
     check_output_file(out, "--out")  # before drawing: say so now, not after the work
     fig, axes = plt.subplots(2, 4, figsize=FIGSIZE, dpi=DPI)
     axes = axes.ravel()

@@ -264,5 +264,5 @@ def parse_reward_list(text: str, configured: Mapping[str, float]) -> Dict[str, f
                 raise ConfigError(f"--rewards: weight {raw!r} in {item!r} must be a finite number")
         out[name] = weight
     if not out:
-        raise ConfigError("--rewards: no reward named")
+        raise ConfigError(f"--rewards: no reward named in {text!r}" + (" (an unset shell variable?)" if not text.strip() else ""))
     return out

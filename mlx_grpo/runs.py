@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import yaml
 
@@ -26,9 +26,10 @@ def is_run(path: Path) -> bool:
     return (path / "metrics.jsonl").is_file()
 
 
-def read_run(path: str | Path) -> RunRecords:
-    """Load a run directory; a line cut short by a crash (the last one) is ignored. A malformed
-    line is a ValueError naming metrics.jsonl and the line."""
+def read_run(path: str | Path, config: bool = True) -> RunRecords:
+    """Load a run directory (with ``config``: its config.yaml and summary.json too); a line cut
+    short by a crash (the last one) is ignored. A malformed line or file is a ValueError naming
+    the file (and line)."""
     path = Path(path)
     if not is_run(path):
         raise FileNotFoundError(f"{path}: not a run directory (no metrics.jsonl)")
@@ -46,7 +47,7 @@ def read_run(path: str | Path) -> RunRecords:
             continue
         try:
             r = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # (RecursionError: brackets nested 100 k deep)
             if i == len(lines):  # a partial last line from an interrupted write
                 break
             raise ValueError(f"{where}:{i}: not valid JSON") from None
@@ -54,11 +55,24 @@ def read_run(path: str | Path) -> RunRecords:
             raise ValueError(f"{where}:{i}: expected a JSON object with a numeric \"step\"")
         kind = r.get("kind")
         (rec.evals if kind == "eval" else rec.warnings if kind == "warning" else rec.train).append(r)
-    if (path / "config.yaml").is_file():
-        rec.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    if (path / "summary.json").is_file():
-        rec.summary = json.loads((path / "summary.json").read_text())
+    if config and (path / "config.yaml").is_file():
+        rec.config = _read_mapping(path / "config.yaml", yaml.safe_load) or {}
+    if config and (path / "summary.json").is_file():
+        rec.summary = _read_mapping(path / "summary.json", json.loads)
     return rec
+
+
+def _read_mapping(where: Path, parse: Callable[[str], Any]) -> Optional[Dict[str, Any]]:
+    """The mapping in a run's config.yaml or summary.json (None if empty); anything else is a
+    one-line ValueError naming the file (`runs` then skips the run, `plot` stops)."""
+    try:
+        data = parse(where.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{where}: unreadable ({first})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    return data
 
 
 def text_line(path: Path, offset: int) -> int:
@@ -77,22 +91,34 @@ def find_runs(root: str | Path) -> List[Path]:
 
 def key_figures(rec: RunRecords) -> Dict[str, Any]:
     """The figures that tell whether a run helped: progress, reward and held-out accuracy."""
-    planned = rec.config.get("train", {}).get("steps")
+    # Hand-edited files may hold anything: a figure that is not a number shows as missing.
+    planned = _number(_section(rec.config, "train").get("steps"))
     first_eval = rec.evals[0] if rec.evals else {}
     last_eval = rec.evals[-1] if len(rec.evals) > 1 else {}
-    tail = rec.train[-10:]
+    rewards = [v for v in (_number(r.get("reward_mean")) for r in rec.train) if v is not None]
+    tail = rewards[-10:]
     return {
         "run": str(rec.path),
-        "model": rec.config.get("model", {}).get("path"),
+        "model": _section(rec.config, "model").get("path"),
         "status": "done" if rec.summary else "incomplete",
         "step": rec.train[-1]["step"] if rec.train else 0,
         "steps": planned,
-        "reward_first": rec.train[0]["reward_mean"] if rec.train else None,
-        "reward_last10": sum(r["reward_mean"] for r in tail) / len(tail) if tail else None,
-        "accuracy_start": first_eval.get("accuracy"),
-        "accuracy_end": last_eval.get("accuracy"),
-        "seconds": (rec.summary or {}).get("seconds") or sum(r.get("step_time", 0.0) for r in rec.train),
+        "reward_first": rewards[0] if rewards else None,
+        "reward_last10": sum(tail) / len(tail) if tail else None,
+        "accuracy_start": _number(first_eval.get("accuracy")),
+        "accuracy_end": _number(last_eval.get("accuracy")),
+        "seconds": _number((rec.summary or {}).get("seconds"))
+        or sum(_number(r.get("step_time")) or 0.0 for r in rec.train),
     }
+
+
+def _section(config: Dict[str, Any], name: str) -> Dict[str, Any]:
+    value = config.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _number(v: Any) -> Optional[float]:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:

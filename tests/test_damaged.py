@@ -100,7 +100,10 @@ def test_missing_adapter_file_named(saved_run, small_model_dir, tmp_path):
     ({"seconds": float("nan")}, "seconds: expected a finite number >= 0"),
     ({"seconds": -1}, "seconds: expected a finite number >= 0"),
     ({"reward_last": "high"}, "reward_last: expected a finite number or null"),
-    ({"eval_end": [1]}, "eval_end: expected an object or null"),
+    ({"eval_end": [1]}, "eval_end: expected null or an object"),
+    # the end-of-run line reads these: before, {} passed here and the finished run crashed on a KeyError
+    ({"eval_start": {}}, "eval_start: expected null or an object with numbers n, accuracy, format_rate"),
+    ({"eval_end": {"n": 2, "accuracy": "0.5", "format_rate": 1, "lenient_accuracy": 1}}, "eval_end: expected null or an object"),
     ({"rng_key": [1, 2 ** 32]}, "rng_key: expected null or 2 integers in [0, 2**32)"),
     ({"log_sizes": {"other.log": 3}}, "log_sizes: expected {name: bytes}"),
     ({"surprise": 1}, "unknown key 'surprise'"),
@@ -113,6 +116,14 @@ def test_state_json_checked_field_by_field(saved_run, tmp_path, changes, msg):
     with pytest.raises(CheckpointError) as e:
         read_state(ckpt)
     assert str(e.value).startswith(f"{ckpt / 'state.json'}: ") and msg in str(e.value), str(e.value)
+
+
+def test_state_json_nested_too_deep_is_unreadable_not_a_traceback(saved_run, tmp_path):
+    ckpt = tmp_path / "step_000002"
+    shutil.copytree(latest_checkpoint(saved_run), ckpt)
+    (ckpt / "state.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="state.json: unreadable checkpoint state"):
+        read_state(ckpt)
 
 
 def test_untouched_state_reads_back(saved_run):

@@ -31,6 +31,9 @@ DOOR = [
     (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format=-inf"],
      "--rewards: weight '-inf' in 'format=-inf' must be a finite number"),
     (["bench", "--quick", "--processes", "1"], "--processes: must be 0 (off) or at least 2"),
+    # an empty --rewards (an unset shell variable) is refused, not read as "the configured ones"
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", ""], "--rewards: no reward named in '' (an unset shell variable?)"),
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", " , "], "--rewards: no reward named in ' , '"),
     # click's own checks, in the same one-line form (no usage block)
     (["eval", "--samples", "-1"], "cli.py eval: Invalid value for '--samples' / '-k': -1 is not in the range x>=0."),
     (["train", "--steps", "x"], "cli.py train: Invalid value for '--steps': 'x' is not a valid integer."),
@@ -74,6 +77,49 @@ def test_reward_prints_never_reach_json_stdout(tmp_path):
     res = json.loads(r.stdout)  # the whole of stdout is the one JSON object
     assert res["n"] == 3 and res["rewards"][f"{f}:r"]["mean"] == 1.0
     assert "hello from import" in r.stderr and "scoring 3" in r.stderr
+
+
+ESCAPES = {  # what a reward may do to the process's output, each tried with --json
+    "a subprocess writing to descriptor 1": "import os\nos.system('echo at-import')\n"
+                                             "def r(p, c, **k):\n    os.system('echo from-a-subprocess')\n"
+                                             "    return [1.0] * len(c)\n",
+    "sys.stdout.close()": "import sys\ndef r(p, c, **k):\n    sys.stdout.close()\n    sys.stderr.close()\n"
+                          "    return [1.0] * len(c)\n",
+    "os.close(1) and os.close(2)": "import os\ndef r(p, c, **k):\n    os.close(1)\n    os.close(2)\n"
+                                   "    return [1.0] * len(c)\n",
+    "sys.stdout.buffer.write": "import sys\ndef r(p, c, **k):\n    sys.stdout.buffer.write(b'bytes\\n')\n"
+                               "    print(sys.stdout.encoding, file=sys.stdout)\n    return [1.0] * len(c)\n",
+    "os.fork() (the child returns too)": "import os\ndef r(p, c, **k):\n    os.fork()\n    return [1.0] * len(c)\n",
+}
+
+
+@pytest.mark.parametrize("body", list(ESCAPES.values()), ids=list(ESCAPES))
+def test_reward_cannot_corrupt_or_close_the_output(tmp_path, body):
+    """Before: a subprocess's echo landed in --json stdout, a fork printed the JSON twice (and in
+    training two processes would write one run), os.close(1) ended in a traceback."""
+    f = tmp_path / "escape.py"
+    f.write_text(body)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"completion": GOOD, "answer": "5"}) + "\n" for _ in range(3)))
+    r = run_cli("reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", f"{f}:r,accuracy", "--json",
+                "--out", str(tmp_path / "scored.jsonl"), env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)  # the whole of stdout is the one JSON object
+    assert res["n"] == 3 and res["rewards"]["accuracy"]["mean"] == 1.0
+    assert len((tmp_path / "scored.jsonl").read_text().splitlines()) == 3
+    assert "Traceback" not in r.stderr
+
+
+def test_reward_that_forks_trains_one_run(small_model_dir, tmp_path):
+    f = tmp_path / "forks.py"
+    f.write_text("import os\ndef r(prompts, completions, **kw):\n    os.fork()\n    return [0.5] * len(completions)\n")
+    out = tmp_path / "o"
+    r = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "2",
+                "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress",
+                "--set", "output.eval_size=0", "--set", f"rewards.{f}:r=1", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in records if m.get("kind", "train") == "train"]
+    assert steps == [1, 2]  # one process wrote the run: no step logged twice
 
 
 def test_reward_import_that_exits_is_one_line(tmp_path):
@@ -144,3 +190,55 @@ def test_plot_on_malformed_metrics_names_file_and_line(tmp_path, text, msg):
     r = run_cli("plot", str(run), env=NO_BLAS)
     one_line_error(r, f"{run}/{msg}")
     assert tree_hash(tmp_path) == before
+
+
+def test_jsonl_with_a_byte_order_mark_or_deep_nesting(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('\ufeff{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2"}\n', encoding="utf-8")
+    assert [o["prompt"] for _, o in iter_jsonl(str(p))] == ["a", "b"]  # as Windows editors save it
+    p.write_text('{"prompt": "a"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(Exception) as e:  # before: a RecursionError traceback
+        list(iter_jsonl(str(p)))
+    assert type(e.value).__name__ == "DataError" and str(e.value) == f"{p}:2: malformed JSON (nested too deeply)"
+
+
+def _metrics_run(d):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "kind": "train", "reward_mean": 0.1 * s}) + "\n"
+                                             for s in (1, 2)))
+    return d
+
+
+DAMAGED_RUN_FILES = [  # (file, content, what `runs` says when it skips the run)
+    ("config.yaml", "x: [1\n", "config.yaml: unreadable (while parsing a flow sequence)"),
+    ("config.yaml", "- 1\n- 2\n", "config.yaml: expected a mapping, got list"),
+    ("config.yaml", b"\xff\xfe", "config.yaml: unreadable ('utf-8' codec can't decode byte 0xff"),
+    ("summary.json", "nope", "summary.json: unreadable (Expecting value"),
+    ("summary.json", "[1]", "summary.json: expected a mapping, got list"),
+]
+
+
+@pytest.mark.parametrize("name,content,msg", DAMAGED_RUN_FILES)
+def test_runs_skips_and_plot_ignores_a_damaged_config_or_summary(tmp_path, name, content, msg):
+    """Before: runs and plot ended in tracebacks (YAMLError, AttributeError) or an error naming no file."""
+    run = _metrics_run(tmp_path / "runs" / "r")
+    (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    r = run_cli("runs", str(tmp_path / "runs"), env=NO_BLAS)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"warning: skipping {run}: {run}/{msg}") and len(r.stderr.splitlines()) == 1, r.stderr
+    r = run_cli("plot", str(run), "--out", str(tmp_path / "c.png"), env=NO_BLAS)  # curves need only metrics
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_runs_lists_hand_edited_figures_as_missing(tmp_path):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\n{"step": 2, "kind": "train", "reward_mean": "hi"}\n'
+                                       '{"step": 3, "kind": "train", "reward_mean": 0.5}\n')
+    (run / "config.yaml").write_text("train: 5\nmodel: [1]\n")
+    (run / "summary.json").write_text('{"seconds": "long"}')
+    r = run_cli("runs", str(tmp_path / "runs"), "--json", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr  # before: KeyError / AttributeError tracebacks
+    (row,) = json.loads(r.stdout)
+    assert (row["step"], row["steps"], row["model"], row["reward_first"], row["reward_last10"]) == (3, None, None, 0.5, 0.5)

@@ -104,6 +104,10 @@ UNWRITABLE = [
     (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format", "--out", "{tmp}/./c.jsonl"],
      "--out: {tmp}/./c.jsonl is the --completions file; it would be replaced"),
     (["bench", "--quick", "--out", "{tmp}/afile/bench.json"], "--out: cannot write {tmp}/afile/bench.json: {tmp}/afile is a file"),
+    # an unset shell variable: refused, not the default (plot wrote RUN/curves.png before)
+    (["plot", "{tmp}/run", "--out", ""], "--out: empty path (an unset shell variable?); name a file"),
+    (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format", "--out", ""], "--out: empty path"),
+    (["bench", "--quick", "--out", ""], "--out: empty path"),
 ]
 
 
@@ -174,3 +178,59 @@ def test_resume_adopts_a_run_from_before_manifests(tmp_path, small_model_dir):
     r = run_cli("train", "--resume", str(out), "--steps", "2", "--no-progress", env=NO_BLAS)
     assert r.returncode == 0, r.stderr
     assert "checkpoints" in json.loads((out / MANIFEST).read_text())["files"]
+
+
+@pytest.mark.parametrize("below", ["", "/run"], ids=["the link", "under it"])
+def test_output_through_a_broken_symlink_refused(tmp_path, below):
+    """Before: the checks passed (nothing exists there) and mkdir ended in a FileExistsError traceback."""
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "x")
+    before = tree_hash(tmp_path)
+    r = run_cli("train", "--output", f"{tmp_path}/link{below}", "--steps", "1", env=NO_BLAS)
+    one_line_error(r, f"output.dir: cannot create {tmp_path}/link: a broken symbolic link (to {tmp_path}/nowhere/x)")
+    assert tree_hash(tmp_path) == before and not (tmp_path / "nowhere").exists()
+
+
+def test_a_manifest_that_is_a_directory_is_refused(tmp_path):
+    """Before: os.replace onto it ended in an IsADirectoryError traceback."""
+    (tmp_path / "run" / MANIFEST).mkdir(parents=True)
+    (tmp_path / "run" / MANIFEST / "inside.txt").write_text("mine")
+    before = tree_hash(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        r = run_cli("train", "--output", str(tmp_path / "run"), "--steps", "1", *extra, env=NO_BLAS)
+        one_line_error(r, f"output.dir: {tmp_path / 'run' / MANIFEST} is not a file")
+    assert tree_hash(tmp_path) == before
+
+
+def test_overwrite_follows_no_symlink_out_of_the_run(tmp_path, small_model_dir):
+    """A run's checkpoints/ and metrics.jsonl replaced by links to the user's files elsewhere:
+    --overwrite removes the links, never what they point to."""
+    outside = tmp_path / "elsewhere"
+    (outside / "step_000001").mkdir(parents=True)
+    (outside / "step_000001" / "precious.txt").write_text("keep")
+    (outside / "log.txt").write_text("keep too")
+    out = tmp_path / "run"
+    assert tiny_run(small_model_dir, out).returncode == 0
+    import shutil
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").symlink_to(outside)
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").symlink_to(outside / "log.txt")
+    before = tree_hash(outside)
+    r = tiny_run(small_model_dir, out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert tree_hash(outside) == before
+    assert not (out / "checkpoints").is_symlink() and not (out / "metrics.jsonl").is_symlink()
+
+
+@pytest.mark.parametrize("command", ["plot", "reward"])
+def test_out_through_a_broken_symlink_refused_before_the_work(tmp_path, command):
+    """Before: plot drew, then failed with '[Errno 2] No such file or directory' naming no option."""
+    _plot_run(tmp_path / "run")
+    (tmp_path / "c.jsonl").write_text('{"completion": "<think>x</think><answer>1</answer>"}\n')
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere" / "x")
+    before = tree_hash(tmp_path)
+    args = (["plot", str(tmp_path / "run")] if command == "plot"
+            else ["reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", "format"])
+    r = run_cli(*args, "--out", str(tmp_path / "out"), env=NO_BLAS)
+    one_line_error(r, f"--out: cannot write {tmp_path}/out: a broken symbolic link (to {tmp_path}/nowhere/x)")
+    assert tree_hash(tmp_path) == before and (tmp_path / "out").is_symlink()

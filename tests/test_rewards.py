@@ -363,6 +363,42 @@ def test_length_and_repetition_penalties():
     assert repetition_penalty("a b a b a b", 2) == pytest.approx(-(1 - 2 / 5))
 
 
+def _repetition_by_tuples(text: str, n: int) -> float:
+    # The formula as open-r1 writes it: a set of word n-gram tuples.
+    words = text.split()
+    grams = list(zip(*(words[i:] for i in range(n))))
+    return len(set(grams)) / len(grams) - 1.0 if grams else 0.0
+
+
+@pytest.mark.parametrize("vocab,n", [(3, 1), (3, 3), (50, 2), (50, 3), (400, 8), (9, 24), (2, 40)])
+def test_repetition_penalty_counts_exactly_as_a_set_of_tuples(vocab, n):
+    # (400, 8), (9, 24) and (2, 40) overflow int64 when packed, so they take the re-ranking path;
+    # the separators include the Unicode spaces str.split() knows (U+2028, U+0085, U+3000).
+    rng = np.random.default_rng(vocab * 100 + n)
+    for length in (0, n - 1, n, 3000):
+        words = [f"w{i}" for i in rng.integers(0, vocab, length)]
+        text = "".join(w + str(rng.choice([" ", "\n", "\u2028", "\x85", "\u3000  "])) for w in words)
+        assert repetition_penalty(text, n) == _repetition_by_tuples(text, n)
+
+
+def test_repetition_penalty_does_not_wrap_around_int64():
+    # Two 70-grams of {a, b} that differ only in their first word: packed in base 2 without
+    # re-ranking, that word's digit would be 2**69 = 0 (mod 2**64) and the two would count as one.
+    assert repetition_penalty("a" + " b" * 70, 70) == 0.0
+    assert repetition_penalty("a" + " b" * 70, 70) == _repetition_by_tuples("a" + " b" * 70, 70)
+
+
+def test_repetition_penalty_reads_the_first_max_words_words():
+    from mlx_grpo.rewards.shaping import MAX_WORDS
+    head = " ".join(f"w{i}" for i in range(MAX_WORDS))
+    assert repetition_penalty(head, 3) == 0.0
+    # What follows the first MAX_WORDS words is not read, repeated or not ...
+    assert repetition_penalty(head + " the end" * 1000, 3) == 0.0
+    # ... and a text of exactly MAX_WORDS words is read whole.
+    looped = " ".join(["a"] * MAX_WORDS)
+    assert repetition_penalty(looped, 3) == pytest.approx(1 / (MAX_WORDS - 2) - 1)
+
+
 def test_settings_resolve_against_rollout_length_and_fail_clearly():
     s = settings_for(make_config(None, [("rollout.max_tokens", 40)]))
     assert (s.overlong.max_length, s.overlong.cache, s.length.max_length) == (40, 8, 40)
@@ -436,6 +472,12 @@ def test_user_reward_gets_dataset_columns_and_none_counts_zero_in_total(tmp_path
     ("import numpy as np\ndef r(p, c, **k):\n    return [np.ones(1), 1.0]\n", "(not a number) for sample 0"),
     ("def r(p, c, **k):\n    return ['1', 1.0]\n", "returned '1' (not a number) for sample 0"),
     ("def r(p, c, **k):\n    return (x for x in [1.0, 1.0])\n", "(a generator) for 2 completions"),
+    # any BaseException of the reward's own, and numbers float() cannot hold
+    ("def r(p, c, **k):\n    raise GeneratorExit('stop')\n", "raised GeneratorExit: stop on sample 0"),
+    ("class Boom(BaseException):\n    pass\ndef r(p, c, **k):\n    raise Boom('x')\n", "raised Boom: x on sample 0"),
+    ("def r(p, c, **k):\n    return [1.0, 10**400]\n", "returned 1000000000000000000000000000"),
+    ("def r(p, c, **k):\n    return [1.0, 10**400]\n", "(not a finite number) for sample 1"),
+    ("def r(p, c, **k):\n    return [10**5000, 1.0]\n", "returned <a int> (not a finite number) for sample 0"),
 ])
 def test_user_reward_failures_name_reward_and_sample(tmp_path, body, msg):
     f = tmp_path / "bad.py"
@@ -501,6 +543,17 @@ def test_user_reward_accepted_forms_and_prints_go_to_stderr(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert "loaded at import" in err and "scoring 3" in err
+
+
+def test_a_reward_that_edits_its_lists_cannot_change_the_next_rewards_input(tmp_path):
+    f = tmp_path / "editor.py"
+    f.write_text("def r(p, c, answer, **k):\n    n = len(c)\n    c.clear()\n    p.append('x')\n"
+                 "    answer[:] = ['0'] * n\n    return [0.0] * n\n")
+    fns = load_rewards([f"{f}:r", "format", "accuracy"])
+    good = "<think> 2 + 3 = 5 </think>\n<answer> 5 </answer>"
+    rw = score(["p", "p"], [good, "no"], {"answer": ["5", "5"]}, fns, {})
+    np.testing.assert_allclose(rw.columns["format"], [1.0, 0.0])
+    np.testing.assert_allclose(rw.columns["accuracy"], [1.0, 0.0])
 
 
 def test_keyboard_interrupt_in_a_reward_is_its_error_only_when_ctrl_c_cannot_raise_it(tmp_path):

@@ -17,8 +17,10 @@ traceback): a reward returns a list or tuple, or a 1-D array, of one value per c
 2-D array is refused. ``sys.exit`` (``SystemExit``) inside a reward, or anything its module raises
 at import (``SystemExit`` and ``KeyboardInterrupt`` included) is reported as that reward's error. A
 module runs with ``sys.argv = [its file]`` while it is imported, so an argparse call at import
-sees no arguments of ours. What user code prints to stdout goes to stderr, so ``--json`` output
-stays one JSON object; output printed by a failing import is quoted in the error instead.
+sees no arguments of ours. What user code prints to stdout goes to stderr (``guard.user_code``:
+descriptor 1 too, and a forked child that returns ends), so ``--json`` output stays one JSON
+object; output printed by a failing import is quoted in the error instead. Any other exception a
+reward raises (``GeneratorExit``, its own ``BaseException``) is its error too.
 A ``KeyboardInterrupt`` raised while a reward runs is an interrupt (Ctrl-C), not the reward's
 error, unless SIGINT is handled (training: Ctrl-C only sets a flag), when only the reward raised it.
 
@@ -27,7 +29,6 @@ Rewards work on strings only (no mlx, no model), so reward experiments start ins
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -48,6 +49,7 @@ from .accuracy import make_accuracy_reward
 from .countdown import countdown_reward
 from .errors import RewardError
 from .format import format_reward, soft_format_reward, tag_count_reward
+from .guard import user_code
 from .shaping import make_length_reward, make_overlong_reward, make_repetition_reward
 
 RewardFn = Callable[..., List[Optional[float]]]
@@ -118,9 +120,9 @@ def load_reward(name: str, settings: Optional[RewardSettings] = None) -> RewardF
     argv = sys.argv
     try:
         sys.argv = [target]  # an argparse call at import must not parse our command line
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        with user_code(stdout=printed, stderr=printed):
             module = _import(target)
-    except (Exception, SystemExit, KeyboardInterrupt) as e:  # user code, reported in one line
+    except BaseException as e:  # user code (sys.exit, Ctrl-C, GeneratorExit...), reported in one line
         said = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
         quoted = f" (it printed: {_short(said[-1])[1:-1]})" if said else ""
         raise RewardError(
@@ -188,8 +190,9 @@ def score(
     prompts, completions = list(prompts), list(completions)
     cols: Dict[str, np.ndarray] = {}
     for name, fn in reward_fns.items():
-        with contextlib.redirect_stdout(sys.stderr):  # a reward's prints never reach --json output
-            values = _values(name, _call(name, fn, prompts, completions, columns), n)
+        with user_code():  # a reward's prints (and its subprocesses') never reach --json output
+            # Its own copies: a reward that edits its lists in place cannot change the next one's.
+            values = _values(name, _call(name, fn, list(prompts), list(completions), columns), n)
         col = np.full(n, np.nan)
         for i, v in enumerate(values):
             if v is None:
@@ -198,7 +201,11 @@ def score(
                 raise RewardError(
                     f"reward {name} returned {_short(v)} (not a number) for {_sample(i, completions)}"
                 )
-            f = float(v)
+            try:
+                f = float(v)
+            except Exception:  # 10**400 (OverflowError), a Real whose __float__ fails
+                raise RewardError(f"reward {name} returned {_short(v)} (not a finite number) for "
+                                  f"{_sample(i, completions)}") from None
             if not math.isfinite(f):
                 raise RewardError(f"reward {name} returned {f} for {_sample(i, completions)}")
             col[i] = f
@@ -225,37 +232,44 @@ def _values(name: str, values: Any, n: int) -> Sequence[Any]:
     return values
 
 
-def _reward_raised() -> Tuple[type, ...]:
-    """What a reward may raise that is its own error: any Exception, ``sys.exit``, and
-    KeyboardInterrupt when SIGINT is handled (then Ctrl-C does not raise it: the reward did)."""
-    handled = signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, None)
-    return (Exception, SystemExit, KeyboardInterrupt) if handled else (Exception, SystemExit)
+def _own_error(e: BaseException) -> bool:
+    """Whether ``e``, raised by a reward, is that reward's error: anything (``sys.exit``,
+    ``GeneratorExit``, a BaseException of its own) but the trainer's ``Interrupted``, and but
+    KeyboardInterrupt while SIGINT is not handled (then it is the user's Ctrl-C; in training Ctrl-C
+    only sets a flag, so one raised there came from the reward)."""
+    if isinstance(e, Interrupted):
+        return False
+    if isinstance(e, KeyboardInterrupt):
+        return signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, None)
+    return True
 
 
 def _call(name: str, fn: RewardFn, prompts: List[str], completions: List[str],
           columns: Mapping[str, Sequence[Any]]) -> Any:
     """``fn`` on the batch; when it raises, find the first sample that makes it raise alone."""
-    own = _reward_raised()
     try:
         return fn(prompts, completions, **{k: list(v) for k, v in columns.items()})
     except RewardError as e:  # already says what is wrong (e.g. a missing column)
         raise RewardError(str(e)) from None
-    except own as e:
-        if isinstance(e, Interrupted):  # a second Ctrl-C in training, landing inside the reward
+    except BaseException as e:
+        if not _own_error(e):  # a second Ctrl-C in training, landing inside the reward
             raise
         error = f"{type(e).__name__}: {e}"
     for i in range(len(completions)):
         try:
             fn(prompts[i : i + 1], completions[i : i + 1], **{k: list(v)[i : i + 1] for k, v in columns.items()})
-        except own as e:
-            if isinstance(e, Interrupted):
+        except BaseException as e:
+            if not _own_error(e):
                 raise
             raise RewardError(f"reward {name} raised {type(e).__name__}: {e} on {_sample(i, completions)}") from None
     raise RewardError(f"reward {name} raised {error} on the batch of {len(completions)} (each sample alone passes)")
 
 
 def _short(value: Any, limit: int = 120) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # a user object whose __repr__ fails, an int of over 4300 digits
+        text = f"<a {type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -50,6 +50,13 @@ SHAPES: Dict[str, Callable[[int], str]] = {
     "words": lambda n: _repeat("the answer is ", n),
     "distinct words": lambda n: " ".join(f"w{i}" for i in range(max(1, n // 7))),
     "countdown expression": lambda n: _answer(_repeat("(1 + 2) * ", n) + "3"),
+    # the forms issue 14's section 2 taught the parsers, repeated
+    "no-break space groups": lambda n: _answer(_repeat("1\u00a0", n)),
+    "sign then spaces": lambda n: _answer("-" + " " * n + "5"),
+    "scale words": lambda n: _answer("5" + _repeat(" million", n)),
+    "unit powers": lambda n: _answer("5 m" + _repeat("^2", n)),
+    "multiplication signs": lambda n: _answer(_repeat("1\u00d7", n) + "1"),
+    "expression over lines": lambda n: _answer(_repeat("(1 +\n", n) + "2"),
 }
 
 # Columns every built-in needs: a numeric reference, countdown numbers, token ids.

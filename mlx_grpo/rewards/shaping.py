@@ -3,7 +3,8 @@
 - ``overlong``: DAPO's soft overlong punishment (arXiv 2503.14476): 0 up to L_max - L_cache, then
   linear down to -1 at L_max, and -1 beyond.
 - ``length``: a plain linear length penalty, -L / L_max (capped at -1).
-- ``repetition``: minus the share of repeated word n-grams (open-r1's repetition penalty).
+- ``repetition``: minus the share of repeated word n-grams (open-r1's repetition penalty), over
+  the completion's first ``MAX_WORDS`` words.
 
 Lengths are counted in tokens (the ``completion_ids`` column the trainer passes, as TRL does),
 words or characters, as the reward's settings say.
@@ -11,12 +12,21 @@ words or characters, as the reward's settings say.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from ..config import LengthSettings, OverlongSettings, RepetitionSettings
 from .errors import RewardError
 
 RewardFn = Callable[..., List[Optional[float]]]
+
+# The repetition penalty reads at most this many words, so a completion of any length costs no more
+# than 50 k words do (1 MB holds up to 500 k words; numbering 250 k took 100-200 ms, issue 14).
+# A rollout's completions (rollout.max_tokens tokens, rarely more than one word each) stay below it,
+# so in training the penalty is exact; only longer texts scored with `cli.py reward` are cut.
+MAX_WORDS = 50_000
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 def completion_lengths(
@@ -76,14 +86,39 @@ def make_length_reward(settings: LengthSettings) -> RewardFn:
     return length
 
 
+def word_ids(words: Sequence[str]) -> Tuple[np.ndarray, int]:
+    """Each word as a small integer (equal words, equal ids; ids numbered by first appearance) and
+    the number of distinct words."""
+    vocab = dict.fromkeys(words)
+    index = dict(zip(vocab, range(len(vocab))))
+    return np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words)), len(vocab)
+
+
+def distinct_ngrams(ids: np.ndarray, size: int, n: int) -> int:
+    """The number of distinct n-grams of ``ids`` (each in [0, size)), exactly: each n-gram packed
+    into one int64 in base ``size`` and counted by sorting (a set of 250 k word tuples was the cost
+    of the old penalty). Where the next digit would overflow int64, the partial keys are replaced
+    by their ranks first (a bijection, so equal n-grams still get equal keys)."""
+    total = len(ids) - n + 1
+    keys, bound = ids[:total], size  # invariant: 0 <= keys < bound
+    for k in range(1, n):
+        if bound > _INT64_MAX // size:
+            keys = np.unique(keys, return_inverse=True)[1].reshape(-1)
+            bound = total
+        keys = keys * size + ids[k:k + total]
+        bound *= size
+    ordered = np.sort(keys)
+    return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
+
+
 def repetition_penalty(text: str, n: int) -> float:
-    """-(1 - distinct n-grams / n-grams) over whitespace-separated words; 0 with fewer than n
-    words. Range (-1, 0]: -1 is approached by one n-gram said over and over."""
-    words = text.split()
+    """-(1 - distinct n-grams / n-grams) over the first ``MAX_WORDS`` whitespace-separated words;
+    0 with fewer than n words. Range (-1, 0]: -1 is approached by one n-gram said over and over."""
+    words = text.split(None, MAX_WORDS)[:MAX_WORDS]
     if len(words) < n:
         return 0.0
-    grams = list(zip(*(words[i:] for i in range(n))))
-    return len(set(grams)) / len(grams) - 1.0
+    ids, size = word_ids(words)
+    return distinct_ngrams(ids, size, n) / (len(words) - n + 1) - 1.0
 
 
 def make_repetition_reward(settings: RepetitionSettings) -> RewardFn:

@@ -47,7 +47,8 @@ def iter_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     try:
         # Only \n ends a JSONL line: str.splitlines also splits at U+2028, U+0085 and other
         # characters a JSON string may hold as they are.
-        lines = p.read_text(encoding="utf-8").split("\n")
+        # (utf-8-sig: a byte-order mark, as Windows editors write, is not part of line 1's JSON)
+        lines = p.read_text(encoding="utf-8-sig").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     for n, line in enumerate(lines, start=1):
@@ -57,6 +58,8 @@ def iter_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        except RecursionError:  # json's parser recurses once per nested bracket
+            raise DataError(f"{path}:{n}: malformed JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object")
         yield n, obj
