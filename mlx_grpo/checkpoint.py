@@ -195,6 +195,17 @@ def read_state(ckpt: Path) -> RunState:
     return state
 
 
+def check_data_position(state: RunState, ckpt: Path, draws_per_step: int) -> None:
+    """A CheckpointError unless ``batches_drawn`` is a position ``state.step`` steps can reach:
+    resume replays that many prompt batches, so an edited 10**12 would stall it for hours."""
+    most = state.step * draws_per_step
+    if state.batches_drawn > most:
+        raise CheckpointError(
+            f"{Path(ckpt) / 'state.json'}: batches_drawn: {state.batches_drawn} is more than "
+            f"{state.step} steps draw (at most {most})"
+        )
+
+
 EVAL_KEYS = ("n", "accuracy", "format_rate", "lenient_accuracy")
 
 

@@ -31,6 +31,7 @@ from .checkpoint import (
     CheckpointError,
     RunState,
     latest_checkpoint,
+    check_data_position,
     load_checkpoint,
     log_sizes,
     restore_rng_key,
@@ -447,6 +448,7 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
         cfg = fit_micro_batch(model, cfg, longest_prompt, enable_grad_checkpoint, say)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
+        check_data_position(state, ckpt, cfg.grpo.dynamic_sampling_max_draws if cfg.grpo.dynamic_sampling else 1)
         truncate_logs(out, state)
         adopt_run_dir(out)
         (out / "summary.json").unlink(missing_ok=True)  # it described the run before this resume

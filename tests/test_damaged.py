@@ -56,6 +56,8 @@ DAMAGE = [
     ("state.json", edit_state(step=-1), "step: expected an integer >= 0, got -1"),
     ("state.json", edit_state(batches_drawn=-3), "batches_drawn: expected an integer >= 0"),
     ("state.json", edit_state(rng_key=[1, 2, 3]), "rng_key: expected null or 2 integers"),
+    # resume replays batches_drawn prompt batches: an edited 10**12 stalled it for hours
+    ("state.json", edit_state(batches_drawn=10**12), "batches_drawn: 1000000000000 is more than 2 steps draw"),
     ("state.json", edit_state(log_sizes={"metrics.jsonl": -5}), "log_sizes: expected {name: bytes}"),
     ("state.json", truncate, "unreadable checkpoint state"),
 ]
