@@ -284,7 +284,8 @@ def eval_cmd(config_path, run_dir, model, adapter, sets, debug, task, data, limi
         if "reward_mean" in r:
             line += f"  reward {r['reward_mean']:.3f}"
         if "k" in r:
-            line += f"  pass@1 {r['pass_at_1']:.3f}  pass@{r['k']} {r['pass_at_k']:.3f}"
+            line += (f"  pass@1 {r['pass_at_1']:.3f}  pass@{r['k']} {r['pass_at_k']:.3f}"
+                     f"  lenient pass@1 {r['lenient_pass_at_1']:.3f}  pass@{r['k']} {r['lenient_pass_at_k']:.3f}")
         click.echo(line + f"  length {r['mean_length']:.1f}  truncated {r['truncated_rate']:.3f}  (n={r['n']})")
 
 

@@ -3,7 +3,9 @@
 strict accuracy: the completion has the strict layout and the value inside <answer> equals the
 reference; lenient accuracy: the last number anywhere in the completion equals the reference;
 format rate: the share with the strict layout; pass@k: the unbiased estimator of Chen et al. (2021)
-over K sampled completions per prompt, judged strictly.
+over K sampled completions per prompt, judged strictly (``pass_at_*``) and leniently
+(``lenient_pass_at_*``: what the model can find when sampled, whatever the layout; the headroom
+that reinforcement learning can turn into greedy accuracy).
 """
 
 from __future__ import annotations
@@ -62,6 +64,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
+def pass_rates(correct: Sequence[bool], samples: int) -> Dict[str, float]:
+    """Mean pass@1 and pass@K over prompts from row-major verdicts, ``samples`` per prompt."""
+    c = np.asarray(correct, dtype=bool).reshape(-1, samples).sum(axis=1)
+    return {
+        "pass_at_1": _mean([pass_at_k(samples, int(ci), 1) for ci in c]),
+        "pass_at_k": _mean([pass_at_k(samples, int(ci), samples) for ci in c]),
+    }
+
+
 def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
@@ -116,7 +127,8 @@ def evaluate(
 
     Returns n, accuracy, lenient_accuracy, format_rate, reward_mean and rewards/<name> (the
     configured rewards on the greedy completions), mean_length, truncated_rate and, with samples,
-    pass_at_1, pass_at_k, k and sample_temperature.
+    k, sample_temperature, pass_at_1 and pass_at_k (strict) and lenient_pass_at_1 and
+    lenient_pass_at_k.
     """
     cfg = dataclasses.replace(rollout, max_tokens=max_tokens)
     was_training = model.training
@@ -141,13 +153,13 @@ def evaluate(
         if samples and rows:
             temp = rollout.temperature if temperature is None else temperature
             s_texts = sample_responses(model, tokenizer, rows, fmt, cfg, samples, temp, batch_size).texts
-            correct = np.array([judge(t, rows[i // samples].get("answer"), rows[i // samples])["strict"]
-                                for i, t in enumerate(s_texts)]).reshape(len(rows), samples)
-            c = correct.sum(axis=1)
+            sampled = [judge(t, rows[i // samples].get("answer"), rows[i // samples])
+                       for i, t in enumerate(s_texts)]
             out["k"] = samples
             out["sample_temperature"] = temp
-            out["pass_at_1"] = _mean([pass_at_k(samples, int(ci), 1) for ci in c])
-            out["pass_at_k"] = _mean([pass_at_k(samples, int(ci), samples) for ci in c])
+            for prefix, kind in (("", "strict"), ("lenient_", "lenient")):
+                correct = [v[kind] for v in sampled]
+                out.update({prefix + k: v for k, v in pass_rates(correct, samples).items()})
     finally:
         if was_training:
             model.train()
@@ -200,5 +212,7 @@ def evaluate_config(
 
 def comparison_rows(a: Dict[str, Any], b: Dict[str, Any]) -> List[tuple]:
     """(label, a, b, b - a) for each headline figure present in both results."""
-    keys = HEADLINE + ([("pass_at_1", "pass@1"), ("pass_at_k", f"pass@{a['k']}")] if "k" in a else [])
+    sampled = [("pass_at_1", "pass@1"), ("pass_at_k", f"pass@{a.get('k')}"),
+               ("lenient_pass_at_1", "len.pass@1"), ("lenient_pass_at_k", f"len.pass@{a.get('k')}")]
+    keys = HEADLINE + (sampled if "k" in a else [])
     return [(label, a[k], b[k], b[k] - a[k]) for k, label in keys if k in a and k in b]

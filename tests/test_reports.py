@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
-from mlx_grpo.evaluate import pass_at_k
+from mlx_grpo.evaluate import pass_at_k, pass_rates
 
 
 @pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (5, 2, 1), (5, 2, 2), (5, 2, 4), (6, 0, 3),
@@ -30,6 +30,28 @@ def test_pass_at_k_is_the_chance_a_random_k_subset_has_a_correct_one(n, c, k):
 def test_pass_at_k_needs_k_samples():
     with pytest.raises(ValueError):
         pass_at_k(2, 1, 3)
+
+
+def numpy_pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021)'s numerically stable NumPy form: 1 - prod_{i=n-c+1..n} (1 - k / i)."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+@pytest.mark.parametrize("correct,k", [
+    ([1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0], 4),
+    ([0] * 8 + [1] * 8 + [1, 0, 1, 0, 0, 0, 0, 0], 8),
+    ([1, 0, 1], 3),
+])
+def test_pass_rates_match_the_unbiased_estimator_in_numpy(correct, k):
+    per_prompt = np.array(correct).reshape(-1, k).sum(axis=1)
+    got = pass_rates([bool(x) for x in correct], k)
+    assert got["pass_at_1"] == pytest.approx(np.mean(per_prompt / k))
+    assert got["pass_at_k"] == pytest.approx(np.mean([numpy_pass_at_k(k, int(c), k) for c in per_prompt]))
+    for kk in range(1, k + 1):  # the estimator itself, every k, against the NumPy form
+        for c in range(k + 1):
+            assert pass_at_k(k, c, kk) == pytest.approx(numpy_pass_at_k(k, c, kk), abs=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +145,7 @@ def test_eval_with_and_without_the_trained_adapter(trained_run, small_model_dir)
     for key in ("n", "accuracy", "lenient_accuracy", "format_rate", "pass_at_k", "reward_mean", "mean_length"):
         assert key in res, key
     assert res["n"] == 6 and res["k"] == 4 and 0 <= res["pass_at_1"] <= res["pass_at_k"] <= 1
+    assert 0 <= res["lenient_pass_at_1"] <= res["lenient_pass_at_k"] <= 1
     # The base half of --compare-base (adapters switched off) is the base model evaluated alone.
     for key in ("accuracy", "lenient_accuracy", "format_rate", "mean_length", "reward_mean"):
         assert res["base"][key] == pytest.approx(b[key]), key

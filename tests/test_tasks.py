@@ -18,6 +18,25 @@ def test_arithmetic_splits_never_overlap_and_are_seeded():
     assert held[0]["answer"] == str(a + b)
 
 
+def test_multistep_splits_are_disjoint_seeded_three_number_sums():
+    train, held = make_splits(14, 400, seed=0, terms=3)
+    assert len(held) == 400 and len(train) == 15 ** 3 - 400
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert make_splits(14, 400, seed=0, terms=3) == (train, held)
+    assert make_splits(14, 400, seed=1, terms=3)[1] != held
+    for r in held:
+        words = r["prompt"].split()
+        assert words[:2] == ["What", "is"] and words[3] == words[5] == "+" and words[-1] == "?"
+        assert r["answer"] == str(int(words[2]) + int(words[4]) + int(words[6]))
+    data = load_task(DataConfig(task="multistep", max_operand=14, eval_size=400))
+    assert (data.train, data.held_out) == (train, held)
+
+
+def test_multistep_eval_size_must_leave_training_rows():
+    with pytest.raises(DataError, match="data.eval_size: must be between 1 and 7 "):
+        load_task(DataConfig(task="multistep", max_operand=1, eval_size=8))
+
+
 def test_r1_template_word_for_word():
     text = render_prompt("What is 1 + 2 ?", PromptFormat())
     assert text == R1_ZERO_PREAMBLE + " User: What is 1 + 2 ? Assistant: <think>"
@@ -152,7 +171,7 @@ def test_task_picks_its_reward_set_unless_rewards_are_configured(tmp_path):
     assert make_config(str(y)).rewards == {"format": 1.0}
     y.write_text("data:\n  task: gsm8k\n")
     assert make_config(str(y)).rewards == TASKS["gsm8k"].rewards
-    with pytest.raises(ConfigError, match="data.task: must be one of arithmetic, countdown, gsm8k, dataset, jsonl"):
+    with pytest.raises(ConfigError, match="data.task: must be one of arithmetic, multistep, countdown, gsm8k, dataset, jsonl"):
         make_config(None, [("data.task", "nosuch")])
     with pytest.raises(ConfigError, match="data.countdown.numbers: must be in 2..6"):
         make_config(None, [("data.countdown.numbers", 9)])

@@ -26,7 +26,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -94,6 +94,16 @@ def build_tokenizer(out: Path) -> "object":
     return tok
 
 
+def drill(rng: random.Random, max_operand: int) -> str:
+    """Three to eight addition facts in a row, "a + b = s ." each."""
+
+    def fact() -> str:
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        return f"{a} + {b} = {a + b} ."
+
+    return " ".join(fact() for _ in range(rng.randint(3, 8)))
+
+
 def make_document(rng: random.Random, max_operand: int, filled_rate: float = 0.0) -> str:
     """One pre-training document (see the module docstring for what each kind teaches)."""
 
@@ -103,7 +113,7 @@ def make_document(rng: random.Random, max_operand: int, filled_rate: float = 0.0
 
     kind = rng.random()
     if kind < 0.30:  # drills
-        return " ".join(fact()[2] for _ in range(rng.randint(3, 8)))
+        return drill(rng, max_operand)
     if kind < 0.55:  # preamble + question answered with reasoning, rarely in the full layout
         a, b, f = fact()
         ending = rng.choice([f"the answer is {a + b} .", f"so it is {a + b} ."])
@@ -175,13 +185,16 @@ def pretrain(model, batches, steps: int, lr: float, log_every: int = 50) -> None
 
 
 def batch_iterator(tok, rng: random.Random, max_operand: int, batch: int, seq_len: int,
-                   filled_rate: float = 0.0):
+                   filled_rate: float = 0.0,
+                   document: Optional[Callable[[random.Random], str]] = None):
+    """Endless (inputs, targets, mask) batches of documents; ``document`` replaces this corpus."""
     eos = tok.token_to_id("</s>")
     pad = tok.token_to_id("<pad>")
+    document = document or (lambda r: make_document(r, max_operand, filled_rate))
     while True:
         rows = []
         for _ in range(batch):
-            ids = tok.encode(make_document(rng, max_operand, filled_rate)).ids[: seq_len] + [eos]
+            ids = tok.encode(document(rng)).ids[: seq_len] + [eos]
             rows.append(ids)
         width = max(len(r) for r in rows)
         x = [r[:-1] + [pad] * (width - len(r)) for r in rows]

@@ -64,6 +64,10 @@ def _arithmetic(cfg: DataConfig) -> TaskData:
     return TaskData(*arithmetic.make_splits(cfg.max_operand, cfg.eval_size, cfg.split_seed))
 
 
+def _multistep(cfg: DataConfig) -> TaskData:
+    return TaskData(*arithmetic.make_splits(cfg.max_operand, cfg.eval_size, cfg.split_seed, terms=3))
+
+
 def _countdown(cfg: DataConfig) -> TaskData:
     return TaskData(*countdown.make_splits(cfg.countdown, cfg.eval_size, cfg.split_seed))
 
@@ -96,6 +100,8 @@ TASKS: Dict[str, Task] = {
     t.name: t
     for t in [
         Task("arithmetic", _arithmetic, _NUMERIC, "a + b with a, b in 0..data.max_operand, generated"),
+        Task("multistep", _multistep, _NUMERIC,
+             "a + b + c with a, b, c in 0..data.max_operand, generated (two steps of addition)"),
         Task("countdown", _countdown, {"countdown": 1.0, "format": 0.1},
              "reach a target from given numbers with + - * /, generated (data.countdown)"),
         Task("gsm8k", _gsm8k, {"accuracy": 1.0, "format": 0.2},
