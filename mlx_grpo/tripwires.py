@@ -7,8 +7,8 @@ Three signs, each checked on the records the run writes anyway:
 - a still model: at step ``STILL_AFTER``, or later until it has moved, a gradient norm that has
   been zero at every step, or adapters whose values have not changed since the run (or resume)
   began;
-- reward hacking: the training reward rose while held-out accuracy fell below its best
-  (lenient accuracy, with strict accuracy no better than its best either).
+- reward hacking: the training reward rose while held-out accuracy fell: lenient accuracy below
+  its best evaluation's, and strict accuracy no higher than at that evaluation.
 
 Each warning is said once when its condition begins (again only after it ended and came back),
 and written to metrics.jsonl as ``{"kind": "warning", "step", "tripwire", "message"}``.
@@ -51,7 +51,6 @@ class Tripwires:
         self.hacking = False
         self.rewards: Dict[int, float] = {}
         self.best: Optional[Dict[str, Any]] = None  # the eval with the best lenient accuracy so far
-        self.best_strict = 0.0  # the best strict accuracy so far
 
     def train(self, step: int, m: Dict[str, Any]) -> List[Dict[str, Any]]:
         """Check one training step's metrics."""
@@ -90,9 +89,9 @@ class Tripwires:
             return []
         out = []
         if self.best is not None and step > self.best["step"]:
-            # Strict accuracy rising while lenient falls is a model learning the format (the
-            # default run's first steps), not a reward paying for something other than answers.
-            fell = acc <= self.best["acc"] - ACCURACY_DROP and strict <= self.best_strict
+            # Strict accuracy above that evaluation's while lenient falls is a model learning the
+            # format (the default run's first steps), not a reward paying for something else.
+            fell = acc <= self.best["acc"] - ACCURACY_DROP and strict <= self.best["strict"]
             rose = self._reward_near(step) >= self._reward_near(self.best["step"]) + REWARD_RISE
             if fell and rose and not self.hacking:
                 out.append(_warning(step, "reward_hacking", (
@@ -103,8 +102,7 @@ class Tripwires:
                     "raise grpo.beta or lower train.learning_rate")))
             self.hacking = fell and rose
         if self.best is None or acc > self.best["acc"]:
-            self.best = {"step": step, "acc": acc}
-        self.best_strict = max(self.best_strict, strict)
+            self.best = {"step": step, "acc": acc, "strict": strict}
         return out
 
     def _reward_near(self, step: int) -> float:

@@ -80,8 +80,12 @@ def test_learning_the_format_is_not_hacking():
         t.train(s, rec(reward=0.0 if s < 5 else 0.85))
     assert t.evaluated(25, {"lenient_accuracy": 0.605, "accuracy": 0.598}) == []
     for s in range(26, 51):
+        t.train(s, rec(reward=1.0))
+    assert t.evaluated(50, {"lenient_accuracy": 0.5, "accuracy": 0.5}) == []  # still above step 0's strict
+    assert t.evaluated(75, {"lenient_accuracy": 0.998, "accuracy": 0.99}) == []  # a new best
+    for s in range(76, 101):
         t.train(s, rec(reward=1.3))
-    assert names(t.evaluated(50, {"lenient_accuracy": 0.5, "accuracy": 0.5})) == ["reward_hacking"]
+    assert names(t.evaluated(100, {"lenient_accuracy": 0.9, "accuracy": 0.9})) == ["reward_hacking"]
 
 
 def test_falling_accuracy_with_a_flat_reward_is_not_hacking():
