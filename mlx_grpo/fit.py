@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import restore_rng_key, rng_key
 from .config import Config, ConfigError
 from .float_base import device_kind
-from .preflight import GB, _machine_memory, estimate_memory, estimate_total, lower_settings, memory_limit
+from .preflight import GB, available_memory, estimate_memory, estimate_total, lower_settings
 
 MARGIN = 0.85  # a step may use this share of the memory available
 # The dry step runs only when the preflight estimate (within +-25% of the measured peak) exceeds
@@ -60,16 +60,10 @@ class Fit:
 
 
 def memory_budget() -> Optional[float]:
-    """Bytes the run may use in all: MLX_GRPO_MEMORY_LIMIT when set; else Metal's recommended
-    working set, or on the CPU backend the free RAM plus what MLX already holds (the weights
-    are in the measured peak)."""
-    cap = memory_limit()
-    found = _machine_memory()
-    if found is not None and device_kind() == "cpu":
-        found += mx.get_active_memory() + mx.get_cache_memory()
-    if cap is None:
-        return found
-    return cap if found is None else min(cap, found)
+    """Bytes the run may use in all: ``available_memory``, where on the CPU backend the free RAM
+    is counted with what MLX already holds (the weights are in the measured peak)."""
+    held = mx.get_active_memory() + mx.get_cache_memory() if device_kind() == "cpu" else 0.0
+    return available_memory(held)
 
 
 def divisors_from(n: int, start: int) -> List[int]:

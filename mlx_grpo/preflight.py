@@ -220,10 +220,13 @@ def memory_limit() -> Optional[float]:
     return value
 
 
-def available_memory() -> Optional[float]:
-    """Bytes the run can use: the GPU's recommended working set on Metal, else free RAM, capped by
+def available_memory(held: float = 0.0) -> Optional[float]:
+    """Bytes the run can use: the GPU's recommended working set on Metal, else free RAM (plus
+    ``held``, what the process already holds and a measured peak counts), capped by
     ``MLX_GRPO_MEMORY_LIMIT``; None if unknown."""
     found = _machine_memory()
+    if found is not None:
+        found += held
     cap = memory_limit()
     if cap is None:
         return found

@@ -61,6 +61,11 @@ class Rollouts:
         return np.arange(self.tokens.shape[0]) // self.group_size
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads rows: the tokenizer's pad token, else 0 (padding is always masked)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple:
     """Left-pad token lists to one width; returns (array [N, W], padding per row)."""
     width = max(len(s) for s in seqs)
@@ -181,18 +186,18 @@ def sample_groups(
     G = cfg.group_size if group_size is None else group_size
     temp = cfg.temperature if temperature is None else temperature
     inv_t = 1.0 / temp if temp > 0 else 1.0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prompt_tokens, left_padding = left_pad([encode_prompt(tokenizer, p) for p in prompts], pad_id)
+    pad = pad_id(tokenizer)
+    prompt_tokens, left_padding = left_pad([encode_prompt(tokenizer, p) for p in prompts], pad)
     if plain_kv_layers(model) and not getattr(model, STATIC_FAILED, False):
         try:
             logits, decoder = _start_static(model, prompt_tokens, left_padding, G, cfg.max_tokens, inv_t, compiled)
-            return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id, keys)
+            return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad, keys)
         except DecodeSetupError as e:
             print(f"warning: compiled decoding does not fit {type(model).__name__} ({e}); "
                   "decoding with mlx-lm's caches, uncompiled, from now on", file=sys.stderr)
             object.__setattr__(model, STATIC_FAILED, True)  # a plain attribute, not a parameter
     logits, decoder = _start_eager(model, prompt_tokens, left_padding, G, inv_t)
-    return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad_id, keys)
+    return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad, keys)
 
 
 def _start_static(model, prompt_tokens, left_padding, G, max_new, inv_t, compiled):

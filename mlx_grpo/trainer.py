@@ -56,7 +56,7 @@ from .interrupts import Interrupted, stop_on_signals
 from .outputs import RunDirError, adopt_run_dir, check_run_dir, prepare_run_dir  # noqa: F401 (RunDirError: re-exported)
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
 from .rewards import Rewards, load_rewards, score, settings_for
-from .rollout import Rollouts, row_keys, sample_groups
+from .rollout import Rollouts, pad_id, row_keys, sample_groups
 from .sampling import Drawn, fill_with_spread
 from .scoring import completion_logprobs
 from .tasks import columns, load_task
@@ -166,10 +166,6 @@ def draw_groups(
     cols = {**columns([r for r in rows for _ in range(G)]), "completion_ids": ro.completion_ids()}
     rw = score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
     return Drawn(list(rows), prompts, ro, rw, t1 - t0, time.perf_counter() - t1)
-
-
-def pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int) -> mx.array:
