@@ -425,9 +425,9 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
               help="qwen2.5-0.5b | qwen2.5-1.5b | llama-3.2-1b (random weights, built once, cached) or a "
                    "model path/Hub id: a step at real scale, memory measured vs the estimate.")
 @click.option("--bits", type=click.Choice(["0", "4", "8"]), default="4", help="--shape weights: 0 = float32.")
-@click.option("--max-tokens", type=int, default=256, help="--shape: new tokens per completion.")
-@click.option("-P", "prompts", type=int, default=2, help="--shape: prompts per step.")
-@click.option("-G", "group_size", type=int, default=4, help="--shape: completions per prompt.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, help="--shape: new tokens per completion.")
+@click.option("-P", "prompts", type=click.IntRange(min=1), default=2, help="--shape: prompts per step.")
+@click.option("-G", "group_size", type=click.IntRange(min=1), default=4, help="--shape: completions per prompt.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def bench(model, config_path, large, quick, processes, as_json, out_path, shape, bits, max_tokens, prompts,
           group_size, debug):

@@ -31,6 +31,8 @@ DOOR = [
     (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", "format=-inf"],
      "--rewards: weight '-inf' in 'format=-inf' must be a finite number"),
     (["bench", "--quick", "--processes", "1"], "--processes: must be 0 (off) or at least 2"),
+    (["bench", "--shape", "qwen2.5-0.5b", "-G", "0"], "Invalid value for '-G': 0 is not in the range x>=1"),
+    (["bench", "--shape", "qwen2.5-0.5b", "--max-tokens", "0"], "Invalid value for '--max-tokens': 0 is not in the range x>=1"),
     # an empty --rewards (an unset shell variable) is refused, not read as "the configured ones"
     (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", ""], "--rewards: no reward named in '' (an unset shell variable?)"),
     (["reward", "--completions", "{tmp}/c.jsonl", "--rewards", " , "], "--rewards: no reward named in ' , '"),
