@@ -25,6 +25,12 @@ def group_advantages(
         return _advantages(r.reshape(-1, group_size), r, scale, eps)
 
 
+def flat_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """[P] bool: the groups whose G rewards are all equal (no learning signal)."""
+    groups = np.asarray(rewards).reshape(-1, group_size)
+    return groups.max(axis=1) == groups.min(axis=1)
+
+
 def _advantages(groups: np.ndarray, r: np.ndarray, scale: str, eps: float) -> np.ndarray:
     centered = groups - groups.mean(axis=1, keepdims=True)
     if scale == "group":
@@ -34,6 +40,5 @@ def _advantages(groups: np.ndarray, r: np.ndarray, scale: str, eps: float) -> np
         centered = centered / (r.std() + eps)
     elif scale != "none":
         raise ValueError(f"scale must be group, batch or none, got {scale!r}")
-    flat = groups.max(axis=1) == groups.min(axis=1)
-    centered[flat] = 0.0
+    centered[flat_groups(groups, groups.shape[1])] = 0.0
     return centered.reshape(-1).astype(np.float32)

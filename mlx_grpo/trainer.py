@@ -26,7 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import __version__, distributed
-from .advantages import group_advantages
+from .advantages import flat_groups, group_advantages
 from .checkpoint import (
     CheckpointError,
     RunState,
@@ -334,7 +334,6 @@ def grpo_step(
     n_tokens = int(lengths.sum())
     step_time = t4 - t0
     generate_time = float(distributed.gather(np.array([t1 - t0])).max())  # the slowest process's
-    groups = total.reshape(-1, G)
     metrics: Dict[str, Any] = {
         "loss": upd.get("loss", 0.0),
         "reward_mean": float(total.mean()),
@@ -352,7 +351,7 @@ def grpo_step(
         "entropy": float(entropy_sum) / max(n_tokens, 1),
         "completion_length": float(lengths.mean()),
         "truncated_rate": float(np.mean(truncated)),
-        "zero_std_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
+        "zero_std_groups": float(np.mean(flat_groups(total, G))),
         "rows_updated": int(keep_all.size),
         "tokens": n_tokens,
         "tokens_per_sec": n_tokens / max(generate_time, 1e-9),
