@@ -36,6 +36,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import Config, ConfigError, make_config, save_config
+from .errors import first_line
 from .models import check_finite, save_adapters
 
 CHECKPOINTS = "checkpoints"
@@ -254,7 +255,7 @@ def _load_arrays(path: Path, expected: Dict[str, mx.array], what: str) -> Dict[s
     try:
         saved = mx.load(str(path))
     except Exception as e:  # truncated or not safetensors: MLX's message, on one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise CheckpointError(f"{path}: unreadable {what} ({first})") from None
     if not isinstance(saved, dict) or set(saved) != set(expected):
         diff = sorted(set(saved) ^ set(expected)) if isinstance(saved, dict) else []

@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import AdapterConfig, ConfigError, ModelConfig
+from .errors import first_line
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 
@@ -63,7 +64,7 @@ def load_model(cfg: ModelConfig, path: Optional[str] = None,
             trust_remote_code=cfg.trust_remote_code,
         )
     except Exception as e:  # no network, unknown architecture, bad weights: one line, named
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelLoadError(f"model.path: cannot load {target}: {first}") from None
     from .float_base import float_base
     from .preflight import available_memory
@@ -374,7 +375,7 @@ def load_adapters(model: nn.Module, adapter_dir: str) -> nn.Module:
     try:
         return _load(model, adapter_dir)
     except Exception as e:  # truncated, edited, or for another model: one line, named
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelLoadError(f"--adapter: {where / 'adapters.safetensors'}: cannot load adapters ({first})") from None
 
 

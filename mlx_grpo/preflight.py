@@ -26,6 +26,7 @@ from .config import Config
 from .rollout import encode_prompt
 from .tasks import DataError, TaskData
 from .tasks.templates import PromptFormat, render_prompt
+from .errors import first_line
 
 GB = 1e9
 
@@ -298,7 +299,7 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 def out_of_memory(e: BaseException, cfg: Config, step: int, last_checkpoint: Optional[Path]) -> OutOfMemory:
     """The one-line error for an allocation failure at ``step``."""
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first_line(e)
     resume = ""
     if last_checkpoint is not None:
         resume = (f"; to continue from {last_checkpoint.name} with smaller micro-batches: python cli.py "

@@ -9,6 +9,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import yaml
 
+from .errors import first_line
+
 
 @dataclass
 class RunRecords:
@@ -68,7 +70,7 @@ def _read_mapping(where: Path, parse: Callable[[str], Any]) -> Optional[Dict[str
     try:
         data = parse(where.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise ValueError(f"{where}: unreadable ({first})") from None
     if data is not None and not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from ..errors import first_line
+
 Row = Dict[str, Any]
 DATA_SUFFIXES = (".jsonl", ".parquet")
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -78,7 +80,7 @@ def read_parquet(path: str) -> List[Dict[str, Any]]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as e:  # not Parquet, truncated, ...: one line, named
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(f"{path}: cannot read Parquet ({first})") from None
 
 
@@ -148,7 +150,7 @@ def hub_snapshot(repo_id: str, revision: Optional[str] = None, subset: Optional[
             allow_patterns=[f"{w}*{s}" for w in where for s in DATA_SUFFIXES],
         )
     except Exception as e:  # offline, unknown repo, gated: one line, named
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DataError(f"data.path: cannot load Hub dataset {repo_id}: {first}") from None
     return Path(folder)
 
