@@ -356,6 +356,8 @@ def distributed_throughput(processes: int, steps: int, model: Optional[str] = No
     """
     import tempfile
 
+    from .rundir import METRICS, SUMMARY
+
     root = Path(__file__).resolve().parents[1]
     args = ["--steps", str(steps), "--seed", "0", "--no-progress", "--set", "output.eval_size=1",
             "--set", "output.save_every=0", *(["--model", model] if model else []), *extra]
@@ -370,9 +372,9 @@ def distributed_throughput(processes: int, steps: int, model: Optional[str] = No
             t0 = time.perf_counter()
             r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
             wall = time.perf_counter() - t0
-            metrics = out / "metrics.jsonl"
+            metrics = out / METRICS
             # mlx.launch exits 0 whatever its processes did: judge by the run's own files.
-            if r.returncode or not (out / "summary.json").exists() or "error:" in r.stderr:
+            if r.returncode or not (out / SUMMARY).exists() or "error:" in r.stderr:
                 raise RuntimeError(f"{n}-process training run failed: {r.stderr.strip()[-1500:]}")
             lines = [json.loads(x) for x in metrics.read_text().splitlines()]
             timed = [m for m in lines if m["kind"] == "train"][1:] or [lines[-1]]

@@ -38,9 +38,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from .config import Config, ConfigError, make_config, save_config
 from .errors import first_line
 from .models import check_finite, save_adapters
-
-CHECKPOINTS = "checkpoints"
-LOGS = ("metrics.jsonl", "samples.jsonl")
+from .rundir import ADAPTERS, CHECKPOINTS, CONFIG, LOGS
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 # Keys a resumed run may change: they decide how long it runs and how it reports and saves,
@@ -148,7 +146,7 @@ def save_checkpoint(
     try:
         save_adapters(model, tmp, cfg.adapter, cfg.model.path)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-        save_config(cfg, tmp / "config.yaml")
+        save_config(cfg, tmp / CONFIG)
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
         for f in tmp.iterdir():
             _fsync(f)
@@ -279,7 +277,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, opt: optim.Optimizer) -> RunSt
     """
     state = read_state(ckpt)
     ours = dict(tree_flatten(model.trainable_parameters()))
-    weights = _load_arrays(ckpt / "adapters.safetensors", ours, "adapters")
+    weights = _load_arrays(ckpt / ADAPTERS, ours, "adapters")
     opt.init(model.trainable_parameters())
     saved = _load_arrays(ckpt / "optimizer.safetensors", dict(tree_flatten(opt.state)), "optimizer state")
     # Both files checked before either is used: a bad optimizer file leaves the model as it was.
@@ -289,31 +287,6 @@ def load_checkpoint(ckpt: Path, model: nn.Module, opt: optim.Optimizer) -> RunSt
         restore_rng_key(state.rng_key)
     mx.eval(model.parameters(), opt.state)
     return state
-
-
-def truncate_logs(run_dir: Path, state: RunState) -> None:
-    """Cut metrics.jsonl and samples.jsonl back to their size at the checkpoint, so the steps the
-    resumed run repeats (and any half-written line of a killed run) are not in them twice.
-
-    Every log is checked before any is cut, so a refused resume changes nothing."""
-    for name in LOGS:
-        path = Path(run_dir) / name
-        size = state.log_sizes.get(name, 0)
-        if not path.exists():
-            if size:
-                raise CheckpointError(f"{path}: missing, but the checkpoint expects {size} bytes of it")
-            continue
-        if path.stat().st_size < size:
-            raise CheckpointError(
-                f"{path}: shorter ({path.stat().st_size} bytes) than at the checkpoint ({size} bytes)"
-            )
-    for name in LOGS:
-        if (Path(run_dir) / name).exists():
-            os.truncate(Path(run_dir) / name, state.log_sizes.get(name, 0))
-
-
-def log_sizes(run_dir: Path) -> Dict[str, int]:
-    return {n: (Path(run_dir) / n).stat().st_size if (Path(run_dir) / n).exists() else 0 for n in LOGS}
 
 
 def _changed(key: str, resumable: Sequence[str]) -> bool:
@@ -332,8 +305,8 @@ def resume_config(run_dir: str, overrides: List[tuple]) -> Config:
         what = "does not exist" if not where.exists() else "has no complete checkpoint"
         raise CheckpointError(f"--resume: {run_dir} {what} (checkpoints/step_N/ is written every "
                               "output.save_every steps, at the end and on Ctrl-C)")
-    base = make_config(str(ckpt / "config.yaml"))
-    cfg = make_config(str(ckpt / "config.yaml"), [*overrides, ("output.dir", str(run_dir))])
+    base = make_config(str(ckpt / CONFIG))
+    cfg = make_config(str(ckpt / CONFIG), [*overrides, ("output.dir", str(run_dir))])
     old, new = dict(_flat(base.to_dict())), dict(_flat(cfg.to_dict()))
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key) and _changed(key, RESUMABLE_KEYS):

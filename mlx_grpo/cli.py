@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Tuple
 import click
 
 from .config import ConfigError, make_config, parse_set
-from .outputs import check_output_file
+from .rundir import check_output_file
 
 # Command-line flags that are shortcuts for config keys (flag name -> dotted key).
 TRAIN_FLAGS = {
@@ -48,7 +48,7 @@ def user_errors() -> Tuple[type, ...]:
     from .shapes import ShapeError
     from .rewards import RewardError
     from .tasks import DataError
-    from .outputs import RunDirError
+    from .rundir import RunDirError
 
     return (ConfigError, ModelLoadError, RewardError, DataError, RunDirError, CheckpointError,
             FileNotFoundError, ShapeError)
@@ -209,8 +209,10 @@ def model_config(
     its own config and adapters; --model, the given overrides and --set come on top."""
     from pathlib import Path
 
+    from .rundir import CONFIG
+
     if run_dir:
-        run_cfg = Path(run_dir) / "config.yaml"
+        run_cfg = Path(run_dir) / CONFIG
         if not run_cfg.is_file():
             raise FileNotFoundError(f"--run: {run_dir} is not a run directory (no config.yaml)")
         config_path = config_path or str(run_cfg)

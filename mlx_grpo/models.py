@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import AdapterConfig, ConfigError, ModelConfig
 from .errors import first_line
+from .rundir import ADAPTER_CONFIG, ADAPTERS
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 
@@ -350,11 +351,11 @@ def save_adapters(model: nn.Module, out_dir: Path, cfg: AdapterConfig, model_id:
     check_finite(weights, "adapters")  # never write weights that would poison every later load
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(
-        out_dir / "adapters.safetensors",
+        out_dir / ADAPTERS,
         lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "mlx"}),
     )
     conf = adapter_config(cfg, model_id, num_adapter_layers(model, cfg))
-    atomic_write(out_dir / "adapter_config.json", lambda p: p.write_text(json.dumps(conf, indent=2) + "\n"))
+    atomic_write(out_dir / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(conf, indent=2) + "\n"))
 
 
 def load_adapters(model: nn.Module, adapter_dir: str) -> nn.Module:
@@ -365,18 +366,18 @@ def load_adapters(model: nn.Module, adapter_dir: str) -> nn.Module:
     from mlx_lm.tuner.utils import load_adapters as _load
 
     where = Path(adapter_dir)
-    for name in ("adapter_config.json", "adapters.safetensors"):
+    for name in (ADAPTER_CONFIG, ADAPTERS):
         if not (where / name).is_file():
             raise ModelLoadError(f"--adapter: {where / name} not found (not an adapter directory)")
     try:
-        json.loads((where / "adapter_config.json").read_text())
+        json.loads((where / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"--adapter: {where / 'adapter_config.json'}: unreadable ({e})") from None
+        raise ModelLoadError(f"--adapter: {where / ADAPTER_CONFIG}: unreadable ({e})") from None
     try:
         return _load(model, adapter_dir)
     except Exception as e:  # truncated, edited, or for another model: one line, named
         first = first_line(e)
-        raise ModelLoadError(f"--adapter: {where / 'adapters.safetensors'}: cannot load adapters ({first})") from None
+        raise ModelLoadError(f"--adapter: {where / ADAPTERS}: cannot load adapters ({first})") from None
 
 
 def load_for_inference(cfg: ModelConfig, adapter_dir: Optional[str] = None) -> Tuple[nn.Module, Any]:

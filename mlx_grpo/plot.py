@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .outputs import check_output_file
+from .rundir import check_output_file
 from .runs import RunRecords, read_run
 
 # (title, metrics key) of the single-curve panels, after the reward and accuracy panels.

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional
 import yaml
 
 from .errors import first_line
+from .rundir import CONFIG, METRICS, SUMMARY
 
 
 @dataclass
@@ -25,7 +26,7 @@ class RunRecords:
 
 
 def is_run(path: Path) -> bool:
-    return (path / "metrics.jsonl").is_file()
+    return (path / METRICS).is_file()
 
 
 def read_run(path: str | Path, config: bool = True) -> RunRecords:
@@ -36,7 +37,7 @@ def read_run(path: str | Path, config: bool = True) -> RunRecords:
     if not is_run(path):
         raise FileNotFoundError(f"{path}: not a run directory (no metrics.jsonl)")
     rec = RunRecords(path)
-    where = path / "metrics.jsonl"
+    where = path / METRICS
     try:
         text = where.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -57,10 +58,10 @@ def read_run(path: str | Path, config: bool = True) -> RunRecords:
             raise ValueError(f"{where}:{i}: expected a JSON object with a numeric \"step\"")
         kind = r.get("kind")
         (rec.evals if kind == "eval" else rec.warnings if kind == "warning" else rec.train).append(r)
-    if config and (path / "config.yaml").is_file():
-        rec.config = _read_mapping(path / "config.yaml", yaml.safe_load) or {}
-    if config and (path / "summary.json").is_file():
-        rec.summary = _read_mapping(path / "summary.json", json.loads)
+    if config and (path / CONFIG).is_file():
+        rec.config = _read_mapping(path / CONFIG, yaml.safe_load) or {}
+    if config and (path / SUMMARY).is_file():
+        rec.summary = _read_mapping(path / SUMMARY, json.loads)
     return rec
 
 
@@ -87,7 +88,7 @@ def find_runs(root: str | Path) -> List[Path]:
     root = Path(root)
     if is_run(root):
         return [root]
-    found = [p.parent for p in root.glob("*/metrics.jsonl")] + [p.parent for p in root.glob("*/*/metrics.jsonl")]
+    found = [p.parent for p in root.glob(f"*/{METRICS}")] + [p.parent for p in root.glob(f"*/*/{METRICS}")]
     return sorted(set(found))
 
 

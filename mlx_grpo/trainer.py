@@ -5,13 +5,13 @@
     advantages = group_advantages(...)     # 3. group-relative
     update(...)                            # 4. clipped surrogate + KL, num_iterations times
 
-Everything else here is bookkeeping: the run directory, metrics, progress and checkpoints.
+``train`` reads prepare -> loop -> finish; the run directory is rundir.py's, and where a step's
+records, progress and warnings go is runlog.py's.
 Under ``mlx.launch`` every process runs this loop on its share of each step (distributed.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -33,16 +33,13 @@ from .checkpoint import (
     latest_checkpoint,
     check_data_position,
     load_checkpoint,
-    log_sizes,
     restore_rng_key,
     rng_key,
     save_checkpoint,
-    truncate_logs,
 )
 from .config import Config, ConfigError, TrainConfig, config_warnings, save_config
 from .evaluate import evaluate_held_out
 from .fit import fit_micro_batch
-from .loggers import Trackers
 from .loss import Normalizer, counted_tokens, grpo_loss, rows_in_loss
 from .models import (
     adapters_disabled,
@@ -53,10 +50,11 @@ from .models import (
     save_adapters,
 )
 from .interrupts import Interrupted, stop_on_signals
-from .outputs import RunDirError, adopt_run_dir, check_run_dir, prepare_run_dir  # noqa: F401 (RunDirError: re-exported)
+from .rundir import ADAPTERS, CONFIG, check_run_dir, log_sizes, prepare_run_dir, resume_run_dir, write_summary
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
 from .rewards import Rewards, load_rewards, score, settings_for
 from .rollout import Rollouts, pad_id, row_keys, sample_groups
+from .runlog import RunLog, compare_line
 from .sampling import Drawn, fill_with_spread
 from .scoring import completion_logprobs
 from .tasks import columns, load_task
@@ -372,17 +370,27 @@ def grpo_step(
     return metrics
 
 
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with huggingface-hub
-        return None
-    return tqdm(total=total, disable=not enabled, dynamic_ncols=True, unit="step")
+@dataclass
+class Run:
+    """A run set up by ``prepare``: what the loop and ``finish`` work with."""
 
-
-def _append_jsonl(path: Path, obj: Dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+    cfg: Config
+    out: Path
+    main: bool  # rank 0: speaks for the run, reads and writes its directory
+    say: Callable[[str], None]
+    model: nn.Module
+    tokenizer: Any
+    ref_model: Optional[nn.Module]
+    fmt: PromptFormat
+    reward_fns: Dict[str, Callable]
+    train_rows: List[Dict[str, Any]]
+    eval_rows: List[Dict[str, Any]]
+    opt: optim.Optimizer
+    state: RunState
+    ckpt: Optional[Path]  # the checkpoint resumed from, then the newest one saved
+    log: RunLog
+    started: float = 0.0  # perf_counter when the loop began
+    seconds_before: float = 0.0  # training time of the run before this process (resume)
 
 
 def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False) -> Dict[str, Any]:
@@ -395,6 +403,14 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     Under ``mlx.launch`` every process calls this; rank 0 alone prints, reads the run directory
     and writes to it, and the others start from its weights, optimizer state and position.
     """
+    run = prepare(cfg, say, resume)
+    loop(run)
+    return finish(run)
+
+
+def prepare(cfg: Config, say: Callable[[str], None], resume: bool) -> Run:
+    """Check what can be checked, load the policy, build the optimizer, and open the run
+    directory (fresh, or resumed from its newest checkpoint)."""
     out = Path(cfg.output.dir)
     distributed.check_batch(cfg.train.prompts_per_step)
     if cfg.grpo.dynamic_sampling and distributed.size() > 1:
@@ -422,7 +438,134 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     if cfg.train.grad_checkpoint:
         enable_grad_checkpoint(model)
     fmt = prompt_format(cfg.prompt)
+
     longest_prompt = check_prompts(tokenizer, model, data, fmt, cfg)
+    _announce(model, cfg, data, longest_prompt, say)
+    opt = make_optimizer(model, cfg)
+    if not resume and distributed.size() == 1:  # a resumed run keeps the micro-batching it chose
+        cfg = fit_micro_batch(model, cfg, longest_prompt, enable_grad_checkpoint, say)
+    state = _open_run_dir(out, cfg, ckpt, model, opt, main, say)
+    state = _start_from_rank0(model, opt, state)
+    if distributed.size() > 1:
+        say(f"data parallel over {distributed.size()} processes: "
+            f"{cfg.train.prompts_per_step // distributed.size()} of {cfg.train.prompts_per_step} prompts each per step")
+    tripwires = Tripwires(lambda: fingerprint(model)) if main else Tripwires()
+    log = RunLog(out, cfg, say, tripwires, state.step, main)
+    eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
+    return Run(cfg, out, main, say, model, tokenizer, ref_model, fmt, reward_fns, data.train, eval_rows,
+               opt, state, ckpt, log)
+
+
+def loop(run: Run) -> None:
+    """The steps from the run's position to ``train.steps``: a GRPO step, its log, and the
+    evaluations and checkpoints that are due; a signal stops it after a step, with a checkpoint."""
+    cfg, state = run.cfg, run.state
+    run.started, run.seconds_before = time.perf_counter(), state.seconds
+    if run.ckpt is None:
+        state.eval_start = state.eval_end = evaluate(run, 0)
+    batches = prompt_batches(run.train_rows, cfg.train.prompts_per_step, cfg.train.seed, state.batches_drawn)
+    step = state.step
+    try:
+        with stop_on_signals(run.say) as stop:
+            for step in range(state.step + 1, cfg.train.steps + 1):
+                distributed.test_exit_hook(step)
+                m = grpo_step(run.model, run.tokenizer, run.opt, next(batches), cfg, run.fmt, run.reward_fns,
+                              run.ref_model, sampling_key(cfg.train.seed, step), more_rows=lambda: next(batches))
+                samples = m.pop("_samples")
+                m["learning_rate"] = float(run.opt.learning_rate.item())
+                _advance(state, step, m)
+                run.log.step(step, m, samples)
+                _count_nonfinite(state, m, cfg, run.out)
+                if cfg.output.eval_every and step % cfg.output.eval_every == 0 and step < cfg.train.steps:
+                    state.eval_end = evaluate(run, step)
+                # A signal seen by any process stops every process after this same step.
+                stopping = distributed.any_true(stop.signum is not None)
+                stop.signum = stop.signum or (signal.SIGTERM if stopping else None)
+                due = cfg.output.save_every and step % cfg.output.save_every == 0
+                if run.main and (due or step == cfg.train.steps or stopping):
+                    with stop.uninterruptible():
+                        run.ckpt = save(run)
+                # Decided once, above: a signal that lands after that point is acted on after
+                # the next step (which then saves), never here without a checkpoint.
+                if stopping:
+                    raise Interrupted(stop.signum, run.out, run.ckpt)
+    except Interrupted as e:  # a second signal stops at once: the newest checkpoint is the one on disk
+        raise Interrupted(e.signum, run.out, e.checkpoint or latest_checkpoint(run.out)) from None
+    except distributed.PeerLost as e:  # (a RuntimeError) name what is left to resume from
+        last = latest_checkpoint(run.out) if run.main else None
+        raise distributed.PeerLost(f"{e}; last checkpoint: {last or 'none'}" if run.main else str(e)) from None
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            raise out_of_memory(e, cfg, step, latest_checkpoint(run.out)) from e
+        raise
+    finally:
+        run.log.end_progress()  # what is said after the loop goes to ``say``
+
+
+def finish(run: Run) -> Dict[str, Any]:
+    """After the last step (rank 0): the final evaluation, summary.json and the closing lines;
+    returns the summary ({} on other processes)."""
+    if not run.main:
+        return {}
+    cfg, state, out = run.cfg, run.state, run.out
+    if state.step == 0:  # a run of no steps: the last step's checkpoint would have written them
+        save_adapters(run.model, out, cfg.adapter, cfg.model.path)
+    if cfg.train.steps:
+        state.eval_end = evaluate(run, cfg.train.steps, announce=False)
+    run.log.close()
+    summary = {
+        "steps": cfg.train.steps,
+        "seconds": run.seconds_before + time.perf_counter() - run.started,
+        "tokens": state.tokens,
+        "reward_first": state.reward_first,
+        "reward_last": state.reward_last,
+        "skipped_updates": state.skipped_updates,
+        "eval_start": state.eval_start,
+        "eval_end": state.eval_end,
+        "adapters": str(out / ADAPTERS),
+    }
+    write_summary(out, summary)
+    if state.eval_start and state.eval_end:
+        run.say("held-out, before -> after: " + compare_line(state.eval_start, state.eval_end))
+    run.say(f"adapters saved in {out} (load with: mlx_lm.generate --model {cfg.model.path} --adapter-path {out})")
+    return summary
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> optim.Optimizer:
+    """AdamW on the learning-rate schedule, its state tree built for ``model``'s trainable
+    parameters from the start (so every checkpoint holds the whole tree)."""
+    total_updates = cfg.train.steps * cfg.grpo.num_iterations
+    opt = optim.AdamW(learning_rate=make_schedule(cfg.train, total_updates), weight_decay=cfg.train.weight_decay)
+    opt.init(model.trainable_parameters())
+    return opt
+
+
+def evaluate(run: Run, step: int, announce: bool = True) -> Optional[Dict[str, Any]]:
+    """The held-out evaluation at ``step``, logged. Rank 0 evaluates alone (the others wait at
+    the next step's first exchange): the held-out figures are then exactly a single process's."""
+    if not run.eval_rows or not run.main:
+        return None
+    t = time.perf_counter()
+    res = evaluate_held_out(run.model, run.tokenizer, run.eval_rows, run.cfg, run.cfg.output.eval_samples,
+                            None, run.reward_fns)
+    res = {"step": step, **res, "time": time.perf_counter() - t}
+    run.log.eval(step, res, announce)
+    return res
+
+
+def save(run: Run) -> Path:
+    """A checkpoint of the run now, and its adapters at the top of the run directory."""
+    state = run.state
+    state.rng_key = rng_key()
+    state.seconds = run.seconds_before + time.perf_counter() - run.started
+    state.log_sizes = log_sizes(run.out)
+    path = save_checkpoint(run.out, run.model, run.opt, run.cfg, state)
+    save_adapters(run.model, run.out, run.cfg.adapter, run.cfg.model.path)
+    return path
+
+
+def _announce(model: nn.Module, cfg: Config, data: Any, longest_prompt: int, say: Callable[[str], None]) -> None:
+    """The opening lines: what is trained on what, the memory estimate, the config's warnings."""
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
     say(
@@ -434,153 +577,34 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
         say(line)
     for line in config_warnings(cfg):
         say(f"warning: {line}")
-    total_updates = cfg.train.steps * cfg.grpo.num_iterations
-    opt = optim.AdamW(
-        learning_rate=make_schedule(cfg.train, total_updates), weight_decay=cfg.train.weight_decay
-    )
-    opt.init(model.trainable_parameters())  # the full state tree from the start: every checkpoint has it
-    if not resume and distributed.size() == 1:  # a resumed run keeps the micro-batching it chose
-        cfg = fit_micro_batch(model, cfg, longest_prompt, enable_grad_checkpoint, say)
+
+
+def _open_run_dir(out: Path, cfg: Config, ckpt: Optional[Path], model: nn.Module, opt: optim.Optimizer,
+                  main: bool, say: Callable[[str], None]) -> RunState:
+    """The run directory made ready (rank 0) and the loop's starting state: with ``ckpt``, its
+    state loaded into ``model`` and ``opt`` and the directory cut back to it; else a fresh run
+    directory. The config is saved either way."""
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         check_data_position(state, ckpt, cfg.grpo.dynamic_sampling_max_draws if cfg.grpo.dynamic_sampling else 1)
-        truncate_logs(out, state)
-        adopt_run_dir(out)
-        (out / "summary.json").unlink(missing_ok=True)  # it described the run before this resume
+        resume_run_dir(out, state.log_sizes)
         say(f"resuming {out} from {ckpt.name}: step {state.step + 1} of {cfg.train.steps}")
     else:
         if main:
             prepare_run_dir(out, cfg.output.overwrite)
         state = RunState()
     if main:
-        save_config(cfg, out / "config.yaml")
-    state = _start_from_rank0(model, opt, state)
-    if distributed.size() > 1:
-        say(f"data parallel over {distributed.size()} processes: "
-            f"{cfg.train.prompts_per_step // distributed.size()} of {cfg.train.prompts_per_step} prompts each per step")
-    metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
+        save_config(cfg, out / CONFIG)
+    return state
 
-    eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
 
-    trackers = Trackers(cfg, out) if main else None
-    tripwires = Tripwires(lambda: fingerprint(model)) if main else Tripwires()
-    bar = None
-
-    def warn(found: List[Dict[str, Any]]) -> None:
-        # Tripwires warn and never stop the run: in the console and in metrics.jsonl.
-        for w in found if main else []:
-            _append_jsonl(metrics_path, w)
-            (bar.write if bar is not None and not bar.disable else say)(f"warning: {w['message']}")
-
-    def run_eval(step: int) -> Optional[Dict[str, Any]]:
-        # Rank 0 evaluates alone (the others wait at the next step's first exchange): the
-        # held-out figures are then exactly a single process's.
-        if not eval_rows or not main:
-            return None
-        t = time.perf_counter()
-        res = evaluate_held_out(model, tokenizer, eval_rows, cfg, cfg.output.eval_samples, None, reward_fns)
-        res = {"step": step, **res, "time": time.perf_counter() - t}
-        _append_jsonl(metrics_path, {"kind": "eval", **res})
-        trackers.log(step, res, "eval")
-        warn(tripwires.evaluated(step, res))
-        return res
-
-    start, seconds_before = time.perf_counter(), state.seconds
-    if ckpt is None:
-        state.eval_start = state.eval_end = run_eval(0)
-        if state.eval_start:
-            say(f"held-out at step 0: {_eval_line(state.eval_start)}")
-
-    def save(step: int) -> Path:
-        state.rng_key = rng_key()
-        state.seconds = seconds_before + time.perf_counter() - start
-        state.log_sizes = log_sizes(out)
-        path = save_checkpoint(out, model, opt, cfg, state)
-        save_adapters(model, out, cfg.adapter, cfg.model.path)
-        return path
-
-    batches = prompt_batches(data.train, cfg.train.prompts_per_step, cfg.train.seed, state.batches_drawn)
-    bar = _progress(cfg.train.steps, cfg.output.progress and main)
-    if bar is not None:
-        bar.update(state.step)
-    step = state.step
-    try:
-        with stop_on_signals(say) as stop:
-            for step in range(state.step + 1, cfg.train.steps + 1):
-                distributed.test_exit_hook(step)
-                key = sampling_key(cfg.train.seed, step)
-                m = grpo_step(model, tokenizer, opt, next(batches), cfg, fmt, reward_fns, ref_model, key,
-                              more_rows=lambda: next(batches))
-                state.step, state.batches_drawn = step, state.batches_drawn + int(m.get("dynamic_draws", 1))
-                samples = m.pop("_samples")
-                m["learning_rate"] = float(opt.learning_rate.item())
-                state.tokens += m["tokens"]
-                if main:
-                    _append_jsonl(metrics_path, {"step": step, "kind": "train", **m})
-                    trackers.log(step, m)
-                    for s in samples:
-                        _append_jsonl(samples_path, {"step": step, **s})
-                if state.reward_first is None:
-                    state.reward_first = m["reward_mean"]
-                state.reward_last = m["reward_mean"]
-                _count_nonfinite(state, m, cfg, out)
-                warn(tripwires.train(step, m))
-                if cfg.output.eval_every and step % cfg.output.eval_every == 0 and step < cfg.train.steps:
-                    state.eval_end = run_eval(step)
-                    if state.eval_end:
-                        (bar.write if bar is not None else say)(
-                            f"held-out at step {step}: {_eval_line(state.eval_end)}"
-                        )
-                # A signal seen by any process stops every process after this same step.
-                stopping = distributed.any_true(stop.signum is not None)
-                stop.signum = stop.signum or (signal.SIGTERM if stopping else None)
-                due = cfg.output.save_every and step % cfg.output.save_every == 0
-                if main and (due or step == cfg.train.steps or stopping):
-                    with stop.uninterruptible():
-                        ckpt = save(step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(_bar_line(m))
-                # Decided once, above: a signal that lands after that point is acted on after
-                # the next step (which then saves), never here without a checkpoint.
-                if stopping:
-                    raise Interrupted(stop.signum, out, ckpt)
-    except Interrupted as e:  # a second signal stops at once: the newest checkpoint is the one on disk
-        raise Interrupted(e.signum, out, e.checkpoint or latest_checkpoint(out)) from None
-    except distributed.PeerLost as e:  # (a RuntimeError) name what is left to resume from
-        last = latest_checkpoint(out) if main else None
-        raise distributed.PeerLost(f"{e}; last checkpoint: {last or 'none'}" if main else str(e)) from None
-    except (RuntimeError, MemoryError) as e:
-        if is_out_of_memory(e):
-            raise out_of_memory(e, cfg, step, latest_checkpoint(out)) from e
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-            bar = None  # what is said after the loop goes to ``say``
-    if not main:
-        return {}
-    if state.step == 0:  # a run of no steps: the last step's checkpoint would have written them
-        save_adapters(model, out, cfg.adapter, cfg.model.path)
-    if cfg.train.steps:
-        state.eval_end = run_eval(cfg.train.steps)
-    trackers.close()
-    summary = {
-        "steps": cfg.train.steps,
-        "seconds": seconds_before + time.perf_counter() - start,
-        "tokens": state.tokens,
-        "reward_first": state.reward_first,
-        "reward_last": state.reward_last,
-        "skipped_updates": state.skipped_updates,
-        "eval_start": state.eval_start,
-        "eval_end": state.eval_end,
-        "adapters": str(out / "adapters.safetensors"),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if state.eval_start and state.eval_end:
-        say("held-out, before -> after: " + _compare_line(state.eval_start, state.eval_end))
-    say(f"adapters saved in {out} (load with: mlx_lm.generate --model {cfg.model.path} --adapter-path {out})")
-    return summary
+def _advance(state: RunState, step: int, m: Dict[str, Any]) -> None:
+    """The run's position and totals after ``step`` (its metrics ``m``)."""
+    state.step, state.batches_drawn = step, state.batches_drawn + int(m.get("dynamic_draws", 1))
+    state.tokens += m["tokens"]
+    if state.reward_first is None:
+        state.reward_first = m["reward_mean"]
+    state.reward_last = m["reward_mean"]
 
 
 def sampling_key(seed: int, step: int) -> mx.array:
@@ -623,23 +647,3 @@ def _count_nonfinite(state: RunState, m: Dict[str, Any], cfg: Config, out: Path)
             f"(train.max_nonfinite_steps={limit}); last checkpoint: {last or 'none'}"
         )
 
-
-def _bar_line(m: Dict[str, Any]) -> str:
-    """The progress bar's figures: this step's training reward, accuracy and format (the reward
-    columns of that name, when configured), KL, length and speed."""
-    shown = "".join(f" {label} {m[k]:.3f}" for k, label in (("rewards/accuracy", "acc"), ("rewards/format", "fmt"))
-                    if isinstance(m.get(k), float))
-    return (f"reward {m['reward_mean']:.3f}{shown} kl {m['kl']:.4f} len {m['completion_length']:.1f} "
-            f"{m['tokens_per_sec']:.0f} tok/s")
-
-
-def _eval_line(e: Dict[str, Any]) -> str:
-    return (
-        f"format {e['format_rate']:.3f}, accuracy {e['accuracy']:.3f}, "
-        f"lenient accuracy {e['lenient_accuracy']:.3f} on {e['n']} prompts"
-    )
-
-
-def _compare_line(a: Dict[str, Any], b: Dict[str, Any]) -> str:
-    keys = [("format_rate", "format"), ("accuracy", "accuracy"), ("lenient_accuracy", "lenient accuracy")]
-    return ", ".join(f"{name} {a[k]:.3f} -> {b[k]:.3f}" for k, name in keys) + f" ({b['n']} prompts)"

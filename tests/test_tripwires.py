@@ -9,7 +9,8 @@ import pytest
 from mlx_grpo import tripwires as tw
 from mlx_grpo.config import make_config
 from mlx_grpo.runs import read_run
-from mlx_grpo.trainer import _bar_line, train
+from mlx_grpo.runlog import bar_line
+from mlx_grpo.trainer import train
 
 
 def rec(reward=0.5, flat=0.0, grad=1.0):
@@ -99,9 +100,9 @@ def test_falling_accuracy_with_a_flat_reward_is_not_hacking():
 def test_bar_shows_this_steps_training_accuracy_and_format():
     m = {"reward_mean": 1.2, "rewards/accuracy": 0.75, "rewards/format": 0.875, "kl": 0.01,
          "completion_length": 12.0, "tokens_per_sec": 900.0}
-    assert _bar_line(m).startswith("reward 1.200 acc 0.750 fmt 0.875 kl 0.0100")
+    assert bar_line(m).startswith("reward 1.200 acc 0.750 fmt 0.875 kl 0.0100")
     del m["rewards/accuracy"], m["rewards/format"]
-    assert "acc" not in _bar_line(m)
+    assert "acc" not in bar_line(m)
 
 
 def run(model_dir, tmp_path, reward_src, *overrides):

@@ -1,4 +1,4 @@
-"""Output paths (issue 14, section 3): nothing of the user's is touched, and an output that
+"""The run directory and output paths (issue 14, section 3): nothing of the user's is touched, and an output that
 cannot be written is refused before any work starts. Real subprocesses, real files."""
 
 import json
@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conftest import one_line_error, run_cli, tree_hash
-from mlx_grpo.outputs import (
+from mlx_grpo.rundir import (
     MANIFEST,
     RunDirError,
     check_output_file,
@@ -234,3 +234,25 @@ def test_out_through_a_broken_symlink_refused_before_the_work(tmp_path, command)
     r = run_cli(*args, "--out", str(tmp_path / "out"), env=NO_BLAS)
     one_line_error(r, f"--out: cannot write {tmp_path}/out: a broken symbolic link (to {tmp_path}/nowhere/x)")
     assert tree_hash(tmp_path) == before and (tmp_path / "out").is_symlink()
+
+
+def test_resume_cuts_the_logs_back_only_when_every_log_is_long_enough(tmp_path):
+    """Resume cuts metrics.jsonl and samples.jsonl back to the checkpoint's sizes; a log shorter
+    than that (or missing) is refused before either log is touched."""
+    from mlx_grpo.rundir import METRICS, SAMPLES, SUMMARY, log_sizes, resume_run_dir
+
+    (tmp_path / METRICS).write_text('{"step": 1}\n{"step": 2}\n')
+    (tmp_path / SAMPLES).write_text('{"step": 1}\n')
+    (tmp_path / SUMMARY).write_text("{}\n")
+    at_step_1 = {METRICS: len('{"step": 1}\n'), SAMPLES: len('{"step": 1}\n')}
+    before = tree_hash(tmp_path)
+    with pytest.raises(RunDirError, match=f"{tmp_path / SAMPLES}: shorter \\(12 bytes\\) than at the checkpoint \\(99"):
+        resume_run_dir(tmp_path, {**at_step_1, SAMPLES: 99})
+    with pytest.raises(RunDirError, match="missing, but the checkpoint expects"):
+        resume_run_dir(tmp_path / "sub", at_step_1)
+    assert tree_hash(tmp_path) == before
+    resume_run_dir(tmp_path, at_step_1)
+    assert log_sizes(tmp_path) == at_step_1
+    assert (tmp_path / METRICS).read_text() == '{"step": 1}\n'
+    assert not (tmp_path / SUMMARY).exists()  # it described the run before the resume
+    assert (tmp_path / MANIFEST).is_file()  # a run from before manifests gets one

@@ -1,9 +1,19 @@
-"""Where results go: run directories this project owns, and output files, checked before any work.
+"""The run directory: every file name of a run, the checks before a run writes into it, its
+preparation, log truncation on resume, and the summary. Also the check of any other output file.
 
-A run records what it owns in a manifest, ``RUN/.mlx-grpo-run`` (JSON), written before any other
-file of the run. A file in an output directory is ours only when that manifest lists its name:
-names alone prove nothing, since mlx-lm's LoRA training writes ``adapters.safetensors`` and
-``adapter_config.json`` too. So:
+A run's directory holds (``RUN_FILES``; the names below are the only place they are spelled):
+
+    .mlx-grpo-run                              the manifest: which of these names this run owns
+    config.yaml                                the resolved config
+    metrics.jsonl, samples.jsonl               the logs (runlog.py writes them)
+    summary.json                               written when the run finishes
+    adapters.safetensors, adapter_config.json  the trained weights (mlx-lm's layout)
+    checkpoints/step_NNNNNN/                   checkpoints (checkpoint.py)
+    tensorboard/, wandb/                       the optional trackers' files (loggers.py)
+
+A run records what it owns in the manifest, written before any other file of the run. A file in
+an output directory is ours only when that manifest lists its name: names alone prove nothing,
+since mlx-lm's LoRA training writes ``adapters.safetensors`` and ``adapter_config.json`` too. So:
 
 * a directory holding files the manifest does not list is refused without ``--overwrite``; with
   it, those files are kept and the run is written next to them;
@@ -21,14 +31,19 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 MANIFEST = ".mlx-grpo-run"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SAMPLES = "samples.jsonl"
+SUMMARY = "summary.json"
+ADAPTERS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINTS = "checkpoints"
+LOGS = (METRICS, SAMPLES)  # appended to step by step; cut back to a checkpoint's sizes on resume
 # Everything a run writes at the top of its directory (the trainer, checkpoints and trackers).
-RUN_FILES = (
-    "config.yaml", "metrics.jsonl", "samples.jsonl", "summary.json",
-    "adapters.safetensors", "adapter_config.json", "checkpoints", "tensorboard", "wandb",
-)
+RUN_FILES = (CONFIG, METRICS, SAMPLES, SUMMARY, ADAPTERS, ADAPTER_CONFIG, CHECKPOINTS, "tensorboard", "wandb")
 
 
 class RunDirError(ValueError):
@@ -153,7 +168,7 @@ def prepare_run_dir(out: str | Path, overwrite: bool) -> None:
         raise RunDirError(f"output.dir: cannot create {out}: {e.strerror or e}") from None
     if overwrite:
         for name in read_manifest(out):
-            _remove(out / name, only=_CHECKPOINT_ENTRY if name == "checkpoints" else None)
+            _remove(out / name, only=_CHECKPOINT_ENTRY if name == CHECKPOINTS else None)
     write_manifest(out)
 
 
@@ -182,3 +197,40 @@ def adopt_run_dir(out: str | Path) -> Optional[Path]:
         write_manifest(Path(out))
         return Path(out) / MANIFEST
     return None
+
+
+def log_sizes(out: Path) -> Dict[str, int]:
+    """The bytes of each log now (a checkpoint stores them: resume cuts the logs back to them)."""
+    return {n: (Path(out) / n).stat().st_size if (Path(out) / n).exists() else 0 for n in LOGS}
+
+
+def truncate_logs(out: Path, sizes: Mapping[str, int]) -> None:
+    """Cut metrics.jsonl and samples.jsonl back to ``sizes`` (their size at the checkpoint), so the
+    steps the resumed run repeats (and any half-written line of a killed run) are not in them twice.
+
+    Every log is checked before any is cut, so a refused resume changes nothing."""
+    for name in LOGS:
+        path = Path(out) / name
+        size = sizes.get(name, 0)
+        if not path.exists():
+            if size:
+                raise RunDirError(f"{path}: missing, but the checkpoint expects {size} bytes of it")
+            continue
+        if path.stat().st_size < size:
+            raise RunDirError(f"{path}: shorter ({path.stat().st_size} bytes) than at the checkpoint ({size} bytes)")
+    for name in LOGS:
+        if (Path(out) / name).exists():
+            os.truncate(Path(out) / name, sizes.get(name, 0))
+
+
+def resume_run_dir(out: Path, sizes: Mapping[str, int]) -> None:
+    """Make ``out`` ready to continue from a checkpoint: logs cut back to ``sizes``, a manifest for
+    a directory that predates them, and no summary (it described the run before this resume)."""
+    truncate_logs(out, sizes)
+    adopt_run_dir(out)
+    (Path(out) / SUMMARY).unlink(missing_ok=True)
+
+
+def write_summary(out: Path, summary: Dict[str, Any]) -> None:
+    """summary.json: the finished run's figures (its presence marks the run as done)."""
+    (Path(out) / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
