@@ -194,7 +194,7 @@ class Session:
         import mlx.optimizers as optim
         from mlx.utils import tree_flatten, tree_unflatten
 
-        from .trainer import grpo_step
+        from .step import grpo_step
 
         cfg = self.cfg
         if beta is not None:
@@ -210,8 +210,7 @@ class Session:
                 mx.synchronize()
                 mx.clear_cache()
                 mx.reset_peak_memory()
-                m = grpo_step(self.model, self.tokenizer, opt, self.rows, cfg, self.fmt, self.reward_fns)
-                m.pop("_samples", None)
+                m = grpo_step(self.model, self.tokenizer, opt, self.rows, cfg, self.fmt, self.reward_fns).metrics
                 m["peak_memory_bytes"] = mx.get_peak_memory()
                 if i or not warmup:
                     out.append(m)

@@ -74,7 +74,7 @@ def divisors_from(n: int, start: int) -> List[int]:
 def dry_batch(cfg: Config, vocab: int, prompt_tokens: int, rows: int):
     """A worst-case update micro-batch: ``rows`` rows of ceil(rows / G) distinct prompts of
     ``prompt_tokens`` tokens (no shared prefix), each completion ``max_tokens`` tokens long."""
-    from .trainer import StepBatch
+    from .learner import StepBatch
 
     G = cfg.rollout.group_size
     U = math.ceil(rows / G)

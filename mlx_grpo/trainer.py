@@ -1,18 +1,16 @@
-"""The GRPO training loop: the seed's four steps, in order, once per step.
+"""The GRPO training loop: ``train`` = prepare -> loop -> finish.
 
-    rollouts   = sample_groups(...)        # 1. G completions per prompt
-    rewards    = score(...)                # 2. rule-based rewards
-    advantages = group_advantages(...)     # 3. group-relative
-    update(...)                            # 4. clipped surrogate + KL, num_iterations times
+    prepare   check what can be checked, load the policy, build the optimizer, open the run
+              directory (rundir.py; fresh, or resumed from a checkpoint: checkpoint.py)
+    loop      per step: grpo_step (step.py: rollout, rewards, advantages, learn, metrics), its
+              log (runlog.py), evaluations and checkpoints when due, a clean stop on a signal
+    finish    the final evaluation, summary.json, the closing lines
 
-``train`` reads prepare -> loop -> finish; the run directory is rundir.py's, and where a step's
-records, progress and warnings go is runlog.py's.
 Under ``mlx.launch`` every process runs this loop on its share of each step (distributed.py).
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -23,10 +21,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from . import __version__, distributed
-from .advantages import flat_groups, group_advantages
 from .checkpoint import (
     CheckpointError,
     RunState,
@@ -40,27 +37,16 @@ from .checkpoint import (
 from .config import Config, ConfigError, TrainConfig, config_warnings, save_config
 from .evaluate import evaluate_held_out
 from .fit import fit_micro_batch
-from .loss import Normalizer, counted_tokens, grpo_loss, rows_in_loss
-from .models import (
-    adapters_disabled,
-    attach_adapters,
-    enable_grad_checkpoint,
-    load_model,
-    NonFiniteError,
-    save_adapters,
-)
 from .interrupts import Interrupted, stop_on_signals
-from .rundir import ADAPTERS, CONFIG, check_run_dir, log_sizes, prepare_run_dir, resume_run_dir, write_summary
+from .models import NonFiniteError, attach_adapters, enable_grad_checkpoint, load_model, save_adapters
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
-from .rewards import Rewards, load_rewards, score, settings_for
-from .rollout import Rollouts, pad_id, row_keys, sample_groups
+from .rewards import load_rewards, settings_for
+from .rundir import ADAPTERS, CONFIG, check_run_dir, log_sizes, prepare_run_dir, resume_run_dir, write_summary
 from .runlog import RunLog, compare_line
-from .sampling import Drawn, fill_with_spread
-from .scoring import completion_logprobs
-from .tasks import columns, load_task
+from .step import grpo_step
+from .tasks import load_task
+from .tasks.templates import PromptFormat, prompt_format
 from .tripwires import Tripwires, fingerprint
-from .tasks.templates import PromptFormat, prompt_format, render_prompt
-
 
 def make_schedule(cfg: TrainConfig, total_updates: int) -> Callable:
     """Linear warm-up to the learning rate, then constant, cosine or linear decay."""
@@ -97,277 +83,6 @@ def prompt_batches(rows: Sequence[Dict], size: int, seed: int, skip: int = 0) ->
         drawn += 1
         if drawn > skip:
             yield batch
-
-
-@dataclass
-class StepBatch:
-    """The rows of one step that take part in the update, with everything the loss needs.
-
-    prompts: [U, Lp] the distinct left-padded prompts; row_prompt: [B] each row's prompt index.
-    """
-
-    prompts: mx.array
-    left_padding: List[int]
-    row_prompt: np.ndarray
-    tokens: mx.array
-    mask: mx.array
-    advantages: mx.array
-    ref_logp: Optional[mx.array] = None
-    old_logp: Optional[mx.array] = None
-
-    def rows(self, sl: slice) -> "StepBatch":
-        pick = lambda a: None if a is None else a[sl]  # noqa: E731
-        return StepBatch(
-            self.prompts, self.left_padding, self.row_prompt[sl], self.tokens[sl], self.mask[sl],
-            self.advantages[sl], pick(self.ref_logp), pick(self.old_logp),
-        )
-
-    def logprobs(self, model: nn.Module, temperature: float, chunk: Optional[int] = None) -> mx.array:
-        return completion_logprobs(
-            model, self.prompts, self.left_padding, self.tokens, temperature, self.row_prompt, chunk,
-            lengths=np.array(self.mask.sum(axis=1)).astype(np.int64),  # rows scored in length groups
-        )
-
-
-def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
-    """The kept rows of a rollout, trimmed to their longest completion."""
-    idx = mx.array(keep.astype(np.int32))
-    mask = ro.mask[idx]
-    width = max(1, int(mask.sum(axis=0).astype(mx.bool_).sum().item()))
-    return StepBatch(
-        prompts=ro.prompt_tokens,
-        left_padding=list(ro.left_padding),
-        row_prompt=ro.row_prompt[keep],
-        tokens=ro.tokens[idx][:, :width],
-        mask=mask[:, :width],
-        advantages=mx.array(adv[keep]),
-    )
-
-
-def draw_groups(
-    model: nn.Module,
-    tokenizer: Any,
-    rows: List[Dict[str, Any]],
-    cfg: Config,
-    fmt: PromptFormat,
-    reward_fns: Dict[str, Callable],
-    keys: Optional[mx.array],
-) -> Drawn:
-    """Steps 1 and 2 for ``rows``: G completions each, scored on the whole response (the
-    template's response prefix + the completion)."""
-    G = cfg.rollout.group_size
-    t0 = time.perf_counter()
-    prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows]
-    ro = sample_groups(model, tokenizer, prompts, cfg.rollout, keys=keys)
-    t1 = time.perf_counter()
-    responses = [fmt.response_prefix + t for t in ro.texts]
-    cols = {**columns([r for r in rows for _ in range(G)]), "completion_ids": ro.completion_ids()}
-    rw = score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
-    return Drawn(list(rows), prompts, ro, rw, t1 - t0, time.perf_counter() - t1)
-
-
-def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int) -> mx.array:
-    return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
-
-
-STATS = ("kl", "clip_fraction", "clip_low", "clip_high", "ratio_mean")  # grpo_loss's diagnostics
-
-
-def micro_size(rows: int, cfg: TrainConfig) -> int:
-    """Rows per micro-batch: the step's rows cut into ``grad_accumulation_steps`` parts."""
-    return max(1, math.ceil(rows / cfg.grad_accumulation_steps))
-
-
-def step_normalizer(
-    rows_per_process: Sequence[int], tokens: float, cfg: Config, step_rows: Optional[int] = None
-) -> Normalizer:
-    """The whole step's sizes: the completions counted (``step_rows``, default the rows in the
-    update) and their tokens, and micro-batches over all processes (each cuts its rows in the
-    update into micro-batches of ``micro_size`` of the step's rows in the update)."""
-    n = int(sum(rows_per_process))
-    size = micro_size(n, cfg.train)
-    n_micro = sum(math.ceil(r / size) for r in rows_per_process)
-    counted = n if step_rows is None else step_rows
-    return Normalizer(float(counted), float(tokens), cfg.rollout.max_tokens, n_micro, float(n))
-
-
-def update(
-    model: nn.Module,
-    opt: optim.Optimizer,
-    batch: Optional[StepBatch],
-    cfg: Config,
-    norm: Optional[Normalizer] = None,
-) -> Dict[str, float]:
-    """One optimizer update on ``batch``, accumulated over micro-batches; returns loss and stats.
-
-    ``norm`` holds the sizes of the whole step over all processes (default: ``batch``'s own);
-    losses are normalised by them, so every process's gradient is its share of the step's
-    gradient and their sum is the update applied on every process. A process with no rows
-    (``batch`` None) adds zeros.
-    """
-    if norm is None:
-        norm = step_normalizer([batch.tokens.shape[0]], batch.mask.sum().item(), cfg)
-    n = 0 if batch is None else batch.tokens.shape[0]
-    size = micro_size(norm.rows, cfg.train)
-    temperature = cfg.rollout.temperature
-
-    def loss_fn(model, b: StepBatch):
-        logp = b.logprobs(model, temperature)
-        return grpo_loss(logp, b.old_logp, b.ref_logp, b.mask, b.advantages, cfg.grpo, norm)
-
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-    grads = None
-    loss_total = 0.0
-    stats_sum: Dict[str, float] = {}
-    for start in range(0, n, size):
-        mb = batch.rows(slice(start, start + size))
-        (loss, stats), g = value_and_grad(model, mb)
-        grads = g if grads is None else tree_map(mx.add, grads, g)
-        mx.eval(loss, grads, stats)
-        loss_total += loss.item()
-        # The stats are token means: weighting each micro-batch by its tokens gives the step's.
-        w = mb.mask.sum().item() / max(norm.num_tokens, 1.0)
-        for k, v in stats.items():
-            stats_sum[k] = stats_sum.get(k, 0.0) + w * v.item()
-    if grads is None:
-        grads = tree_map(mx.zeros_like, model.trainable_parameters())
-    grads = distributed.sum_gradients(grads)
-    loss_total, *values = distributed.sum_values([loss_total] + [stats_sum.get(k, 0.0) for k in STATS])
-    stats_sum = dict(zip(STATS, values))
-    grad_norm = math.sqrt(sum((g.astype(mx.float32) ** 2).sum().item() for _, g in tree_flatten(grads)))
-    if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
-        return {"loss": loss_total, "grad_norm": grad_norm, "skipped": 1.0, **stats_sum}
-    if cfg.train.max_grad_norm > 0:
-        grads, _ = optim.clip_grad_norm(grads, cfg.train.max_grad_norm)
-    opt.update(model, grads)
-    mx.eval(model.trainable_parameters(), opt.state)
-    return {"loss": loss_total, "grad_norm": grad_norm, "skipped": 0.0, **stats_sum}
-
-
-def grpo_step(
-    model: nn.Module,
-    tokenizer: Any,
-    opt: optim.Optimizer,
-    rows: List[Dict[str, Any]],
-    cfg: Config,
-    fmt: PromptFormat,
-    reward_fns: Dict[str, Callable],
-    ref_model: Optional[nn.Module] = None,
-    key: Optional[mx.array] = None,
-    more_rows: Optional[Callable[[], List[Dict[str, Any]]]] = None,
-) -> Dict[str, Any]:
-    """One GRPO step on the global batch ``rows``; returns the step's metrics (and samples under
-    "_samples").
-
-    With ``grpo.dynamic_sampling``, ``more_rows()`` gives the next batch of prompts whenever the
-    step needs more groups with reward spread (sampling.py); "dynamic_draws" counts the batches.
-
-    This process samples and learns from its share of ``rows`` (all of them when run alone); the
-    advantages and metrics are computed on every process's rows, gathered. With ``key`` (see
-    ``sampling_key``) each row samples from its own stream, the same however ``rows`` is split.
-    """
-    G = cfg.rollout.group_size
-    temperature = cfg.rollout.temperature
-    part = distributed.shard(len(rows))
-    mine = rows[part]
-    lo, hi = part.start * G, part.stop * G  # this process's rows in the step's row order
-    micro = micro_size(len(mine) * G, cfg.train)
-    t0 = time.perf_counter()
-
-    # 1-2. Rollouts from the current policy, and their rewards; DAPO draws more prompts if asked.
-    model.eval()
-    keys = None if key is None else row_keys(key, len(rows), G)[lo:hi]
-    drawn = draw_groups(model, tokenizer, mine, cfg, fmt, reward_fns, keys)
-    extra: Dict[str, float] = {}
-    if cfg.grpo.dynamic_sampling:  # one process (checked at the start of train)
-        def draw(d: int) -> Drawn:
-            more = more_rows()
-            k = None if key is None else row_keys(mx.random.split(key, cfg.grpo.dynamic_sampling_max_draws)[d], len(more), G)
-            return draw_groups(model, tokenizer, more, cfg, fmt, reward_fns, k)
-
-        drawn, extra = fill_with_spread(drawn, draw, len(rows), cfg.grpo.dynamic_sampling_max_draws, pad_id(tokenizer))
-    mine, prompts, ro, rw = drawn.rows, drawn.prompts, drawn.ro, drawn.rw
-    hi = lo + len(mine) * G  # dynamic sampling: the step's groups as drawn
-    t1 = t0 + drawn.generate_time
-    t2 = t1 + drawn.reward_time
-
-    # 3. Group-relative advantages, over every process's rows (each one's own come back sliced).
-    entropy_terms = -(ro.sample_logprobs * ro.mask).sum(axis=1)
-    table = distributed.gather(np.column_stack(
-        [rw.total, ro.lengths, ro.truncated, np.array(entropy_terms.tolist()), *rw.columns.values()]
-    ))
-    total, lengths, truncated, entropy_sum = table[:, 0], table[:, 1], table[:, 2], table[:, 3].sum()
-    reward_columns = {k: table[:, 4 + i] for i, k in enumerate(rw.columns)}
-    adv_all = group_advantages(total, G, cfg.grpo.scale_rewards)
-    keep_all = np.flatnonzero(rows_in_loss(adv_all, truncated, cfg.grpo))
-    adv = adv_all[lo:hi]
-    keep = keep_all[(keep_all >= lo) & (keep_all < hi)] - lo
-    per_process = np.bincount(keep_all // (hi - lo), minlength=distributed.size())
-    # Every completion counts in the normaliser, in the update or not (the paper's, TRL's).
-    norm = step_normalizer(per_process.tolist(), counted_tokens(lengths, truncated, cfg.grpo), cfg, adv_all.size)
-
-    # 4. Reference and old-policy logprobs, then num_iterations clipped updates.
-    upd: Dict[str, float] = {}
-    t3 = t4 = time.perf_counter()
-    if keep_all.size:
-        batch = select_rows(ro, adv, keep) if keep.size else None  # None: this process adds zeros
-        if batch is not None:
-            if cfg.grpo.beta > 0:
-                if ref_model is not None:
-                    batch.ref_logp = logprobs_of(ref_model, batch, temperature, micro)
-                else:
-                    with adapters_disabled(model):
-                        batch.ref_logp = logprobs_of(model, batch, temperature, micro)
-            if cfg.grpo.num_iterations > 1:
-                batch.old_logp = logprobs_of(model, batch, temperature, micro)
-            mx.eval(batch.ref_logp, batch.old_logp)
-        t3 = time.perf_counter()
-        model.train()
-        per_iter = [update(model, opt, batch, cfg, norm) for _ in range(cfg.grpo.num_iterations)]
-        model.eval()
-        upd = {k: float(np.mean([p[k] for p in per_iter])) for k in per_iter[0]}
-        upd["skipped"] = float(sum(p["skipped"] for p in per_iter))
-        t4 = time.perf_counter()
-
-    n_tokens = int(lengths.sum())
-    step_time = t4 - t0
-    generate_time = float(distributed.gather(np.array([t1 - t0])).max())  # the slowest process's
-    metrics: Dict[str, Any] = {
-        "loss": upd.get("loss", 0.0),
-        "reward_mean": float(total.mean()),
-        "reward_std": float(total.std()),
-        **{f"rewards/{k}": v for k, v in Rewards(reward_columns, total).means().items()},
-        "kl": upd.get("kl", 0.0),
-        "clip_fraction": upd.get("clip_fraction", 0.0),
-        "clip_low": upd.get("clip_low", 0.0),
-        "clip_high": upd.get("clip_high", 0.0),
-        "ratio_mean": upd.get("ratio_mean", 1.0),
-        "grad_norm": upd.get("grad_norm", 0.0),
-        "skipped_updates": upd.get("skipped", 0.0),
-        # Mean -log p of the sampled tokens: a Monte-Carlo estimate of the per-token entropy of the
-        # (temperature-scaled) policy, free because the rollout kept the logprobs.
-        "entropy": float(entropy_sum) / max(n_tokens, 1),
-        "completion_length": float(lengths.mean()),
-        "truncated_rate": float(np.mean(truncated)),
-        "zero_std_groups": float(np.mean(flat_groups(total, G))),
-        "rows_updated": int(keep_all.size),
-        "tokens": n_tokens,
-        "tokens_per_sec": n_tokens / max(generate_time, 1e-9),
-        "step_time": step_time,
-        "time_generate": generate_time,
-        "time_reward": t2 - t1,
-        "time_score": t3 - t2,
-        "time_update": t4 - t3,
-        "peak_memory_gb": mx.get_peak_memory() / 1e9,
-        **extra,  # dynamic sampling's log; its zero_std_groups counts every group it sampled
-    }
-    metrics["_samples"] = [  # from this process's rows
-        {"prompt": mine[i // G]["prompt"], "completion": ro.texts[i], "reward": float(rw.total[i]),
-         "rewards": {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in rw.columns.items()},
-         "advantage": float(adv[i]), "answer": mine[i // G].get("answer")}
-        for i in range(0, len(ro.texts), max(1, len(ro.texts) // 4))
-    ]
-    return metrics
 
 
 @dataclass
@@ -469,9 +184,8 @@ def loop(run: Run) -> None:
         with stop_on_signals(run.say) as stop:
             for step in range(state.step + 1, cfg.train.steps + 1):
                 distributed.test_exit_hook(step)
-                m = grpo_step(run.model, run.tokenizer, run.opt, next(batches), cfg, run.fmt, run.reward_fns,
-                              run.ref_model, sampling_key(cfg.train.seed, step), more_rows=lambda: next(batches))
-                samples = m.pop("_samples")
+                m, samples = grpo_step(run.model, run.tokenizer, run.opt, next(batches), cfg, run.fmt, run.reward_fns,
+                                       run.ref_model, sampling_key(cfg.train.seed, step), more_rows=lambda: next(batches))
                 m["learning_rate"] = float(run.opt.learning_rate.item())
                 _advance(state, step, m)
                 run.log.step(step, m, samples)

@@ -24,7 +24,7 @@ from conftest import ROOT, run_cli
 
 from mlx_grpo import blas, distributed
 from mlx_grpo.config import make_config
-from mlx_grpo.trainer import step_normalizer
+from mlx_grpo.learner import step_normalizer
 
 LAUNCH = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
 CLI = [sys.executable, str(ROOT / "cli.py")]

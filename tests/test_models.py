@@ -15,7 +15,7 @@ from mlx_grpo.config import AdapterConfig, Config, ModelConfig, make_config
 from mlx_grpo.models import adapters_disabled, attach_adapters, load_model, save_adapters
 from mlx_grpo.rollout import sample_groups
 from mlx_grpo.scoring import completion_logprobs
-from mlx_grpo.trainer import StepBatch, select_rows, update
+from mlx_grpo.learner import StepBatch, select_rows, update
 
 
 def rollout_batch(model, tok, cfg):

@@ -13,7 +13,7 @@ import pytest
 from mlx_grpo.advantages import group_advantages
 from mlx_grpo.config import Config, GRPOConfig
 from mlx_grpo.loss import counted_tokens, grpo_loss, rows_in_loss
-from mlx_grpo.trainer import step_normalizer
+from mlx_grpo.learner import step_normalizer
 
 G = 4
 MAX_LEN = 10

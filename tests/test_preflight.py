@@ -119,7 +119,7 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(embedded_model_dir, b
     from mlx_grpo.fit import dry_batch
     from mlx_grpo.models import enable_grad_checkpoint
     from mlx_grpo.preflight import estimate_total
-    from mlx_grpo.trainer import update
+    from mlx_grpo.learner import update
 
     cfg, model, _ = loaded(embedded_model_dir, ("train.prompts_per_step", 4), ("rollout.group_size", 4),
                            ("rollout.max_tokens", 64), ("grpo.beta", beta), ("train.grad_checkpoint", checkpoint),

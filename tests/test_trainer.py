@@ -50,7 +50,7 @@ def test_grad_accumulation_equals_one_batch(small_model_dir):
     from mlx_grpo.config import ModelConfig
     from mlx_grpo.models import adapters_disabled, attach_adapters, load_model
     from mlx_grpo.rollout import sample_groups
-    from mlx_grpo.trainer import logprobs_of, select_rows, update
+    from mlx_grpo.learner import logprobs_of, select_rows, update
 
     results = []
     for micro in (1, 4):

@@ -1,0 +1,190 @@
+"""The learner: step 4 of GRPO, on the rows of a step that take part in the update.
+
+    batch = select_rows(rollouts, advantages, keep)     # the rows in the loss, trimmed
+    learn(model, opt, batch, cfg, norm, ...)            # reference / old-policy logprobs, then
+                                                        # num_iterations updates (``update``)
+
+``update`` accumulates the clipped-surrogate + KL loss (loss.py) over micro-batches of
+``micro_size`` rows and applies one AdamW step; ``step_normalizer`` holds the whole step's sizes
+over every process, so each process's gradient is its share of the step's (distributed.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from . import distributed
+from .config import Config, TrainConfig
+from .loss import Normalizer, grpo_loss
+from .models import adapters_disabled
+from .rollout import Rollouts
+from .scoring import completion_logprobs
+
+
+@dataclass
+class StepBatch:
+    """The rows of one step that take part in the update, with everything the loss needs.
+
+    prompts: [U, Lp] the distinct left-padded prompts; row_prompt: [B] each row's prompt index.
+    """
+
+    prompts: mx.array
+    left_padding: List[int]
+    row_prompt: np.ndarray
+    tokens: mx.array
+    mask: mx.array
+    advantages: mx.array
+    ref_logp: Optional[mx.array] = None
+    old_logp: Optional[mx.array] = None
+
+    def rows(self, sl: slice) -> "StepBatch":
+        pick = lambda a: None if a is None else a[sl]  # noqa: E731
+        return StepBatch(
+            self.prompts, self.left_padding, self.row_prompt[sl], self.tokens[sl], self.mask[sl],
+            self.advantages[sl], pick(self.ref_logp), pick(self.old_logp),
+        )
+
+    def logprobs(self, model: nn.Module, temperature: float, chunk: Optional[int] = None) -> mx.array:
+        return completion_logprobs(
+            model, self.prompts, self.left_padding, self.tokens, temperature, self.row_prompt, chunk,
+            lengths=np.array(self.mask.sum(axis=1)).astype(np.int64),  # rows scored in length groups
+        )
+
+
+def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
+    """The kept rows of a rollout, trimmed to their longest completion."""
+    idx = mx.array(keep.astype(np.int32))
+    mask = ro.mask[idx]
+    width = max(1, int(mask.sum(axis=0).astype(mx.bool_).sum().item()))
+    return StepBatch(
+        prompts=ro.prompt_tokens,
+        left_padding=list(ro.left_padding),
+        row_prompt=ro.row_prompt[keep],
+        tokens=ro.tokens[idx][:, :width],
+        mask=mask[:, :width],
+        advantages=mx.array(adv[keep]),
+    )
+
+
+def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int) -> mx.array:
+    """``b``'s completion logprobs under ``model``, as constants (scored ``micro`` rows at a time)."""
+    return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
+
+
+STATS = ("kl", "clip_fraction", "clip_low", "clip_high", "ratio_mean")  # grpo_loss's diagnostics
+
+
+def micro_size(rows: int, cfg: TrainConfig) -> int:
+    """Rows per micro-batch: the step's rows cut into ``grad_accumulation_steps`` parts."""
+    return max(1, math.ceil(rows / cfg.grad_accumulation_steps))
+
+
+def step_normalizer(
+    rows_per_process: Sequence[int], tokens: float, cfg: Config, step_rows: Optional[int] = None
+) -> Normalizer:
+    """The whole step's sizes: the completions counted (``step_rows``, default the rows in the
+    update) and their tokens, and micro-batches over all processes (each cuts its rows in the
+    update into micro-batches of ``micro_size`` of the step's rows in the update)."""
+    n = int(sum(rows_per_process))
+    size = micro_size(n, cfg.train)
+    n_micro = sum(math.ceil(r / size) for r in rows_per_process)
+    counted = n if step_rows is None else step_rows
+    return Normalizer(float(counted), float(tokens), cfg.rollout.max_tokens, n_micro, float(n))
+
+
+def update(
+    model: nn.Module,
+    opt: optim.Optimizer,
+    batch: Optional[StepBatch],
+    cfg: Config,
+    norm: Optional[Normalizer] = None,
+) -> Dict[str, float]:
+    """One optimizer update on ``batch``, accumulated over micro-batches; returns loss and stats.
+
+    ``norm`` holds the sizes of the whole step over all processes (default: ``batch``'s own);
+    losses are normalised by them, so every process's gradient is its share of the step's
+    gradient and their sum is the update applied on every process. A process with no rows
+    (``batch`` None) adds zeros.
+    """
+    if norm is None:
+        norm = step_normalizer([batch.tokens.shape[0]], batch.mask.sum().item(), cfg)
+    n = 0 if batch is None else batch.tokens.shape[0]
+    size = micro_size(norm.rows, cfg.train)
+    temperature = cfg.rollout.temperature
+
+    def loss_fn(model, b: StepBatch):
+        logp = b.logprobs(model, temperature)
+        return grpo_loss(logp, b.old_logp, b.ref_logp, b.mask, b.advantages, cfg.grpo, norm)
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    grads = None
+    loss_total = 0.0
+    stats_sum: Dict[str, float] = {}
+    for start in range(0, n, size):
+        mb = batch.rows(slice(start, start + size))
+        (loss, stats), g = value_and_grad(model, mb)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        mx.eval(loss, grads, stats)
+        loss_total += loss.item()
+        # The stats are token means: weighting each micro-batch by its tokens gives the step's.
+        w = mb.mask.sum().item() / max(norm.num_tokens, 1.0)
+        for k, v in stats.items():
+            stats_sum[k] = stats_sum.get(k, 0.0) + w * v.item()
+    if grads is None:
+        grads = tree_map(mx.zeros_like, model.trainable_parameters())
+    grads = distributed.sum_gradients(grads)
+    loss_total, *values = distributed.sum_values([loss_total] + [stats_sum.get(k, 0.0) for k in STATS])
+    stats_sum = dict(zip(STATS, values))
+    grad_norm = math.sqrt(sum((g.astype(mx.float32) ** 2).sum().item() for _, g in tree_flatten(grads)))
+    if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+        return {"loss": loss_total, "grad_norm": grad_norm, "skipped": 1.0, **stats_sum}
+    if cfg.train.max_grad_norm > 0:
+        grads, _ = optim.clip_grad_norm(grads, cfg.train.max_grad_norm)
+    opt.update(model, grads)
+    mx.eval(model.trainable_parameters(), opt.state)
+    return {"loss": loss_total, "grad_norm": grad_norm, "skipped": 0.0, **stats_sum}
+
+
+def learn(
+    model: nn.Module,
+    opt: optim.Optimizer,
+    batch: Optional[StepBatch],
+    cfg: Config,
+    norm: Normalizer,
+    micro: int,
+    ref_model: Optional[nn.Module] = None,
+) -> Tuple[Dict[str, float], float]:
+    """The reference and old-policy logprobs ``batch`` needs, then ``num_iterations`` updates;
+    returns their figures (means over the iterations; "skipped" summed) and the perf_counter time
+    when the logprobs were done (the updates began).
+
+    ``batch`` None: this process has no rows in the update and adds zeros to every update. The
+    KL reference is ``ref_model``, or else the policy with its adapters switched off.
+    """
+    temperature = cfg.rollout.temperature
+    if batch is not None:
+        if cfg.grpo.beta > 0:
+            if ref_model is not None:
+                batch.ref_logp = logprobs_of(ref_model, batch, temperature, micro)
+            else:
+                with adapters_disabled(model):
+                    batch.ref_logp = logprobs_of(model, batch, temperature, micro)
+        if cfg.grpo.num_iterations > 1:
+            batch.old_logp = logprobs_of(model, batch, temperature, micro)
+        mx.eval(batch.ref_logp, batch.old_logp)
+    scored = time.perf_counter()
+    model.train()
+    per_iter: List[Dict[str, float]] = [update(model, opt, batch, cfg, norm) for _ in range(cfg.grpo.num_iterations)]
+    model.eval()
+    upd = {k: float(np.mean([p[k] for p in per_iter])) for k in per_iter[0]}
+    upd["skipped"] = float(sum(p["skipped"] for p in per_iter))
+    return upd, scored

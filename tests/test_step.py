@@ -1,0 +1,93 @@
+"""One GRPO step as named stages (step.py): the gathered columns keep their names, the advantages
+stage against its NumPy definition, and a real step returns its samples beside its metrics."""
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_grpo.config import ModelConfig, make_config
+from mlx_grpo.rewards import Rewards, load_rewards, settings_for
+from mlx_grpo.rollout import Rollouts
+from mlx_grpo.sampling import Drawn
+from mlx_grpo.step import StepOutput, advantages, gather_columns, grpo_step
+
+G = 4
+
+
+def drawn(total, columns, truncated):
+    """A draw of len(total) // G groups with completions of 1..3 tokens and known logprobs."""
+    n = len(total)
+    lengths = np.array([1 + r % 3 for r in range(n)])
+    mask = (np.arange(3)[None, :] < lengths[:, None]).astype(np.float32)
+    logp = -np.arange(1, 3 * n + 1, dtype=np.float32).reshape(n, 3) / 10
+    ro = Rollouts(prompt_tokens=mx.zeros((n // G, 2), dtype=mx.int32), left_padding=[0] * (n // G),
+                  tokens=mx.ones((n, 3), dtype=mx.int32), mask=mx.array(mask), sample_logprobs=mx.array(logp),
+                  texts=[str(r) for r in range(n)], truncated=list(truncated), group_size=G)
+    rw = Rewards({k: np.array(v, dtype=float) for k, v in columns.items()}, np.array(total, dtype=float))
+    return Drawn([{"prompt": f"p{p}"} for p in range(n // G)], [f"p{p}" for p in range(n // G)], ro, rw), lengths, mask, logp
+
+
+def test_the_gathered_columns_are_the_rows_figures_by_name():
+    total = [1.0, 0.0, 2.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    acc = [1.0, 0.0, 1.0, np.nan, 0.0, 0.0, 0.0, 0.0]
+    fmt = [0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    truncated = [False, True, False, False, False, False, True, False]
+    d, lengths, mask, logp = drawn(total, {"accuracy": acc, "format": fmt}, truncated)
+    cols = gather_columns(d)
+    assert cols.total.tolist() == total and cols.lengths.tolist() == lengths.tolist()
+    assert cols.truncated.tolist() == [float(t) for t in truncated]
+    np.testing.assert_allclose(cols.entropy, -(logp * mask).sum(axis=1), rtol=1e-6)
+    assert list(cols.rewards) == ["accuracy", "format"]
+    np.testing.assert_array_equal(cols.rewards["accuracy"], acc)  # NaN (no opinion) kept
+    assert cols.rewards["format"].tolist() == fmt
+
+
+def reference_advantages(total):
+    """(r - group mean) / (group std + 1e-4), exactly 0 for a group of equal rewards."""
+    out = []
+    for g in np.asarray(total, dtype=np.float64).reshape(-1, G):
+        out += [0.0] * G if g.max() == g.min() else list((g - g.mean()) / (g.std() + 1e-4))
+    return np.array(out)
+
+
+def test_advantages_stage_against_its_definition():
+    total = [1.0, 0.0, 1.0, 2.0, 0.5, 0.5, 0.5, 0.5, 3.0, 1.0, 1.0, 3.0]
+    d, _, _, _ = drawn(total, {"acc": total}, [False] * 12)
+    cols = gather_columns(d)
+    want = reference_advantages(total)
+
+    sel = advantages(cols, make_config(None, [("rollout.group_size", G)]), 0, 12)
+    np.testing.assert_allclose(sel.adv_all, want, rtol=1e-6, atol=1e-7)
+    assert sel.keep_all.tolist() == list(range(12))  # every row in the loss by default
+    assert sel.norm.num_sequences == 12 and sel.norm.num_tokens == float(cols.lengths.sum())
+
+    skip = make_config(None, [("rollout.group_size", G), ("grpo.skip_zero_advantage", True)])
+    sel = advantages(cols, skip, 4, 12)  # this process: rows 4..11 of the step's
+    assert sel.keep_all.tolist() == [i for i in range(12) if want[i] != 0]
+    np.testing.assert_allclose(sel.adv, want[4:12], rtol=1e-6, atol=1e-7)
+    assert sel.keep.tolist() == [i - 4 for i in range(4, 12) if want[i] != 0]
+    assert sel.norm.num_sequences == 12  # flat rows still count in the normaliser
+
+
+def test_a_step_returns_its_samples_beside_its_metrics(small_model_dir):
+    import mlx.optimizers as optim
+
+    from mlx_grpo.models import attach_adapters, load_model
+    from mlx_grpo.tasks import load_task
+    from mlx_grpo.tasks.templates import prompt_format
+
+    cfg = make_config(None, [("model.path", str(small_model_dir)), ("rollout.group_size", G),
+                             ("rollout.max_tokens", 6), ("train.prompts_per_step", 4), ("data.max_operand", 9),
+                             ("data.eval_size", 10)])
+    model, tok = load_model(ModelConfig(path=str(small_model_dir)))
+    mx.random.seed(0)
+    attach_adapters(model, cfg.adapter)
+    rows = load_task(cfg.data).train[:4]
+    out = grpo_step(model, tok, optim.AdamW(learning_rate=1e-3), rows, cfg, prompt_format(cfg.prompt),
+                    load_rewards(list(cfg.rewards), settings_for(cfg)))
+    assert isinstance(out, StepOutput)
+    m, samples = out
+    assert not any(k.startswith("_") for k in m)  # no samples hidden among the metrics
+    assert m["rows_updated"] == 16 and m["tokens"] > 0
+    assert len(samples) == 4  # rows 0, 4, 8, 12: one per prompt here
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in rows]
+    assert all(set(s) == {"prompt", "completion", "reward", "rewards", "advantage", "answer"} for s in samples)
