@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import restore_rng_key, rng_key
 from .config import Config, ConfigError
 from .float_base import device_kind
+from .learner import StepBatch
 from .preflight import GB, available_memory, estimate_memory, estimate_total, lower_settings
 
 MARGIN = 0.85  # a step may use this share of the memory available
@@ -74,8 +75,6 @@ def divisors_from(n: int, start: int) -> List[int]:
 def dry_batch(cfg: Config, vocab: int, prompt_tokens: int, rows: int):
     """A worst-case update micro-batch: ``rows`` rows of ceil(rows / G) distinct prompts of
     ``prompt_tokens`` tokens (no shared prefix), each completion ``max_tokens`` tokens long."""
-    from .learner import StepBatch
-
     G = cfg.rollout.group_size
     U = math.ceil(rows / G)
     rng = np.random.default_rng(0)  # token values don't change memory; NumPy keeps MLX's PRNG as it is
