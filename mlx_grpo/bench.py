@@ -104,21 +104,17 @@ class Session:
     """The model, tokenizer, prompts and GRPO pieces one benchmark run shares."""
 
     def __init__(self, cfg: Config, say: Callable[[str], None] = lambda _: None):
-        from .models import attach_adapters, load_model
-        from .rewards import load_rewards
+        from .policy import load_policy
         from .tasks import load_task
-        from .tasks.templates import prompt_format, render_prompt
 
         self.cfg = cfg
-        self.model, self.tokenizer = load_model(cfg.model, say=say)
-        mx.random.seed(cfg.train.seed)
-        attach_adapters(self.model, cfg.adapter)
-        self.fmt = prompt_format(cfg.prompt)
-        self.reward_fns = load_rewards(list(cfg.rewards))
+        self.policy = load_policy(cfg, say)  # as train builds it: the config's rewards and settings
+        self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
+        self.fmt, self.reward_fns = self.policy.prompter.fmt, self.policy.reward_fns
         data = load_task(cfg.data)
         n = cfg.train.prompts_per_step
         self.rows = (data.train * (n // max(1, len(data.train)) + 1))[:n]
-        self.prompts = [render_prompt(r["prompt"], self.fmt, self.tokenizer) for r in self.rows]
+        self.prompts = self.policy.prompter.prompts(self.rows)
 
     # ------------------------------------------------------------------ rollouts
 
@@ -210,7 +206,8 @@ class Session:
                 mx.synchronize()
                 mx.clear_cache()
                 mx.reset_peak_memory()
-                m = grpo_step(self.model, self.tokenizer, opt, self.rows, cfg, self.fmt, self.reward_fns)
+                m = grpo_step(self.model, self.tokenizer, opt, self.rows, cfg, self.fmt, self.reward_fns,
+                              self.policy.reference)
                 m.pop("_samples", None)
                 m["peak_memory_bytes"] = mx.get_peak_memory()
                 if i or not warmup:

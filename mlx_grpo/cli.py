@@ -308,9 +308,10 @@ def generate(config_path, run_dir, model, adapter, sets, debug, question, templa
             overrides.append(("rollout.temperature", temperature))
         cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
         from .generate import generate as run_generate
-        from .models import load_for_inference
+        from .policy import load_policy
 
-        loaded = load_for_inference(cfg.model, adapter)
+        policy = load_policy(cfg, adapter_dir=adapter, training=False)
+        loaded = (policy.model, policy.prompter)
         if samples == 1:
             run_generate(*loaded, question, cfg, 1, temperature, emit=lambda t: click.echo(t, nl=False))
             click.echo()

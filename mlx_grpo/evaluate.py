@@ -19,13 +19,13 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import Config, RolloutConfig
-from .rewards import load_rewards, score, settings_for
+from .rewards import load_rewards, score
 from .rewards.answers import answers_match, extract_answer, last_number
 from .rewards.countdown import countdown_correct
 from .rewards.format import is_strict_format
 from .rollout import sample_groups
 from .tasks import columns
-from .tasks.templates import PromptFormat, prompt_format, render_prompt
+from .tasks.templates import Prompter, prompter
 
 # The figures `eval --compare-base` and the run reports put side by side, in display order.
 HEADLINE = [
@@ -93,7 +93,7 @@ class Responses:
 
 
 def sample_responses(
-    model: nn.Module, tokenizer: Any, rows: Sequence[Dict[str, Any]], fmt: PromptFormat,
+    model: nn.Module, prompter: Prompter, rows: Sequence[Dict[str, Any]],
     rollout: RolloutConfig, group_size: int = 1, temperature: Optional[float] = None,
     batch_size: int = 128,
 ) -> Responses:
@@ -101,9 +101,10 @@ def sample_responses(
     out = Responses([], [], [], [])
     per_batch = max(1, batch_size // group_size)
     for start in range(0, len(rows), per_batch):
-        prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows[start : start + per_batch]]
-        ro = sample_groups(model, tokenizer, prompts, rollout, group_size=group_size, temperature=temperature)
-        out.texts += [fmt.response_prefix + t for t in ro.texts]
+        prompts = prompter.prompts(rows[start : start + per_batch])
+        ro = sample_groups(model, prompter.tokenizer, prompts, rollout, group_size=group_size,
+                           temperature=temperature)
+        out.texts += prompter.responses(ro.texts)
         out.prompts += [p for p in prompts for _ in range(group_size)]
         out.ids += ro.completion_ids()
         out.truncated += list(ro.truncated)
@@ -112,9 +113,8 @@ def sample_responses(
 
 def evaluate(
     model: nn.Module,
-    tokenizer: Any,
+    prompter: Prompter,
     rows: Sequence[Dict[str, Any]],
-    fmt: PromptFormat,
     rollout: RolloutConfig,
     max_tokens: int,
     batch_size: int = 128,
@@ -134,7 +134,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        greedy = sample_responses(model, tokenizer, rows, fmt, cfg, 1, 0.0, batch_size)
+        greedy = sample_responses(model, prompter, rows, cfg, 1, 0.0, batch_size)
         verdicts = [judge(t, r.get("answer"), r) for t, r in zip(greedy.texts, rows)]
         out: Dict[str, Any] = {
             "n": len(verdicts),
@@ -152,7 +152,7 @@ def evaluate(
             out.update({f"rewards/{k}": v for k, v in rw.means().items()})
         if samples and rows:
             temp = rollout.temperature if temperature is None else temperature
-            s_texts = sample_responses(model, tokenizer, rows, fmt, cfg, samples, temp, batch_size).texts
+            s_texts = sample_responses(model, prompter, rows, cfg, samples, temp, batch_size).texts
             sampled = [judge(t, rows[i // samples].get("answer"), rows[i // samples])
                        for i, t in enumerate(s_texts)]
             out["k"] = samples
@@ -178,7 +178,7 @@ def evaluate_held_out(
     """``evaluate`` with the run's prompt format, sampling settings, rewards and evaluation length."""
     tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
     return evaluate(
-        model, tokenizer, rows, prompt_format(cfg.prompt), cfg.rollout, tokens, samples=samples,
+        model, prompter(cfg.prompt, tokenizer), rows, cfg.rollout, tokens, samples=samples,
         temperature=temperature, rewards=cfg.rewards, reward_fns=reward_fns,
     )
 
@@ -195,17 +195,17 @@ def evaluate_config(
 
     Returns {"adapter" or "model": results} and, with ``compare_base``, "base" too.
     """
-    from .models import adapters_disabled, load_for_inference
+    from .models import adapters_disabled
+    from .policy import load_policy
     from .tasks import load_task
 
-    reward_fns = load_rewards(list(cfg.rewards), settings_for(cfg))  # fails before the model loads
     rows = load_task(cfg.data).held_out
     rows = rows[:limit] if limit else rows
-    model, tokenizer = load_for_inference(cfg.model, adapter_dir)
-    run = lambda: evaluate_held_out(model, tokenizer, rows, cfg, samples, temperature, reward_fns)  # noqa: E731
+    p = load_policy(cfg, adapter_dir=adapter_dir, training=False)
+    run = lambda: evaluate_held_out(p.model, p.tokenizer, rows, cfg, samples, temperature, p.reward_fns)  # noqa: E731
     out = {"adapter" if adapter_dir else "model": run()}
     if compare_base and adapter_dir:
-        with adapters_disabled(model):
+        with adapters_disabled(p.model):
             out["base"] = run()
     return out
 

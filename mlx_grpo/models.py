@@ -378,11 +378,3 @@ def load_adapters(model: nn.Module, adapter_dir: str) -> nn.Module:
         first = first_line(e)
         raise ModelLoadError(f"--adapter: {where / 'adapters.safetensors'}: cannot load adapters ({first})") from None
 
-
-def load_for_inference(cfg: ModelConfig, adapter_dir: Optional[str] = None) -> Tuple[nn.Module, Any]:
-    """The configured model with the adapters in ``adapter_dir`` attached (when given), in eval mode."""
-    model, tokenizer = load_model(cfg)
-    if adapter_dir:
-        load_adapters(model, adapter_dir)
-    model.eval()
-    return model, tokenizer

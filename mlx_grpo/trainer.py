@@ -44,24 +44,18 @@ from .evaluate import evaluate_held_out
 from .fit import fit_micro_batch
 from .loggers import Trackers
 from .loss import Normalizer, counted_tokens, grpo_loss, rows_in_loss
-from .models import (
-    adapters_disabled,
-    attach_adapters,
-    enable_grad_checkpoint,
-    load_model,
-    NonFiniteError,
-    save_adapters,
-)
+from .models import adapters_disabled, enable_grad_checkpoint, NonFiniteError, save_adapters
 from .interrupts import Interrupted, stop_on_signals
 from .outputs import RunDirError, adopt_run_dir, check_run_dir, prepare_run_dir  # noqa: F401 (RunDirError: re-exported)
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
-from .rewards import Rewards, load_rewards, score, settings_for
+from .policy import load_policy
+from .rewards import Rewards, score
 from .rollout import Rollouts, pad_id, row_keys, sample_groups
 from .sampling import Drawn, fill_with_spread
 from .scoring import completion_logprobs
 from .tasks import columns, load_task
 from .tripwires import Tripwires, fingerprint
-from .tasks.templates import PromptFormat, prompt_format, render_prompt
+from .tasks.templates import PromptFormat, render_prompt
 
 
 def make_schedule(cfg: TrainConfig, total_updates: int) -> Callable:
@@ -402,7 +396,6 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     main = distributed.is_main()
     if not main:
         say = lambda _: None  # noqa: E731 - rank 0 speaks for the run
-    reward_fns = load_rewards(list(cfg.rewards), settings_for(cfg))  # fail before loading a model
     data = load_task(cfg.data)
     ckpt = latest_checkpoint(out) if resume and main else None
     if resume and main and ckpt is None:
@@ -410,18 +403,9 @@ def train(cfg: Config, say: Callable[[str], None] = print, resume: bool = False)
     if not resume and main:
         check_run_dir(out, cfg.output.overwrite)
 
-    model, tokenizer = load_model(cfg.model, say=say)
-    ref_model = None
-    if cfg.model.reference:
-        ref_model, _ = load_model(cfg.model, cfg.model.reference, say=say)
-        ref_model.freeze()
-    # Seed after loading: building a model draws random initial weights before loading its own,
-    # so the adapters' initialisation and the rollouts don't depend on what else was loaded.
-    mx.random.seed(cfg.train.seed)
-    attach_adapters(model, cfg.adapter)
-    if cfg.train.grad_checkpoint:
-        enable_grad_checkpoint(model)
-    fmt = prompt_format(cfg.prompt)
+    policy = load_policy(cfg, say)  # the rewards first: a bad one fails before the model loads
+    model, tokenizer, ref_model = policy.model, policy.tokenizer, policy.reference
+    fmt, reward_fns = policy.prompter.fmt, policy.reward_fns
     longest_prompt = check_prompts(tokenizer, model, data, fmt, cfg)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
