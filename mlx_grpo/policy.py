@@ -15,7 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import Config
-from .models import attach_adapters, enable_grad_checkpoint, load_adapters, load_model
+from .forward import enable_grad_checkpoint
+from .models import attach_adapters, load_adapters, load_model
 from .rewards import RewardFn, configured_rewards
 from .tasks.templates import Prompter, prompter
 

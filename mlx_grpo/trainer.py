@@ -44,7 +44,8 @@ from .evaluate import evaluate_held_out
 from .fit import fit_micro_batch
 from .loggers import Trackers
 from .loss import Normalizer, counted_tokens, grpo_loss, rows_in_loss
-from .models import adapters_disabled, enable_grad_checkpoint, NonFiniteError, save_adapters
+from .forward import enable_grad_checkpoint
+from .models import adapters_disabled, NonFiniteError, save_adapters
 from .interrupts import Interrupted, stop_on_signals
 from .outputs import RunDirError, adopt_run_dir, check_run_dir, prepare_run_dir  # noqa: F401 (RunDirError: re-exported)
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
