@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Tuple
 
 import click
 
-from .config import ConfigError, make_config, parse_set
+from .config import TASK_REWARDS, ConfigError, choices, make_config, parse_set
 from .outputs import check_output_file
 
 # Command-line flags that are shortcuts for config keys (flag name -> dotted key).
@@ -39,6 +39,13 @@ TRAIN_FLAGS = {
     "task": "data.task",
     "prompt_format": "prompt.kind",
 }
+
+
+def key_help(key: str, text: str = "") -> str:
+    """An option's help: ``text``, the choices of the config key it sets (from the config's own
+    types, so help and checks cannot disagree), and the key."""
+    options = " | ".join(choices(key))
+    return " ".join(p for p in (text, options, f"[{key}].") if p)
 
 
 def user_errors() -> Tuple[type, ...]:
@@ -115,8 +122,8 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="Random seed [train.seed].")
 @click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path].")
 @click.option("--data", type=str, default=None, help="JSONL data file; sets data.task=jsonl [data.path].")
-@click.option("--task", type=str, default=None, help="arithmetic | countdown | gsm8k | dataset (jsonl) [data.task].")
-@click.option("--prompt-format", type=str, default=None, help="r1 | chat [prompt.kind].")
+@click.option("--task", type=str, default=None, help=f"{' | '.join(TASK_REWARDS)} [data.task].")
+@click.option("--prompt-format", type=str, default=None, help=key_help("prompt.kind"))
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, default=None, help="[train.learning_rate]")
 @click.option("--batch-size", type=int, default=None, help="Prompts per step [train.prompts_per_step].")
 @click.option("--group-size", "-G", type=int, default=None, help="Completions per prompt [rollout.group_size].")
@@ -125,8 +132,8 @@ def main() -> None:
 @click.option("--beta", type=float, default=None, help="KL coefficient [grpo.beta].")
 @click.option("--epsilon", type=float, default=None, help="Clip range [grpo.epsilon].")
 @click.option("--num-iterations", type=int, default=None, help="Updates per rollout batch, mu [grpo.num_iterations].")
-@click.option("--loss-type", type=str, default=None, help="grpo | bnpo | dr_grpo | dapo [grpo.loss_type].")
-@click.option("--adapter-type", type=str, default=None, help="lora | dora | full [adapter.type].")
+@click.option("--loss-type", type=str, default=None, help=key_help("grpo.loss_type"))
+@click.option("--adapter-type", type=str, default=None, help=key_help("adapter.type"))
 @click.option("--lora-rank", type=int, default=None, help="[adapter.rank]")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set grpo.beta=0.04 (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Reuse an output directory that already holds a run.")
@@ -292,7 +299,7 @@ def eval_cmd(config_path, run_dir, model, adapter, sets, debug, task, data, limi
 @main.command()
 @model_options
 @click.option("--prompt", "-p", "question", type=str, required=True, help="The question to answer.")
-@click.option("--template", type=click.Choice(["r1", "chat"]), default=None, help="Prompt template [prompt.kind].")
+@click.option("--template", type=click.Choice(choices("prompt.kind")), default=None, help="Prompt template [prompt.kind].")
 @click.option("--samples", "-k", type=click.IntRange(min=1), default=1, help="Completions to sample.")
 @click.option("--temperature", type=float, default=None, help="[rollout.temperature]; 0: greedy.")
 @click.option("--max-tokens", type=int, default=None, help="[rollout.max_tokens]")

@@ -239,4 +239,4 @@ def test_missing_tracker_library_is_a_clear_error(small_model_dir, tmp_path):
     out = tmp_path / "t"
     bad = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "1",
                   "--set", "output.log_to=[mlflow]")
-    assert bad.returncode == 2 and "output.log_to: must be one of tensorboard, wandb" in bad.stderr
+    assert bad.returncode == 2 and "output.log_to[0]: must be one of tensorboard, wandb, got 'mlflow'" in bad.stderr

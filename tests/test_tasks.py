@@ -90,7 +90,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path, text, msg):
 import subprocess
 import sys
 
-from mlx_grpo.config import ConfigError, CountdownConfig, make_config
+from mlx_grpo.config import TASK_REWARDS, ConfigError, CountdownConfig, make_config
 from mlx_grpo.evaluate import judge
 from mlx_grpo.rewards.countdown import countdown_correct
 from mlx_grpo.tasks import TASKS
@@ -171,8 +171,10 @@ def test_task_picks_its_reward_set_unless_rewards_are_configured(tmp_path):
     assert make_config(str(y)).rewards == {"format": 1.0}
     y.write_text("data:\n  task: gsm8k\n")
     assert make_config(str(y)).rewards == TASKS["gsm8k"].rewards
-    with pytest.raises(ConfigError, match="data.task: must be one of arithmetic, multistep, countdown, gsm8k, dataset, jsonl"):
-        make_config(None, [("data.task", "nosuch")])
+    # The task name is load_task's to check (the config knows only the reward sets, as data).
+    assert set(TASK_REWARDS) == set(TASKS)
+    with pytest.raises(DataError, match="data.task: unknown task 'nosuch' .known: arithmetic, multistep, countdown, gsm8k, dataset, jsonl"):
+        load_task(make_config(None, [("data.task", "nosuch")]).data)
     with pytest.raises(ConfigError, match="data.countdown.numbers: must be in 2..6"):
         make_config(None, [("data.countdown.numbers", 9)])
     with pytest.raises(ConfigError, match="data.path: required when data.task is dataset"):
