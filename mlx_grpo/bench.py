@@ -22,15 +22,24 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
 
+from . import blas
+from .assets.make_tiny_model import build_model
 from .config import EMBEDDED_MODEL, Config, make_config
 from .float_base import device_kind
+from .policy import load_policy
+from .rollout import encode_prompt, make_sampler, sample_groups, stop_token_ids
+from .tasks import load_task
+from .trainer import grpo_step
 
 # --large: a randomly initialised ~100M-parameter llama with the embedded model's tokenizer.
 LARGE = {"hidden": 768, "layers": 10, "heads": 12, "ffn": 3072}
@@ -52,9 +61,6 @@ QUICK = BenchSettings(prompts=2, group_size=4, max_tokens=8, reps=1, steps=1, bl
 
 def large_model_dir(cache_root: Optional[Path] = None) -> Path:
     """Build (once, cached) a random ~100M-parameter model in the HF layout; returns its dir."""
-    from mlx.utils import tree_flatten
-
-    from .assets.make_tiny_model import build_model
 
     root = cache_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-grpo"
     tag = "-".join(f"{k}{v}" for k, v in LARGE.items())
@@ -90,23 +96,10 @@ def bench_config(config_path: Optional[str], model: Optional[str], s: BenchSetti
     return make_config(config_path, overrides)
 
 
-def _median_time(fn: Callable[[], Any], reps: int) -> Tuple[float, Any]:
-    fn()  # warm-up: compilation, allocator, caches
-    times, out = [], None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
 class Session:
     """The model, tokenizer, prompts and GRPO pieces one benchmark run shares."""
 
     def __init__(self, cfg: Config, say: Callable[[str], None] = lambda _: None):
-        from .policy import load_policy
-        from .tasks import load_task
-
         self.cfg = cfg
         self.policy = load_policy(cfg, say)  # as train builds it: the config's rewards and settings
         self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
@@ -119,18 +112,12 @@ class Session:
     # ------------------------------------------------------------------ rollouts
 
     def ours(self, temperature: Optional[float] = None, compiled: bool = True):
-        from dataclasses import replace
-
-        from .rollout import sample_groups
-
         rcfg = replace(self.cfg.rollout, stop=[])  # EOS only, as batch_generate
         return sample_groups(self.model, self.tokenizer, self.prompts, rcfg, temperature=temperature,
                              compiled=compiled)
 
     def peer(self, temperature: Optional[float] = None, group_size: Optional[int] = None):
         from mlx_lm.generate import batch_generate
-
-        from .rollout import encode_prompt, make_sampler
 
         G = self.cfg.rollout.group_size if group_size is None else group_size
         rows = [encode_prompt(self.tokenizer, p) for p in self.prompts for _ in range(G)]
@@ -165,8 +152,6 @@ class Session:
 
     def greedy_check(self) -> Dict[str, Any]:
         """Greedy completions of both engines, one row per prompt, compared token for token."""
-        from .rollout import stop_token_ids
-
         eos, _, _ = stop_token_ids(self.tokenizer, [])
         ro = self.ours(temperature=0.0)
         G = self.cfg.rollout.group_size
@@ -187,15 +172,8 @@ class Session:
     def grpo_steps(self, n: int, beta: Optional[float] = None, warmup: bool = True) -> List[Dict[str, Any]]:
         """Run (1 warm-up +) ``n`` GRPO steps from the current weights and a fixed seed; their
         metrics. The weights are restored afterwards, so every call starts from the same policy."""
-        import mlx.optimizers as optim
-        from mlx.utils import tree_flatten, tree_unflatten
-
-        from .trainer import grpo_step
-
         cfg = self.cfg
         if beta is not None:
-            from dataclasses import replace
-
             cfg = replace(cfg, grpo=replace(cfg.grpo, beta=beta))
         start = [(k, mx.array(v)) for k, v in tree_flatten(self.model.trainable_parameters())]
         opt = optim.AdamW(learning_rate=cfg.train.learning_rate)
@@ -237,8 +215,6 @@ def peak_memory(sess: Session, beta: float) -> Dict[str, float]:
 
 def blas_applies() -> Optional[str]:
     """None when the fast-vs-bundled BLAS comparison applies here, else why not."""
-    from . import blas
-
     if device_kind() != "cpu" or not sys.platform.startswith("linux"):
         return f"not on Linux with MLX's CPU backend (device {device_kind()})"
     if not blas.preloaded(dict(os.environ)):
@@ -248,8 +224,6 @@ def blas_applies() -> Optional[str]:
 
 def bundled_env(env: Dict[str, str]) -> Dict[str, str]:
     """This environment without the preloaded fast BLAS, and told not to load one."""
-    from . import blas
-
     out = dict(env)
     lib = blas.preloaded(env)
     rest = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != lib]
@@ -298,8 +272,6 @@ def run_bench(config_path: Optional[str] = None, model: Optional[str] = None, la
     cfg = bench_config(config_path, model, s)
     say(f"loading {cfg.model.path} ...")
     sess = Session(cfg)
-    from mlx.utils import tree_flatten
-
     result: Dict[str, Any] = {
         "model": cfg.model.path,
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
@@ -351,8 +323,6 @@ def distributed_throughput(processes: int, steps: int, model: Optional[str] = No
     between processes), median over the steps after the first (a warm-up). On one machine the
     processes share its cores, so N processes are faster only where one leaves hardware idle.
     """
-    import tempfile
-
     root = Path(__file__).resolve().parents[1]
     args = ["--steps", str(steps), "--seed", "0", "--no-progress", "--set", "output.eval_size=1",
             "--set", "output.save_every=0", *(["--model", model] if model else []), *extra]

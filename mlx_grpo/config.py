@@ -8,6 +8,8 @@ The defaults are the embedded offline run (the tiny model on the arithmetic task
 
 from __future__ import annotations
 
+from .errors import UserError
+
 import dataclasses
 import math
 import typing
@@ -22,7 +24,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODEL = str(ASSETS / "tiny-r1")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config key or value; the message names the key and, where known, the file."""
 
 

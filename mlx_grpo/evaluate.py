@@ -19,12 +19,12 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import Config, RolloutConfig
+from .models import adapters_disabled
+from .policy import load_policy
 from .rewards import load_rewards, score
-from .rewards.answers import answers_match, extract_answer, last_number
-from .rewards.countdown import countdown_correct
-from .rewards.format import is_strict_format
 from .rollout import sample_groups
-from .tasks import columns
+from .tasks import TASKS, columns, load_task
+from .tasks.judges import Judge, judge_answer
 from .tasks.templates import Prompter, prompter
 
 # The figures `eval --compare-base` and the run reports put side by side, in display order.
@@ -36,23 +36,6 @@ HEADLINE = [
     ("mean_length", "length"),
     ("truncated_rate", "truncated"),
 ]
-
-
-def judge(response: str, reference: Any, row: Optional[Mapping[str, Any]] = None) -> Dict[str, bool]:
-    """Format, strict and lenient correctness of one full response (prefix + completion).
-
-    A countdown row (with ``numbers`` and ``target``) is correct when its <answer> is a valid
-    equation; lenient then means "correct whatever the layout around it".
-    """
-    fmt = is_strict_format(response)
-    if row is not None and row.get("numbers") is not None and row.get("target") is not None:
-        ok = countdown_correct(extract_answer(response), row["numbers"], row["target"])
-        return {"format": fmt, "strict": fmt and ok, "lenient": ok}
-    return {
-        "format": fmt,
-        "strict": fmt and answers_match(extract_answer(response), reference),
-        "lenient": answers_match(last_number(response), reference),
-    }
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -122,8 +105,10 @@ def evaluate(
     temperature: Optional[float] = None,
     rewards: Optional[Mapping[str, float]] = None,
     reward_fns: Optional[Mapping[str, Callable]] = None,
+    judge: Judge = judge_answer,
 ) -> Dict[str, Any]:
     """Greedy-decode every row; with ``samples`` K >= 1 also sample K per row for pass@1/pass@K.
+    ``judge``: the task's (``tasks.judges``), by default the reference ``answer`` column's.
 
     Returns n, accuracy, lenient_accuracy, format_rate, reward_mean and rewards/<name> (the
     configured rewards on the greedy completions), mean_length, truncated_rate and, with samples,
@@ -135,7 +120,7 @@ def evaluate(
     model.eval()
     try:
         greedy = sample_responses(model, prompter, rows, cfg, 1, 0.0, batch_size)
-        verdicts = [judge(t, r.get("answer"), r) for t, r in zip(greedy.texts, rows)]
+        verdicts = [judge(t, r) for t, r in zip(greedy.texts, rows)]
         out: Dict[str, Any] = {
             "n": len(verdicts),
             "accuracy": _mean([v["strict"] for v in verdicts]),
@@ -153,8 +138,7 @@ def evaluate(
         if samples and rows:
             temp = rollout.temperature if temperature is None else temperature
             s_texts = sample_responses(model, prompter, rows, cfg, samples, temp, batch_size).texts
-            sampled = [judge(t, rows[i // samples].get("answer"), rows[i // samples])
-                       for i, t in enumerate(s_texts)]
+            sampled = [judge(t, rows[i // samples]) for i, t in enumerate(s_texts)]
             out["k"] = samples
             out["sample_temperature"] = temp
             for prefix, kind in (("", "strict"), ("lenient_", "lenient")):
@@ -180,6 +164,7 @@ def evaluate_held_out(
     return evaluate(
         model, prompter(cfg.prompt, tokenizer), rows, cfg.rollout, tokens, samples=samples,
         temperature=temperature, rewards=cfg.rewards, reward_fns=reward_fns,
+        judge=TASKS[cfg.data.task].judge,
     )
 
 
@@ -195,10 +180,6 @@ def evaluate_config(
 
     Returns {"adapter" or "model": results} and, with ``compare_base``, "base" too.
     """
-    from .models import adapters_disabled
-    from .policy import load_policy
-    from .tasks import load_task
-
     rows = load_task(cfg.data).held_out
     rows = rows[:limit] if limit else rows
     p = load_policy(cfg, adapter_dir=adapter_dir, training=False)

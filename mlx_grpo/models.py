@@ -20,16 +20,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import AdapterConfig, ConfigError, ModelConfig
-from .errors import first_line
+from .errors import RunFault, UserError, first_line
+from .float_base import float_base
+from .preflight import available_memory
 
-ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 
-
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model that cannot be found or read; the message names the path or Hub id."""
 
 
-class NonFiniteError(ArithmeticError):
+class NonFiniteError(RunFault, ArithmeticError):
     """NaN or infinite values where weights are about to be written; nothing was written."""
 
 
@@ -66,9 +66,6 @@ def load_model(cfg: ModelConfig, path: Optional[str] = None,
     except Exception as e:  # no network, unknown architecture, bad weights: one line, named
         first = first_line(e)
         raise ModelLoadError(f"model.path: cannot load {target}: {first}") from None
-    from .float_base import float_base
-    from .preflight import available_memory
-
     float_base(model, cfg.float_base, available_memory(), say)
     return model, tokenizer
 

@@ -16,6 +16,8 @@ Every check here changes nothing on disk, so a refused run leaves the directory 
 
 from __future__ import annotations
 
+from .errors import UserError
+
 import json
 import os
 import re
@@ -31,7 +33,7 @@ RUN_FILES = (
 )
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """An output path that cannot be used; the message names the path and what to do."""
 
 

@@ -91,7 +91,6 @@ import subprocess
 import sys
 
 from mlx_grpo.config import TASK_REWARDS, ConfigError, CountdownConfig, make_config
-from mlx_grpo.evaluate import judge
 from mlx_grpo.rewards.countdown import countdown_correct
 from mlx_grpo.tasks import TASKS
 from mlx_grpo.tasks import countdown
@@ -155,10 +154,14 @@ def test_countdown_impossible_settings_are_data_errors(data, msg):
 
 def test_countdown_held_out_judged_by_equation():
     row = {"prompt": "q", "numbers": [1, 2, 3], "target": 9}
-    assert judge("<think>x</think><answer>(1 + 2) * 3</answer>", None, row) == {
+    judge = TASKS["countdown"].judge
+    assert judge("<think>x</think><answer>(1 + 2) * 3</answer>", row) == {
         "format": True, "strict": True, "lenient": True}
-    assert judge("<answer>(1 + 2) * 3</answer>", None, row) == {"format": False, "strict": False, "lenient": True}
-    assert judge("<think>x</think><answer>9</answer>", None, row)["strict"] is False
+    assert judge("<answer>(1 + 2) * 3</answer>", row) == {"format": False, "strict": False, "lenient": True}
+    assert judge("<think>x</think><answer>9</answer>", row)["strict"] is False
+    # A user's dataset of countdown puzzles is judged as countdown; other tasks by their answer.
+    assert TASKS["dataset"].judge("<answer>(1 + 2) * 3</answer>", row)["lenient"] is True
+    assert TASKS["arithmetic"].judge("<think>x</think><answer>9</answer>", {"answer": "9"})["strict"] is True
 
 
 def test_task_picks_its_reward_set_unless_rewards_are_configured(tmp_path):

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from ..config import TASK_REWARDS, DataConfig
 from . import arithmetic, countdown, gsm8k
+from .judges import Judge, judge_answer, judge_countdown, judge_dataset_row
 from .files import (
     DataError,
     Fields,
@@ -91,6 +92,7 @@ class Task:
 
     name: str
     load: Callable[[DataConfig], TaskData]
+    judge: Judge  # how a held-out answer is judged (tasks/judges.py)
     summary: str = ""
 
     @property
@@ -102,14 +104,14 @@ class Task:
 TASKS: Dict[str, Task] = {
     t.name: t
     for t in [
-        Task("arithmetic", _arithmetic, "a + b with a, b in 0..data.max_operand, generated"),
-        Task("multistep", _multistep,
+        Task("arithmetic", _arithmetic, judge_answer, "a + b with a, b in 0..data.max_operand, generated"),
+        Task("multistep", _multistep, judge_answer,
              "a + b + c with a, b, c in 0..data.max_operand, generated (two steps of addition)"),
-        Task("countdown", _countdown, "reach a target from given numbers with + - * /, generated (data.countdown)"),
-        Task("gsm8k", _gsm8k, "openai/gsm8k from the Hub, or data.path: a local file or folder of the same shape"),
-        Task("dataset", _dataset,
+        Task("countdown", _countdown, judge_countdown, "reach a target from given numbers with + - * /, generated (data.countdown)"),
+        Task("gsm8k", _gsm8k, judge_answer, "openai/gsm8k from the Hub, or data.path: a local file or folder of the same shape"),
+        Task("dataset", _dataset, judge_dataset_row,
              "data.path: a JSONL/Parquet file, a folder of them or a Hub dataset id; fields from data.*"),
-        Task("jsonl", _dataset, "the same as dataset (the older name)"),
+        Task("jsonl", _dataset, judge_dataset_row, "the same as dataset (the older name)"),
     ]
 }
 
