@@ -20,7 +20,7 @@ def group_advantages(
     if r.ndim != 1 or r.size % group_size:
         raise ValueError(f"{r.size} rewards do not split into groups of {group_size}")
     # Rewards beyond float range give inf/NaN advantages without a NumPy warning: the update then
-    # sees a non-finite loss and is skipped and counted (trainer), which is the report.
+    # sees a non-finite loss and is skipped and counted (trainer.loop), which is the report.
     with np.errstate(over="ignore", invalid="ignore"):
         return _advantages(r.reshape(-1, group_size), r, scale, eps)
 

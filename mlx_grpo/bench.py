@@ -22,15 +22,25 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
 
+from . import blas
+from .assets.make_tiny_model import build_model
 from .config import EMBEDDED_MODEL, Config, make_config
 from .float_base import device_kind
+from .policy import load_policy
+from .rollout import encode_prompt, make_sampler, sample_groups, stop_token_ids
+from .tasks import load_task
+from .rundir import METRICS, SUMMARY
+from .step import grpo_step
 
 # --large: a randomly initialised ~100M-parameter llama with the embedded model's tokenizer.
 LARGE = {"hidden": 768, "layers": 10, "heads": 12, "ffn": 3072}
@@ -52,9 +62,6 @@ QUICK = BenchSettings(prompts=2, group_size=4, max_tokens=8, reps=1, steps=1, bl
 
 def large_model_dir(cache_root: Optional[Path] = None) -> Path:
     """Build (once, cached) a random ~100M-parameter model in the HF layout; returns its dir."""
-    from mlx.utils import tree_flatten
-
-    from .assets.make_tiny_model import build_model
 
     root = cache_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-grpo"
     tag = "-".join(f"{k}{v}" for k, v in LARGE.items())
@@ -90,51 +97,28 @@ def bench_config(config_path: Optional[str], model: Optional[str], s: BenchSetti
     return make_config(config_path, overrides)
 
 
-def _median_time(fn: Callable[[], Any], reps: int) -> Tuple[float, Any]:
-    fn()  # warm-up: compilation, allocator, caches
-    times, out = [], None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
 class Session:
     """The model, tokenizer, prompts and GRPO pieces one benchmark run shares."""
 
     def __init__(self, cfg: Config, say: Callable[[str], None] = lambda _: None):
-        from .models import attach_adapters, load_model
-        from .rewards import load_rewards
-        from .tasks import load_task
-        from .tasks.templates import prompt_format, render_prompt
-
         self.cfg = cfg
-        self.model, self.tokenizer = load_model(cfg.model, say=say)
-        mx.random.seed(cfg.train.seed)
-        attach_adapters(self.model, cfg.adapter)
-        self.fmt = prompt_format(cfg.prompt)
-        self.reward_fns = load_rewards(list(cfg.rewards))
+        self.policy = load_policy(cfg, say)  # as train builds it: the config's rewards and settings
+        self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
+        self.fmt, self.reward_fns = self.policy.prompter.fmt, self.policy.reward_fns
         data = load_task(cfg.data)
         n = cfg.train.prompts_per_step
         self.rows = (data.train * (n // max(1, len(data.train)) + 1))[:n]
-        self.prompts = [render_prompt(r["prompt"], self.fmt, self.tokenizer) for r in self.rows]
+        self.prompts = self.policy.prompter.prompts(self.rows)
 
     # ------------------------------------------------------------------ rollouts
 
     def ours(self, temperature: Optional[float] = None, compiled: bool = True):
-        from dataclasses import replace
-
-        from .rollout import sample_groups
-
         rcfg = replace(self.cfg.rollout, stop=[])  # EOS only, as batch_generate
         return sample_groups(self.model, self.tokenizer, self.prompts, rcfg, temperature=temperature,
                              compiled=compiled)
 
     def peer(self, temperature: Optional[float] = None, group_size: Optional[int] = None):
         from mlx_lm.generate import batch_generate
-
-        from .rollout import encode_prompt, make_sampler
 
         G = self.cfg.rollout.group_size if group_size is None else group_size
         rows = [encode_prompt(self.tokenizer, p) for p in self.prompts for _ in range(G)]
@@ -169,8 +153,6 @@ class Session:
 
     def greedy_check(self) -> Dict[str, Any]:
         """Greedy completions of both engines, one row per prompt, compared token for token."""
-        from .rollout import stop_token_ids
-
         eos, _, _ = stop_token_ids(self.tokenizer, [])
         ro = self.ours(temperature=0.0)
         G = self.cfg.rollout.group_size
@@ -191,15 +173,8 @@ class Session:
     def grpo_steps(self, n: int, beta: Optional[float] = None, warmup: bool = True) -> List[Dict[str, Any]]:
         """Run (1 warm-up +) ``n`` GRPO steps from the current weights and a fixed seed; their
         metrics. The weights are restored afterwards, so every call starts from the same policy."""
-        import mlx.optimizers as optim
-        from mlx.utils import tree_flatten, tree_unflatten
-
-        from .step import grpo_step
-
         cfg = self.cfg
         if beta is not None:
-            from dataclasses import replace
-
             cfg = replace(cfg, grpo=replace(cfg.grpo, beta=beta))
         start = [(k, mx.array(v)) for k, v in tree_flatten(self.model.trainable_parameters())]
         opt = optim.AdamW(learning_rate=cfg.train.learning_rate)
@@ -210,7 +185,8 @@ class Session:
                 mx.synchronize()
                 mx.clear_cache()
                 mx.reset_peak_memory()
-                m = grpo_step(self.model, self.tokenizer, opt, self.rows, cfg, self.fmt, self.reward_fns).metrics
+                m = grpo_step(self.model, self.tokenizer, opt, self.rows, cfg, self.fmt, self.reward_fns,
+                              self.policy.reference).metrics
                 m["peak_memory_bytes"] = mx.get_peak_memory()
                 if i or not warmup:
                     out.append(m)
@@ -239,8 +215,6 @@ def peak_memory(sess: Session, beta: float) -> Dict[str, float]:
 
 def blas_applies() -> Optional[str]:
     """None when the fast-vs-bundled BLAS comparison applies here, else why not."""
-    from . import blas
-
     if device_kind() != "cpu" or not sys.platform.startswith("linux"):
         return f"not on Linux with MLX's CPU backend (device {device_kind()})"
     if not blas.preloaded(dict(os.environ)):
@@ -250,8 +224,6 @@ def blas_applies() -> Optional[str]:
 
 def bundled_env(env: Dict[str, str]) -> Dict[str, str]:
     """This environment without the preloaded fast BLAS, and told not to load one."""
-    from . import blas
-
     out = dict(env)
     lib = blas.preloaded(env)
     rest = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != lib]
@@ -300,8 +272,6 @@ def run_bench(config_path: Optional[str] = None, model: Optional[str] = None, la
     cfg = bench_config(config_path, model, s)
     say(f"loading {cfg.model.path} ...")
     sess = Session(cfg)
-    from mlx.utils import tree_flatten
-
     result: Dict[str, Any] = {
         "model": cfg.model.path,
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
@@ -353,10 +323,6 @@ def distributed_throughput(processes: int, steps: int, model: Optional[str] = No
     between processes), median over the steps after the first (a warm-up). On one machine the
     processes share its cores, so N processes are faster only where one leaves hardware idle.
     """
-    import tempfile
-
-    from .rundir import METRICS, SUMMARY
-
     root = Path(__file__).resolve().parents[1]
     args = ["--steps", str(steps), "--seed", "0", "--no-progress", "--set", "output.eval_size=1",
             "--set", "output.save_every=0", *(["--model", model] if model else []), *extra]

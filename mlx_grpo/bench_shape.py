@@ -24,9 +24,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
+from . import decode
 from .bench import BenchSettings, Session, bench_config
 from .float_base import device_kind
+from .preflight import estimate_memory, estimate_total
+from .rollout import encode_prompt
 from .shapes import SHAPES, shape_dir
 
 GB = 1e9
@@ -56,8 +60,6 @@ def process_peak() -> Optional[float]:
 def decode_clock(times: List[float]) -> Iterator[None]:
     """Record the time of every decode step of rollouts run inside the block: the gap between two
     calls is one token's full cost (the step, sampling and the bookkeeping that waits for it)."""
-    from . import decode
-
     originals = {cls: cls.step for cls in (decode.StaticDecoder, decode.EagerDecoder)}
 
     def timed(original: Callable) -> Callable:
@@ -87,9 +89,6 @@ def per_token(times: List[float]) -> Dict[str, float]:
 
 def step_memory(sess: Session, beta: float) -> Dict[str, Any]:
     """One GRPO step with ``beta``: its split, measured peaks and the preflight estimate."""
-    from .preflight import estimate_memory, estimate_total
-    from .rollout import encode_prompt
-
     cfg = replace(sess.cfg, grpo=replace(sess.cfg.grpo, beta=beta))
     longest = max(len(encode_prompt(sess.tokenizer, p)) for p in sess.prompts)
     est = estimate_memory(sess.model, cfg, longest)
@@ -129,8 +128,6 @@ def run_shape_bench(shape: str, bits: int = 4, prompts: int = 2, group_size: int
                     beta: float = 0.1) -> Dict[str, Any]:
     """Every measurement of the module docstring, on shape ``shape`` (a name in ``SHAPES``) or a
     model path / Hub id; returns one JSON-ready dict."""
-    from mlx.utils import tree_flatten
-
     if shape in SHAPES:
         say(f"building/loading the {shape} shape ({bits or 32}-bit random weights; cached) ...")
         model = str(shape_dir(shape, bits))

@@ -8,6 +8,7 @@ start, so the CLI re-executes itself once with it set (``maybe_reexec``).
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import sys
@@ -96,8 +97,6 @@ def maybe_reexec(argv: List[str], env: Dict[str, str]) -> None:
 def limit_threads(n: int, env: Dict[str, str]) -> bool:
     """Cap the preloaded BLAS at ``n`` threads (processes sharing a machine would otherwise each
     start one per core, and their spinning threads starve each other); True when it applied."""
-    import ctypes
-
     lib = preloaded(env)
     if lib is None:
         return False

@@ -36,7 +36,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import Config, ConfigError, make_config, save_config
-from .errors import first_line
+from .errors import UserError, first_line
 from .models import check_finite, save_adapters
 from .rundir import ADAPTERS, CHECKPOINTS, CONFIG, LOGS
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -53,7 +53,7 @@ RESUMABLE_KEYS = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """No usable checkpoint, or one that does not fit this run; the message names the directory."""
 
 

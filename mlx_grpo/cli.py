@@ -1,13 +1,22 @@
 """The command line: each command parses its options, builds one Config, calls one function.
 
-Errors the user can fix (bad config key, missing file, unloadable model, bad reward) end with a
-one-line message and exit code 2; a run stopped by a fault (out of memory, non-finite losses) with
-a one-line message and exit code 1; a run stopped by SIGINT/SIGTERM saves a checkpoint, says how to
-resume, and exits with 130/143. ``--debug`` shows the traceback instead.
+Errors the user can fix (``errors.UserError``: bad config key, missing file, unloadable model, bad
+reward) end with a one-line message and exit code 2; a run stopped by a fault (``errors.RunFault``:
+out of memory, non-finite losses) with a one-line message and exit code 1, both through one guard
+(``reported``); a run stopped by SIGINT/SIGTERM saves a checkpoint, says how to resume, and exits
+with 130/143. ``--debug`` shows the traceback instead.
+
+Imports inside functions, here and in the package, are there for one of four reasons only:
+a command imports its own module when it runs, so ``--help``, ``plot``, ``runs`` and
+``reward --completions`` start without MLX (and mlx-lm, which imports transformers: seconds);
+``blas.py`` chooses the BLAS before MLX is loaded (the main group re-executes with it preloaded);
+optional extras (matplotlib, wandb, tensorboard, pyarrow, math-verify) load only when asked for;
+and one import cycle (``fit`` measures with the trainer's step batch).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -15,7 +24,8 @@ from typing import Any, List, Optional, Tuple
 
 import click
 
-from .config import ConfigError, make_config, parse_set
+from .config import TASK_REWARDS, ConfigError, choices, make_config, parse_set
+from .errors import RunFault, UserError
 from .rundir import check_output_file
 
 # Command-line flags that are shortcuts for config keys (flag name -> dotted key).
@@ -41,31 +51,16 @@ TRAIN_FLAGS = {
 }
 
 
-def user_errors() -> Tuple[type, ...]:
-    """Exception types that mean bad input (reported in one line), not a bug."""
-    from .checkpoint import CheckpointError
-    from .models import ModelLoadError
-    from .shapes import ShapeError
-    from .rewards import RewardError
-    from .tasks import DataError
-    from .rundir import RunDirError
-
-    return (ConfigError, ModelLoadError, RewardError, DataError, RunDirError, CheckpointError,
-            FileNotFoundError, ShapeError)
+def key_help(key: str, text: str = "") -> str:
+    """An option's help: ``text``, the choices of the config key it sets (from the config's own
+    types, so help and checks cannot disagree), and the key."""
+    options = " | ".join(choices(key))
+    return " ".join(p for p in (text, options, f"[{key}].") if p)
 
 
-def run_faults() -> Tuple[type, ...]:
-    """Exception types that stop a run for a stated reason (reported in one line, exit 1)."""
-    from .distributed import PeerLost
-    from .models import NonFiniteError
-    from .preflight import OutOfMemory
-
-    return (NonFiniteError, OutOfMemory, PeerLost)
-
-
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
     click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _self_argv() -> List[str]:
@@ -115,8 +110,8 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="Random seed [train.seed].")
 @click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path].")
 @click.option("--data", type=str, default=None, help="JSONL data file; sets data.task=jsonl [data.path].")
-@click.option("--task", type=str, default=None, help="arithmetic | countdown | gsm8k | dataset (jsonl) [data.task].")
-@click.option("--prompt-format", type=str, default=None, help="r1 | chat [prompt.kind].")
+@click.option("--task", type=str, default=None, help=f"{' | '.join(TASK_REWARDS)} [data.task].")
+@click.option("--prompt-format", type=str, default=None, help=key_help("prompt.kind"))
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, default=None, help="[train.learning_rate]")
 @click.option("--batch-size", type=int, default=None, help="Prompts per step [train.prompts_per_step].")
 @click.option("--group-size", "-G", type=int, default=None, help="Completions per prompt [rollout.group_size].")
@@ -125,8 +120,8 @@ def main() -> None:
 @click.option("--beta", type=float, default=None, help="KL coefficient [grpo.beta].")
 @click.option("--epsilon", type=float, default=None, help="Clip range [grpo.epsilon].")
 @click.option("--num-iterations", type=int, default=None, help="Updates per rollout batch, mu [grpo.num_iterations].")
-@click.option("--loss-type", type=str, default=None, help="grpo | bnpo | dr_grpo | dapo [grpo.loss_type].")
-@click.option("--adapter-type", type=str, default=None, help="lora | dora | full [adapter.type].")
+@click.option("--loss-type", type=str, default=None, help=key_help("grpo.loss_type"))
+@click.option("--adapter-type", type=str, default=None, help=key_help("adapter.type"))
 @click.option("--lora-rank", type=int, default=None, help="[adapter.rank]")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set grpo.beta=0.04 (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Reuse an output directory that already holds a run.")
@@ -145,37 +140,38 @@ def train(config_path: Optional[str], sets: Tuple[str, ...], overwrite: bool, re
     from .interrupts import Interrupted
 
     try:
-        overrides: List[Tuple[str, Any]] = []
-        if flags.get("data") is not None and flags.get("task") is None:
-            overrides.append(("data.task", "jsonl"))
-        overrides += [(TRAIN_FLAGS[k], v) for k, v in flags.items() if v is not None]
-        overrides += [parse_set(s) for s in sets]
-        if no_progress:
-            overrides.append(("output.progress", False))
-        if resume_dir is not None:
-            from .checkpoint import resume_config
+        with reported(debug):
+            overrides: List[Tuple[str, Any]] = []
+            if flags.get("data") is not None and flags.get("task") is None:
+                overrides.append(("data.task", "jsonl"))
+            overrides += [(TRAIN_FLAGS[k], v) for k, v in flags.items() if v is not None]
+            overrides += [parse_set(s) for s in sets]
+            if no_progress:
+                overrides.append(("output.progress", False))
+            if resume_dir is not None:
+                from .checkpoint import resume_config
 
-            if overwrite or config_path:
-                raise ConfigError(f"--resume {resume_dir}: the run keeps its own config and directory; "
-                                  "drop --overwrite/--config")
-            if flags.get("output") is not None and flags["output"] != resume_dir:
-                raise ConfigError(f"--output: --resume continues {resume_dir} in place, got {flags['output']}")
-            # Under mlx.launch only rank 0 reads the run (other machines need no copy of it).
-            cfg = resume_config(resume_dir, overrides) if distributed.is_main() else None
-        else:
-            if overwrite:
-                overrides.append(("output.overwrite", True))
-            cfg = make_config(config_path, overrides)
-        if distributed.size() > 1:  # every process runs rank 0's config
-            from .config import config_from_dict
+                if overwrite or config_path:
+                    raise ConfigError(f"--resume {resume_dir}: the run keeps its own config and directory; "
+                                      "drop --overwrite/--config")
+                if flags.get("output") is not None and flags["output"] != resume_dir:
+                    raise ConfigError(f"--output: --resume continues {resume_dir} in place, got {flags['output']}")
+                # Under mlx.launch only rank 0 reads the run (other machines need no copy of it).
+                cfg = resume_config(resume_dir, overrides) if distributed.is_main() else None
+            else:
+                if overwrite:
+                    overrides.append(("output.overwrite", True))
+                cfg = make_config(config_path, overrides)
+            if distributed.size() > 1:  # every process runs rank 0's config
+                from .config import config_from_dict
 
-            cfg = config_from_dict(distributed.broadcast(cfg.to_dict() if cfg is not None else None))
-        from . import blas
-        from .trainer import train as run_training
+                cfg = config_from_dict(distributed.broadcast(cfg.to_dict() if cfg is not None else None))
+            from . import blas
+            from .trainer import train as run_training
 
-        if distributed.is_main():
-            click.echo(f"mlx-grpo: {blas.describe(dict(os.environ))}")
-        run_training(cfg, resume=resume_dir is not None)
+            if distributed.is_main():
+                click.echo(f"mlx-grpo: {blas.describe(dict(os.environ))}")
+            run_training(cfg, resume=resume_dir is not None)
     except Interrupted as e:
         if distributed.is_main():  # rank 0 saved the checkpoint and says how to resume
             click.echo(str(e), err=True)
@@ -183,22 +179,19 @@ def train(config_path: Optional[str], sets: Tuple[str, ...], overwrite: bool, re
     except KeyboardInterrupt:
         click.echo("interrupted; nothing saved since the last checkpoint", err=True)
         sys.exit(130)
-    except Exception as e:
-        if debug or not isinstance(e, user_errors() + run_faults()):
-            raise
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2 if isinstance(e, user_errors()) else 1)
 
 
 @contextmanager
 def reported(debug: bool):
-    """Turn a user error into ``error: ...`` and exit 2 (``--debug``: the traceback instead)."""
+    """The one guard every command runs in: a user error becomes ``error: ...`` and exit 2, a run
+    fault ``error: ...`` and exit 1 (``--debug``: the traceback instead). A missing file the user
+    named (``FileNotFoundError``) is a user error too; anything else is a bug and shows its traceback."""
     try:
         yield
-    except Exception as e:
-        if debug or not isinstance(e, user_errors()):
+    except (UserError, RunFault, FileNotFoundError) as e:
+        if debug:
             raise
-        fail(str(e))
+        fail(str(e), RunFault.exit_code if isinstance(e, RunFault) else UserError.exit_code)
 
 
 def model_config(
@@ -214,7 +207,7 @@ def model_config(
     if run_dir:
         run_cfg = Path(run_dir) / CONFIG
         if not run_cfg.is_file():
-            raise FileNotFoundError(f"--run: {run_dir} is not a run directory (no config.yaml)")
+            raise ConfigError(f"--run: {run_dir} is not a run directory (no config.yaml)")
         config_path = config_path or str(run_cfg)
         adapter = adapter or run_dir
     pairs: List[Tuple[str, Any]] = [("output.overwrite", True)]
@@ -251,8 +244,6 @@ def model_options(f):
 def eval_cmd(config_path, run_dir, model, adapter, sets, debug, task, data, limit, samples, temperature,
              max_tokens, compare_base, as_json):
     """Held-out accuracy (greedy, strict and lenient), pass@k, format, rewards and length."""
-    import json
-
     with reported(debug):
         overrides: List[Tuple[str, Any]] = []
         if data:
@@ -294,7 +285,7 @@ def eval_cmd(config_path, run_dir, model, adapter, sets, debug, task, data, limi
 @main.command()
 @model_options
 @click.option("--prompt", "-p", "question", type=str, required=True, help="The question to answer.")
-@click.option("--template", type=click.Choice(["r1", "chat"]), default=None, help="Prompt template [prompt.kind].")
+@click.option("--template", type=click.Choice(choices("prompt.kind")), default=None, help="Prompt template [prompt.kind].")
 @click.option("--samples", "-k", type=click.IntRange(min=1), default=1, help="Completions to sample.")
 @click.option("--temperature", type=float, default=None, help="[rollout.temperature]; 0: greedy.")
 @click.option("--max-tokens", type=int, default=None, help="[rollout.max_tokens]")
@@ -310,9 +301,10 @@ def generate(config_path, run_dir, model, adapter, sets, debug, question, templa
             overrides.append(("rollout.temperature", temperature))
         cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
         from .generate import generate as run_generate
-        from .models import load_for_inference
+        from .policy import load_policy
 
-        loaded = load_for_inference(cfg.model, adapter)
+        policy = load_policy(cfg, adapter_dir=adapter, training=False)
+        loaded = (policy.model, policy.prompter)
         if samples == 1:
             run_generate(*loaded, question, cfg, 1, temperature, emit=lambda t: click.echo(t, nl=False))
             click.echo()
@@ -330,14 +322,10 @@ def plot(run_dirs, out, smooth, debug):
     """Draw reward, accuracy, KL, length, clip fraction, entropy and lr curves of one or more runs."""
     from pathlib import Path
 
-    from .plot import PlotError, plot_runs
+    from .plot import plot_runs
 
-    try:
+    with reported(debug):
         path = plot_runs(run_dirs, Path(run_dirs[0]) / "curves.png" if out is None else out, smooth)  # "" is refused
-    except (PlotError, FileNotFoundError, ValueError) as e:  # (RunDirError is a ValueError)
-        if debug:
-            raise
-        fail(str(e))
     click.echo(f"wrote {path}")
 
 
@@ -346,8 +334,6 @@ def plot(run_dirs, out, smooth, debug):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
 def runs(root, as_json):
     """List the runs under ROOT (default: runs/) with their key figures."""
-    import json
-
     from .runs import find_runs, format_table, key_figures, read_run
 
     found = find_runs(root)
@@ -386,8 +372,6 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
                config_path, sets, out_path, top, as_json, debug):
     """Score completions with rewards, without training: per-reward statistics, correlations,
     worst and best examples. From a file (--completions) or sampled (--model --samples N)."""
-    import json
-
     with reported(debug):
         if bool(completions_path) == bool(model):
             raise ConfigError("reward: give either --completions FILE.jsonl or --model M --samples N")
@@ -434,8 +418,6 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
 def bench(model, config_path, large, quick, processes, as_json, out_path, shape, bits, max_tokens, prompts,
           group_size, debug):
     """Rollout throughput vs mlx_lm.batch_generate, GRPO step split, peak memory, fast vs bundled BLAS."""
-    import json
-
     from .bench import run_bench, table
 
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)

@@ -8,12 +8,14 @@ The defaults are the embedded offline run (the tiny model on the arithmetic task
 
 from __future__ import annotations
 
+from .errors import UserError
+
 import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
 import yaml
 
@@ -22,8 +24,33 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODEL = str(ASSETS / "tiny-r1")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config key or value; the message names the key and, where known, the file."""
+
+
+# Choice-valued settings: each type carries its choices once; the config's coercion checks them
+# (``_coerce``) and the command line's help shows them (``choices``).
+AdapterType = Literal["lora", "dora", "full"]
+PromptKind = Literal["r1", "chat"]  # r1: the R1-Zero plain template; chat: the tokenizer's chat template
+AnswerExtract = Literal["tag", "boxed", "last_number", "any"]  # tag: <answer>; boxed: last \boxed{}; any: first found
+LengthUnit = Literal["tokens", "words", "chars"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ImportanceSampling = Literal["token", "sequence"]  # sequence: GSPO
+ScaleRewards = Literal["group", "batch", "none"]  # none: Dr. GRPO
+LRSchedule = Literal["constant", "cosine", "linear"]
+MicroBatch = Literal["auto", "fixed"]
+Tracker = Literal["tensorboard", "wandb"]
+
+# Each task's reward set, used when a config names no rewards (``make_config``). Data here, so
+# that this module needs nothing from ``tasks/`` (which imports it); ``load_task`` knows the names.
+TASK_REWARDS: Dict[str, Dict[str, float]] = {
+    "arithmetic": {"accuracy": 1.0, "format": 0.5},
+    "multistep": {"accuracy": 1.0, "format": 0.5},
+    "countdown": {"countdown": 1.0, "format": 0.1},
+    "gsm8k": {"accuracy": 1.0, "format": 0.2},
+    "dataset": {"accuracy": 1.0, "format": 0.5},
+    "jsonl": {"accuracy": 1.0, "format": 0.5},
+}
 
 
 @dataclass
@@ -40,7 +67,7 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    type: str = "lora"  # lora | dora | full
+    type: AdapterType = "lora"
     rank: int = 8
     scale: float = 2.0  # mlx-lm's name: the LoRA update is scale * B A
     alpha: Optional[float] = None  # PEFT's name: when set, scale = alpha / rank
@@ -62,7 +89,7 @@ class CountdownConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "arithmetic"  # arithmetic | countdown | gsm8k | dataset | jsonl (= dataset)
+    task: str = "arithmetic"  # a name in TASK_REWARDS (tasks.TASKS): arithmetic, countdown, gsm8k, dataset...
     path: Optional[str] = None  # dataset: a JSONL/Parquet file, a folder of them or a Hub dataset id
     eval_path: Optional[str] = None  # held-out file; None: eval_split, else the last eval_size rows
     prompt_field: str = "prompt"
@@ -80,7 +107,7 @@ class DataConfig:
 
 @dataclass
 class PromptConfig:
-    kind: str = "r1"  # r1 (R1-Zero plain template) | chat (the tokenizer's chat template)
+    kind: PromptKind = "r1"
     response_prefix: str = " <think>"  # opens the response; judged as part of the completion
     system_prompt: Optional[str] = None  # chat only; None: the R1-Zero instruction, "": none
 
@@ -98,7 +125,7 @@ class RolloutConfig:
 
 @dataclass
 class AccuracySettings:
-    extract: str = "tag"  # tag (<answer>) | boxed (last \boxed{}) | last_number | any (first found)
+    extract: AnswerExtract = "tag"
     math_verify: bool = True  # also ask math-verify (LaTeX parser only) when it is installed
 
 
@@ -106,13 +133,13 @@ class AccuracySettings:
 class OverlongSettings:
     max_length: Optional[int] = None  # DAPO's L_max; None: rollout.max_tokens
     cache: Optional[int] = None  # DAPO's L_cache (soft zone); None: max_length // 5
-    unit: str = "tokens"  # tokens (needs completion_ids, as in training) | words | chars
+    unit: LengthUnit = "tokens"  # tokens need completion_ids (as in training)
 
 
 @dataclass
 class LengthSettings:
     max_length: Optional[int] = None  # penalty -1 at this length; None: rollout.max_tokens
-    unit: str = "tokens"  # tokens | words | chars
+    unit: LengthUnit = "tokens"
 
 
 @dataclass
@@ -136,9 +163,9 @@ class GRPOConfig:
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
     epsilon_high: Optional[float] = None  # upper clip (DAPO's clip-higher); None: epsilon
     num_iterations: int = 1  # mu: updates per batch of rollouts (clipping acts when > 1)
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
-    importance_sampling: str = "token"  # token | sequence (GSPO)
-    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    loss_type: LossType = "grpo"
+    importance_sampling: ImportanceSampling = "token"
+    scale_rewards: ScaleRewards = "group"
     # Leave zero-advantage rows (flat groups) out of the update: faster, and exact only when
     # beta = 0 (with beta > 0 their KL term is dropped). False: the paper's objective, every row.
     skip_zero_advantage: bool = False
@@ -158,7 +185,7 @@ class TrainConfig:
     steps: int = 300
     prompts_per_step: int = 16
     learning_rate: float = 7e-4
-    lr_schedule: str = "constant"  # constant | cosine | linear
+    lr_schedule: LRSchedule = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -166,7 +193,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     # auto: before the first step a measured dry micro-batch raises grad_accumulation_steps (and
     # sets grad_checkpoint) until a step fits in memory (fit.py); fixed: as configured.
-    micro_batch: str = "auto"
+    micro_batch: MicroBatch = "auto"
     seed: int = 0
     # Steps in a row whose every update had a non-finite loss or gradient (each one skipped)
     # before the run stops; 0: never stop.
@@ -184,7 +211,7 @@ class OutputConfig:
     eval_samples: int = 0  # K samples per held-out prompt for pass@1 / pass@K; 0: greedy only
     progress: bool = True
     overwrite: bool = False
-    log_to: List[str] = field(default_factory=list)  # tensorboard | wandb (optional extras)
+    log_to: List[Tracker] = field(default_factory=list)  # optional extras
     wandb_project: str = "mlx-grpo"
 
 
@@ -196,7 +223,7 @@ class Config:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     # Left out of a config: the task's reward set (make_config); this default is arithmetic's.
-    rewards: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    rewards: Dict[str, float] = field(default_factory=lambda: dict(TASK_REWARDS["arithmetic"]))
     reward_settings: RewardSettings = field(default_factory=RewardSettings)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -212,6 +239,11 @@ class Config:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` as type ``tp`` or raise a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+        return value
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -283,13 +315,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _choice(key: str, value: str, options: Tuple[str, ...]) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}: must be one of {', '.join(options)}, got {value!r}")
-
-
 def validate(cfg: Config) -> Config:
-    """Range and choice checks; raises ConfigError naming the first bad key."""
+    """Range checks and checks across keys (choices are checked as values are read, ``_coerce``;
+    the task name by ``tasks.load_task``); raises ConfigError naming the first bad key."""
     checks = [
         ("rollout.group_size", cfg.rollout.group_size >= 2, "must be at least 2 (advantages compare completions of a group)"),
         ("rollout.max_tokens", cfg.rollout.max_tokens >= 1, "must be at least 1"),
@@ -333,22 +361,6 @@ def validate(cfg: Config) -> Config:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why}, got {_get(cfg, key)!r}")
-    _choice("adapter.type", cfg.adapter.type, ("lora", "dora", "full"))
-    from .tasks import TASKS  # here, not at the top: tasks import this module
-
-    _choice("data.task", cfg.data.task, tuple(TASKS))
-    _choice("reward_settings.accuracy.extract", cfg.reward_settings.accuracy.extract,
-            ("tag", "boxed", "last_number", "any"))
-    _choice("reward_settings.overlong.unit", cfg.reward_settings.overlong.unit, ("tokens", "words", "chars"))
-    _choice("reward_settings.length.unit", cfg.reward_settings.length.unit, ("tokens", "words", "chars"))
-    _choice("prompt.kind", cfg.prompt.kind, ("r1", "chat"))
-    _choice("grpo.loss_type", cfg.grpo.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo"))
-    _choice("grpo.importance_sampling", cfg.grpo.importance_sampling, ("token", "sequence"))
-    _choice("grpo.scale_rewards", cfg.grpo.scale_rewards, ("group", "batch", "none"))
-    _choice("train.micro_batch", cfg.train.micro_batch, ("auto", "fixed"))
-    _choice("train.lr_schedule", cfg.train.lr_schedule, ("constant", "cosine", "linear"))
-    for name in cfg.output.log_to:
-        _choice("output.log_to", name, ("tensorboard", "wandb"))
     if cfg.data.task in ("jsonl", "dataset") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.task is {cfg.data.task}")
     if cfg.train.prompts_per_step % cfg.train.grad_accumulation_steps:
@@ -452,13 +464,12 @@ def make_config(
         _check_dotted_key(key)
         _set_dotted(tree, key, value)
     if "rewards" not in tree:
-        # Not configured: the task's own reward set (known tasks; validate() names an unknown one).
-        from .tasks import TASKS
-
+        # Not configured: the task's own reward set (an unknown task keeps the default set, and
+        # load_task names it as unknown before anything runs).
         data = tree.get("data") or {}
         task = data.get("task", DataConfig.task) if isinstance(data, dict) else None
-        if task in TASKS:
-            tree["rewards"] = dict(TASKS[task].rewards)
+        if task in TASK_REWARDS:
+            tree["rewards"] = dict(TASK_REWARDS[task])
     for name, value in weights:
         # One reward's weight: added to (or changing) the rewards already configured.
         # A weight of 0 keeps a reward logged but out of the total.
@@ -486,6 +497,19 @@ def _check_dotted_key(key: str) -> None:
             if not dataclasses.is_dataclass(tp):
                 raise ConfigError(f"{key}: {part} is not a section")
             cls = tp
+
+
+def choices(dotted: str) -> Tuple[str, ...]:
+    """The allowed values of a choice-valued key (e.g. ``grpo.loss_type``); () for other keys."""
+    _check_dotted_key(dotted)
+    cls: Any = Config
+    *sections, name = dotted.split(".")
+    for part in sections:
+        cls = typing.get_type_hints(cls)[part]
+    tp = typing.get_type_hints(cls)[name]
+    if typing.get_origin(tp) in (list, List):
+        (tp,) = typing.get_args(tp)
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
 def save_config(cfg: Config, path: Path) -> None:

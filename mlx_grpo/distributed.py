@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .errors import RunFault
 from .config import ConfigError
 
 _group: Optional[mx.distributed.Group] = None
@@ -34,7 +35,7 @@ _group: Optional[mx.distributed.Group] = None
 TEST_EXIT = "MLX_GRPO_TEST_EXIT_AT"
 
 
-class PeerLost(RuntimeError):
+class PeerLost(RunFault, RuntimeError):
     """Another process of the run stopped or died, so this one cannot go on."""
 
 

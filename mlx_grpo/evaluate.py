@@ -19,13 +19,13 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import Config, RolloutConfig
-from .rewards import load_rewards, score, settings_for
-from .rewards.answers import answers_match, extract_answer, last_number
-from .rewards.countdown import countdown_correct
-from .rewards.format import is_strict_format
+from .models import adapters_disabled
+from .policy import load_policy
+from .rewards import load_rewards, score
 from .rollout import sample_groups
-from .tasks import columns
-from .tasks.templates import PromptFormat, prompt_format, render_prompt
+from .tasks import TASKS, columns, load_task
+from .tasks.judges import Judge, judge_answer
+from .tasks.templates import Prompter, prompter
 
 # The figures `eval --compare-base` and the run reports put side by side, in display order.
 HEADLINE = [
@@ -36,23 +36,6 @@ HEADLINE = [
     ("mean_length", "length"),
     ("truncated_rate", "truncated"),
 ]
-
-
-def judge(response: str, reference: Any, row: Optional[Mapping[str, Any]] = None) -> Dict[str, bool]:
-    """Format, strict and lenient correctness of one full response (prefix + completion).
-
-    A countdown row (with ``numbers`` and ``target``) is correct when its <answer> is a valid
-    equation; lenient then means "correct whatever the layout around it".
-    """
-    fmt = is_strict_format(response)
-    if row is not None and row.get("numbers") is not None and row.get("target") is not None:
-        ok = countdown_correct(extract_answer(response), row["numbers"], row["target"])
-        return {"format": fmt, "strict": fmt and ok, "lenient": ok}
-    return {
-        "format": fmt,
-        "strict": fmt and answers_match(extract_answer(response), reference),
-        "lenient": answers_match(last_number(response), reference),
-    }
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -93,7 +76,7 @@ class Responses:
 
 
 def sample_responses(
-    model: nn.Module, tokenizer: Any, rows: Sequence[Dict[str, Any]], fmt: PromptFormat,
+    model: nn.Module, prompter: Prompter, rows: Sequence[Dict[str, Any]],
     rollout: RolloutConfig, group_size: int = 1, temperature: Optional[float] = None,
     batch_size: int = 128,
 ) -> Responses:
@@ -101,9 +84,10 @@ def sample_responses(
     out = Responses([], [], [], [])
     per_batch = max(1, batch_size // group_size)
     for start in range(0, len(rows), per_batch):
-        prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows[start : start + per_batch]]
-        ro = sample_groups(model, tokenizer, prompts, rollout, group_size=group_size, temperature=temperature)
-        out.texts += [fmt.response_prefix + t for t in ro.texts]
+        prompts = prompter.prompts(rows[start : start + per_batch])
+        ro = sample_groups(model, prompter.tokenizer, prompts, rollout, group_size=group_size,
+                           temperature=temperature)
+        out.texts += prompter.responses(ro.texts)
         out.prompts += [p for p in prompts for _ in range(group_size)]
         out.ids += ro.completion_ids()
         out.truncated += list(ro.truncated)
@@ -112,9 +96,8 @@ def sample_responses(
 
 def evaluate(
     model: nn.Module,
-    tokenizer: Any,
+    prompter: Prompter,
     rows: Sequence[Dict[str, Any]],
-    fmt: PromptFormat,
     rollout: RolloutConfig,
     max_tokens: int,
     batch_size: int = 128,
@@ -122,8 +105,10 @@ def evaluate(
     temperature: Optional[float] = None,
     rewards: Optional[Mapping[str, float]] = None,
     reward_fns: Optional[Mapping[str, Callable]] = None,
+    judge: Judge = judge_answer,
 ) -> Dict[str, Any]:
     """Greedy-decode every row; with ``samples`` K >= 1 also sample K per row for pass@1/pass@K.
+    ``judge``: the task's (``tasks.judges``), by default the reference ``answer`` column's.
 
     Returns n, accuracy, lenient_accuracy, format_rate, reward_mean and rewards/<name> (the
     configured rewards on the greedy completions), mean_length, truncated_rate and, with samples,
@@ -134,8 +119,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        greedy = sample_responses(model, tokenizer, rows, fmt, cfg, 1, 0.0, batch_size)
-        verdicts = [judge(t, r.get("answer"), r) for t, r in zip(greedy.texts, rows)]
+        greedy = sample_responses(model, prompter, rows, cfg, 1, 0.0, batch_size)
+        verdicts = [judge(t, r) for t, r in zip(greedy.texts, rows)]
         out: Dict[str, Any] = {
             "n": len(verdicts),
             "accuracy": _mean([v["strict"] for v in verdicts]),
@@ -152,9 +137,8 @@ def evaluate(
             out.update({f"rewards/{k}": v for k, v in rw.means().items()})
         if samples and rows:
             temp = rollout.temperature if temperature is None else temperature
-            s_texts = sample_responses(model, tokenizer, rows, fmt, cfg, samples, temp, batch_size).texts
-            sampled = [judge(t, rows[i // samples].get("answer"), rows[i // samples])
-                       for i, t in enumerate(s_texts)]
+            s_texts = sample_responses(model, prompter, rows, cfg, samples, temp, batch_size).texts
+            sampled = [judge(t, rows[i // samples]) for i, t in enumerate(s_texts)]
             out["k"] = samples
             out["sample_temperature"] = temp
             for prefix, kind in (("", "strict"), ("lenient_", "lenient")):
@@ -178,8 +162,9 @@ def evaluate_held_out(
     """``evaluate`` with the run's prompt format, sampling settings, rewards and evaluation length."""
     tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
     return evaluate(
-        model, tokenizer, rows, prompt_format(cfg.prompt), cfg.rollout, tokens, samples=samples,
+        model, prompter(cfg.prompt, tokenizer), rows, cfg.rollout, tokens, samples=samples,
         temperature=temperature, rewards=cfg.rewards, reward_fns=reward_fns,
+        judge=TASKS[cfg.data.task].judge,
     )
 
 
@@ -195,17 +180,13 @@ def evaluate_config(
 
     Returns {"adapter" or "model": results} and, with ``compare_base``, "base" too.
     """
-    from .models import adapters_disabled, load_for_inference
-    from .tasks import load_task
-
-    reward_fns = load_rewards(list(cfg.rewards), settings_for(cfg))  # fails before the model loads
     rows = load_task(cfg.data).held_out
     rows = rows[:limit] if limit else rows
-    model, tokenizer = load_for_inference(cfg.model, adapter_dir)
-    run = lambda: evaluate_held_out(model, tokenizer, rows, cfg, samples, temperature, reward_fns)  # noqa: E731
+    p = load_policy(cfg, adapter_dir=adapter_dir, training=False)
+    run = lambda: evaluate_held_out(p.model, p.tokenizer, rows, cfg, samples, temperature, p.reward_fns)  # noqa: E731
     out = {"adapter" if adapter_dir else "model": run()}
     if compare_base and adapter_dir:
-        with adapters_disabled(model):
+        with adapters_disabled(p.model):
             out["base"] = run()
     return out
 

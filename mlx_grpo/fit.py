@@ -29,6 +29,7 @@ from .checkpoint import restore_rng_key, rng_key
 from .config import Config, ConfigError
 from .float_base import device_kind
 from .learner import StepBatch
+from .loss import Normalizer, grpo_loss
 from .preflight import GB, available_memory, estimate_memory, estimate_total, lower_settings
 
 MARGIN = 0.85  # a step may use this share of the memory available
@@ -94,8 +95,6 @@ def dry_step_peak(model: nn.Module, cfg: Config, prompt_tokens: int, rows: int) 
     """Peak bytes of one update micro-batch of ``rows`` rows (forward + backward, gradients kept,
     plus one more copy of them: the sum being accumulated). Leaves the weights and MLX's PRNG
     as they were."""
-    from .loss import Normalizer, grpo_loss
-
     b = dry_batch(cfg, max(_vocab(model), 2), prompt_tokens, rows)
     norm = Normalizer(float(rows), float(rows * cfg.rollout.max_tokens), cfg.rollout.max_tokens, 1)
 

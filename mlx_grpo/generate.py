@@ -6,7 +6,7 @@ from typing import Any, Callable, List, Optional
 
 from .config import Config
 from .rollout import encode_prompt, make_sampler, sample_groups
-from .tasks.templates import prompt_format, render_prompt
+from .tasks.templates import Prompter
 
 
 def stream_completion(
@@ -33,18 +33,17 @@ def stream_completion(
 
 
 def generate(
-    model: Any, tokenizer: Any, question: str, cfg: Config, samples: int = 1,
+    model: Any, prompter: Prompter, question: str, cfg: Config, samples: int = 1,
     temperature: Optional[float] = None, emit: Optional[Callable[[str], None]] = None,
 ) -> List[str]:
     """``samples`` completions of ``question`` under the run's template, each with its prefix.
 
     One sample with ``emit`` streams; several decode together in one batch (the rollout engine).
     """
-    fmt = prompt_format(cfg.prompt)
     temp = cfg.rollout.temperature if temperature is None else temperature
-    prompt_text = render_prompt(question, fmt, tokenizer)
+    prompt_text, tokenizer = prompter.render(question), prompter.tokenizer
     if samples == 1 and emit is not None:
-        emit(fmt.response_prefix)
-        return [fmt.response_prefix + stream_completion(model, tokenizer, prompt_text, cfg, temp, emit)]
+        emit(prompter.prefix)
+        return prompter.responses([stream_completion(model, tokenizer, prompt_text, cfg, temp, emit)])
     ro = sample_groups(model, tokenizer, [prompt_text], cfg.rollout, group_size=samples, temperature=temp)
-    return [fmt.response_prefix + t for t in ro.texts]
+    return prompter.responses(ro.texts)

@@ -12,8 +12,6 @@ from typing import Any, Dict, List
 
 from .config import Config, ConfigError
 
-TRACKERS = ("tensorboard", "wandb")
-
 
 def _scalars(record: Dict[str, Any], prefix: str) -> Dict[str, float]:
     out = {}

@@ -20,17 +20,17 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import AdapterConfig, ConfigError, ModelConfig
-from .errors import first_line
+from .errors import RunFault, UserError, first_line
+from .float_base import float_base
+from .preflight import available_memory
 from .rundir import ADAPTER_CONFIG, ADAPTERS
 
-ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 
-
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model that cannot be found or read; the message names the path or Hub id."""
 
 
-class NonFiniteError(ArithmeticError):
+class NonFiniteError(RunFault, ArithmeticError):
     """NaN or infinite values where weights are about to be written; nothing was written."""
 
 
@@ -67,181 +67,8 @@ def load_model(cfg: ModelConfig, path: Optional[str] = None,
     except Exception as e:  # no network, unknown architecture, bad weights: one line, named
         first = first_line(e)
         raise ModelLoadError(f"model.path: cannot load {target}: {first}") from None
-    from .float_base import float_base
-    from .preflight import available_memory
-
     float_base(model, cfg.float_base, available_memory(), say)
     return model, tokenizer
-
-
-def batch_cache(model: nn.Module, left_padding: List[int]) -> List[Any]:
-    """A per-layer batched KV cache for left-padded rows (each row keeps its own positions)."""
-    from mlx_lm.models.cache import (
-        BatchKVCache,
-        BatchRotatingKVCache,
-        KVCache,
-        RotatingKVCache,
-        make_prompt_cache,
-    )
-
-    out: List[Any] = []
-    for c in make_prompt_cache(model):
-        if type(c) is KVCache:
-            out.append(BatchKVCache(list(left_padding)))
-        elif isinstance(c, RotatingKVCache):
-            out.append(BatchRotatingKVCache(c.max_size, list(left_padding)))
-        else:
-            raise NotImplementedError(
-                f"{type(c).__name__} layers cannot decode in a batch yet (model {type(model).__name__})"
-            )
-    return out
-
-
-class RowsCache:
-    """A differentiable KV cache for scoring: padded rows, keys kept by concatenation.
-
-    mlx-lm's caches write into preallocated buffers, built for decoding; this one keeps whatever
-    the layers produced (so gradients flow through a shared prompt's keys and values), gives each
-    row its RoPE positions (real tokens start at 0) and a causal mask that hides the padding, and
-    can be expanded from one row per prompt to one row per completion (``take_rows``).
-
-    Padding may sit before any block of slots, not only at the start: ``pad(n)`` declares that the
-    next block begins with ``n[b]`` padding slots in row b (hidden from every query, not counted
-    as positions). A shared prompt prefix followed by left-padded per-prompt suffixes
-    (``prefill.py``) puts padding in the middle of a row.
-    """
-
-    def __init__(self, left_padding: mx.array):
-        self.offset = mx.zeros_like(left_padding)  # RoPE position of the next slot, per row
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
-        self.length = 0
-        self.visible: Optional[mx.array] = None  # [B, length] bool; None: every slot visible
-        self.pending: Optional[mx.array] = None  # [B] padding slots the next block starts with
-        self.pad(left_padding)
-
-    def pad(self, n: mx.array) -> None:
-        """The next block starts with ``n[b]`` padding slots in row b."""
-        self.pending = n
-        self.offset = self.offset - n
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
-        if self.keys is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = mx.concatenate([self.keys, keys], axis=2)
-            self.values = mx.concatenate([self.values, values], axis=2)
-        self.advance(keys.shape[2])
-        return self.keys, self.values
-
-    def advance(self, n: int) -> None:
-        """Move past ``n`` new positions (after their keys and values were appended)."""
-        self.visible = self._visible(n)
-        self.pending = None
-        self.length += n
-        self.offset = self.offset + n
-
-    def _visible(self, n: int) -> Optional[mx.array]:
-        """[B, length + n] visibility of every slot once a block of ``n`` slots is added."""
-        if self.pending is None:
-            if self.visible is None:
-                return None
-            return mx.concatenate([self.visible, mx.ones((self.visible.shape[0], n), dtype=mx.bool_)], axis=1)
-        block = mx.arange(n)[None, :] >= self.pending[:, None]
-        if self.length == 0:
-            return block
-        before = self.visible if self.visible is not None else mx.ones((block.shape[0], self.length), dtype=mx.bool_)
-        return mx.concatenate([before, block], axis=1)
-
-    def copy(self) -> "RowsCache":
-        c = RowsCache.__new__(RowsCache)
-        c.__dict__.update(self.__dict__)
-        return c
-
-    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None, **_):
-        from mlx_lm.models.base import create_causal_mask
-
-        mask = create_causal_mask(N, self.length, window_size=window_size)
-        visible = self._visible(N)
-        return mask if visible is None else mask & visible[:, None, None, :]
-
-    def take_rows(self, index: mx.array) -> None:
-        """Keep rows ``index`` (repeats allowed): prompt rows become completion rows."""
-        self.offset = self.offset[index]
-        for name in ("keys", "values", "visible", "pending"):
-            a = getattr(self, name)
-            if a is not None:
-                setattr(self, name, a[index])
-
-
-def plain_kv_layers(model: nn.Module) -> bool:
-    """True when every layer keeps a plain, full-attention KV cache (no sliding window, no state):
-    then prompts can share a prefix (``prefill.py``) and decoding can use a static buffer."""
-    verdict = getattr(model, "_mlx_grpo_plain_kv", None)
-    if verdict is None:
-        from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-        verdict = all(type(c) is KVCache for c in make_prompt_cache(model))
-        object.__setattr__(model, "_mlx_grpo_plain_kv", verdict)  # a plain attribute, not a parameter
-    return verdict
-
-
-def enable_grad_checkpoint(model: nn.Module) -> None:
-    """Recompute each transformer block in the backward pass instead of storing its activations.
-
-    Like mlx-lm's ``grad_checkpoint`` (it patches the block class), but a scoring pass hands the
-    blocks a cache they append to, and the recomputation must not append twice: the block runs on
-    a fresh copy of the cache inside the checkpoint, and the outer cache takes its result.
-    """
-    block = type(model.layers[0])
-    if getattr(block, "_mlx_grpo_checkpointed", False):
-        return
-    original = block.__call__
-
-    def call(self, x, *args, **kwargs):
-        args = list(args)
-        in_kwargs = "cache" in kwargs
-        cache = kwargs.get("cache") if in_kwargs else (args[1] if len(args) > 1 else None)
-
-        def with_cache(c):
-            if in_kwargs:
-                return args, {**kwargs, "cache": c}
-            a = list(args)
-            if len(a) > 1:
-                a[1] = c
-            return a, kwargs
-
-        if cache is not None and not isinstance(cache, RowsCache):
-            return original(self, x, *args, **kwargs)  # decoding: no gradient, nothing to save
-        if cache is None:
-            def plain(params, x):
-                self.update(params)
-                return original(self, x, *args, **kwargs)
-
-            return mx.checkpoint(plain)(self.trainable_parameters(), x)
-
-        before = cache.copy()  # the state this block starts from, for every (re)computation
-
-        def run(params, x, *kv):
-            self.update(params)
-            c = before.copy()
-            c.keys, c.values = kv if kv else (None, None)
-            a, k = with_cache(c)
-            return original(self, x, *a, **k), c.keys, c.values
-
-        kv = () if cache.keys is None else (cache.keys, cache.values)
-        h, cache.keys, cache.values = mx.checkpoint(run)(self.trainable_parameters(), x, *kv)
-        cache.advance(x.shape[1])
-        return h
-
-    block.__call__ = call
-    block._mlx_grpo_checkpointed = True
-
-
-def rows_cache(model: nn.Module, left_padding: List[int]) -> List[RowsCache]:
-    """One ``RowsCache`` per layer for rows with the given left padding."""
-    lp = mx.array(left_padding)
-    return [RowsCache(lp) for _ in model.layers]
 
 
 def lora_parameters(cfg: AdapterConfig) -> Dict[str, Any]:
@@ -379,11 +206,3 @@ def load_adapters(model: nn.Module, adapter_dir: str) -> nn.Module:
         first = first_line(e)
         raise ModelLoadError(f"--adapter: {where / ADAPTERS}: cannot load adapters ({first})") from None
 
-
-def load_for_inference(cfg: ModelConfig, adapter_dir: Optional[str] = None) -> Tuple[nn.Module, Any]:
-    """The configured model with the adapters in ``adapter_dir`` attached (when given), in eval mode."""
-    model, tokenizer = load_model(cfg)
-    if adapter_dir:
-        load_adapters(model, adapter_dir)
-    model.eval()
-    return model, tokenizer

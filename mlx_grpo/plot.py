@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import UserError
 from .rundir import check_output_file
 from .runs import RunRecords, read_run
 
@@ -25,7 +26,7 @@ FIGSIZE = (16.0, 8.0)
 DPI = 100  # so the PNG is 1600 x 800 pixels
 
 
-class PlotError(RuntimeError):
+class PlotError(UserError, RuntimeError):
     """Plotting is not possible (matplotlib missing); the message says how to fix it."""
 
 

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .models import RowsCache, plain_kv_layers, rows_cache
+from .forward import RowsCache, plain_kv_layers, rows_cache
 
 # A shorter common prefix is not worth a separate pass (one more round of kernel launches).
 MIN_SHARED_PREFIX = 16

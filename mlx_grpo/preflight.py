@@ -22,16 +22,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import Config
+from .config import Config, ConfigError
 from .rollout import encode_prompt
+from .scoring import LOGITS_BUDGET
 from .tasks import DataError, TaskData
 from .tasks.templates import PromptFormat, render_prompt
-from .errors import first_line
+from .errors import RunFault, first_line
 
 GB = 1e9
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(RunFault, RuntimeError):
     """The run ran out of memory; the message says which settings to lower."""
 
 
@@ -162,8 +163,6 @@ def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[s
     Measured against ``mx.get_peak_memory`` on the Qwen2.5-0.5B shape and the embedded model
     (README, Speed and memory); tested within +-25% on a small model (tests/test_preflight.py).
     """
-    from .scoring import LOGITS_BUDGET
-
     d = _dims(model)
     b = _activation_bytes(model)
     G = cfg.rollout.group_size
@@ -215,8 +214,6 @@ def memory_limit() -> Optional[float]:
     except ValueError:
         value = -1.0
     if value <= 0:
-        from .config import ConfigError
-
         raise ConfigError(f"{MEMORY_LIMIT_ENV}: expected a size such as 8GB, 500MB or bytes, got {raw!r}")
     return value
 

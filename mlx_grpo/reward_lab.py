@@ -12,6 +12,7 @@ totals are all equal (rows GRPO learns nothing from).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 
 from .config import Config, ConfigError
-from .rewards import Rewards, load_rewards, score, settings_for
+from .rewards import Rewards, configured_rewards, score
 from .tasks import DataError, iter_jsonl
 
 # Keys a previous `reward --out` added; they are results, not columns, when a scores file is re-read.
@@ -72,18 +73,13 @@ def sample_completions(
     """``group_size`` completions for each of the first ``n_prompts`` training prompts of the task,
     sampled as in training (the rollout settings, the prompt template); the completion includes
     the template's response prefix, as the rewards see it in training."""
-    import mlx.core as mx
-
     from .evaluate import sample_responses
-    from .models import load_for_inference
+    from .policy import load_policy
     from .tasks import load_task
-    from .tasks.templates import prompt_format
 
     rows = load_task(cfg.data).train[:n_prompts]
-    model, tokenizer = load_for_inference(cfg.model, adapter)
-    mx.random.seed(cfg.train.seed)
-    got = sample_responses(model, tokenizer, rows, prompt_format(cfg.prompt), cfg.rollout, group_size,
-                           batch_size=chunk * group_size)
+    p = load_policy(cfg, adapter_dir=adapter, training=False)
+    got = sample_responses(p.model, p.prompter, rows, cfg.rollout, group_size, batch_size=chunk * group_size)
     records: List[Dict[str, Any]] = []
     for i, (prompt, text, ids) in enumerate(zip(got.prompts, got.texts, got.ids)):
         other = {k: v for k, v in rows[i // group_size].items() if k != "prompt"}
@@ -194,7 +190,8 @@ def run(
 ) -> Dict[str, Any]:
     """Score a file of completions (or ``samples`` prompts' worth sampled from ``cfg.model``) with
     the rewards named in ``weights``; write ``out`` if given; return the summary."""
-    fns = load_rewards(list(weights), settings_for(cfg))  # a bad name fails before any model loads
+    cfg = dataclasses.replace(cfg, rewards=dict(weights))  # the lab's rewards, the config's settings
+    fns = configured_rewards(cfg)  # a bad name fails before any model loads
     if completions_path:
         data = read_completions(completions_path)
     else:

@@ -19,12 +19,11 @@ import numpy as np
 
 from .config import RolloutConfig
 from .decode import COMPACT_FRACTION, DecodeSetupError, EagerDecoder, StaticDecoder, normalized_logprobs
-from .models import batch_cache, plain_kv_layers
+from .forward import batch_cache, body, model_flag, output_head, plain_kv_layers, set_model_flag
 from .prefill import prefill
-from .scoring import output_head
 
 # Set on a model whose static decode step failed to build: it decodes with mlx-lm's caches after.
-STATIC_FAILED = "_mlx_grpo_static_failed"
+STATIC_FAILED = "static_failed"  # the model flag (forward.model_flag) set when compiled decoding failed
 
 
 @dataclass
@@ -188,14 +187,14 @@ def sample_groups(
     inv_t = 1.0 / temp if temp > 0 else 1.0
     pad = pad_id(tokenizer)
     prompt_tokens, left_padding = left_pad([encode_prompt(tokenizer, p) for p in prompts], pad)
-    if plain_kv_layers(model) and not getattr(model, STATIC_FAILED, False):
+    if plain_kv_layers(model) and not model_flag(model, STATIC_FAILED, lambda: False):
         try:
             logits, decoder = _start_static(model, prompt_tokens, left_padding, G, cfg.max_tokens, inv_t, compiled)
             return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad, keys)
         except DecodeSetupError as e:
             print(f"warning: compiled decoding does not fit {type(model).__name__} ({e}); "
                   "decoding with mlx-lm's caches, uncompiled, from now on", file=sys.stderr)
-            object.__setattr__(model, STATIC_FAILED, True)  # a plain attribute, not a parameter
+            set_model_flag(model, STATIC_FAILED, True)
     logits, decoder = _start_eager(model, prompt_tokens, left_padding, G, inv_t)
     return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad, keys)
 
@@ -203,10 +202,9 @@ def sample_groups(
 def _start_static(model, prompt_tokens, left_padding, G, max_new, inv_t, compiled):
     """Prefill (shared prefix once, each prompt once), repeat each prompt's cache for its G rows,
     and a static-buffer decoder over it."""
-    split = output_head(model)
-    body = split[0] if split else (lambda x, cache: model(x, cache=cache))
-    last, cache = prefill(model, body, prompt_tokens, left_padding)
-    logits = (split[2](split[1], last) if split else last)[:, -1, :]
+    head = output_head(model)
+    last, cache = prefill(model, body(model, head), prompt_tokens, left_padding)
+    logits = (head.logits(last) if head is not None else last)[:, -1, :]
     rows = mx.repeat(mx.arange(prompt_tokens.shape[0]), G)
     for c in cache:
         c.take_rows(rows)

@@ -33,6 +33,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from .errors import UserError
+
 MANIFEST = ".mlx-grpo-run"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -46,7 +48,7 @@ LOGS = (METRICS, SAMPLES)  # appended to step by step; cut back to a checkpoint'
 RUN_FILES = (CONFIG, METRICS, SAMPLES, SUMMARY, ADAPTERS, ADAPTER_CONFIG, CHECKPOINTS, "tensorboard", "wandb")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """An output path that cannot be used; the message names the path and what to do."""
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import yaml
 
-from .errors import first_line
+from .errors import UserError, first_line
 from .rundir import CONFIG, METRICS, SUMMARY
 
 
@@ -25,13 +25,17 @@ class RunRecords:
     summary: Optional[Dict[str, Any]] = None
 
 
+
+class RunLogError(UserError, ValueError):
+    """A run's metrics.jsonl that cannot be read; the message names the file and line."""
+
 def is_run(path: Path) -> bool:
     return (path / METRICS).is_file()
 
 
 def read_run(path: str | Path, config: bool = True) -> RunRecords:
     """Load a run directory (with ``config``: its config.yaml and summary.json too); a line cut
-    short by a crash (the last one) is ignored. A malformed line or file is a ValueError naming
+    short by a crash (the last one) is ignored. A malformed line or file is a RunLogError naming
     the file (and line)."""
     path = Path(path)
     if not is_run(path):
@@ -41,7 +45,7 @@ def read_run(path: str | Path, config: bool = True) -> RunRecords:
     try:
         text = where.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}:{text_line(where, e.start)}: not UTF-8 text") from None
+        raise RunLogError(f"{where}:{text_line(where, e.start)}: not UTF-8 text") from None
     lines = text.split("\n")  # JSON strings may hold U+2028 and the like: only \n ends a line
     while lines and not lines[-1].strip():
         lines.pop()
@@ -53,9 +57,9 @@ def read_run(path: str | Path, config: bool = True) -> RunRecords:
         except (json.JSONDecodeError, RecursionError):  # (RecursionError: brackets nested 100 k deep)
             if i == len(lines):  # a partial last line from an interrupted write
                 break
-            raise ValueError(f"{where}:{i}: not valid JSON") from None
+            raise RunLogError(f"{where}:{i}: not valid JSON") from None
         if not isinstance(r, dict) or isinstance(r.get("step"), bool) or not isinstance(r.get("step"), (int, float)):
-            raise ValueError(f"{where}:{i}: expected a JSON object with a numeric \"step\"")
+            raise RunLogError(f"{where}:{i}: expected a JSON object with a numeric \"step\"")
         kind = r.get("kind")
         (rec.evals if kind == "eval" else rec.warnings if kind == "warning" else rec.train).append(r)
     if config and (path / CONFIG).is_file():
@@ -72,9 +76,9 @@ def _read_mapping(where: Path, parse: Callable[[str], Any]) -> Optional[Dict[str
         data = parse(where.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
         first = first_line(e)
-        raise ValueError(f"{where}: unreadable ({first})") from None
+        raise RunLogError(f"{where}: unreadable ({first})") from None
     if data is not None and not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise RunLogError(f"{where}: expected a mapping, got {type(data).__name__}")
     return data
 
 

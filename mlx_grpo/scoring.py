@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .forward import OutputHead, body as body_of, output_head
 from .prefill import prefill
 
 # The most float32 logits (rows x positions x vocab) that exist at once while scoring: 2^25 = 128 MB.
@@ -72,44 +73,6 @@ def completion_logprobs(
             )
         )
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
-
-
-def output_head(model: nn.Module) -> Optional[Tuple[Callable, nn.Module, Callable, int]]:
-    """(body, head module, head, vocab) with ``head(module, body(x, cache)) == model(x, cache)``.
-
-    mlx-lm's decoder models keep the transformer in ``model.model`` and end with ``lm_head`` or the
-    tied embedding. Models that do more after the head (logit soft-capping, scaling) fail a
-    one-off check on a 3-token input and get None: they are scored with whole logits instead.
-    """
-    verdict = getattr(model, "_mlx_grpo_head", None)
-    if verdict is None:
-        verdict = False
-        if _head_module(model) is not None:
-            x = mx.array([[1, 2, 3]])
-            try:
-                split = _apply_head(model)(_head_module(model), model.model(x))
-                verdict = bool(mx.allclose(split, model(x), rtol=1e-4, atol=1e-4).item())
-            except Exception:  # an unusual signature: not the standard layout
-                verdict = False
-        object.__setattr__(model, "_mlx_grpo_head", verdict)  # a plain attribute, not a parameter
-    if not verdict:
-        return None
-    module = _head_module(model)
-    return (lambda x, cache: model.model(x, cache=cache)), module, _apply_head(model), int(module.weight.shape[0])
-
-
-def _head_module(model: nn.Module) -> Optional[nn.Module]:
-    # Looked up at call time: adapters_disabled swaps modules (an lm_head may carry an adapter).
-    if getattr(model, "model", None) is None:
-        return None
-    module = getattr(model, "lm_head", None) or getattr(model.model, "embed_tokens", None)
-    return module if module is not None and hasattr(module, "weight") else None
-
-
-def _apply_head(model: nn.Module) -> Callable:
-    if getattr(model, "lm_head", None) is not None:
-        return lambda module, h: module(h)
-    return lambda module, h: module.as_linear(h)
 
 
 def gather_logprobs(logits: mx.array, targets: mx.array, temperature: float) -> mx.array:
@@ -182,25 +145,25 @@ def length_groups(lengths: np.ndarray, min_saving: float = MIN_GROUP_SAVING) -> 
 
 def _logprobs(model, prompt_tokens, left_padding, row_prompt, completions, temperature,
               budget: int = LOGITS_BUDGET, lengths: Optional[np.ndarray] = None):
-    split = output_head(model)
-    body = split[0] if split else (lambda x, cache: model(x, cache=cache))
+    head = output_head(model)
+    body = body_of(model, head)
     first, cache = prefill(model, body, prompt_tokens, left_padding)  # predicts each row's first token
     B, width = completions.shape
     groups = [np.arange(B)] if lengths is None else length_groups(lengths)
     if len(groups) == 1:
-        return _rows_logprobs(split, body, first, cache, row_prompt, completions, temperature, budget)
+        return _rows_logprobs(head, body, first, cache, row_prompt, completions, temperature, budget)
     parts = []
     for g in groups:
         w = max(1, int(np.asarray(lengths)[g].max()))
         idx = mx.array(g.astype(np.int32))
-        lp = _rows_logprobs(split, body, first, [c.copy() for c in cache], row_prompt[g],
+        lp = _rows_logprobs(head, body, first, [c.copy() for c in cache], row_prompt[g],
                             completions[idx, :w], temperature, budget)
         parts.append(mx.pad(lp, [(0, 0), (0, width - w)]) if w < width else lp)
     inverse = np.argsort(np.concatenate(groups), kind="stable")
     return mx.concatenate(parts, axis=0)[mx.array(inverse.astype(np.int32))]
 
 
-def _rows_logprobs(split, body, first, cache, row_prompt, completions, temperature, budget):
+def _rows_logprobs(head: Optional[OutputHead], body, first, cache, row_prompt, completions, temperature, budget):
     """Completion logprobs of rows whose prompts were prefilled (``first``: [U, 1, ...] outputs
     at the prompts' last positions, ``cache`` their keys and values); row i has prompt row_prompt[i]."""
     rows = mx.array(np.asarray(row_prompt).astype(np.int32))
@@ -210,6 +173,6 @@ def _rows_logprobs(split, body, first, cache, row_prompt, completions, temperatu
             c.take_rows(rows)
         rest = body(completions[:, :-1], cache)
         out = mx.concatenate([out, rest], axis=1)
-    if split is None:  # whole logits (models with extra work after the head)
+    if head is None:  # whole logits (models with extra work after the head)
         return gather_logprobs(out, completions, temperature)
-    return chunked_logprobs(split[1], split[2], out, completions, temperature, split[3], budget)
+    return chunked_logprobs(head.module, head.apply, out, completions, temperature, head.vocab, budget)

@@ -17,7 +17,9 @@ from typing import Any, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
+from .errors import UserError
 from .config import EMBEDDED_MODEL
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -48,7 +50,7 @@ SHAPES: Dict[str, Dict[str, Any]] = {
 }
 
 
-class ShapeError(ValueError):
+class ShapeError(UserError, ValueError):
     """An unknown shape name or bit width; the message lists the known ones."""
 
 
@@ -71,7 +73,6 @@ def build(config: Dict[str, Any], seed: int = 0) -> nn.Module:
     """A float32 model of ``config`` with random weights: mlx-lm's initialisation, the residual
     branches' output projections scaled by 1/sqrt(2 x layers) so the residual stream stays of
     order one through the depth (GPT-2's scheme), so logits and softmaxes stay finite."""
-    from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.utils import _get_classes
 
     model_class, args_class = _get_classes(config)
@@ -88,8 +89,6 @@ def build(config: Dict[str, Any], seed: int = 0) -> nn.Module:
 def shape_dir(name: str, bits: int = 4, layers: Optional[int] = None, root: Optional[Path] = None) -> Path:
     """Build (once, cached under ~/.cache/mlx-grpo) shape ``name`` with ``bits``-bit weights (0:
     float32) in the HF/mlx-lm layout; returns its directory."""
-    from mlx.utils import tree_flatten
-
     if bits not in (0, 4, 8):
         raise ShapeError(f"--bits: must be 0 (float32), 4 or 8, got {bits}")
     config = shape_config(name, layers)

@@ -32,7 +32,7 @@ from .rewards import Rewards, score
 from .rollout import Rollouts, pad_id, row_keys, sample_groups
 from .sampling import Drawn, fill_with_spread
 from .tasks import columns
-from .tasks.templates import PromptFormat, render_prompt
+from .tasks.templates import Prompter, PromptFormat
 
 
 class StepOutput(NamedTuple):
@@ -69,7 +69,7 @@ def roll_out(
     keys: Optional[mx.array],
 ) -> Tuple[List[str], Rollouts]:
     """Stage 1: the rendered prompts of ``rows`` and G completions of each from the policy."""
-    prompts = [render_prompt(r["prompt"], fmt, tokenizer) for r in rows]
+    prompts = Prompter(fmt, tokenizer).prompts(rows)
     return prompts, sample_groups(model, tokenizer, prompts, cfg.rollout, keys=keys)
 
 
@@ -80,7 +80,7 @@ def reward(
     """Stage 2: every completion scored on the whole response (the template's response prefix +
     the completion), with its row's dataset columns."""
     G = cfg.rollout.group_size
-    responses = [fmt.response_prefix + t for t in ro.texts]
+    responses = Prompter(fmt).responses(ro.texts)
     cols = {**columns([r for r in rows for _ in range(G)]), "completion_ids": ro.completion_ids()}
     return score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
 

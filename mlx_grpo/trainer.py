@@ -37,16 +37,18 @@ from .checkpoint import (
 from .config import Config, ConfigError, TrainConfig, config_warnings, save_config
 from .evaluate import evaluate_held_out
 from .fit import fit_micro_batch
+from .forward import enable_grad_checkpoint
 from .interrupts import Interrupted, stop_on_signals
-from .models import NonFiniteError, attach_adapters, enable_grad_checkpoint, load_model, save_adapters
+from .models import NonFiniteError, save_adapters
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
-from .rewards import load_rewards, settings_for
+from .policy import load_policy
 from .rundir import ADAPTERS, CONFIG, check_run_dir, log_sizes, prepare_run_dir, resume_run_dir, write_summary
 from .runlog import RunLog, compare_line
 from .step import grpo_step
 from .tasks import load_task
-from .tasks.templates import PromptFormat, prompt_format
+from .tasks.templates import PromptFormat
 from .tripwires import Tripwires, fingerprint
+
 
 def make_schedule(cfg: TrainConfig, total_updates: int) -> Callable:
     """Linear warm-up to the learning rate, then constant, cosine or linear decay."""
@@ -133,7 +135,6 @@ def prepare(cfg: Config, say: Callable[[str], None], resume: bool) -> Run:
     main = distributed.is_main()
     if not main:
         say = lambda _: None  # noqa: E731 - rank 0 speaks for the run
-    reward_fns = load_rewards(list(cfg.rewards), settings_for(cfg))  # fail before loading a model
     data = load_task(cfg.data)
     ckpt = latest_checkpoint(out) if resume and main else None
     if resume and main and ckpt is None:
@@ -141,19 +142,9 @@ def prepare(cfg: Config, say: Callable[[str], None], resume: bool) -> Run:
     if not resume and main:
         check_run_dir(out, cfg.output.overwrite)
 
-    model, tokenizer = load_model(cfg.model, say=say)
-    ref_model = None
-    if cfg.model.reference:
-        ref_model, _ = load_model(cfg.model, cfg.model.reference, say=say)
-        ref_model.freeze()
-    # Seed after loading: building a model draws random initial weights before loading its own,
-    # so the adapters' initialisation and the rollouts don't depend on what else was loaded.
-    mx.random.seed(cfg.train.seed)
-    attach_adapters(model, cfg.adapter)
-    if cfg.train.grad_checkpoint:
-        enable_grad_checkpoint(model)
-    fmt = prompt_format(cfg.prompt)
-
+    policy = load_policy(cfg, say)  # the rewards first: a bad one fails before the model loads
+    model, tokenizer, ref_model = policy.model, policy.tokenizer, policy.reference
+    fmt, reward_fns = policy.prompter.fmt, policy.reward_fns
     longest_prompt = check_prompts(tokenizer, model, data, fmt, cfg)
     _announce(model, cfg, data, longest_prompt, say)
     opt = make_optimizer(model, cfg)

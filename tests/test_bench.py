@@ -52,3 +52,17 @@ def test_bench_table_and_bad_config(tmp_path):
     proc = run_cli("bench", "--quick", "--config", str(bad))
     assert proc.returncode == 2
     assert "temprature" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_config_reward_settings_reach_the_rewards(tmp_path):
+    # bench --config builds its policy as train does: the config's reward_settings shape the
+    # rewards it times (its own copy once built them with the defaults).
+    from mlx_grpo.bench import QUICK, Session, bench_config
+
+    conf = tmp_path / "lenient.yaml"
+    conf.write_text("reward_settings:\n  accuracy:\n    extract: last_number\n")
+    judged = ["<think> so </think> the sum is 7"]  # no <answer> tag: only last_number finds the 7
+    lenient = Session(bench_config(str(conf), None, QUICK)).reward_fns["accuracy"]
+    default = Session(bench_config(None, None, QUICK)).reward_fns["accuracy"]
+    assert lenient([""], judged, answer=["7"]) == [1.0]
+    assert default([""], judged, answer=["7"]) == [0.0]

@@ -117,3 +117,34 @@ def test_a_run_says_the_config_warnings(small_model_dir, tmp_path):
     said = []
     train(cfg, say=said.append)
     assert [s for s in said if s.startswith("warning: grpo.importance_sampling: sequence")]
+
+
+def test_choices_are_carried_by_the_types_and_checked_as_read(tmp_path):
+    """A choice-valued key lists its choices once (its Literal type): the coercion refuses any
+    other value naming the key, the file and the choices; the CLI help shows the same choices."""
+    import subprocess
+    import sys
+
+    from mlx_grpo.config import choices
+
+    assert choices("grpo.loss_type") == ("grpo", "bnpo", "dr_grpo", "dapo")
+    assert choices("output.log_to") == ("tensorboard", "wandb") and choices("train.steps") == ()
+    y = tmp_path / "c.yaml"
+    y.write_text("adapter:\n  type: qlora\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: adapter.type: must be one of lora, dora, full, got 'qlora'"):
+        make_config(str(y))
+    with pytest.raises(ConfigError, match=r"^grpo.scale_rewards: must be one of group, batch, none, got 'std'"):
+        make_config(None, [("grpo.scale_rewards", "std")])
+    assert make_config(None, [("grpo.scale_rewards", "none")]).grpo.scale_rewards == "none"
+    code = ("import sys, mlx_grpo.config; "
+            "print(sorted(m for m in sys.modules if m.startswith('mlx_grpo.tasks')))")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "[]"  # the config needs nothing from tasks/ (no import circle)
+    from click.testing import CliRunner
+
+    from mlx_grpo.cli import main
+
+    shown = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    for flag, key in (("--loss-type", "grpo.loss_type"), ("--adapter-type", "adapter.type"),
+                      ("--prompt-format", "prompt.kind")):
+        assert f"{flag} TEXT {' | '.join(choices(key))} [{key}]." in shown

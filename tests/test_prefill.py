@@ -9,7 +9,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_grpo import prefill as prefill_mod
 from mlx_grpo.config import AdapterConfig, ModelConfig, RolloutConfig
-from mlx_grpo.models import attach_adapters, load_model, rows_cache
+from mlx_grpo.forward import rows_cache
+from mlx_grpo.models import attach_adapters, load_model
 from mlx_grpo.prefill import MIN_SHARED_PREFIX, prefill, shared_prefix
 from mlx_grpo.rollout import encode_prompt, left_pad, sample_groups
 from mlx_grpo.scoring import completion_logprobs

@@ -8,7 +8,8 @@ import pytest
 
 from mlx_grpo import trainer
 from mlx_grpo.config import make_config
-from mlx_grpo.models import attach_adapters, batch_cache, load_model
+from mlx_grpo.forward import batch_cache
+from mlx_grpo.models import attach_adapters, load_model
 from mlx_grpo.preflight import (
     OutOfMemory,
     available_memory,
@@ -117,7 +118,7 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(embedded_model_dir, b
     import mlx.optimizers as optim
 
     from mlx_grpo.fit import dry_batch
-    from mlx_grpo.models import enable_grad_checkpoint
+    from mlx_grpo.forward import enable_grad_checkpoint
     from mlx_grpo.preflight import estimate_total
     from mlx_grpo.learner import update
 

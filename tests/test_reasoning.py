@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, run_cli
 from mlx_grpo.assets.make_reasoning_model import chat_prompt, make, reasoning_document, three_term_solution
 from mlx_grpo.config import ModelConfig, make_config
-from mlx_grpo.evaluate import judge
+from mlx_grpo.tasks import TASKS
 
 REASONING = ROOT / "configs" / "reasoning.yaml"
 
@@ -22,9 +22,9 @@ def test_careful_and_hasty_solutions_are_judged_as_a_reader_would():
     careful = " <think> " + three_term_solution(3, 4, 5, careful=True)
     hasty = " <think> " + three_term_solution(3, 4, 5, careful=False)
     assert careful == " <think> 3 + 4 = 7 . 7 + 5 = 12 . </think> <answer> 12 </answer>"
-    assert judge(careful, "12") == {"format": True, "strict": True, "lenient": True}
-    assert judge(hasty, "12") == {"format": True, "strict": False, "lenient": False}
-    assert judge(" <think> " + three_term_solution(3, 4, 0, careful=False), "7")["strict"]
+    assert TASKS["multistep"].judge(careful, {"answer": "12"}) == {"format": True, "strict": True, "lenient": True}
+    assert TASKS["multistep"].judge(hasty, {"answer": "12"}) == {"format": True, "strict": False, "lenient": False}
+    assert TASKS["multistep"].judge(" <think> " + three_term_solution(3, 4, 0, careful=False), {"answer": "7"})["strict"]
 
 
 def test_corpus_prompt_is_what_the_demo_config_renders(embedded_model_dir):

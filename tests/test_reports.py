@@ -209,11 +209,11 @@ def test_generate_streams_one_sample_and_batches_several(small_model_dir):
     # Greedy streaming gives what the batched rollout engine gives for the same prompt.
     from mlx_grpo.config import make_config
     from mlx_grpo.generate import generate
-    from mlx_grpo.models import load_for_inference
+    from mlx_grpo.policy import load_policy
 
     cfg = make_config(None, [("model.path", str(small_model_dir)), ("rollout.max_tokens", 8)])
-    loaded = load_for_inference(cfg.model)
-    (batched,) = generate(*loaded, "What is 3 + 4 ?", cfg, 1, 0.0)
+    policy = load_policy(cfg, training=False)
+    (batched,) = generate(policy.model, policy.prompter, "What is 3 + 4 ?", cfg, 1, 0.0)
     assert one.stdout.strip() == batched.strip()
     many = run_cli("generate", "--model", str(small_model_dir), "--prompt", "What is 3 + 4 ?",
                    "--samples", "3", "--max-tokens", "8")
@@ -239,4 +239,4 @@ def test_missing_tracker_library_is_a_clear_error(small_model_dir, tmp_path):
     out = tmp_path / "t"
     bad = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "1",
                   "--set", "output.log_to=[mlflow]")
-    assert bad.returncode == 2 and "output.log_to: must be one of tensorboard, wandb" in bad.stderr
+    assert bad.returncode == 2 and "output.log_to[0]: must be one of tensorboard, wandb, got 'mlflow'" in bad.stderr

@@ -81,7 +81,7 @@ def test_top_k_one_is_greedy(model_tok):
 
 def test_shared_prefill_cache_gives_the_logits_of_a_separate_prefill(model_tok):
     """Prefill once + repeat the cache G times == prefill every row; then one decode step agrees."""
-    from mlx_grpo.models import batch_cache
+    from mlx_grpo.forward import batch_cache
     from mlx_grpo.rollout import encode_prompt, left_pad, repeat_cache
 
     model, tok = model_tok

@@ -75,7 +75,8 @@ def test_shared_prompt_pass_equals_one_pass_per_row(model_tok):
 
 def test_chunked_head_equals_whole_logits_values_and_grads(model_tok):
     """Chunking the head + log-softmax over positions changes neither values nor gradients."""
-    from mlx_grpo.scoring import chunked_logprobs, gather_logprobs, output_head
+    from mlx_grpo.forward import output_head
+    from mlx_grpo.scoring import chunked_logprobs, gather_logprobs
 
     model, tok = model_tok
     enc, prompts, pad, comp, rng = two_prompts(tok, 4, 9, seed=1)
@@ -130,7 +131,7 @@ def test_chunked_head_equals_whole_logits_values_and_grads(model_tok):
 
 def test_models_with_extra_output_work_fall_back_to_whole_logits(model_tok):
     """A model whose output is not head(body(x)) (e.g. soft-capped logits) is not split."""
-    from mlx_grpo.scoring import output_head
+    from mlx_grpo.forward import output_head
 
     model, tok = model_tok
 
@@ -206,3 +207,35 @@ def test_length_groups_give_the_same_logprobs_and_gradients(model_tok):
         scale = mx.abs(b).max().item()
         assert scale > 0, k
         assert mx.abs(a - b).max().item() <= rel * scale + 1e-7, k
+
+
+def test_model_flags_are_computed_once_and_kept_off_the_parameters(model_tok):
+    """forward.model_flag: one verdict per model, asked for once; never part of its parameters."""
+    from mlx_grpo.forward import model_flag, set_model_flag
+
+    model, _ = model_tok
+    calls = []
+    assert model_flag(model, "test_verdict", lambda: calls.append(1) or "yes") == "yes"
+    assert model_flag(model, "test_verdict", lambda: calls.append(1) or "no") == "yes"
+    assert calls == [1]
+    set_model_flag(model, "test_verdict", "changed")
+    assert model_flag(model, "test_verdict", lambda: "no") == "changed"
+    assert not any("test_verdict" in k for k, _ in tree_flatten(model.parameters()))
+
+
+def test_output_head_is_named_and_generation_does_not_import_scoring(model_tok):
+    """The split model reads by name (head.logits(head.body(x)) == model(x)); rollouts need only
+    forward.py, not the scoring module."""
+    import subprocess
+    import sys
+
+    from mlx_grpo.forward import output_head
+
+    model, _ = model_tok
+    head = output_head(model)
+    x = mx.array([[3, 4, 5]])
+    assert mx.allclose(head.logits(head.body(x, None)), model(x), atol=1e-4).item()
+    assert head.vocab == head.module.weight.shape[0]
+    code = "import sys, mlx_grpo.rollout; print('mlx_grpo.scoring' in sys.modules)"
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "False"

@@ -90,8 +90,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path, text, msg):
 import subprocess
 import sys
 
-from mlx_grpo.config import ConfigError, CountdownConfig, make_config
-from mlx_grpo.evaluate import judge
+from mlx_grpo.config import TASK_REWARDS, ConfigError, CountdownConfig, make_config
 from mlx_grpo.rewards.countdown import countdown_correct
 from mlx_grpo.tasks import TASKS
 from mlx_grpo.tasks import countdown
@@ -155,10 +154,14 @@ def test_countdown_impossible_settings_are_data_errors(data, msg):
 
 def test_countdown_held_out_judged_by_equation():
     row = {"prompt": "q", "numbers": [1, 2, 3], "target": 9}
-    assert judge("<think>x</think><answer>(1 + 2) * 3</answer>", None, row) == {
+    judge = TASKS["countdown"].judge
+    assert judge("<think>x</think><answer>(1 + 2) * 3</answer>", row) == {
         "format": True, "strict": True, "lenient": True}
-    assert judge("<answer>(1 + 2) * 3</answer>", None, row) == {"format": False, "strict": False, "lenient": True}
-    assert judge("<think>x</think><answer>9</answer>", None, row)["strict"] is False
+    assert judge("<answer>(1 + 2) * 3</answer>", row) == {"format": False, "strict": False, "lenient": True}
+    assert judge("<think>x</think><answer>9</answer>", row)["strict"] is False
+    # A user's dataset of countdown puzzles is judged as countdown; other tasks by their answer.
+    assert TASKS["dataset"].judge("<answer>(1 + 2) * 3</answer>", row)["lenient"] is True
+    assert TASKS["arithmetic"].judge("<think>x</think><answer>9</answer>", {"answer": "9"})["strict"] is True
 
 
 def test_task_picks_its_reward_set_unless_rewards_are_configured(tmp_path):
@@ -171,8 +174,10 @@ def test_task_picks_its_reward_set_unless_rewards_are_configured(tmp_path):
     assert make_config(str(y)).rewards == {"format": 1.0}
     y.write_text("data:\n  task: gsm8k\n")
     assert make_config(str(y)).rewards == TASKS["gsm8k"].rewards
-    with pytest.raises(ConfigError, match="data.task: must be one of arithmetic, multistep, countdown, gsm8k, dataset, jsonl"):
-        make_config(None, [("data.task", "nosuch")])
+    # The task name is load_task's to check (the config knows only the reward sets, as data).
+    assert set(TASK_REWARDS) == set(TASKS)
+    with pytest.raises(DataError, match="data.task: unknown task 'nosuch' .known: arithmetic, multistep, countdown, gsm8k, dataset, jsonl"):
+        load_task(make_config(None, [("data.task", "nosuch")]).data)
     with pytest.raises(ConfigError, match="data.countdown.numbers: must be in 2..6"):
         make_config(None, [("data.countdown.numbers", 9)])
     with pytest.raises(ConfigError, match="data.path: required when data.task is dataset"):

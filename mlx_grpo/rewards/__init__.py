@@ -153,6 +153,12 @@ def load_rewards(names: Sequence[str], settings: Optional[RewardSettings] = None
     return {name: load_reward(name, settings) for name in names}
 
 
+def configured_rewards(cfg: Config) -> Dict[str, RewardFn]:
+    """The rewards ``cfg.rewards`` names, built with the run's ``reward_settings`` (what train,
+    eval, bench and the rewards lab score with; a bad name fails here, before any model loads)."""
+    return load_rewards(list(cfg.rewards), settings_for(cfg))
+
+
 _DEFAULT_SETTINGS = settings_for(Config())
 # The built-ins with default settings, by name.
 BUILTIN: Dict[str, RewardFn] = {name: make(_DEFAULT_SETTINGS) for name, make in FACTORIES.items()}

@@ -31,7 +31,3 @@ def make_accuracy_reward(settings: AccuracySettings, extract: Optional[str] = No
     accuracy.__doc__ = f"Accuracy of the answer read as {mode!r} against the answer column. Range [0, 1]."
     return accuracy
 
-
-# The built-ins with default settings: the answer inside <answer>, and the last number anywhere.
-accuracy_reward = make_accuracy_reward(AccuracySettings())
-lenient_accuracy_reward = make_accuracy_reward(AccuracySettings(), extract="last_number")

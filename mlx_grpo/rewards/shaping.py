@@ -6,7 +6,7 @@
 - ``repetition``: minus the share of repeated word n-grams (open-r1's repetition penalty), over
   the completion's first ``MAX_WORDS`` words.
 
-Lengths are counted in tokens (the ``completion_ids`` column the trainer passes, as TRL does),
+Lengths are counted in tokens (the ``completion_ids`` column the GRPO step passes, as TRL does),
 words or characters, as the reward's settings say.
 """
 

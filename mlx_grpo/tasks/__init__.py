@@ -9,11 +9,12 @@ the tokenizer's chat template) is the ``prompt`` section's business, not the tas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from ..config import DataConfig
+from ..config import TASK_REWARDS, DataConfig
 from . import arithmetic, countdown, gsm8k
+from .judges import Judge, judge_answer, judge_countdown, judge_dataset_row
 from .files import (
     DataError,
     Fields,
@@ -91,24 +92,26 @@ class Task:
 
     name: str
     load: Callable[[DataConfig], TaskData]
-    rewards: Dict[str, float] = field(default_factory=dict)
+    judge: Judge  # how a held-out answer is judged (tasks/judges.py)
     summary: str = ""
 
+    @property
+    def rewards(self) -> Dict[str, float]:
+        """The reward set a config without ``rewards`` trains with (``config.TASK_REWARDS``)."""
+        return dict(TASK_REWARDS[self.name])
 
-_NUMERIC = {"accuracy": 1.0, "format": 0.5}
+
 TASKS: Dict[str, Task] = {
     t.name: t
     for t in [
-        Task("arithmetic", _arithmetic, _NUMERIC, "a + b with a, b in 0..data.max_operand, generated"),
-        Task("multistep", _multistep, _NUMERIC,
+        Task("arithmetic", _arithmetic, judge_answer, "a + b with a, b in 0..data.max_operand, generated"),
+        Task("multistep", _multistep, judge_answer,
              "a + b + c with a, b, c in 0..data.max_operand, generated (two steps of addition)"),
-        Task("countdown", _countdown, {"countdown": 1.0, "format": 0.1},
-             "reach a target from given numbers with + - * /, generated (data.countdown)"),
-        Task("gsm8k", _gsm8k, {"accuracy": 1.0, "format": 0.2},
-             "openai/gsm8k from the Hub, or data.path: a local file or folder of the same shape"),
-        Task("dataset", _dataset, _NUMERIC,
+        Task("countdown", _countdown, judge_countdown, "reach a target from given numbers with + - * /, generated (data.countdown)"),
+        Task("gsm8k", _gsm8k, judge_answer, "openai/gsm8k from the Hub, or data.path: a local file or folder of the same shape"),
+        Task("dataset", _dataset, judge_dataset_row,
              "data.path: a JSONL/Parquet file, a folder of them or a Hub dataset id; fields from data.*"),
-        Task("jsonl", _dataset, _NUMERIC, "the same as dataset (the older name)"),
+        Task("jsonl", _dataset, judge_dataset_row, "the same as dataset (the older name)"),
     ]
 }
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from ..errors import first_line
+from ..errors import UserError, first_line
 
 Row = Dict[str, Any]
 DATA_SUFFIXES = (".jsonl", ".parquet")
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Unusable data; the message names the file and line or the missing field."""
 
 

@@ -9,7 +9,7 @@ completion``, exactly what a reader of the whole answer would see.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Mapping, Optional, Sequence
 
 from ..config import ConfigError, PromptConfig
 
@@ -72,3 +72,38 @@ def render_prompt(question: str, fmt: PromptFormat, tokenizer: Any = None) -> st
         )
         return text + fmt.response_prefix
     raise ConfigError(f"prompt.kind: unknown prompt format {fmt.kind!r} (expected r1 or chat)")
+
+
+@dataclass(frozen=True)
+class Prompter:
+    """The one place a question becomes a prompt and a completion becomes the judged response.
+
+    Every command that samples (train, eval, generate, bench, the rewards lab) goes through this:
+    ``prompts`` renders rows with the run's template, ``responses`` puts the template's response
+    prefix back in front of completions, as the rewards and the evaluation judge them.
+    """
+
+    fmt: PromptFormat
+    tokenizer: Any = None
+
+    @property
+    def prefix(self) -> str:
+        """The part of the response the template already wrote (shown before a streamed answer)."""
+        return self.fmt.response_prefix
+
+    def render(self, question: str) -> str:
+        """The full prompt text for one question."""
+        return render_prompt(question, self.fmt, self.tokenizer)
+
+    def prompts(self, rows: Sequence[Mapping[str, Any]]) -> List[str]:
+        """The prompt text of each row (its ``prompt`` column)."""
+        return [self.render(r["prompt"]) for r in rows]
+
+    def responses(self, completions: Sequence[str]) -> List[str]:
+        """Each completion as the whole response a reader sees: response prefix + completion."""
+        return [self.prefix + c for c in completions]
+
+
+def prompter(cfg: PromptConfig, tokenizer: Any) -> Prompter:
+    """The run's prompter: the ``prompt`` section's format with the model's tokenizer."""
+    return Prompter(prompt_format(cfg), tokenizer)
