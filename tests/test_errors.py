@@ -8,7 +8,7 @@ from mlx_grpo.config import ConfigError
 from mlx_grpo.distributed import PeerLost
 from mlx_grpo.errors import RunFault, UserError
 from mlx_grpo.models import ModelLoadError, NonFiniteError
-from mlx_grpo.outputs import RunDirError
+from mlx_grpo.rundir import RunDirError
 from mlx_grpo.plot import PlotError
 from mlx_grpo.preflight import OutOfMemory
 from mlx_grpo.rewards import RewardError
