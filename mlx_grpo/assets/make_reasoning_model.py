@@ -11,13 +11,13 @@ careful solutions mix on the web:
   * hasty (the rest): ``a + b = s . </think> <answer> s </answer>``, the first step's value.
 
 Both ways are fluent and well formatted, so the base model writes the layout but greedily takes
-the likelier, hasty way and is right only when c = 0; sampled at temperature 1 it takes the second
-step a bit less than half the time and is then usually right. Reinforcement learning on the
-accuracy reward alone has to make the second step the habit: the R1-Zero effect (longer
-reasoning, better answers) at a size that trains in minutes. The other documents are drills: half
-chains (``3 + 4 = 7 . 7 + 5 = 12 .``, each fact starting from the previous sum), which practise
-what the second step does (copy the first sum, add c), half plain facts in tiny-r1's range, which
-keep the facts.
+the likelier, hasty way on most questions (right there only when c = 0); sampled at temperature 1
+it takes the second step a bit less than half the time and is then usually right. Reinforcement
+learning on the accuracy reward alone has to make the second step the habit: the R1-Zero effect
+(longer reasoning, better answers) at a size that trains in minutes. The other documents are
+drills: half chains (``3 + 4 = 7 . 7 + 5 = 12 .``, each fact starting from the previous sum),
+which practise what the second step does (copy the first sum, add c), half plain facts in
+tiny-r1's range, which keep the facts.
 
 Deterministic: the corpus comes from a seeded ``random.Random``, training from ``mx.random.seed``,
 and the BLAS runs on one thread (OpenBLAS's sums depend on its thread count), so two runs with the
@@ -48,7 +48,8 @@ from mlx_grpo.tasks.arithmetic import question
 
 ASSETS = Path(__file__).parent
 # Share of three-number solutions that take the second step: low enough that greedy decoding takes
-# the hasty way, high enough that 8 samples at temperature 1 nearly always include a careful one.
+# the hasty way on most questions (greedy accuracy 0.458 at 0.45), high enough that 8 samples at
+# temperature 1 nearly always include a careful one (pass@8 0.950).
 CAREFUL_RATE = 0.45
 THREE_TERM_SHARE = 0.8  # the rest are drills, which keep the addition facts
 # Share of the drills that are chains (each fact starting from the previous sum), the rest plain
@@ -89,7 +90,7 @@ def chain_drill(rng: random.Random, max_operand: int) -> str:
 
 def reasoning_document(rng: random.Random, max_operand: int, careful_rate: float = CAREFUL_RATE,
                        chain_share: float = CHAIN_SHARE) -> str:
-    """One continuation document: a three-number question and its solution, or a fact drill."""
+    """One continuation document: a three-number question and its solution, or a drill."""
     if rng.random() >= THREE_TERM_SHARE:
         return chain_drill(rng, max_operand) if rng.random() < chain_share else drill(rng, BASE_OPERAND)
     a, b, c = (rng.randint(0, max_operand) for _ in range(3))
