@@ -11,7 +11,8 @@ import re
 import pytest
 
 from conftest import ROOT, run_cli
-from mlx_grpo.assets.make_reasoning_model import chat_prompt, make, reasoning_document, three_term_solution
+from mlx_grpo.assets.make_reasoning_model import (BASE_OPERAND, chain_drill, chat_prompt, make, reasoning_document,
+                                                  three_term_solution)
 from mlx_grpo.config import ModelConfig, make_config
 from mlx_grpo.tasks import TASKS
 
@@ -51,6 +52,28 @@ def test_reasoning_corpus_is_seeded_and_mixes_both_solutions():
         assert d.endswith(f" </think> <answer> {values[-1]} </answer>")
         a, b, c = map(int, re.findall(r"\d+", d.split("?")[0]))
         assert (int(values[-1]) == a + b + c) == (d in careful or c == 0)
+
+
+def _facts(text: str):
+    return [tuple(map(int, f)) for f in re.findall(r"(\d+) \+ (\d+) = (\d+) \.", text)]
+
+
+def test_chain_drills_practise_the_second_step():
+    rng = random.Random(2)
+    lengths = set()
+    for _ in range(500):
+        facts = _facts(chain_drill(rng, 9))
+        lengths.add(len(facts))
+        assert all(a + b == s and b <= 9 and s <= BASE_OPERAND for a, b, s in facts)
+        # each fact starts from the previous sum, as the careful second step does
+        assert all(nxt[0] == prev[2] for prev, nxt in zip(facts, facts[1:]))
+    assert {2, 3, 4} <= lengths
+    rng = random.Random(3)
+    drills = [d for d in (reasoning_document(rng, 9, chain_share=1.0) for _ in range(300)) if not d.startswith("User:")]
+    assert drills and all(nxt[0] == prev[2] for d in drills for prev, nxt in zip(_facts(d), _facts(d)[1:]))
+    rng = random.Random(3)
+    plain = [d for d in (reasoning_document(rng, 9, chain_share=0.0) for _ in range(300)) if not d.startswith("User:")]
+    assert any(nxt[0] != prev[2] for d in plain for prev, nxt in zip(_facts(d), _facts(d)[1:]))
 
 
 def test_reasoning_config_loads():
