@@ -418,7 +418,7 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
 def bench(model, config_path, large, quick, processes, as_json, out_path, shape, bits, max_tokens, prompts,
           group_size, debug):
     """Rollout throughput vs mlx_lm.batch_generate, GRPO step split, peak memory, fast vs bundled BLAS."""
-    from .bench import run_bench, table
+    from .bench import run_bench, table as bench_table
 
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)
     with reported(debug):
@@ -427,11 +427,11 @@ def bench(model, config_path, large, quick, processes, as_json, out_path, shape,
         if out_path is not None:  # before the measurement: minutes of it must not be lost at the end
             check_output_file(out_path, "--out")
         if shape:
-            from .bench_shape import run_shape_bench, shape_table as table  # noqa: F811
+            from .bench_shape import run_shape_bench, shape_table
 
-            result = run_shape_bench(shape, int(bits), prompts, group_size, max_tokens, config_path, say)
+            result, table = run_shape_bench(shape, int(bits), prompts, group_size, max_tokens, config_path, say), shape_table
         else:
-            result = run_bench(config_path, model, large=large, quick=quick, say=say, processes=processes)
+            result, table = run_bench(config_path, model, large=large, quick=quick, say=say, processes=processes), bench_table
         if out_path:
             from pathlib import Path
 
