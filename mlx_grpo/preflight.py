@@ -26,7 +26,7 @@ from .config import Config, ConfigError
 from .rollout import encode_prompt
 from .scoring import LOGITS_BUDGET
 from .tasks import DataError, TaskData
-from .tasks.templates import PromptFormat, render_prompt
+from .tasks.templates import Prompter
 from .errors import RunFault, first_line
 
 GB = 1e9
@@ -68,7 +68,7 @@ def _where(cfg: Config, split: str, index: int, n_train: int) -> str:
     return f"data ({d.task}, {split} row {index})"
 
 
-def check_prompts(tokenizer: Any, model: nn.Module, data: TaskData, fmt: PromptFormat, cfg: Config) -> int:
+def check_prompts(tokenizer: Any, model: nn.Module, data: TaskData, prompter: Prompter, cfg: Config) -> int:
     """Render and tokenize every training and evaluated held-out prompt.
 
     Raises ``ConfigError`` (chat template missing) or ``DataError`` naming the first prompt that,
@@ -84,7 +84,7 @@ def check_prompts(tokenizer: Any, model: nn.Module, data: TaskData, fmt: PromptF
     with _quiet("transformers"):  # its own long-prompt warning: the error below says it in one line
         for split, rows, budget, key in splits:
             for i, row in enumerate(rows):
-                n = len(encode_prompt(tokenizer, render_prompt(row["prompt"], fmt, tokenizer)))
+                n = len(encode_prompt(tokenizer, prompter.render(row["prompt"])))
                 if split == "train":
                     longest = max(longest, n)
                 if limit is not None and n + budget > limit:

@@ -32,7 +32,7 @@ from .rewards import Rewards, score
 from .rollout import Rollouts, pad_id, row_keys, sample_groups
 from .sampling import Drawn, fill_with_spread
 from .tasks import columns
-from .tasks.templates import Prompter, PromptFormat
+from .tasks.templates import Prompter
 
 
 class StepOutput(NamedTuple):
@@ -65,22 +65,22 @@ class Selection:
 
 
 def roll_out(
-    model: nn.Module, tokenizer: Any, rows: List[Dict[str, Any]], cfg: Config, fmt: PromptFormat,
+    model: nn.Module, tokenizer: Any, rows: List[Dict[str, Any]], cfg: Config, prompter: Prompter,
     keys: Optional[mx.array],
 ) -> Tuple[List[str], Rollouts]:
     """Stage 1: the rendered prompts of ``rows`` and G completions of each from the policy."""
-    prompts = Prompter(fmt, tokenizer).prompts(rows)
+    prompts = prompter.prompts(rows)
     return prompts, sample_groups(model, tokenizer, prompts, cfg.rollout, keys=keys)
 
 
 def reward(
-    rows: List[Dict[str, Any]], prompts: List[str], ro: Rollouts, cfg: Config, fmt: PromptFormat,
+    rows: List[Dict[str, Any]], prompts: List[str], ro: Rollouts, cfg: Config, prompter: Prompter,
     reward_fns: Dict[str, Callable],
 ) -> Rewards:
     """Stage 2: every completion scored on the whole response (the template's response prefix +
     the completion), with its row's dataset columns."""
     G = cfg.rollout.group_size
-    responses = Prompter(fmt).responses(ro.texts)
+    responses = prompter.responses(ro.texts)
     cols = {**columns([r for r in rows for _ in range(G)]), "completion_ids": ro.completion_ids()}
     return score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
 
@@ -90,15 +90,15 @@ def draw_groups(
     tokenizer: Any,
     rows: List[Dict[str, Any]],
     cfg: Config,
-    fmt: PromptFormat,
+    prompter: Prompter,
     reward_fns: Dict[str, Callable],
     keys: Optional[mx.array],
 ) -> Drawn:
     """Stages 1 and 2 for ``rows``, timed."""
     t0 = time.perf_counter()
-    prompts, ro = roll_out(model, tokenizer, rows, cfg, fmt, keys)
+    prompts, ro = roll_out(model, tokenizer, rows, cfg, prompter, keys)
     t1 = time.perf_counter()
-    rw = reward(rows, prompts, ro, cfg, fmt, reward_fns)
+    rw = reward(rows, prompts, ro, cfg, prompter, reward_fns)
     return Drawn(list(rows), prompts, ro, rw, t1 - t0, time.perf_counter() - t1)
 
 
@@ -132,7 +132,7 @@ def grpo_step(
     opt: optim.Optimizer,
     rows: List[Dict[str, Any]],
     cfg: Config,
-    fmt: PromptFormat,
+    prompter: Prompter,
     reward_fns: Dict[str, Callable],
     ref_model: Optional[nn.Module] = None,
     key: Optional[mx.array] = None,
@@ -156,13 +156,13 @@ def grpo_step(
     # 1-2. Rollouts from the current policy, and their rewards; DAPO draws more prompts if asked.
     model.eval()
     keys = None if key is None else row_keys(key, len(rows), G)[lo:hi]
-    drawn = draw_groups(model, tokenizer, rows[part], cfg, fmt, reward_fns, keys)
+    drawn = draw_groups(model, tokenizer, rows[part], cfg, prompter, reward_fns, keys)
     extra: Dict[str, float] = {}
     if cfg.grpo.dynamic_sampling:  # one process (checked at the start of train)
         def draw(d: int) -> Drawn:
             more = more_rows()
             k = None if key is None else row_keys(mx.random.split(key, cfg.grpo.dynamic_sampling_max_draws)[d], len(more), G)
-            return draw_groups(model, tokenizer, more, cfg, fmt, reward_fns, k)
+            return draw_groups(model, tokenizer, more, cfg, prompter, reward_fns, k)
 
         drawn, extra = fill_with_spread(drawn, draw, len(rows), cfg.grpo.dynamic_sampling_max_draws, pad_id(tokenizer))
     hi = lo + len(drawn.rows) * G  # dynamic sampling: the step's groups as drawn

@@ -41,12 +41,11 @@ from .forward import enable_grad_checkpoint
 from .interrupts import Interrupted, stop_on_signals
 from .models import NonFiniteError, save_adapters
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
-from .policy import load_policy
+from .policy import Policy, load_policy
 from .rundir import ADAPTERS, CONFIG, check_run_dir, log_sizes, prepare_run_dir, resume_run_dir, write_summary
 from .runlog import RunLog, compare_line
 from .step import grpo_step
 from .tasks import load_task
-from .tasks.templates import PromptFormat
 from .tripwires import Tripwires, fingerprint
 
 
@@ -95,11 +94,7 @@ class Run:
     out: Path
     main: bool  # rank 0: speaks for the run, reads and writes its directory
     say: Callable[[str], None]
-    model: nn.Module
-    tokenizer: Any
-    ref_model: Optional[nn.Module]
-    fmt: PromptFormat
-    reward_fns: Dict[str, Callable]
+    policy: Policy  # model (adapters attached), tokenizer, KL reference, prompter, rewards
     train_rows: List[Dict[str, Any]]
     eval_rows: List[Dict[str, Any]]
     opt: optim.Optimizer
@@ -143,9 +138,8 @@ def prepare(cfg: Config, say: Callable[[str], None], resume: bool) -> Run:
         check_run_dir(out, cfg.output.overwrite)
 
     policy = load_policy(cfg, say)  # the rewards first: a bad one fails before the model loads
-    model, tokenizer, ref_model = policy.model, policy.tokenizer, policy.reference
-    fmt, reward_fns = policy.prompter.fmt, policy.reward_fns
-    longest_prompt = check_prompts(tokenizer, model, data, fmt, cfg)
+    model = policy.model
+    longest_prompt = check_prompts(policy.tokenizer, model, data, policy.prompter, cfg)
     _announce(model, cfg, data, longest_prompt, say)
     opt = make_optimizer(model, cfg)
     if not resume and distributed.size() == 1:  # a resumed run keeps the micro-batching it chose
@@ -158,8 +152,7 @@ def prepare(cfg: Config, say: Callable[[str], None], resume: bool) -> Run:
     tripwires = Tripwires(lambda: fingerprint(model)) if main else Tripwires()
     log = RunLog(out, cfg, say, tripwires, state.step, main)
     eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
-    return Run(cfg, out, main, say, model, tokenizer, ref_model, fmt, reward_fns, data.train, eval_rows,
-               opt, state, ckpt, log)
+    return Run(cfg, out, main, say, policy, data.train, eval_rows, opt, state, ckpt, log)
 
 
 def loop(run: Run) -> None:
@@ -175,8 +168,9 @@ def loop(run: Run) -> None:
         with stop_on_signals(run.say) as stop:
             for step in range(state.step + 1, cfg.train.steps + 1):
                 distributed.test_exit_hook(step)
-                m, samples = grpo_step(run.model, run.tokenizer, run.opt, next(batches), cfg, run.fmt, run.reward_fns,
-                                       run.ref_model, sampling_key(cfg.train.seed, step), more_rows=lambda: next(batches))
+                p = run.policy
+                m, samples = grpo_step(p.model, p.tokenizer, run.opt, next(batches), cfg, p.prompter, p.reward_fns,
+                                       p.reference, sampling_key(cfg.train.seed, step), more_rows=lambda: next(batches))
                 m["learning_rate"] = float(run.opt.learning_rate.item())
                 _advance(state, step, m)
                 run.log.step(step, m, samples)
@@ -214,7 +208,7 @@ def finish(run: Run) -> Dict[str, Any]:
         return {}
     cfg, state, out = run.cfg, run.state, run.out
     if state.step == 0:  # a run of no steps: the last step's checkpoint would have written them
-        save_adapters(run.model, out, cfg.adapter, cfg.model.path)
+        save_adapters(run.policy.model, out, cfg.adapter, cfg.model.path)
     if cfg.train.steps:
         state.eval_end = evaluate(run, cfg.train.steps, announce=False)
     run.log.close()
@@ -251,8 +245,8 @@ def evaluate(run: Run, step: int, announce: bool = True) -> Optional[Dict[str, A
     if not run.eval_rows or not run.main:
         return None
     t = time.perf_counter()
-    res = evaluate_held_out(run.model, run.tokenizer, run.eval_rows, run.cfg, run.cfg.output.eval_samples,
-                            None, run.reward_fns)
+    res = evaluate_held_out(run.policy.model, run.policy.tokenizer, run.eval_rows, run.cfg,
+                            run.cfg.output.eval_samples, None, run.policy.reward_fns)
     res = {"step": step, **res, "time": time.perf_counter() - t}
     run.log.eval(step, res, announce)
     return res
@@ -264,8 +258,8 @@ def save(run: Run) -> Path:
     state.rng_key = rng_key()
     state.seconds = run.seconds_before + time.perf_counter() - run.started
     state.log_sizes = log_sizes(run.out)
-    path = save_checkpoint(run.out, run.model, run.opt, run.cfg, state)
-    save_adapters(run.model, run.out, run.cfg.adapter, run.cfg.model.path)
+    path = save_checkpoint(run.out, run.policy.model, run.opt, run.cfg, state)
+    save_adapters(run.policy.model, run.out, run.cfg.adapter, run.cfg.model.path)
     return path
 
 

@@ -19,7 +19,7 @@ from mlx_grpo.forward import enable_grad_checkpoint
 from mlx_grpo.models import attach_adapters, load_model
 from mlx_grpo.preflight import check_prompts
 from mlx_grpo.tasks import load_task
-from mlx_grpo.tasks.templates import prompt_format
+from mlx_grpo.tasks.templates import prompter
 from mlx_grpo.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def config(model_dir, out, *overrides):
 def loaded(cfg):
     model, tok = load_model(cfg.model)
     attach_adapters(model, cfg.adapter)
-    longest = check_prompts(tok, model, load_task(cfg.data), prompt_format(cfg.prompt), cfg)
+    longest = check_prompts(tok, model, load_task(cfg.data), prompter(cfg.prompt, tok), cfg)
     return model, longest
 
 

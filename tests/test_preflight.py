@@ -20,7 +20,7 @@ from mlx_grpo.preflight import (
     memory_report,
 )
 from mlx_grpo.tasks import DataError, TaskData
-from mlx_grpo.tasks.templates import prompt_format
+from mlx_grpo.tasks.templates import prompter
 
 
 def loaded(small_model_dir, *overrides):
@@ -64,10 +64,10 @@ def test_prompt_too_long_names_the_row(small_model_dir):
     assert limit == 512
     ok = [{"prompt": "1 + 1"}]
     long = [{"prompt": " ".join(["1 + 1"] * 200)}]
-    assert 0 < check_prompts(tok, model, TaskData(ok, ok), prompt_format(cfg.prompt), cfg) < 100
+    assert 0 < check_prompts(tok, model, TaskData(ok, ok), prompter(cfg.prompt, tok), cfg) < 100
     with pytest.raises(DataError, match=r"data \(arithmetic, held-out row 0\): the prompt is \d+ tokens; "
                                         r"with output.eval_max_tokens 10 it exceeds the model's context of 512"):
-        check_prompts(tok, model, TaskData(ok, long), prompt_format(cfg.prompt), cfg)
+        check_prompts(tok, model, TaskData(ok, long), prompter(cfg.prompt, tok), cfg)
 
 
 @pytest.mark.parametrize("message,oom", [

@@ -73,7 +73,7 @@ def test_a_step_returns_its_samples_beside_its_metrics(small_model_dir):
 
     from mlx_grpo.models import attach_adapters, load_model
     from mlx_grpo.tasks import load_task
-    from mlx_grpo.tasks.templates import prompt_format
+    from mlx_grpo.tasks.templates import prompter
 
     cfg = make_config(None, [("model.path", str(small_model_dir)), ("rollout.group_size", G),
                              ("rollout.max_tokens", 6), ("train.prompts_per_step", 4), ("data.max_operand", 9),
@@ -82,7 +82,7 @@ def test_a_step_returns_its_samples_beside_its_metrics(small_model_dir):
     mx.random.seed(0)
     attach_adapters(model, cfg.adapter)
     rows = load_task(cfg.data).train[:4]
-    out = grpo_step(model, tok, optim.AdamW(learning_rate=1e-3), rows, cfg, prompt_format(cfg.prompt),
+    out = grpo_step(model, tok, optim.AdamW(learning_rate=1e-3), rows, cfg, prompter(cfg.prompt, tok),
                     load_rewards(list(cfg.rewards), settings_for(cfg)))
     assert isinstance(out, StepOutput)
     m, samples = out
