@@ -28,8 +28,8 @@ from mlx.utils import tree_flatten
 from .checkpoint import restore_rng_key, rng_key
 from .config import Config, ConfigError
 from .float_base import device_kind
-from .learner import StepBatch
-from .loss import Normalizer, grpo_loss
+from .learner import StepBatch, batch_loss
+from .loss import Normalizer
 from .preflight import GB, available_memory, estimate_memory, estimate_total, lower_settings
 
 MARGIN = 0.85  # a step may use this share of the memory available
@@ -98,10 +98,6 @@ def dry_step_peak(model: nn.Module, cfg: Config, prompt_tokens: int, rows: int) 
     b = dry_batch(cfg, max(_vocab(model), 2), prompt_tokens, rows)
     norm = Normalizer(float(rows), float(rows * cfg.rollout.max_tokens), cfg.rollout.max_tokens, 1)
 
-    def loss_fn(model, b):
-        logp = b.logprobs(model, cfg.rollout.temperature)
-        return grpo_loss(logp, b.old_logp, b.ref_logp, b.mask, b.advantages, cfg.grpo, norm)
-
     key = rng_key()
     training = model.training
     model.train()
@@ -109,7 +105,7 @@ def dry_step_peak(model: nn.Module, cfg: Config, prompt_tokens: int, rows: int) 
         mx.synchronize()
         mx.clear_cache()
         mx.reset_peak_memory()
-        (loss, _), grads = nn.value_and_grad(model, loss_fn)(model, b)
+        (loss, _), grads = nn.value_and_grad(model, batch_loss(cfg, norm))(model, b)
         mx.eval(loss, grads)
         peak = mx.get_peak_memory() + sum(g.nbytes for _, g in tree_flatten(grads))
     finally:

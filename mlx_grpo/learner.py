@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -101,6 +101,17 @@ def step_normalizer(
     return Normalizer(float(counted), float(tokens), cfg.rollout.max_tokens, n_micro, float(n))
 
 
+def batch_loss(cfg: Config, norm: Normalizer) -> Callable[[nn.Module, StepBatch], Tuple[mx.array, Dict[str, mx.array]]]:
+    """The GRPO loss of a micro-batch as a function of the model (for ``nn.value_and_grad``): the
+    update's, and the one fit.py's dry step measures, so the memory it plans for is the update's."""
+
+    def loss_fn(model: nn.Module, b: StepBatch):
+        logp = b.logprobs(model, cfg.rollout.temperature)
+        return grpo_loss(logp, b.old_logp, b.ref_logp, b.mask, b.advantages, cfg.grpo, norm)
+
+    return loss_fn
+
+
 def update(
     model: nn.Module,
     opt: optim.Optimizer,
@@ -119,13 +130,7 @@ def update(
         norm = step_normalizer([batch.tokens.shape[0]], batch.mask.sum().item(), cfg)
     n = 0 if batch is None else batch.tokens.shape[0]
     size = micro_size(norm.rows, cfg.train)
-    temperature = cfg.rollout.temperature
-
-    def loss_fn(model, b: StepBatch):
-        logp = b.logprobs(model, temperature)
-        return grpo_loss(logp, b.old_logp, b.ref_logp, b.mask, b.advantages, cfg.grpo, norm)
-
-    value_and_grad = nn.value_and_grad(model, loss_fn)
+    value_and_grad = nn.value_and_grad(model, batch_loss(cfg, norm))
     grads = None
     loss_total = 0.0
     stats_sum: Dict[str, float] = {}
