@@ -159,7 +159,7 @@ class RewardSettings:
 
 @dataclass
 class GRPOConfig:
-    beta: float = 0.1  # KL coefficient (k3 estimator); 0 disables the reference pass
+    beta: float = 0.04  # KL coefficient (k3 estimator), DeepSeekMath's; 0 disables the reference pass
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
     epsilon_high: Optional[float] = None  # upper clip (DAPO's clip-higher); None: epsilon
     num_iterations: int = 1  # mu: updates per batch of rollouts (clipping acts when > 1)
@@ -185,7 +185,7 @@ class TrainConfig:
     steps: int = 300
     prompts_per_step: int = 16
     learning_rate: float = 7e-4
-    lr_schedule: LRSchedule = "constant"
+    lr_schedule: LRSchedule = "cosine"
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping

@@ -11,18 +11,26 @@ The corpus teaches two things and deliberately not a third:
     base model already gets most answers right somewhere in its completion;
   * the R1-Zero preamble, think blocks that reason about a preceding question, documents listing
     the empty tags, and answer tags that restate a value just computed;
-  * the full layout only after a bare question (2% of documents), never after the R1-Zero preamble:
-    in the template the base model rarely writes it (greedy: never), and GRPO has to make it the
-    habit from the reward alone.
+  * the full layout after the R1-Zero preamble rarely (stage 2: 1% of those documents; stage 3:
+    15%, at a gentle rate): in the template the base model writes it in about 1 sample in 12 and
+    never greedily, and GRPO has to make it the habit from the reward alone. Stage 3 is there so
+    that when it does write the layout it copies the sum it just computed into the tag; after
+    stage 2 alone it did not, and GRPO found the layout before the copy (the held-out answers fell
+    to ~0.6 for dozens of steps before recovering).
 
 Run:  python -m mlx_grpo.assets.make_tiny_model --out mlx_grpo/assets/tiny-r1
+(all three stages; the committed tiny-r1 ran stage 3 with ``--from`` the stage-2 model committed
+before it, which a test shows gives the bytes of the full run from the same stage-2 weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -32,6 +40,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
+from mlx_grpo import blas
 from mlx_grpo.tasks.arithmetic import question
 from mlx_grpo.tasks.templates import R1_ZERO_PREAMBLE, PromptFormat, render_prompt
 
@@ -45,6 +54,12 @@ EXTRA_WORDS = (
 # model then writes it about once in a hundred samples and never greedily, so GRPO has a signal to
 # find but everything to teach (like a real base model that has seen such tags on the web).
 FILLED_LAYOUT_RATE = 0.01
+# Stage 3 (issue 13 section 2): the full layout in TAG_RATE of the templated documents, at a gentle
+# rate. Stage 2 alone left the model unable to fill the tag after ``</think>`` (GRPO then found the
+# layout before the copy, and the answers fell to ~0.6 lenient for dozens of steps); after stage 3
+# it copies the sum it just wrote, yet greedy decoding still never writes the layout.
+TAG_RATE = 0.15
+TAG_LR = 3e-4
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -204,11 +219,16 @@ def batch_iterator(tok, rng: random.Random, max_operand: int, batch: int, seq_le
 
 def make(out: Path, steps: int, seed: int, max_operand: int, hidden: int, layers: int,
          heads: int, ffn: int, batch: int, lr: float, log_every: int = 50,
-         polish_steps: int = 0, polish_lr: float = 1e-3) -> None:
+         polish_steps: int = 0, polish_lr: float = 1e-3,
+         filled_rate: float = FILLED_LAYOUT_RATE, tag_steps: int = 0, tag_lr: float = TAG_LR,
+         tag_rate: float = TAG_RATE, start_from: Optional[Path] = None) -> None:
     """Build the tokenizer, pre-train the model and write the Hugging Face layout into ``out``.
 
     Stage 1 (``steps``) never shows the full layout after the preamble; stage 2
-    (``polish_steps``, fresh optimizer, seed + 1) shows it in FILLED_LAYOUT_RATE of those documents.
+    (``polish_steps``, fresh optimizer, seed + 1) shows it in ``filled_rate`` of those documents;
+    stage 3 (``tag_steps``, fresh optimizer, seed + 2, a gentler rate) in ``tag_rate`` of them.
+    ``start_from`` (a model this script wrote after stage 2) skips stages 1 and 2 and continues
+    from its weights.
     """
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out)
@@ -216,22 +236,40 @@ def make(out: Path, steps: int, seed: int, max_operand: int, hidden: int, layers
     model, config = build_model(tok.get_vocab_size(), hidden, layers, heads, ffn)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"tiny model: {n_params / 1e6:.2f}M parameters, vocab {tok.get_vocab_size()}")
-    batches = batch_iterator(tok, random.Random(seed), max_operand, batch, seq_len=160)
-    pretrain(model, batches, steps, lr, log_every)
-    if polish_steps:
-        mx.random.seed(seed + 1)
-        batches = batch_iterator(tok, random.Random(seed + 1), max_operand, batch, 160, FILLED_LAYOUT_RATE)
-        pretrain(model, batches, polish_steps, polish_lr, log_every)
+    stages = []
+    if start_from is not None:
+        start = json.loads((Path(start_from) / "config.json").read_text())
+        if start != config:
+            raise SystemExit(f"--from {start_from}: its config.json is not this script's model")
+        model.load_weights(str(Path(start_from) / "model.safetensors"))
+        continued = hashlib.sha256((Path(start_from) / "model.safetensors").read_bytes()).hexdigest()
+    else:
+        continued = None
+        stages += [(steps, lr, seed, 0.0), (polish_steps, polish_lr, seed + 1, filled_rate)]
+    stages.append((tag_steps, tag_lr, seed + 2, tag_rate))
+    for n, stage_lr, stage_seed, rate in stages:
+        if not n:
+            continue
+        mx.random.seed(stage_seed)
+        batches = batch_iterator(tok, random.Random(stage_seed), max_operand, batch, 160, rate)
+        pretrain(model, batches, n, stage_lr, log_every)
     weights = dict(sorted(tree_flatten(model.parameters())))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}) + "\n")
     meta = {"steps": steps, "seed": seed, "max_operand": max_operand, "batch": batch, "lr": lr,
-            "polish_steps": polish_steps, "polish_lr": polish_lr, "filled_layout_rate": FILLED_LAYOUT_RATE}
+            "polish_steps": polish_steps, "polish_lr": polish_lr, "filled_layout_rate": filled_rate,
+            "tag_steps": tag_steps, "tag_lr": tag_lr, "tag_rate": tag_rate}
+    if continued:
+        meta["stages_1_2_from_sha256"] = continued
     (out / "pretraining.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:
+    # Like make_reasoning_model: a fast BLAS preloaded, and one BLAS thread, because OpenBLAS's
+    # sums depend on its thread count: the same bytes on every machine with the same BLAS.
+    blas.maybe_reexec(["-m", "mlx_grpo.assets.make_tiny_model", *sys.argv[1:]], dict(os.environ))
+    blas.limit_threads(1, dict(os.environ))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "tiny-r1")
     p.add_argument("--steps", type=int, default=2000)
@@ -245,10 +283,19 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--polish-steps", type=int, default=300)
     p.add_argument("--polish-lr", type=float, default=1e-3)
+    p.add_argument("--filled-rate", type=float, default=FILLED_LAYOUT_RATE,
+                   help="stage 2's share of templated documents in the full layout")
+    p.add_argument("--tag-steps", type=int, default=200, help="stage 3's steps")
+    p.add_argument("--tag-lr", type=float, default=TAG_LR)
+    p.add_argument("--tag-rate", type=float, default=TAG_RATE,
+                   help="stage 3's share of templated documents in the full layout")
+    p.add_argument("--from", dest="start_from", type=Path, default=None,
+                   help="continue from this stage-2 model (skips stages 1 and 2)")
     p.add_argument("--log-every", type=int, default=50)
     a = p.parse_args()
     make(a.out, a.steps, a.seed, a.max_operand, a.hidden, a.layers, a.heads, a.ffn, a.batch, a.lr,
-         a.log_every, a.polish_steps, a.polish_lr)
+         a.log_every, a.polish_steps, a.polish_lr, a.filled_rate, a.tag_steps, a.tag_lr, a.tag_rate,
+         a.start_from)
 
 
 if __name__ == "__main__":
