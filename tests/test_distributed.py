@@ -38,6 +38,9 @@ def run_args(model: Path, steps: int = 3) -> list:
         "data.max_operand": 9, "data.eval_size": 10, "output.eval_size": 4, "output.save_every": 1,
         "grpo.beta": 0.04, "grpo.num_iterations": 2, "grpo.scale_rewards": "batch", "grpo.loss_type": "dapo",
         "train.grad_accumulation_steps": 2, "train.learning_rate": 0.003, "rewards.lenient_accuracy": 1.0,
+        # Constant, so a run resumed with more steps is the same run as one started with them (a
+        # decaying schedule stretches with --steps).
+        "train.lr_schedule": "constant",
     }
     args = ["train", "--model", str(model), "--steps", str(steps), "--seed", "3", "--no-progress"]
     for k, v in sets.items():
