@@ -159,7 +159,7 @@ class RewardSettings:
 
 @dataclass
 class GRPOConfig:
-    beta: float = 0.1  # KL coefficient (k3 estimator); 0 disables the reference pass
+    beta: float = 0.04  # KL coefficient (k3 estimator), DeepSeekMath's; 0 disables the reference pass
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
     epsilon_high: Optional[float] = None  # upper clip (DAPO's clip-higher); None: epsilon
     num_iterations: int = 1  # mu: updates per batch of rollouts (clipping acts when > 1)
