@@ -184,7 +184,7 @@ class GRPOConfig:
 class TrainConfig:
     steps: int = 300
     prompts_per_step: int = 16
-    learning_rate: float = 7e-4
+    learning_rate: float = 5e-4
     lr_schedule: LRSchedule = "cosine"
     warmup_steps: int = 0
     weight_decay: float = 0.0
