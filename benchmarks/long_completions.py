@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -27,15 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def measure(shape: str, bits: int, P: int, G: int, max_tokens: int, beta: float) -> Dict[str, Any]:
-    from mlx_grpo.bench import BenchSettings, Session, bench_config
-    from mlx_grpo.bench_shape import decode_clock, per_token, step_memory
-    from mlx_grpo.shapes import shape_dir
+    from mlx_grpo.bench_shape import decode_clock, per_token, shape_session, step_memory
 
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    say(f"building/loading the {shape} shape ({bits or 32}-bit; cached) ...")
-    cfg = bench_config(None, str(shape_dir(shape, bits)), BenchSettings(prompts=P, group_size=G, max_tokens=max_tokens))
-    cfg = replace(cfg, rollout=replace(cfg.rollout, stop=[]))
-    sess = Session(cfg, say=say)
+    sess = shape_session(shape, bits, P, G, max_tokens, say)
     say(f"one GRPO step, P={P} x G={G} x {max_tokens} tokens, beta {beta} ...")
     times: List[float] = []
     with decode_clock(times):

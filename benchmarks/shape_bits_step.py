@@ -15,19 +15,16 @@ import argparse
 import gc
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def step(shape: str, bits: int, P: int, G: int, max_tokens: int) -> dict:
-    from mlx_grpo.bench import BenchSettings, Session, bench_config, step_split
-    from mlx_grpo.shapes import shape_dir
+    from mlx_grpo.bench import step_split
+    from mlx_grpo.bench_shape import shape_session
 
-    cfg = bench_config(None, str(shape_dir(shape, bits)), BenchSettings(prompts=P, group_size=G, max_tokens=max_tokens))
-    cfg = replace(cfg, rollout=replace(cfg.rollout, stop=[]))
-    sess = Session(cfg, say=lambda s: print(s, file=sys.stderr))
+    sess = shape_session(shape, bits, P, G, max_tokens, say=lambda s: print(s, file=sys.stderr))
     out = step_split(sess.grpo_steps(1))
     del sess
     gc.collect()

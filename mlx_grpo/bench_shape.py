@@ -123,11 +123,12 @@ def rollouts(sess: Session) -> Dict[str, Any]:
             "ratio_vs_batch_generate": ours / peer, "tokens": n_ours, "decode_per_token": per_token(times)}
 
 
-def run_shape_bench(shape: str, bits: int = 4, prompts: int = 2, group_size: int = 4, max_tokens: int = 256,
-                    config_path: Optional[str] = None, say: Callable[[str], None] = lambda _: None,
-                    beta: float = 0.1) -> Dict[str, Any]:
-    """Every measurement of the module docstring, on shape ``shape`` (a name in ``SHAPES``) or a
-    model path / Hub id; returns one JSON-ready dict."""
+def shape_session(shape: str, bits: int, prompts: int, group_size: int, max_tokens: int,
+                  say: Callable[[str], None] = lambda _: None, config_path: Optional[str] = None,
+                  beta: Optional[float] = None) -> Session:
+    """A benchmark session on shape ``shape`` (a name in ``SHAPES``, built once and cached, or a
+    model path / Hub id): P prompts x G completions of ``max_tokens`` tokens, stopping at EOS only
+    (random weights rarely emit it, so every completion runs to the limit)."""
     if shape in SHAPES:
         say(f"building/loading the {shape} shape ({bits or 32}-bit random weights; cached) ...")
         model = str(shape_dir(shape, bits))
@@ -135,9 +136,20 @@ def run_shape_bench(shape: str, bits: int = 4, prompts: int = 2, group_size: int
         model = shape
     s = BenchSettings(prompts=prompts, group_size=group_size, max_tokens=max_tokens, reps=1, steps=1)
     cfg = bench_config(config_path, model, s)
-    cfg = replace(cfg, rollout=replace(cfg.rollout, stop=[]), grpo=replace(cfg.grpo, beta=beta))
+    cfg = replace(cfg, rollout=replace(cfg.rollout, stop=[]))
+    if beta is not None:
+        cfg = replace(cfg, grpo=replace(cfg.grpo, beta=beta))
     say(f"loading {cfg.model.path} ...")
-    sess = Session(cfg, say=say)
+    return Session(cfg, say=say)
+
+
+def run_shape_bench(shape: str, bits: int = 4, prompts: int = 2, group_size: int = 4, max_tokens: int = 256,
+                    config_path: Optional[str] = None, say: Callable[[str], None] = lambda _: None,
+                    beta: float = 0.1) -> Dict[str, Any]:
+    """Every measurement of the module docstring, on shape ``shape`` (a name in ``SHAPES``) or a
+    model path / Hub id; returns one JSON-ready dict."""
+    sess = shape_session(shape, bits, prompts, group_size, max_tokens, say, config_path, beta)
+    cfg = sess.cfg
     result: Dict[str, Any] = {
         "shape": shape, "bits": bits if shape in SHAPES else None, "model": cfg.model.path,
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),

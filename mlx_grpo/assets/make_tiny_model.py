@@ -238,11 +238,11 @@ def make(out: Path, steps: int, seed: int, max_operand: int, hidden: int, layers
     print(f"tiny model: {n_params / 1e6:.2f}M parameters, vocab {tok.get_vocab_size()}")
     stages = []
     if start_from is not None:
-        start = json.loads((Path(start_from) / "config.json").read_text())
-        if start != config:
-            raise SystemExit(f"--from {start_from}: its config.json is not this script's model")
-        model.load_weights(str(Path(start_from) / "model.safetensors"))
-        continued = hashlib.sha256((Path(start_from) / "model.safetensors").read_bytes()).hexdigest()
+        start = Path(start_from)
+        if json.loads((start / "config.json").read_text()) != config:
+            raise SystemExit(f"--from {start}: its config.json is not this script's model")
+        model.load_weights(str(start / "model.safetensors"))
+        continued = hashlib.sha256((start / "model.safetensors").read_bytes()).hexdigest()
     else:
         continued = None
         stages += [(steps, lr, seed, 0.0), (polish_steps, polish_lr, seed + 1, filled_rate)]
