@@ -63,6 +63,9 @@ class ModelConfig:
     # MLX's CPU backend only: rebuild a quantized or bf16/fp16 frozen base in float32 at load,
     # when it fits (its float32 matmuls are 30-75x faster there); Metal and CUDA keep it as is.
     float_base: bool = True
+    # MLX's CPU backend only: the SiLU of gated MLPs (llama, qwen2/3, mistral, ...) without MLX's
+    # slow CPU exp (fastmath.py; same outputs to float32 rounding); Metal and CUDA keep theirs.
+    fast_mlp: bool = True
 
 
 @dataclass

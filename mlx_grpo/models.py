@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import AdapterConfig, ConfigError, ModelConfig
 from .errors import RunFault, UserError, first_line
+from .fastmath import use_fast_mlps
 from .float_base import float_base
 from .preflight import available_memory
 from .rundir import ADAPTER_CONFIG, ADAPTERS
@@ -68,6 +69,8 @@ def load_model(cfg: ModelConfig, path: Optional[str] = None,
         first = first_line(e)
         raise ModelLoadError(f"model.path: cannot load {target}: {first}") from None
     float_base(model, cfg.float_base, available_memory(), say)
+    if cfg.fast_mlp:
+        use_fast_mlps(model)
     return model, tokenizer
 
 

@@ -134,6 +134,12 @@ def _activation_bytes(model: nn.Module) -> int:
 # Float32 logits alive at once per chunk of the scoring head (logits, their exponentials, the
 # log-softmax and the gradients of the backward pass), measured on the Qwen2.5-0.5B shape.
 LOGITS_COPIES = 6
+# Fitted to two measured peaks on the Qwen2.5-0.5B shape that load them differently: 2 prompts x
+# G 4 x 64 tokens (the body's activations dominate) and 1 x 4 x 1024 tokens (the attention scores,
+# quadratic in length, dominate): the scores are kept twice (before and after the softmax), the
+# body's per-position values 1.2 x (8 x hidden + 2 x ffn).
+BODY = 1.2
+SCORE_COPIES = 2
 
 
 def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[str, float]:
@@ -151,10 +157,10 @@ def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[s
                  ceil(m / G) prompts (each runs once, shared by its rows) and m completions:
                  N = prompts x prompt_tokens + m x max_tokens positions. Per layer the
                  backward pass keeps about 8 x hidden + 2 x ffn values per position (norms,
-                 projections and their LoRA branches, the MLP), 4 copies of each row's keys and
-                 values over all T = prompt + max_tokens positions (m x T x kv_heads x head_dim:
-                 the prompt's are copied to every row) and 4 of the m x heads x max_tokens x T
-                 attention scores; with grad_checkpoint each layer keeps its input, the keys
+                 projections and their LoRA branches, the MLP; ``BODY`` x that), 4 copies of each
+                 row's keys and values over all T = prompt + max_tokens positions (m x T x
+                 kv_heads x head_dim: the prompt's are copied to every row) and
+                 ``SCORE_COPIES`` of the m x heads x max_tokens x T attention scores; with grad_checkpoint each layer keeps its input, the keys
                  and values and 2 copies of the scores, plus one layer's full set while it is
                  recomputed. Coefficients measured per layer (by difference between depths) on
                  the Qwen2.5-0.5B shape and on small llamas.
@@ -176,7 +182,7 @@ def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[s
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     keys = micro * T * kv  # each row's keys (or values) over the prompt and its completion
     scores = d["heads"] * micro * Tc * T  # attention scores of the completion positions
-    per_layer = (positions * (8 * d["hidden"] + 2 * d["ffn"]) + 4 * keys + 4 * scores) * b
+    per_layer = (positions * BODY * (8 * d["hidden"] + 2 * d["ffn"]) + 4 * keys + SCORE_COPIES * scores) * b
     if cfg.train.grad_checkpoint:
         layer_acts = per_layer + d["layers"] * (positions * d["hidden"] + 4 * keys + 2 * scores) * b
     else:

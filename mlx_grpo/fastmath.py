@@ -1,0 +1,202 @@
+"""exp-based math on MLX's CPU backend without MLX's slow CPU ``exp``.
+
+On x86-64 MLX's CPU backend evaluates ``exp`` and ``sigmoid`` element by element at 20-50 ns
+(an add: under 1 ns), and a GRPO step on a real model spends a large share of its time there:
+the SiLU of every MLP (Qwen2.5-0.5B: 116,736 sigmoids per token, as many as the token's matmuls
+take time on this CPU) and the log-softmax over the 151,936-word vocabulary at every completion
+position, five times a step (the rollout's decode, the reference pass, the update's forward and
+its backward). ``benchmarks/fastmath_bench.py`` measures both, per element and per step.
+
+Here exp(x) = 2^n * 2^f (x log2 e = n + f, n an integer, |f| <= 1/2): 2^n is built from its bits
+and 2^f by a degree-7 polynomial (relative error ~5e-9, below float32's rounding), in one
+compiled element-wise kernel of multiplies and adds. On top of it:
+
+- ``logsumexp``: ``mx.logsumexp``'s values, with the gradient (the softmax) in one pass from the
+  saved result;
+- ``swiglu``: ``silu(gate) * x`` of the gated MLPs of mlx-lm's llama, qwen2, qwen3, mistral and
+  about fifty more architectures, with its gradient written out;
+- ``use_fast_mlps(model)``: gives a loaded model's gated MLPs that ``swiglu`` (each module's
+  class swapped for a subclass with the same parameters, after a one-off check that it computes
+  what the original does), so the adapters and saved files do not change.
+
+Metal and CUDA have fast ``exp``; there every function here is MLX's own and nothing is swapped.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Dict, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+LOG2E = math.log2(math.e)
+# Taylor coefficients of 2^f = exp(f ln 2) up to f^7: relative error <= (ln2 / 2)^8 / 8! ~ 5e-9.
+_COEFFS = [math.log(2.0) ** k / math.factorial(k) for k in range(8)]
+
+
+def on_cpu() -> bool:
+    """True when MLX computes on its CPU backend (where its ``exp`` is slow)."""
+    return mx.default_device() == mx.cpu
+
+
+# y + 1.5 * 2^23 - 1.5 * 2^23 rounds a float32 |y| < 2^22 to the nearest integer (one add each
+# way, where floor costs more than the whole polynomial in MLX's CPU kernels).
+_ROUND = 12582912.0
+
+
+def _exp2(y: mx.array) -> mx.array:
+    """2^y in float32 from multiplies, adds and the exponent's bits (see the module docstring)."""
+    n = (mx.clip(y, -126.0, 127.0) + _ROUND) - _ROUND  # |f| <= 1/2 except above 2^127.5 (f < 1)
+    f = y - n
+    p = f * _COEFFS[7] + _COEFFS[6]
+    for c in reversed(_COEFFS[:6]):
+        p = p * f + c
+    scale = mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)
+    # Below 2^-126 (float32's normal range) the answer is 0, above 2^128 it is inf; NaN stays NaN.
+    return mx.where(y < -126.0, 0.0, mx.where(y >= 128.0, math.inf, p * scale))
+
+
+# Compiled per shape: MLX's shapeless CPU kernels were several times slower on large arrays
+# (measured: 20 multiply-adds over 2.5M floats, 22 vs 2.4 ns per element), and a kernel's
+# code does not depend on the shape, so a new shape costs a trace, not a compilation.
+@mx.compile
+def _exp_kernel(x: mx.array) -> mx.array:
+    return _exp2(x.astype(mx.float32) * LOG2E)
+
+
+def exp(x: mx.array) -> mx.array:
+    """``mx.exp(x)`` in float32 (on the CPU backend through ``_exp2``, one fused kernel)."""
+    if not on_cpu():
+        return mx.exp(x.astype(mx.float32))
+    return _exp_kernel(x)
+
+
+# --------------------------------------------------------------------------- log-sum-exp
+
+
+def logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
+    """``mx.logsumexp(x, axis, keepdims)`` in float32; on the CPU backend through ``exp``.
+
+    The maximum is subtracted first, as ``mx.logsumexp`` does. The gradient is the softmax,
+    computed in one pass from the saved result rather than by differentiating each op (each one
+    more pass over the vocabulary).
+    """
+    if not on_cpu():
+        return mx.logsumexp(x.astype(mx.float32), axis=axis, keepdims=keepdims)
+    out = _logsumexp_fn(axis % x.ndim)(x.astype(mx.float32))
+    return out if keepdims else out.squeeze(axis)
+
+
+@functools.lru_cache(maxsize=None)
+def _logsumexp_fn(axis: int) -> Callable[[mx.array], mx.array]:
+    """The keepdims log-sum-exp over ``axis`` with its one-pass gradient (one function per axis:
+    the axis is not an array, so it cannot be an input while tracing)."""
+
+    @mx.custom_function
+    def lse(x: mx.array) -> mx.array:
+        m = mx.max(x, axis=axis, keepdims=True)
+        m = mx.where(mx.isinf(m), mx.zeros_like(m), m)  # all -inf (or an inf): let the sum say so
+        return m + mx.log(exp(x - m).sum(axis=axis, keepdims=True))
+
+    @lse.vjp
+    def _vjp(primals, cotangent, output):
+        x = primals[0] if isinstance(primals, (list, tuple)) else primals
+        return cotangent * exp(x - output)  # d lse / dx = softmax(x)
+
+    return lse
+
+
+# --------------------------------------------------------------------------- SwiGLU
+
+
+@mx.compile
+def _swiglu_forward(gate: mx.array, x: mx.array) -> mx.array:
+    g = gate.astype(mx.float32)
+    silu = g / (1.0 + _exp2(g * -LOG2E))
+    return (silu * x.astype(mx.float32)).astype(x.dtype)
+
+
+@mx.compile
+def _swiglu_backward(gate: mx.array, x: mx.array, cotangent: mx.array) -> Tuple[mx.array, mx.array]:
+    g = gate.astype(mx.float32)
+    s = 1.0 / (1.0 + _exp2(g * -LOG2E))  # sigmoid(gate)
+    c = cotangent.astype(mx.float32)
+    d_gate = c * x.astype(mx.float32) * s * (1.0 + g * (1.0 - s))  # d silu / d g = s + g s (1 - s)
+    return d_gate.astype(gate.dtype), (c * g * s).astype(x.dtype)
+
+
+@mx.custom_function
+def _swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    return _swiglu_forward(gate, x)
+
+
+@_swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    gate, x = primals
+    return _swiglu_backward(gate, x, cotangent)
+
+
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """``nn.silu(gate) * x`` (mlx-lm's ``swiglu``); on the CPU backend without MLX's ``exp``."""
+    if not on_cpu():
+        return nn.silu(gate) * x
+    return _swiglu(gate, x)
+
+
+def _gated_mlp_call(self, x: mx.array) -> mx.array:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+_FAST_CLASSES: Dict[type, type] = {}
+
+
+def _fast_class(cls: type) -> type:
+    """``cls`` with ``_gated_mlp_call`` as its ``__call__`` (one subclass per class)."""
+    if cls not in _FAST_CLASSES:
+        _FAST_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": _gated_mlp_call, "_mlx_grpo_fast": True})
+    return _FAST_CLASSES[cls]
+
+
+def _is_gated_mlp(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, k, None), nn.Module) for k in ("gate_proj", "up_proj", "down_proj"))
+
+
+def use_fast_mlps(model: nn.Module) -> int:
+    """On the CPU backend, run the gated MLPs of ``model`` through ``swiglu``; returns how many.
+
+    Each module with ``gate_proj``, ``up_proj`` and ``down_proj`` is checked once per class on a
+    random input: only if the swapped module gives the original's output (to float32 rounding)
+    is the swap kept, so an MLP that computes something else (another activation, a clamp) is
+    left as it is. The module keeps its parameters and their names (adapters attach and save
+    exactly as before); do this before the adapters are attached or after, either works.
+    """
+    if not on_cpu():
+        return 0
+    verdict: Dict[type, bool] = {}
+    swapped = 0
+    for _, m in model.named_modules():
+        cls = type(m)
+        if getattr(cls, "_mlx_grpo_fast", False) or not _is_gated_mlp(m):
+            continue
+        if cls not in verdict:
+            verdict[cls] = _same_output(m, _fast_class(cls))
+        if verdict[cls]:
+            m.__class__ = _fast_class(cls)
+            swapped += 1
+    return swapped
+
+
+def _same_output(m: nn.Module, fast: type) -> bool:
+    """Does ``m`` compute the same output with ``fast.__call__`` as with its own?"""
+    try:
+        lin = getattr(m.gate_proj, "linear", m.gate_proj)  # under a LoRA layer: the base layer
+        dim = lin.weight.shape[-1] * (32 // getattr(lin, "bits", 32))
+        x = mx.random.normal((2, 3, dim), key=mx.random.key(0))
+        want = m(x)
+        got = fast.__call__(m, x)
+        scale = mx.max(mx.abs(want)).item() + 1e-6
+        return bool(mx.max(mx.abs(got - want)).item() <= 1e-4 * scale)
+    except Exception:  # an unusual signature or layout: keep the original
+        return False

@@ -1,0 +1,170 @@
+"""fastmath: exp, log-sum-exp and SwiGLU without MLX's CPU exp, checked against NumPy in float64,
+and the gated-MLP swap on a real model (same logits, same LoRA gradients, same saved keys)."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_grpo import fastmath
+from mlx_grpo.config import AdapterConfig, ModelConfig
+from mlx_grpo.models import attach_adapters, load_model
+
+
+def test_exp_matches_numpy_over_float32s_range():
+    x = np.concatenate([np.linspace(-104, 89, 200_001), [0.0, -0.0, 1e-30, -87.3, 88.7]]).astype(np.float32)
+    got = np.array(fastmath.exp(mx.array(x))).astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    normal = (want >= np.finfo(np.float32).tiny) & (want < 2.0**127)
+    rel = np.abs(got[normal] - want[normal]) / want[normal]
+    # x log2(e) is rounded to float32 first (as MLX's exp does): relative error ~ |x| x 6e-8
+    assert np.all(rel < 2e-7 * np.maximum(1.0, np.abs(x[normal])))
+    mlx_rel = np.abs(np.array(mx.exp(mx.array(x))).astype(np.float64)[normal] - want[normal]) / want[normal]
+    assert rel.max() <= 2 * mlx_rel.max()  # no worse than MLX's own exp
+    assert np.all(got[want < np.finfo(np.float32).tiny] <= np.finfo(np.float32).tiny)  # below: 0
+    top = (want >= 2.0**127) & (want < np.finfo(np.float32).max)  # the last octave: f up to 1
+    np.testing.assert_allclose(got[top], want[top], rtol=5e-6)
+    assert np.all(got[want > np.finfo(np.float32).max] == np.inf)
+    special = np.array(fastmath.exp(mx.array([-np.inf, np.inf, np.nan, -1e4, 1e4], dtype=mx.float32)))
+    assert special[0] == 0 and special[1] == np.inf and np.isnan(special[2])
+    assert special[3] == 0 and special[4] == np.inf
+
+
+def test_exp_takes_half_precision_and_runs_compiled():
+    x = mx.array([-3.0, 0.0, 2.5], dtype=mx.bfloat16)
+    np.testing.assert_allclose(np.array(fastmath.exp(x)), np.exp(np.array(x.astype(mx.float32))), rtol=1e-6)
+    f = mx.compile(lambda a: fastmath.exp(a) * 2)
+    np.testing.assert_allclose(np.array(f(mx.array([1.0, -1.0]))), 2 * np.exp([1.0, -1.0]), rtol=1e-6)
+
+
+def np_logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_logsumexp_values_and_gradient_match_numpy(axis):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 5000)) * 8).astype(np.float32)  # wide logits, large spread
+    w = rng.standard_normal(x.shape[1] if axis == 0 else x.shape[0]).astype(np.float32)
+    got = fastmath.logsumexp(mx.array(x), axis=axis)
+    want = np_logsumexp(x.astype(np.float64), axis)
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-6, atol=1e-5)
+    # d/dx sum_r w_r lse_r = w_r * softmax(x_r), in float64.
+    g = mx.grad(lambda a: (fastmath.logsumexp(a, axis=axis) * mx.array(w)).sum())(mx.array(x))
+    soft = np.exp(x.astype(np.float64) - np.expand_dims(want, axis))
+    np.testing.assert_allclose(np.array(g), soft * np.expand_dims(w, axis), rtol=1e-5, atol=1e-9)
+
+
+def test_logsumexp_agrees_with_mlx_on_a_vocabulary_and_keeps_dims():
+    x = mx.random.normal((4, 151936), key=mx.random.key(1)) * 3
+    a, b = fastmath.logsumexp(x, keepdims=True), mx.logsumexp(x, axis=-1, keepdims=True)
+    assert a.shape == b.shape == (4, 1)
+    assert float(mx.max(mx.abs(a - b))) < 1e-5
+
+
+def test_logsumexp_infinite_entries():
+    x = mx.array([[0.0, -np.inf, 1.0], [-np.inf, -np.inf, -np.inf], [np.inf, 0.0, 0.0]])
+    got = np.array(fastmath.logsumexp(x))
+    np.testing.assert_allclose(got[0], np.log(1 + np.e), rtol=1e-6)
+    assert got[1] == -np.inf and got[2] == np.inf
+    g = np.array(mx.grad(lambda a: fastmath.logsumexp(a[:1]).sum())(x))[0]
+    np.testing.assert_allclose(g, [1 / (1 + np.e), 0.0, np.e / (1 + np.e)], rtol=1e-6)
+
+
+def test_logsumexp_compiled_and_under_checkpoint():
+    """The decode step compiles it; the scoring head runs it under mx.checkpoint."""
+    x = mx.random.normal((3, 1000), key=mx.random.key(2)) * 4
+    want = mx.logsumexp(x, axis=-1)
+    assert float(mx.max(mx.abs(mx.compile(lambda a: fastmath.logsumexp(a))(x) - want))) < 1e-5
+    g = mx.grad(lambda a: mx.checkpoint(lambda b: fastmath.logsumexp(b))(a).sum())(x)
+    assert float(mx.max(mx.abs(g - mx.softmax(x, axis=-1)))) < 1e-6
+
+
+def np_swiglu(g: np.ndarray, x: np.ndarray):
+    s = 1 / (1 + np.exp(-g))
+    return g * s * x, x * s * (1 + g * (1 - s)), g * s  # value, d/dgate, d/dx
+
+
+def test_swiglu_values_and_gradients_match_numpy():
+    rng = np.random.default_rng(3)
+    g = np.concatenate([rng.standard_normal(5000) * 6, [-200.0, -90.0, 0.0, 90.0, 200.0]]).astype(np.float32)
+    x = rng.standard_normal(g.size).astype(np.float32)
+    c = rng.standard_normal(g.size).astype(np.float32)
+    val, dg, dx = np_swiglu(g.astype(np.float64), x.astype(np.float64))
+    got = fastmath.swiglu(mx.array(g), mx.array(x))
+    np.testing.assert_allclose(np.array(got), val, rtol=2e-6, atol=1e-30)
+    grads = mx.grad(lambda a, b: (fastmath.swiglu(a, b) * mx.array(c)).sum(), argnums=(0, 1))(mx.array(g), mx.array(x))
+    np.testing.assert_allclose(np.array(grads[0]), c * dg, rtol=2e-5, atol=1e-12)
+    np.testing.assert_allclose(np.array(grads[1]), c * dx, rtol=2e-6, atol=1e-30)
+    # and what mlx-lm computes, to its own rounding
+    stock = nn.silu(mx.array(g)) * mx.array(x)
+    assert float(mx.max(mx.abs(got - stock))) <= 1e-6 * float(mx.max(mx.abs(stock)))
+
+
+def test_swiglu_keeps_half_precision_dtypes():
+    g, x = mx.array([0.5, -2.0], dtype=mx.bfloat16), mx.array([1.0, 3.0], dtype=mx.bfloat16)
+    assert fastmath.swiglu(g, x).dtype == mx.bfloat16
+    dg, dx = mx.grad(lambda a, b: fastmath.swiglu(a, b).astype(mx.float32).sum(), argnums=(0, 1))(g, x)
+    assert dg.dtype == dx.dtype == mx.bfloat16
+
+
+def _logits_and_lora_grad(model):
+    x = mx.array([[1, 5, 9, 2, 7, 3]])
+    logits = model(x)
+    loss = lambda m: m(x)[..., :50].astype(mx.float32).square().mean()  # noqa: E731
+    grads = nn.value_and_grad(model, loss)(model)[1]
+    return logits, dict(tree_flatten(grads))
+
+
+def test_fast_mlps_on_the_embedded_model_same_logits_and_lora_gradients():
+    stock, _ = load_model(ModelConfig(fast_mlp=False))
+    fast, _ = load_model(ModelConfig())
+    n = sum(1 for _, m in fast.named_modules() if getattr(type(m), "_mlx_grpo_fast", False))
+    assert n == len(fast.model.layers) and not any(
+        getattr(type(m), "_mlx_grpo_fast", False) for _, m in stock.named_modules())
+    for m in (stock, fast):
+        mx.random.seed(0)
+        attach_adapters(m, AdapterConfig())
+        # B starts at zero: give it values so the gradient reaches A through every MLP as well
+        m.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.05) for k, v in tree_flatten(m.trainable_parameters())]))
+    assert sorted(k for k, _ in tree_flatten(fast.parameters())) == sorted(k for k, _ in tree_flatten(stock.parameters()))
+    fast.update(tree_unflatten(tree_flatten(stock.trainable_parameters())))
+    (l1, g1), (l2, g2) = _logits_and_lora_grad(stock), _logits_and_lora_grad(fast)
+    assert float(mx.max(mx.abs(l1 - l2))) < 1e-4
+    assert g1.keys() == g2.keys() and any("mlp" in k for k in g1)
+    for k in g1:
+        scale = float(mx.max(mx.abs(g1[k]))) + 1e-12
+        assert float(mx.max(mx.abs(g1[k]))) > 0, k  # LoRA gradients are not silently zero
+        assert float(mx.max(mx.abs(g1[k] - g2[k]))) <= 1e-4 * scale, k
+
+
+class OtherMLP(nn.Module):
+    """gate/up/down named like a gated MLP, with another activation: must be left alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def __call__(self, x):
+        return self.down_proj(nn.gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.other = OtherMLP()
+
+
+def test_an_mlp_with_another_activation_is_not_swapped():
+    net = Net()
+    assert fastmath.use_fast_mlps(net) == 0
+    assert type(net.other) is OtherMLP
+
+
+def test_swap_is_idempotent():
+    model, _ = load_model(ModelConfig())
+    assert fastmath.use_fast_mlps(model) == 0  # load_model already did it
