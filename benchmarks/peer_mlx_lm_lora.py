@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,10 +53,11 @@ def peer(steps: int, sess, best: bool):
     from mlx_grpo.models import attach_adapters, load_model
 
     cfg = sess.cfg
-    model, tok = load_model(cfg.model)
+    stock = replace(cfg.model, fast_mlp=False)  # the peer runs mlx-lm's model as mlx-lm loads it
+    model, tok = load_model(stock)
     mx.random.seed(cfg.train.seed)
     attach_adapters(model, cfg.adapter)  # the same mlx-lm LoRA layers as ours
-    ref, _ = load_model(cfg.model)
+    ref, _ = load_model(stock)
     ref.freeze()
     dataset = [(tok.encode(p), tok.encode(str(r["answer"])), p, str(r["answer"])) for p, r in zip(sess.prompts, sess.rows)]
     times = []
@@ -132,7 +134,7 @@ def main():
         print(json.dumps(res))
         return
     print(f"mlx-lm-lora {res['mlx_lm_lora_version']}, {res['settings']}")
-    print(f"| trainer | seconds per GRPO step |\n|---|---|")
+    print("| trainer | seconds per GRPO step |\n|---|---|")
     print(f"| mlx-grpo | {split['step_time']:.3f} (again after the peer: {split2['step_time']:.3f}) |")
     print(f"| mlx-lm-lora, its defaults | {peer_default:.3f} |")
     print(f"| mlx-lm-lora, best batching (P*G rows at once) | {peer_best:.3f} |")
