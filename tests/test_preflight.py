@@ -111,8 +111,12 @@ def test_out_of_memory_in_a_step_says_what_to_lower(small_model_dir, tmp_path, m
     assert steps == [0, 1, 2]
 
 
-@pytest.mark.parametrize("beta,checkpoint,micro_batches", [(0.0, False, 1), (0.1, False, 2), (0.1, True, 1)])
-def test_estimate_is_within_a_quarter_of_the_measured_peak(embedded_model_dir, beta, checkpoint, micro_batches):
+@pytest.mark.parametrize("beta,checkpoint,micro_batches,prompts,max_tokens", [
+    (0.0, False, 1, 4, 64), (0.1, False, 2, 4, 64), (0.1, True, 1, 4, 64),
+    (0.1, False, 1, 1, 512),  # long completions: the attention scores, quadratic in length, dominate
+])
+def test_estimate_is_within_a_quarter_of_the_measured_peak(embedded_model_dir, beta, checkpoint, micro_batches,
+                                                          prompts, max_tokens, monkeypatch):
     """The trainer's real update (micro-batches, gradient sum, AdamW) on full-length completions:
     mx.get_peak_memory against the preflight estimate of the same step, as a ratio."""
     import mlx.optimizers as optim
@@ -122,13 +126,16 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(embedded_model_dir, b
     from mlx_grpo.preflight import estimate_total
     from mlx_grpo.learner import update
 
-    cfg, model, _ = loaded(embedded_model_dir, ("train.prompts_per_step", 4), ("rollout.group_size", 4),
-                           ("rollout.max_tokens", 64), ("grpo.beta", beta), ("train.grad_checkpoint", checkpoint),
+    cfg, model, _ = loaded(embedded_model_dir, ("train.prompts_per_step", prompts), ("rollout.group_size", 4),
+                           ("rollout.max_tokens", max_tokens), ("grpo.beta", beta), ("train.grad_checkpoint", checkpoint),
                            ("train.grad_accumulation_steps", micro_batches))
-    if checkpoint:
+    if checkpoint:  # it patches the block class: undone after the test, so later cases run without it
+        block = type(model.layers[0])
+        monkeypatch.setattr(block, "__call__", block.__call__)
+        monkeypatch.setattr(block, "_mlx_grpo_checkpointed", False, raising=False)
         enable_grad_checkpoint(model)
     prompt = 90
-    batch = dry_batch(cfg, model.args.vocab_size, prompt, 16)
+    batch = dry_batch(cfg, model.args.vocab_size, prompt, prompts * 4)
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(model.trainable_parameters())
     mx.eval(opt.state)
@@ -139,4 +146,5 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(embedded_model_dir, b
     update(model, opt, batch, cfg)
     measured = mx.get_peak_memory()
     ratio = estimate_total(estimate_memory(model, cfg, prompt)) / measured
+    print(f"estimate / measured peak = {ratio:.3f}")
     assert 0.75 <= ratio <= 1.25, f"estimate / measured peak = {ratio:.2f}"
