@@ -24,8 +24,6 @@ from typing import Any, Callable, List
 import mlx.core as mx
 import mlx.nn as nn
 
-from .fastmath import logsumexp
-
 COMPACT_FRACTION = 0.25  # compact when this fraction of the batch has finished
 
 
@@ -63,7 +61,7 @@ class StaticKVCache:
 def normalized_logprobs(logits: mx.array, inv_temperature: float) -> mx.array:
     """log softmax(logits / T) in float32: what the sampler draws from and the rollout records."""
     logits = logits.astype(mx.float32) * inv_temperature
-    return logits - logsumexp(logits, axis=-1, keepdims=True)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 class StaticDecoder:

@@ -1,32 +1,28 @@
-"""exp-based math on MLX's CPU backend without MLX's slow CPU ``exp``.
+"""The SiLU of gated MLPs on MLX's CPU backend without MLX's slow CPU ``exp``.
 
 On x86-64 MLX's CPU backend evaluates ``exp`` and ``sigmoid`` element by element at 20-50 ns
-(an add: under 1 ns), and a GRPO step on a real model spends a large share of its time there:
-the SiLU of every MLP (Qwen2.5-0.5B: 116,736 sigmoids per token, as many as the token's matmuls
-take time on this CPU) and the log-softmax over the 151,936-word vocabulary at every completion
-position, five times a step (the rollout's decode, the reference pass, the update's forward and
-its backward). ``benchmarks/fastmath_bench.py`` measures both, per element and per step.
+(an add: under 1 ns); every gated MLP pays it in its SiLU (Qwen2.5-0.5B: 116,736 sigmoids per
+token). Here exp(y ln 2) = 2^n * 2^f (n an integer, |f| <= 1/2): 2^n is built from its bits and
+2^f by a degree-7 polynomial (relative error ~5e-9, below float32's rounding), in compiled
+element-wise kernels of multiplies and adds (``benchmarks/fastmath_step.py`` measures them):
 
-Here exp(x) = 2^n * 2^f (x log2 e = n + f, n an integer, |f| <= 1/2): 2^n is built from its bits
-and 2^f by a degree-7 polynomial (relative error ~5e-9, below float32's rounding), in one
-compiled element-wise kernel of multiplies and adds. On top of it:
-
-- ``logsumexp``: ``mx.logsumexp``'s values, with the gradient (the softmax) in one pass from the
-  saved result;
 - ``swiglu``: ``silu(gate) * x`` of the gated MLPs of mlx-lm's llama, qwen2, qwen3, mistral and
   about fifty more architectures, with its gradient written out;
 - ``use_fast_mlps(model)``: gives a loaded model's gated MLPs that ``swiglu`` (each module's
   class swapped for a subclass with the same parameters, after a one-off check that it computes
   what the original does), so the adapters and saved files do not change.
 
-Metal and CUDA have fast ``exp``; there every function here is MLX's own and nothing is swapped.
+Not used for the vocabulary log-softmax: MLX does not fuse the kernels across the bit view, so
+each intermediate is materialised, and over a scoring chunk of 2^25 logits that cost 1.2 GB more
+at the peak (measured) for 1.5x per element.
+
+Metal and CUDA have fast ``exp``; there ``swiglu`` is MLX's own and nothing is swapped.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -58,59 +54,12 @@ def _exp2(y: mx.array) -> mx.array:
     return mx.where(y < -126.0, 0.0, mx.where(y >= 128.0, math.inf, p * scale))
 
 
-# Compiled per shape: MLX's shapeless CPU kernels were several times slower on large arrays
-# (measured: 20 multiply-adds over 2.5M floats, 22 vs 2.4 ns per element), and a kernel's
-# code does not depend on the shape, so a new shape costs a trace, not a compilation.
-@mx.compile
-def _exp_kernel(x: mx.array) -> mx.array:
-    return _exp2(x.astype(mx.float32) * LOG2E)
-
-
-def exp(x: mx.array) -> mx.array:
-    """``mx.exp(x)`` in float32 (on the CPU backend through ``_exp2``, one fused kernel)."""
-    if not on_cpu():
-        return mx.exp(x.astype(mx.float32))
-    return _exp_kernel(x)
-
-
-# --------------------------------------------------------------------------- log-sum-exp
-
-
-def logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
-    """``mx.logsumexp(x, axis, keepdims)`` in float32; on the CPU backend through ``exp``.
-
-    The maximum is subtracted first, as ``mx.logsumexp`` does. The gradient is the softmax,
-    computed in one pass from the saved result rather than by differentiating each op (each one
-    more pass over the vocabulary).
-    """
-    if not on_cpu():
-        return mx.logsumexp(x.astype(mx.float32), axis=axis, keepdims=keepdims)
-    out = _logsumexp_fn(axis % x.ndim)(x.astype(mx.float32))
-    return out if keepdims else out.squeeze(axis)
-
-
-@functools.lru_cache(maxsize=None)
-def _logsumexp_fn(axis: int) -> Callable[[mx.array], mx.array]:
-    """The keepdims log-sum-exp over ``axis`` with its one-pass gradient (one function per axis:
-    the axis is not an array, so it cannot be an input while tracing)."""
-
-    @mx.custom_function
-    def lse(x: mx.array) -> mx.array:
-        m = mx.max(x, axis=axis, keepdims=True)
-        m = mx.where(mx.isinf(m), mx.zeros_like(m), m)  # all -inf (or an inf): let the sum say so
-        return m + mx.log(exp(x - m).sum(axis=axis, keepdims=True))
-
-    @lse.vjp
-    def _vjp(primals, cotangent, output):
-        x = primals[0] if isinstance(primals, (list, tuple)) else primals
-        return cotangent * exp(x - output)  # d lse / dx = softmax(x)
-
-    return lse
-
-
 # --------------------------------------------------------------------------- SwiGLU
 
 
+# Compiled per shape: MLX's shapeless CPU kernels were several times slower on large arrays
+# (measured: 20 multiply-adds over 2.5M floats, 22 vs 2.4 ns per element), and a kernel's code
+# does not depend on the shape, so a new shape costs a trace, not a compilation.
 @mx.compile
 def _swiglu_forward(gate: mx.array, x: mx.array) -> mx.array:
     g = gate.astype(mx.float32)

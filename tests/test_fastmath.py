@@ -1,12 +1,10 @@
-"""fastmath: exp, log-sum-exp and SwiGLU without MLX's CPU exp, checked against NumPy in float64,
+"""fastmath: exp and SwiGLU without MLX's CPU exp, checked against NumPy in float64,
 and the gated-MLP swap on a real model (same logits, same LoRA gradients, same saved keys)."""
 
-import math
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_grpo import fastmath
@@ -14,9 +12,12 @@ from mlx_grpo.config import AdapterConfig, ModelConfig
 from mlx_grpo.models import attach_adapters, load_model
 
 
+exp = mx.compile(lambda x: fastmath._exp2(x.astype(mx.float32) * fastmath.LOG2E))  # exp(x), as swiglu uses it
+
+
 def test_exp_matches_numpy_over_float32s_range():
     x = np.concatenate([np.linspace(-104, 89, 200_001), [0.0, -0.0, 1e-30, -87.3, 88.7]]).astype(np.float32)
-    got = np.array(fastmath.exp(mx.array(x))).astype(np.float64)
+    got = np.array(exp(mx.array(x))).astype(np.float64)
     want = np.exp(x.astype(np.float64))
     normal = (want >= np.finfo(np.float32).tiny) & (want < 2.0**127)
     rel = np.abs(got[normal] - want[normal]) / want[normal]
@@ -28,60 +29,9 @@ def test_exp_matches_numpy_over_float32s_range():
     top = (want >= 2.0**127) & (want < np.finfo(np.float32).max)  # the last octave: f up to 1
     np.testing.assert_allclose(got[top], want[top], rtol=5e-6)
     assert np.all(got[want > np.finfo(np.float32).max] == np.inf)
-    special = np.array(fastmath.exp(mx.array([-np.inf, np.inf, np.nan, -1e4, 1e4], dtype=mx.float32)))
+    special = np.array(exp(mx.array([-np.inf, np.inf, np.nan, -1e4, 1e4], dtype=mx.float32)))
     assert special[0] == 0 and special[1] == np.inf and np.isnan(special[2])
     assert special[3] == 0 and special[4] == np.inf
-
-
-def test_exp_takes_half_precision_and_runs_compiled():
-    x = mx.array([-3.0, 0.0, 2.5], dtype=mx.bfloat16)
-    np.testing.assert_allclose(np.array(fastmath.exp(x)), np.exp(np.array(x.astype(mx.float32))), rtol=1e-6)
-    f = mx.compile(lambda a: fastmath.exp(a) * 2)
-    np.testing.assert_allclose(np.array(f(mx.array([1.0, -1.0]))), 2 * np.exp([1.0, -1.0]), rtol=1e-6)
-
-
-def np_logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-    m = np.max(x, axis=axis, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
-
-
-@pytest.mark.parametrize("axis", [-1, 0])
-def test_logsumexp_values_and_gradient_match_numpy(axis):
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((6, 5000)) * 8).astype(np.float32)  # wide logits, large spread
-    w = rng.standard_normal(x.shape[1] if axis == 0 else x.shape[0]).astype(np.float32)
-    got = fastmath.logsumexp(mx.array(x), axis=axis)
-    want = np_logsumexp(x.astype(np.float64), axis)
-    np.testing.assert_allclose(np.array(got), want, rtol=1e-6, atol=1e-5)
-    # d/dx sum_r w_r lse_r = w_r * softmax(x_r), in float64.
-    g = mx.grad(lambda a: (fastmath.logsumexp(a, axis=axis) * mx.array(w)).sum())(mx.array(x))
-    soft = np.exp(x.astype(np.float64) - np.expand_dims(want, axis))
-    np.testing.assert_allclose(np.array(g), soft * np.expand_dims(w, axis), rtol=1e-5, atol=1e-9)
-
-
-def test_logsumexp_agrees_with_mlx_on_a_vocabulary_and_keeps_dims():
-    x = mx.random.normal((4, 151936), key=mx.random.key(1)) * 3
-    a, b = fastmath.logsumexp(x, keepdims=True), mx.logsumexp(x, axis=-1, keepdims=True)
-    assert a.shape == b.shape == (4, 1)
-    assert float(mx.max(mx.abs(a - b))) < 1e-5
-
-
-def test_logsumexp_infinite_entries():
-    x = mx.array([[0.0, -np.inf, 1.0], [-np.inf, -np.inf, -np.inf], [np.inf, 0.0, 0.0]])
-    got = np.array(fastmath.logsumexp(x))
-    np.testing.assert_allclose(got[0], np.log(1 + np.e), rtol=1e-6)
-    assert got[1] == -np.inf and got[2] == np.inf
-    g = np.array(mx.grad(lambda a: fastmath.logsumexp(a[:1]).sum())(x))[0]
-    np.testing.assert_allclose(g, [1 / (1 + np.e), 0.0, np.e / (1 + np.e)], rtol=1e-6)
-
-
-def test_logsumexp_compiled_and_under_checkpoint():
-    """The decode step compiles it; the scoring head runs it under mx.checkpoint."""
-    x = mx.random.normal((3, 1000), key=mx.random.key(2)) * 4
-    want = mx.logsumexp(x, axis=-1)
-    assert float(mx.max(mx.abs(mx.compile(lambda a: fastmath.logsumexp(a))(x) - want))) < 1e-5
-    g = mx.grad(lambda a: mx.checkpoint(lambda b: fastmath.logsumexp(b))(a).sum())(x)
-    assert float(mx.max(mx.abs(g - mx.softmax(x, axis=-1)))) < 1e-6
 
 
 def np_swiglu(g: np.ndarray, x: np.ndarray):
