@@ -15,6 +15,7 @@ left-padded rows on top of a prefilled prompt (``prefill.py``); the pieces they 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
@@ -224,13 +225,22 @@ def _apply_head(model: nn.Module) -> Callable:
 def enable_grad_checkpoint(model: nn.Module) -> None:
     """Recompute each transformer block in the backward pass instead of storing its activations.
 
-    Like mlx-lm's ``grad_checkpoint`` (it patches the block class), but a scoring pass hands the
-    blocks a cache they append to, and the recomputation must not append twice: the block runs on
-    a fresh copy of the cache inside the checkpoint, and the outer cache takes its result.
+    Like mlx-lm's ``grad_checkpoint``, but a scoring pass hands the blocks a cache they append to,
+    and the recomputation must not append twice: the block runs on a fresh copy of the cache
+    inside the checkpoint, and the outer cache takes its result. Only this model's blocks change
+    (each gets a subclass of its class; parameters and their names stay): mlx-lm patches the
+    class itself, which checkpoints every model of that architecture in the process.
     """
     block = type(model.layers[0])
-    if getattr(block, "_mlx_grpo_checkpointed", False):
-        return
+    checkpointed = block if getattr(block, "_mlx_grpo_checkpointed", False) else _checkpointed_class(block)
+    for layer in model.layers:
+        if type(layer) is block:
+            layer.__class__ = checkpointed
+
+
+@functools.lru_cache(maxsize=None)
+def _checkpointed_class(block: type) -> type:
+    """``block`` with a ``__call__`` that checkpoints it (one subclass per block class)."""
     original = block.__call__
 
     def call(self, x, *args, **kwargs):
@@ -269,5 +279,4 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
         cache.advance(x.shape[1])
         return h
 
-    block.__call__ = call
-    block._mlx_grpo_checkpointed = True
+    return type(block.__name__, (block,), {"__call__": call, "_mlx_grpo_checkpointed": True})

@@ -118,3 +118,23 @@ def test_fixed_and_unknown_values(embedded_model_dir):
 
     with pytest.raises(ConfigError, match="train.micro_batch: must be one of auto, fixed"):
         make_config(None, [("train.micro_batch", "big")])
+
+
+def test_grad_checkpoint_changes_only_the_model_it_is_given(embedded_model_dir):
+    """Two models of one architecture in a process (e.g. the policy and an explicit reference):
+    checkpointing one leaves the other's blocks as mlx-lm built them, with the same parameters."""
+    from mlx.utils import tree_flatten
+
+    from mlx_grpo.config import ModelConfig
+
+    a, _ = load_model(ModelConfig(path=str(embedded_model_dir)))
+    b, _ = load_model(ModelConfig(path=str(embedded_model_dir)))
+    stock = type(b.layers[0])
+    names = sorted(k for k, _ in tree_flatten(a.parameters()))
+    enable_grad_checkpoint(a)
+    enable_grad_checkpoint(a)  # twice: no second layer of wrapping
+    assert all(getattr(type(layer), "_mlx_grpo_checkpointed", False) for layer in a.layers)
+    assert type(a.layers[0]).__mro__[1] is stock
+    assert all(type(layer) is stock for layer in b.layers)
+    assert not getattr(stock, "_mlx_grpo_checkpointed", False)  # the class itself is untouched
+    assert sorted(k for k, _ in tree_flatten(a.parameters())) == names

@@ -116,7 +116,7 @@ def test_out_of_memory_in_a_step_says_what_to_lower(small_model_dir, tmp_path, m
     (0.1, False, 1, 1, 512),  # long completions: the attention scores, quadratic in length, dominate
 ])
 def test_estimate_is_within_a_quarter_of_the_measured_peak(embedded_model_dir, beta, checkpoint, micro_batches,
-                                                          prompts, max_tokens, monkeypatch):
+                                                          prompts, max_tokens):
     """The trainer's real update (micro-batches, gradient sum, AdamW) on full-length completions:
     mx.get_peak_memory against the preflight estimate of the same step, as a ratio."""
     import mlx.optimizers as optim
@@ -129,10 +129,7 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(embedded_model_dir, b
     cfg, model, _ = loaded(embedded_model_dir, ("train.prompts_per_step", prompts), ("rollout.group_size", 4),
                            ("rollout.max_tokens", max_tokens), ("grpo.beta", beta), ("train.grad_checkpoint", checkpoint),
                            ("train.grad_accumulation_steps", micro_batches))
-    if checkpoint:  # it patches the block class: undone after the test, so later cases run without it
-        block = type(model.layers[0])
-        monkeypatch.setattr(block, "__call__", block.__call__)
-        monkeypatch.setattr(block, "_mlx_grpo_checkpointed", False, raising=False)
+    if checkpoint:
         enable_grad_checkpoint(model)
     prompt = 90
     batch = dry_batch(cfg, model.args.vocab_size, prompt, prompts * 4)
