@@ -21,11 +21,14 @@ Metal and CUDA have fast ``exp``; there ``swiglu`` is MLX's own and nothing is s
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .float_base import device_kind
 
 LOG2E = math.log2(math.e)
 # Taylor coefficients of 2^f = exp(f ln 2) up to f^7: relative error <= (ln2 / 2)^8 / 8! ~ 5e-9.
@@ -34,7 +37,7 @@ _COEFFS = [math.log(2.0) ** k / math.factorial(k) for k in range(8)]
 
 def on_cpu() -> bool:
     """True when MLX computes on its CPU backend (where its ``exp`` is slow)."""
-    return mx.default_device() == mx.cpu
+    return device_kind() == "cpu"
 
 
 # y + 1.5 * 2^23 - 1.5 * 2^23 rounds a float32 |y| < 2^22 to the nearest integer (one add each
@@ -60,17 +63,20 @@ def _exp2(y: mx.array) -> mx.array:
 # Compiled per shape: MLX's shapeless CPU kernels were several times slower on large arrays
 # (measured: 20 multiply-adds over 2.5M floats, 22 vs 2.4 ns per element), and a kernel's code
 # does not depend on the shape, so a new shape costs a trace, not a compilation.
+def _sigmoid(g: mx.array) -> mx.array:
+    return 1.0 / (1.0 + _exp2(g * -LOG2E))
+
+
 @mx.compile
 def _swiglu_forward(gate: mx.array, x: mx.array) -> mx.array:
     g = gate.astype(mx.float32)
-    silu = g / (1.0 + _exp2(g * -LOG2E))
-    return (silu * x.astype(mx.float32)).astype(x.dtype)
+    return (g * _sigmoid(g) * x.astype(mx.float32)).astype(x.dtype)
 
 
 @mx.compile
 def _swiglu_backward(gate: mx.array, x: mx.array, cotangent: mx.array) -> Tuple[mx.array, mx.array]:
     g = gate.astype(mx.float32)
-    s = 1.0 / (1.0 + _exp2(g * -LOG2E))  # sigmoid(gate)
+    s = _sigmoid(g)
     c = cotangent.astype(mx.float32)
     d_gate = c * x.astype(mx.float32) * s * (1.0 + g * (1.0 - s))  # d silu / d g = s + g s (1 - s)
     return d_gate.astype(gate.dtype), (c * g * s).astype(x.dtype)
@@ -98,14 +104,10 @@ def _gated_mlp_call(self, x: mx.array) -> mx.array:
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-_FAST_CLASSES: Dict[type, type] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _fast_class(cls: type) -> type:
     """``cls`` with ``_gated_mlp_call`` as its ``__call__`` (one subclass per class)."""
-    if cls not in _FAST_CLASSES:
-        _FAST_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": _gated_mlp_call, "_mlx_grpo_fast": True})
-    return _FAST_CLASSES[cls]
+    return type(cls.__name__, (cls,), {"__call__": _gated_mlp_call, "_mlx_grpo_fast": True})
 
 
 def _is_gated_mlp(m: nn.Module) -> bool:
