@@ -32,6 +32,12 @@ def timed(model, x, reps: int = 2) -> float:
 
 
 def main() -> None:
+    import os
+
+    from mlx_grpo import blas
+
+    # a fast BLAS with the kernels this CPU allows, as the CLI runs (blas.py)
+    blas.maybe_reexec([str(Path(__file__).resolve()), *sys.argv[1:]], dict(os.environ))
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-0.5b")
     ap.add_argument("--bits", type=int, default=4)

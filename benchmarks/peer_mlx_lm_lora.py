@@ -3,8 +3,9 @@
 Not part of the test suite. mlx-lm-lora is kept out of the project's environment:
 
     pip install --no-deps --target /tmp/peer mlx-lm-lora==5.10.2
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
-        PYTHONPATH=/tmp/peer python benchmarks/peer_mlx_lm_lora.py [--steps N] [--json]
+    PYTHONPATH=/tmp/peer python benchmarks/peer_mlx_lm_lora.py [--steps N] [--json]
+
+(it restarts itself with the fast BLAS the CLI uses, ``blas.py``, so both trainers run on it)
 
 (its own dependencies beyond mlx/mlx-lm are not needed for the trainer module). ``--shape NAME``
 runs a release's shape (``mlx_grpo/shapes.py``) in float32 with P=2 x G=4 x 64 new tokens
@@ -93,6 +94,12 @@ def peer(steps: int, sess, best: bool):
 
 
 def main():
+    import os
+
+    from mlx_grpo import blas
+
+    # a fast BLAS with the kernels this CPU allows, as the CLI runs (blas.py)
+    blas.maybe_reexec([str(Path(__file__).resolve()), *sys.argv[1:]], dict(os.environ))
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", action="store_true")

@@ -32,6 +32,12 @@ def step(shape: str, bits: int, P: int, G: int, max_tokens: int) -> dict:
 
 
 def main() -> None:
+    import os
+
+    from mlx_grpo import blas
+
+    # a fast BLAS with the kernels this CPU allows, as the CLI runs (blas.py)
+    blas.maybe_reexec([str(Path(__file__).resolve()), *sys.argv[1:]], dict(os.environ))
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen2.5-0.5b")
     ap.add_argument("-P", type=int, default=2)

@@ -4,6 +4,13 @@ The ``mlx[cpu]`` wheel links a reference BLAS that is 10-19x slower at matmuls t
 MKL. Both export the standard cblas symbols, so loading one first (LD_PRELOAD) makes MLX use it,
 with results equal up to float32 rounding. The dynamic loader reads LD_PRELOAD only at process
 start, so the CLI re-executes itself once with it set (``maybe_reexec``).
+
+OpenBLAS built with DYNAMIC_ARCH (Debian's, most distributions') picks its kernels from the CPU's
+model number, and a release older than the CPU falls back to its oldest x86-64 kernels: Debian
+12's OpenBLAS 0.3.21 takes a current Xeon for a "Prescott" (SSE3), 37 GFLOP/s at a 630 x 896 x
+4864 float32 matmul where its SkylakeX (AVX-512) kernels give 260 (measured here). The restart
+therefore also sets ``OPENBLAS_CORETYPE`` from the CPU's own feature flags when OpenBLAS's
+detection is weaker than they allow (``core_override``); a user's own setting always wins.
 """
 
 from __future__ import annotations
@@ -23,6 +30,12 @@ CANDIDATES = [
     "/usr/lib/libopenblas.so.0",
 ]
 MARKER = "MLX_GRPO_BLAS"  # set on re-exec so it happens at most once
+CORETYPE = "OPENBLAS_CORETYPE"
+# OpenBLAS's core names (lower case, as openblas_get_corename gives them) by the widest vector
+# instructions their kernels use; a CPU whose flags allow more than the detected core gets more.
+AVX512_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
+AVX2_CORES = AVX512_CORES | {"haswell", "zen"}
+AVX512_FLAGS = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 HINT = (
     "MLX's CPU backend is using its bundled reference BLAS (slow); for a 5-15x faster CPU run "
     "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread) or set "
@@ -57,6 +70,51 @@ def preloaded(env: Dict[str, str]) -> Optional[str]:
     return None
 
 
+def cpu_flags(path: str = "/proc/cpuinfo") -> set:
+    """The first CPU's feature flags (Linux), or an empty set where they cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def openblas_core(lib: str) -> Optional[str]:
+    """The core OpenBLAS chose for this CPU (lower case), or None if ``lib`` is not OpenBLAS."""
+    try:
+        fn = getattr(ctypes.CDLL(lib), "openblas_get_corename", None)
+    except OSError:
+        return None
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_char_p
+    name = fn()
+    return name.decode(errors="replace").strip().lower() if name else None
+
+
+def core_override(detected: Optional[str], flags: set) -> Optional[str]:
+    """The OPENBLAS_CORETYPE to run with when OpenBLAS detected a core weaker than the CPU's
+    flags allow (an OpenBLAS older than the CPU), else None."""
+    if detected is None:
+        return None
+    if AVX512_FLAGS <= flags and detected not in AVX512_CORES:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags and detected not in AVX2_CORES:
+        return "Haswell"
+    return None
+
+
+def _coretype_env(lib: str, env: Dict[str, str]) -> Dict[str, str]:
+    """``{OPENBLAS_CORETYPE: ...}`` when ``lib`` needs one (and the user set none), else {}."""
+    if env.get(CORETYPE):
+        return {}
+    core = core_override(openblas_core(lib), cpu_flags())
+    return {CORETYPE: core} if core else {}
+
+
 def cpu_backend_in_use() -> bool:
     """True on Linux when MLX computes on the CPU (no CUDA device)."""
     if not sys.platform.startswith("linux"):
@@ -71,14 +129,18 @@ def cpu_backend_in_use() -> bool:
 
 def reexec_env(env: Dict[str, str]) -> Optional[Dict[str, str]]:
     """The environment to restart with (a fast BLAS preloaded), or None when no restart helps."""
-    if env.get(MARKER) or env.get("MLX_GRPO_NO_FAST_BLAS") or preloaded(env):
+    if env.get(MARKER) or env.get("MLX_GRPO_NO_FAST_BLAS"):
         return None
     if not cpu_backend_in_use():
         return None
+    lib = preloaded(env)
+    if lib is not None:  # preloaded by the user: restart only to give OpenBLAS its kernels
+        core = _coretype_env(lib, env)
+        return {**env, **core, MARKER: lib} if core else None
     lib = find_fast_blas(env)
     if lib is None:
         return None
-    new_env = dict(env)
+    new_env = {**env, **_coretype_env(lib, env)}
     new_env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
     new_env[MARKER] = lib
     return new_env
@@ -122,5 +184,7 @@ def describe(env: Dict[str, str]) -> str:
         return f"device {mx.default_device()} (CUDA)"
     lib = preloaded(env)
     if lib:
-        return f"device cpu, BLAS {os.path.basename(lib)} (fast)"
+        core = openblas_core(lib)
+        kernels = f", {core} kernels" + (f" ({CORETYPE})" if env.get(CORETYPE) else "") if core else ""
+        return f"device cpu, BLAS {os.path.basename(lib)}{kernels} (fast)"
     return f"device cpu, bundled reference BLAS -- {HINT}"

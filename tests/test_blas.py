@@ -60,3 +60,65 @@ def test_cli_names_its_blas_on_the_first_line(tmp_path):
         assert "(fast)" in first
     elif first.startswith("mlx-grpo: device cpu"):
         assert "reference BLAS" in first and "libopenblas0-pthread" in first
+
+
+AVX512 = {"fma", "avx2", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+
+
+def test_an_openblas_older_than_the_cpu_gets_the_kernels_its_flags_allow():
+    # Debian 12's OpenBLAS takes a current Xeon for a Prescott (SSE3): 7x slower matmuls.
+    assert blas.core_override("prescott", AVX512) == "SkylakeX"
+    assert blas.core_override("haswell", AVX512) == "SkylakeX"
+    assert blas.core_override("prescott", {"avx2", "fma"}) == "Haswell"
+    for detected, flags in (("skylakex", AVX512), ("cooperlake", AVX512), ("zen", {"avx2", "fma"}),
+                            ("haswell", {"avx2", "fma"}), ("prescott", {"sse3"}), (None, AVX512)):
+        assert blas.core_override(detected, flags) is None, (detected, flags)
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse3 avx2 fma\n\nflags\t\t: other\n")
+    assert blas.cpu_flags(str(info)) == {"fpu", "sse3", "avx2", "fma"}
+    assert blas.cpu_flags(str(tmp_path / "missing")) == set()
+
+
+def test_coretype_is_set_on_restart_and_a_users_own_setting_wins(monkeypatch, tmp_path):
+    lib = tmp_path / "libopenblas.so.0"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(blas, "openblas_core", lambda path: "prescott")
+    monkeypatch.setattr(blas, "cpu_flags", lambda: AVX512)
+    monkeypatch.setattr(blas, "cpu_backend_in_use", lambda: True)
+    new = blas.reexec_env({"MLX_GRPO_BLAS_LIB": str(lib)})
+    assert new["OPENBLAS_CORETYPE"] == "SkylakeX" and new["LD_PRELOAD"] == str(lib)
+    assert blas.reexec_env({"MLX_GRPO_BLAS_LIB": str(lib), "OPENBLAS_CORETYPE": "Haswell"}).get(
+        "OPENBLAS_CORETYPE") == "Haswell"
+    # Preloaded by the user without a core type: one restart to set it, then none.
+    user = {"LD_PRELOAD": str(lib)}
+    again = blas.reexec_env(user)
+    assert again["OPENBLAS_CORETYPE"] == "SkylakeX" and again["LD_PRELOAD"] == str(lib)
+    assert blas.reexec_env(again) is None
+    monkeypatch.setattr(blas, "openblas_core", lambda path: "skylakex")
+    assert blas.reexec_env(user) is None  # detected well: the user's process runs as it is
+
+
+@pytest.mark.skipif(blas.find_fast_blas(dict(os.environ)) is None
+                    or blas.openblas_core(blas.find_fast_blas(dict(os.environ)) or "") is None,
+                    reason="no OpenBLAS installed here")
+def test_a_restarted_process_runs_the_core_type_chosen_for_it():
+    import json
+
+    lib = blas.find_fast_blas(dict(os.environ))
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.MARKER, blas.CORETYPE)}
+    # OpenBLAS reports what this process asked of it, so the choice is made in a clean process.
+    plan = subprocess.run([sys.executable, "-c", "import json, os; from mlx_grpo import blas; "
+                           "print(json.dumps(blas.reexec_env(dict(os.environ))))"],
+                          env=clean, capture_output=True, text=True, check=True)
+    new = json.loads(plan.stdout)
+    assert new is not None and new["LD_PRELOAD"].startswith(lib)
+    code = f"import mlx.core as mx; from mlx_grpo import blas; print(blas.openblas_core({lib!r}))"
+    out = subprocess.run([sys.executable, "-c", code], env=new, capture_output=True, text=True, check=True)
+    chosen = new.get("OPENBLAS_CORETYPE")
+    if chosen:  # OpenBLAS runs the kernels the restart asked for
+        assert out.stdout.strip() == chosen.lower()
+    else:  # it detected this CPU as well as its flags allow
+        assert blas.core_override(out.stdout.strip(), blas.cpu_flags()) is None
