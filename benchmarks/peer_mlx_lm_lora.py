@@ -36,6 +36,7 @@ import mlx.optimizers as optim  # noqa: E402
 
 P, G, MAX_TOKENS, BETA, LR = 16, 8, 20, 0.1, 7e-4
 MODEL = None  # None: the embedded model; --shape NAME: a release's shape in float32 (shapes.py)
+PROMPT_KIND = "r1"  # --chat: the tokenizer's chat template
 
 
 def ours(steps: int):
@@ -43,6 +44,7 @@ def ours(steps: int):
 
     cfg = bench_config(None, MODEL, BenchSettings(prompts=P, group_size=G, max_tokens=MAX_TOKENS))
     cfg.grpo.beta, cfg.train.learning_rate = BETA, LR
+    cfg = replace(cfg, prompt=replace(cfg.prompt, kind=PROMPT_KIND))
     sess = Session(cfg)
     return step_split(sess.grpo_steps(steps)), sess
 
@@ -104,6 +106,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--shape", default=None, help="e.g. qwen2.5-0.5b: its float32 shape, P=2 x G=4 x 64 tokens")
+    ap.add_argument("--model", default=None, help="a local or Hub model instead (e.g. benchmarks/make_bpe_model.py's)")
+    ap.add_argument("--chat", action="store_true", help="prompts through the tokenizer's chat template")
     ap.add_argument("-P", type=int, default=None)
     ap.add_argument("-G", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
@@ -112,7 +116,8 @@ def main():
     a = ap.parse_args()
     import mlx_lm_lora
 
-    global P, G, MAX_TOKENS, MODEL
+    global P, G, MAX_TOKENS, MODEL, PROMPT_KIND
+    MODEL, PROMPT_KIND = a.model, "chat" if a.chat else "r1"
     if a.shape:  # float32 weights, so the peer (no float32 base of its own) can finish
         from mlx_grpo.shapes import shape_dir
 
@@ -128,7 +133,7 @@ def main():
     mine = min(split["step_time"], split2["step_time"])
     res = {
         "mlx_lm_lora_version": mlx_lm_lora.__version__,
-        "model": MODEL or "embedded",
+        "model": MODEL or "embedded", "prompt_kind": PROMPT_KIND,
         "settings": {"prompts": P, "group_size": G, "max_tokens": MAX_TOKENS, "beta": BETA, "lr": LR,
                      "temperature": sess.cfg.rollout.temperature, "lora_rank": sess.cfg.adapter.rank},
         "ours_step_s": [split["step_time"], split2["step_time"]],

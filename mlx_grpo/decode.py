@@ -5,8 +5,10 @@ every decode step has new shapes and could not reuse a compiled graph. ``StaticK
 preallocates the whole rollout (prompt + max_tokens positions) once; a step writes its keys at a
 position held in an array (``mx.slice_update``) and attends over the full buffer with a mask that
 hides the slots not yet written and each row's left padding. All shapes stay fixed, so one compiled
-graph (model forward + temperature-scaled log-softmax) serves every step of a rollout; it is traced
-again only when finished rows are compacted away (a new batch size).
+graph (model forward + temperature-scaled logits) serves every step of a rollout; it is traced
+again only when finished rows are compacted away (a new batch size). The log-softmax runs after
+it, through ``fastmath.logsumexp`` (NumPy's vectorised exp on the CPU backend, which cannot run
+inside a compiled graph).
 
 Prompts are prefilled with ``prefill.py`` (their shared prefix once, each prompt once), and their
 keys and values copied into the buffer; the step's mask also hides the padding inside the prompts.
@@ -23,6 +25,8 @@ from typing import Any, Callable, List
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import fastmath
 
 COMPACT_FRACTION = 0.25  # compact when this fraction of the batch has finished
 
@@ -58,10 +62,19 @@ class StaticKVCache:
         return ((slots <= self.pos)[None, :] & self.visible)[:, None, None, :]
 
 
+def scaled_logits(logits: mx.array, inv_temperature: float) -> mx.array:
+    """logits / T in float32 (what the compiled step returns)."""
+    return logits.astype(mx.float32) * inv_temperature
+
+
+def log_softmax(scaled: mx.array) -> mx.array:
+    """log softmax over the last axis of float32 ``scaled``."""
+    return scaled - fastmath.logsumexp(scaled)[..., None]
+
+
 def normalized_logprobs(logits: mx.array, inv_temperature: float) -> mx.array:
     """log softmax(logits / T) in float32: what the sampler draws from and the rollout records."""
-    logits = logits.astype(mx.float32) * inv_temperature
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return log_softmax(scaled_logits(logits, inv_temperature))
 
 
 class StaticDecoder:
@@ -98,7 +111,7 @@ class StaticDecoder:
             caches = [StaticKVCache(kv[2 * i], kv[2 * i + 1], pos, visible, shift) for i in range(n_layers)]
             logits = model(y[:, None], cache=caches)[:, -1, :]
             out = [a for c in caches for a in (c.keys, c.values)]
-            return (normalized_logprobs(logits, inv_temperature), *out)
+            return (scaled_logits(logits, inv_temperature), *out)
 
         # A fresh closure per rollout: the model's current weights are traced in as constants.
         self._step: Callable = mx.compile(step) if compiled else step
@@ -117,7 +130,7 @@ class StaticDecoder:
             self._checked = True
         self.kv = list(out[1:])
         self.pos += 1
-        return out[0]
+        return log_softmax(out[0])
 
     def keep(self, index: mx.array) -> None:
         self.kv = [a[index] for a in self.kv]

@@ -12,21 +12,32 @@ element-wise kernels of multiplies and adds (``benchmarks/fastmath_step.py`` mea
   class swapped for a subclass with the same parameters, after a one-off check that it computes
   what the original does), so the adapters and saved files do not change.
 
-Not used for the vocabulary log-softmax: MLX does not fuse the kernels across the bit view, so
-each intermediate is materialised, and over a scoring chunk of 2^25 logits that cost 1.2 GB more
-at the peak (measured) for 1.5x per element.
+- ``logsumexp``: the vocabulary's log-sum-exp where nothing is differentiated (every decode
+  step, the reference and old-policy passes: blocks marked ``eager()``) through NumPy, whose
+  ``exp`` is vectorised: 78M logits (8 rows x 64 positions x Qwen's 151,936) take 0.26 s
+  against MLX's 2.15 s here. It evaluates its input where it is called, so it cannot run inside
+  ``mx.compile`` (the decode step calls it after the compiled graph), and not inside a gradient
+  trace: there an evaluation keeps every intermediate of the traced graph alive (measured on
+  the 0.5B update: 15.7 GB instead of 4.1), so the update keeps MLX's. Its gradient (softmax x
+  cotangent, NumPy's too) serves callers that differentiate a block marked ``eager()``.
+
+The polynomial was tried for the vocabulary first: MLX does not fuse the kernels across the bit
+view, so each intermediate was materialised, and over a scoring chunk of 2^25 logits that cost
+1.2 GB more at the peak (measured) for 1.5x per element.
 
 Metal and CUDA have fast ``exp``; there ``swiglu`` is MLX's own and nothing is swapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Dict, Tuple
+from typing import Dict, Iterator, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .float_base import device_kind
 
@@ -148,3 +159,80 @@ def _same_output(m: nn.Module, fast: type) -> bool:
         return bool(mx.max(mx.abs(got - want)).item() <= 1e-4 * scale)
     except Exception:  # an unusual signature or layout: keep the original
         return False
+
+
+# --------------------------------------------------------------------------- log-sum-exp
+
+# Logits per NumPy block: its temporaries stay at 16 MB, in cache-friendly pieces.
+_BLOCK = 1 << 22
+
+
+def _blocks(rows: int, width: int):
+    step = max(1, _BLOCK // max(1, width))
+    return (slice(s, s + step) for s in range(0, rows, step))
+
+
+def _np_logsumexp(a: np.ndarray) -> np.ndarray:
+    """log sum exp over the rows of a 2-D float32 array, as MLX computes it (max subtracted; a
+    row of -inf gives -inf, +inf gives +inf, NaN stays NaN)."""
+    out = np.empty(a.shape[0], dtype=np.float32)
+    for b in _blocks(*a.shape):
+        m = a[b].max(axis=1)
+        m[~np.isfinite(m)] = 0.0  # -inf rows: log(0) = -inf below; inf and NaN pass through exp
+        t = a[b] - m[:, None]
+        np.exp(t, out=t)
+        with np.errstate(divide="ignore"):
+            out[b] = np.log(t.sum(axis=1)) + m
+    return out
+
+
+def _np_softmax_scaled(a: np.ndarray, lse: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """softmax(a) * c[:, None] for 2-D ``a`` whose row log-sum-exps are ``lse``."""
+    out = np.empty_like(a)
+    for b in _blocks(*a.shape):
+        np.subtract(a[b], lse[b, None], out=out[b])
+        np.exp(out[b], out=out[b])
+        out[b] *= c[b, None]
+    return out
+
+
+def _numpy(x: mx.array) -> np.ndarray:
+    return np.array(x, copy=False)  # a view of the evaluated MLX buffer
+
+
+@mx.custom_function
+def _lse_rows(x: mx.array) -> mx.array:
+    mx.eval(x)
+    return mx.array(_np_logsumexp(_numpy(x)))
+
+
+@_lse_rows.vjp
+def _lse_rows_vjp(primals, cotangent, output):
+    x = primals[0] if isinstance(primals, (tuple, list)) else primals
+    c = cotangent.astype(mx.float32)
+    mx.eval(x, c, output)
+    return mx.array(_np_softmax_scaled(_numpy(x), _numpy(output), _numpy(c)))
+
+
+_eager_depth = 0
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Marks a block where no gradient is traced (rollouts, reference scoring): ``logsumexp``
+    may evaluate its input there, and takes the NumPy path on the CPU backend."""
+    global _eager_depth
+    _eager_depth += 1
+    try:
+        yield
+    finally:
+        _eager_depth -= 1
+
+
+def logsumexp(x: mx.array) -> mx.array:
+    """``mx.logsumexp(x, axis=-1)`` in float32; within ``eager()`` on the CPU backend through
+    NumPy (see the module docstring), with its gradient. Not inside ``mx.compile``."""
+    x = x.astype(mx.float32)
+    if not (_eager_depth and on_cpu()):
+        return mx.logsumexp(x, axis=-1)
+    return _lse_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])

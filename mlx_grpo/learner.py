@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import distributed
+from . import distributed, fastmath
 from .config import Config, TrainConfig
 from .loss import Normalizer, grpo_loss
 from .models import adapters_disabled
@@ -77,7 +77,8 @@ def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
 
 def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int) -> mx.array:
     """``b``'s completion logprobs under ``model``, as constants (scored ``micro`` rows at a time)."""
-    return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
+    with fastmath.eager():  # nothing is differentiated here (see fastmath.logsumexp)
+        return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
 
 
 STATS = ("kl", "clip_fraction", "clip_low", "clip_high", "ratio_mean")  # grpo_loss's diagnostics

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import fastmath
 from .config import RolloutConfig
 from .decode import COMPACT_FRACTION, DecodeSetupError, EagerDecoder, StaticDecoder, normalized_logprobs
 from .forward import batch_cache, body, model_flag, output_head, plain_kv_layers, set_model_flag
@@ -182,6 +183,11 @@ def sample_groups(
     ([P*G, 2], see ``row_keys``) gives each row its own random stream; without them the rows draw
     from MLX's global PRNG, so a row's sample depends on the rest of the batch.
     """
+    with fastmath.eager():  # nothing is differentiated in a rollout (see fastmath.logsumexp)
+        return _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys)
+
+
+def _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys) -> Rollouts:
     G = cfg.group_size if group_size is None else group_size
     temp = cfg.temperature if temperature is None else temperature
     inv_t = 1.0 / temp if temp > 0 else 1.0

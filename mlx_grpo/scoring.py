@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import fastmath
 from .forward import OutputHead, body as body_of, output_head
 from .prefill import prefill
 
@@ -81,7 +82,7 @@ def gather_logprobs(logits: mx.array, targets: mx.array, temperature: float) -> 
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - mx.logsumexp(logits, axis=-1)
+    return picked - fastmath.logsumexp(logits)
 
 
 def chunked_logprobs(

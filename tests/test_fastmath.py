@@ -118,3 +118,44 @@ def test_an_mlp_with_another_activation_is_not_swapped():
 def test_swap_is_idempotent():
     model, _ = load_model(ModelConfig())
     assert fastmath.use_fast_mlps(model) == 0  # load_model already did it
+
+
+def np_logsumexp(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    return (np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True)) + m)[..., 0]
+
+
+def test_logsumexp_and_its_gradient_match_numpy_in_float64(monkeypatch):
+    monkeypatch.setattr(fastmath, "on_cpu", lambda: True)  # the NumPy path, on any backend
+    monkeypatch.setattr(fastmath, "_eager_depth", 1)
+    monkeypatch.setattr(fastmath, "_BLOCK", 1000)  # several blocks per call
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 5, 701)) * 8).astype(np.float32)
+    x[0, 0, :] = -40.0  # a flat row
+    got = np.array(fastmath.logsumexp(mx.array(x)))
+    np.testing.assert_allclose(got, np_logsumexp(x), rtol=1e-6, atol=1e-5)
+    c = rng.normal(size=(3, 5)).astype(np.float32)
+    grad = np.array(mx.grad(lambda a: (fastmath.logsumexp(a) * mx.array(c)).sum())(mx.array(x)))
+    soft = np.exp(x.astype(np.float64) - np_logsumexp(x)[..., None])
+    np.testing.assert_allclose(grad, soft * c[..., None], rtol=1e-5, atol=1e-7)
+    # a strided input (a transposed view) and bfloat16 are read correctly
+    t = mx.array(x).transpose(1, 0, 2)
+    np.testing.assert_allclose(np.array(fastmath.logsumexp(t)), np_logsumexp(x.transpose(1, 0, 2)), rtol=1e-6, atol=1e-5)
+    b = mx.array(x).astype(mx.bfloat16)
+    np.testing.assert_allclose(np.array(fastmath.logsumexp(b)),
+                               np_logsumexp(np.array(b.astype(mx.float32))), rtol=1e-6, atol=1e-5)
+
+
+def test_logsumexp_edge_rows_and_checkpoint_agree_with_mlx(monkeypatch):
+    monkeypatch.setattr(fastmath, "on_cpu", lambda: True)
+    monkeypatch.setattr(fastmath, "_eager_depth", 1)
+    rows = mx.array([[-np.inf] * 4, [0.0, -np.inf, 1.0, 2.0], [0.0, np.inf, 1.0, 2.0], [0.0, np.nan, 1.0, 2.0]])
+    got, want = np.array(fastmath.logsumexp(rows)), np.array(mx.logsumexp(rows, axis=-1))
+    assert got[0] == -np.inf and got[2] == np.inf and np.isnan(got[3])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    # under mx.checkpoint (as the scoring head runs it) the gradient is recomputed the same
+    x = mx.random.normal((4, 9, 300), key=mx.random.key(1)) * 5
+    f = lambda a: (fastmath.logsumexp(a * 2) ** 2).sum()  # noqa: E731
+    g = lambda a: (mx.logsumexp(a * 2, axis=-1) ** 2).sum()  # noqa: E731
+    np.testing.assert_allclose(np.array(mx.grad(mx.checkpoint(f))(x)), np.array(mx.grad(g)(x)), rtol=1e-4, atol=1e-5)
