@@ -276,6 +276,7 @@ def run_bench(config_path: Optional[str] = None, model: Optional[str] = None, la
         "model": cfg.model.path,
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
         "device": device_kind(),
+        "backend": blas.describe(dict(os.environ)),  # which BLAS and kernels the figures come from
         "mlx_version": mx.__version__,
         "settings": {
             "prompts": s.prompts, "group_size": cfg.rollout.group_size,
@@ -357,7 +358,7 @@ def table(r: Dict[str, Any]) -> str:
     ro, st, mem, bl = r["rollout"], r["step"], r["memory"], r["blas"]
     se = r["settings"]
     lines = [
-        f"model {Path(r['model']).name} ({r['parameters'] / 1e6:.1f}M parameters), device {r['device']}, "
+        f"model {Path(r['model']).name} ({r['parameters'] / 1e6:.1f}M parameters), {r.get('backend', 'device ' + r['device'])}, "
         f"mlx {r['mlx_version']}; P={se['prompts']} prompts x G={se['group_size']}, max_tokens "
         f"{se['max_tokens']}, temperature {se['temperature']}, {se['adapter']} rank {se['rank']}, "
         f"beta {se['beta']}; medians of {se['reps']} rollouts / {se['steps']} steps",

@@ -16,6 +16,7 @@ needs), it reports:
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -26,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import decode
+from . import blas, decode
 from .bench import BenchSettings, Session, bench_config
 from .float_base import device_kind
 from .preflight import estimate_memory, estimate_total
@@ -155,7 +156,7 @@ def run_shape_bench(shape: str, bits: int = 4, prompts: int = 2, group_size: int
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
         "base_dtype": str(next(v.dtype for _, v in tree_flatten(sess.model.parameters())
                                if mx.issubdtype(v.dtype, mx.floating))),
-        "device": device_kind(), "mlx_version": mx.__version__,
+        "device": device_kind(), "backend": blas.describe(dict(os.environ)), "mlx_version": mx.__version__,
         "settings": {"prompts": prompts, "group_size": group_size, "max_tokens": max_tokens,
                      "temperature": cfg.rollout.temperature, "adapter": cfg.adapter.type,
                      "rank": cfg.adapter.rank, "beta": beta},
@@ -176,7 +177,7 @@ def shape_table(r: Dict[str, Any]) -> str:
     stored = "as stored" if r["bits"] is None else ("float32" if r["bits"] == 0 else f"{r['bits']}-bit")
     lines = [
         f"shape {r['shape']} ({r['parameters'] / 1e6:.0f}M parameters as loaded; weights {stored} on "
-        f"disk, base {r['base_dtype']} in memory), device {r['device']}, mlx {r['mlx_version']}; "
+        f"disk, base {r['base_dtype']} in memory), {r.get('backend', 'device ' + r['device'])}, mlx {r['mlx_version']}; "
         f"P={se['prompts']} x G={se['group_size']}, {se['max_tokens']} new tokens, {se['adapter']} "
         f"rank {se['rank']}",
         "",
