@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -52,35 +51,29 @@ def corpus(n: int = 2000):
 
 
 def build(out: Path) -> Path:
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from mlx_grpo import shapes
 
     if (out / "config.json").exists():
         return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=CONFIG["vocab_size"], special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(), trainer)
-    tok.save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "chat_template": CHATML, "model_max_length": 4096,
-        "clean_up_tokenization_spaces": False,
-    }, indent=2) + "\n")
+
+    def tokenizer_files(d: Path) -> None:
+        tok.save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>", "chat_template": CHATML, "model_max_length": 4096,
+            "clean_up_tokenization_spaces": False,
+        }, indent=2) + "\n")
+
     config = {**CONFIG, "bos_token_id": tok.token_to_id("<|endoftext|>"), "eos_token_id": tok.token_to_id("<|im_end|>")}
-    model = shapes.build(config)
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out)
-    return out
+    return shapes.save_model_dir(out, shapes.build(config), config, tokenizer_files)
 
 
 def main() -> None:

@@ -358,7 +358,7 @@ def table(r: Dict[str, Any]) -> str:
     ro, st, mem, bl = r["rollout"], r["step"], r["memory"], r["blas"]
     se = r["settings"]
     lines = [
-        f"model {Path(r['model']).name} ({r['parameters'] / 1e6:.1f}M parameters), {r.get('backend', 'device ' + r['device'])}, "
+        f"model {Path(r['model']).name} ({r['parameters'] / 1e6:.1f}M parameters), {r['backend']}, "
         f"mlx {r['mlx_version']}; P={se['prompts']} prompts x G={se['group_size']}, max_tokens "
         f"{se['max_tokens']}, temperature {se['temperature']}, {se['adapter']} rank {se['rank']}, "
         f"beta {se['beta']}; medians of {se['reps']} rollouts / {se['steps']} steps",

@@ -177,7 +177,7 @@ def shape_table(r: Dict[str, Any]) -> str:
     stored = "as stored" if r["bits"] is None else ("float32" if r["bits"] == 0 else f"{r['bits']}-bit")
     lines = [
         f"shape {r['shape']} ({r['parameters'] / 1e6:.0f}M parameters as loaded; weights {stored} on "
-        f"disk, base {r['base_dtype']} in memory), {r.get('backend', 'device ' + r['device'])}, mlx {r['mlx_version']}; "
+        f"disk, base {r['base_dtype']} in memory), {r['backend']}, mlx {r['mlx_version']}; "
         f"P={se['prompts']} x G={se['group_size']}, {se['max_tokens']} new tokens, {se['adapter']} "
         f"rank {se['rank']}",
         "",

@@ -36,6 +36,7 @@ CORETYPE = "OPENBLAS_CORETYPE"
 AVX512_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
 AVX2_CORES = AVX512_CORES | {"haswell", "zen"}
 AVX512_FLAGS = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+AVX2_FLAGS = {"avx2", "fma"}
 HINT = (
     "MLX's CPU backend is using its bundled reference BLAS (slow); for a 5-15x faster CPU run "
     "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread) or set "
@@ -102,7 +103,7 @@ def core_override(detected: Optional[str], flags: set) -> Optional[str]:
         return None
     if AVX512_FLAGS <= flags and detected not in AVX512_CORES:
         return "SkylakeX"
-    if {"avx2", "fma"} <= flags and detected not in AVX2_CORES:
+    if AVX2_FLAGS <= flags and detected not in AVX2_CORES:
         return "Haswell"
     return None
 

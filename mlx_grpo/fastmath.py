@@ -10,8 +10,7 @@ element-wise kernels of multiplies and adds (``benchmarks/fastmath_step.py`` mea
   about fifty more architectures, with its gradient written out;
 - ``use_fast_mlps(model)``: gives a loaded model's gated MLPs that ``swiglu`` (each module's
   class swapped for a subclass with the same parameters, after a one-off check that it computes
-  what the original does), so the adapters and saved files do not change.
-
+  what the original does), so the adapters and saved files do not change;
 - ``logsumexp``: the vocabulary's log-sum-exp where nothing is differentiated (every decode
   step, the reference and old-policy passes: blocks marked ``eager()``) through NumPy, whose
   ``exp`` is vectorised: 78M logits (8 rows x 64 positions x Qwen's 151,936) take 0.26 s

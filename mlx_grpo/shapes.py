@@ -13,7 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -96,17 +96,27 @@ def shape_dir(name: str, bits: int = 4, layers: Optional[int] = None, root: Opti
     out = (root or cache_root()) / f"shape-{tag}"
     if (out / "config.json").exists():
         return out
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for name_ in TOKENIZER_FILES:
-        (tmp / name_).write_bytes((Path(EMBEDDED_MODEL) / name_).read_bytes())
     model = build(config)
     if bits:
         from mlx_lm.utils import quantize_model
 
         model, config = quantize_model(model, config, group_size=64, bits=bits)
+
+    def embedded_tokenizer(d: Path) -> None:
+        for name_ in TOKENIZER_FILES:
+            (d / name_).write_bytes((Path(EMBEDDED_MODEL) / name_).read_bytes())
+
+    return save_model_dir(out, model, config, embedded_tokenizer)
+
+
+def save_model_dir(out: Path, model: nn.Module, config: Dict[str, Any], tokenizer: Callable[[Path], None]) -> Path:
+    """Write ``model`` (safetensors), its ``config`` and the files ``tokenizer(dir)`` writes to
+    ``out`` in the HF/mlx-lm layout, atomically: a half-written model is never found there."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer(tmp)
     mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "mlx"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out)  # atomic: a half-written model is never found
+    os.replace(tmp, out)
     return out
