@@ -47,9 +47,10 @@ def process_peak_reset() -> None:
 
 
 def process_peak() -> Optional[float]:
-    """The process's memory footprint peak since ``process_peak_reset``, bytes: VmHWM on Linux;
-    elsewhere (Metal) MLX's active + cache memory now."""
-    if sys.platform.startswith("linux"):
+    """The process's memory footprint peak since ``process_peak_reset``, bytes: VmHWM on a Linux
+    CPU; on a GPU (Metal, CUDA), where the step's arrays live outside the resident set, MLX's
+    active + cache memory now (the cache keeps the step's freed buffers)."""
+    if sys.platform.startswith("linux") and device_kind() == "cpu":
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return float(line.split()[1]) * 1024

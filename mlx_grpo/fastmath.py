@@ -234,11 +234,17 @@ def eager() -> Iterator[None]:
 NUMPY_MIN_LOGITS = 1 << 18
 
 
+def evaluates(n_logits: int) -> bool:
+    """Would ``logsumexp`` over ``n_logits`` logits here take the NumPy path, which evaluates its
+    input at once (so a caller gains nothing by queueing work ahead of it)?"""
+    return bool(_eager_depth and n_logits >= NUMPY_MIN_LOGITS and on_cpu())
+
+
 def logsumexp(x: mx.array) -> mx.array:
     """``mx.logsumexp(x, axis=-1)`` in float32; within ``eager()`` on the CPU backend and from
     ``NUMPY_MIN_LOGITS`` logits on, through NumPy (see the module docstring), with its gradient.
     Not inside ``mx.compile``."""
     x = x.astype(mx.float32)
-    if not (_eager_depth and x.size >= NUMPY_MIN_LOGITS and on_cpu()):
+    if not evaluates(x.size):
         return mx.logsumexp(x, axis=-1)
     return _lse_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])

@@ -23,6 +23,11 @@ from .decode import COMPACT_FRACTION, DecodeSetupError, EagerDecoder, StaticDeco
 from .forward import batch_cache, body, model_flag, output_head, plain_kv_layers, set_model_flag
 from .prefill import prefill
 
+# Queue each decode step before reading the previous token back (see _decode): None = on a GPU
+# only (on this 2-core CPU it measured 0.91-0.99x, the host's bookkeeping and MLX's worker
+# thread sharing the cores: benchmarks/decode_pipeline.py); True / False force it.
+PIPELINE: Optional[bool] = None
+
 # Set on a model whose static decode step failed to build: it decodes with mlx-lm's caches after.
 STATIC_FAILED = "static_failed"  # the model flag (forward.model_flag) set when compiled decoding failed
 
@@ -251,10 +256,22 @@ def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, tem
     active = np.arange(n_rows)  # row id of each batch slot
     live = np.ones(n_rows, dtype=bool)  # per batch slot: still generating
 
-    logprobs = normalized_logprobs(logits, inv_t)
-    for step in range(cfg.max_tokens):
+    def draw(logprobs: mx.array):
         y = sampler(logprobs)
-        lp = mx.take_along_axis(logprobs, y[:, None], axis=-1)[:, 0]
+        return y, mx.take_along_axis(logprobs, y[:, None], axis=-1)[:, 0]
+
+    # Pipelined like mlx-lm's generate: the next token's step is queued (async_eval) before this
+    # token is read back, so the device decodes while the host keeps the books; the rows this
+    # token finishes ride along once (their output is dropped; each row's own key keeps the draws
+    # the same). Never where the decode step's log-softmax evaluates at once (NumPy's,
+    # fastmath.evaluates): nothing would overlap there, and the last step queued would be wasted.
+    ahead = (not fastmath.on_cpu() if PIPELINE is None else PIPELINE) and not fastmath.evaluates(logits.size)
+    y, lp = draw(normalized_logprobs(logits, inv_t))
+    for step in range(cfg.max_tokens):
+        last = step == cfg.max_tokens - 1
+        if ahead and not last:
+            y_next, lp_next = draw(decoder.step(y))
+            mx.async_eval(y_next, lp_next)
         ys, lps = np.array(y, dtype=np.int64), np.array(lp)
         rows = active[live]
         tokens[rows, step] = ys[live]
@@ -269,15 +286,19 @@ def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, tem
                 done[j] = any(st in tail for st in text_stops)
         truncated[active[done]] = False
         live &= ~done
-        if not live.any() or step == cfg.max_tokens - 1:
+        if not live.any() or last:
             break
+        if not ahead:
+            y_next, lp_next = y, lp
         if len(live) - live.sum() >= min(min_dead, len(live)):
-            idx = np.flatnonzero(live)
-            decoder.keep(mx.array(idx.astype(np.int32)))
-            y, active, live = y[mx.array(idx.astype(np.int32))], active[idx], live[idx]
+            kept = np.flatnonzero(live)
+            idx = mx.array(kept.astype(np.int32))
+            decoder.keep(idx)
+            y_next, lp_next = y_next[idx], lp_next[idx]
+            active, live = active[kept], live[kept]
             if keys is not None:
-                sampler.keep(mx.array(idx.astype(np.int32)))
-        logprobs = decoder.step(y)
+                sampler.keep(idx)
+        y, lp = (y_next, lp_next) if ahead else draw(decoder.step(y_next))
 
     width = max(1, int(lengths.max()))
     tokens, logps = tokens[:, :width], logps[:, :width]

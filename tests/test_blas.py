@@ -122,3 +122,24 @@ def test_a_restarted_process_runs_the_core_type_chosen_for_it():
         assert out.stdout.strip() == chosen.lower()
     else:  # it detected this CPU as well as its flags allow
         assert blas.core_override(out.stdout.strip(), blas.cpu_flags()) is None
+
+
+def test_cuda_kernel_note_only_while_mlx_kernel_cache_is_empty(tmp_path):
+    """MLX's CUDA build compiles kernels on first use (minutes for a real model's first step): the
+    device line says so until MLX's cache under <tmp>/mlx/<version>/ptx holds kernels."""
+    note = blas.cuda_kernel_note("9.9.9", str(tmp_path))
+    assert "first step can take minutes" in note and str(tmp_path / "mlx" / "9.9.9" / "ptx") in note
+    cache = tmp_path / "mlx" / "9.9.9" / "ptx"
+    cache.mkdir(parents=True)
+    assert blas.cuda_kernel_note("9.9.9", str(tmp_path)) == note  # an empty cache compiles too
+    (cache / "gather_float32_int32_1.ptx").write_text("// kernel")
+    assert blas.cuda_kernel_note("9.9.9", str(tmp_path)) == ""
+    assert blas.cuda_kernel_note("1.0.0", str(tmp_path)) != ""  # another MLX version's kernels don't count
+
+
+def test_describe_on_cuda_carries_the_kernel_note(monkeypatch, tmp_path):
+    monkeypatch.setattr(blas, "cpu_backend_in_use", lambda: False)
+    monkeypatch.setattr(blas.sys, "platform", "linux")
+    monkeypatch.setattr(blas.tempfile, "gettempdir", lambda: str(tmp_path))
+    line = blas.describe({})
+    assert "(CUDA)" in line and "first step can take minutes" in line

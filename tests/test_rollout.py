@@ -267,3 +267,47 @@ def test_rollouts_sample_the_temperature_scaled_distribution(model_tok, keyed):
     # The test has the power to see T applied twice (drawing from softmax(logits / T^2)).
     q = np.array(mx.softmax(logits / T**2)).astype(np.float64)
     assert abs((q * logp).sum() - (p * logp).sum()) > 10 * se
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_pipelined_decoding_draws_what_the_step_by_step_loop_draws(model_tok, monkeypatch, static):
+    """Queueing the next decode step before the last token is read back (on by default on a GPU)
+    changes nothing a rollout records: with per-row keys the same tokens, log-probabilities and
+    stops, while rows finish at different steps and are compacted away (static buffer) or
+    dropped at once (mlx-lm's caches)."""
+    from mlx_grpo import rollout
+    from mlx_grpo.rollout import row_keys
+
+    model, tok = model_tok
+    monkeypatch.setattr(rollout, "plain_kv_layers", lambda m: static)
+    cfg = RolloutConfig(group_size=6, max_tokens=16, temperature=1.0, stop=["+"])
+    keys = row_keys(mx.random.key(9), len(PROMPTS), 6)
+    out = {}
+    for on in (True, False):
+        monkeypatch.setattr(rollout, "PIPELINE", on)
+        out[on] = sample_groups(model, tok, PROMPTS, cfg, keys=keys)
+    a, b = out[True], out[False]
+    assert a.texts == b.texts and a.truncated == b.truncated
+    assert np.array_equal(np.array(a.tokens), np.array(b.tokens))
+    assert np.array_equal(np.array(a.mask), np.array(b.mask))
+    assert mx.abs(a.sample_logprobs - b.sample_logprobs).max().item() < tol(1e-5, 1e-2)
+    lengths = np.array(a.mask).sum(axis=1)
+    assert any(not t for t in a.truncated) and lengths.min() < lengths.max()  # rows ended apart
+
+
+def test_pipelining_is_off_where_the_log_softmax_evaluates_at_once(model_tok, monkeypatch):
+    """Where the decode step's log-softmax runs through NumPy (it evaluates its input, so nothing
+    would overlap), the loop never queues a step ahead, even when asked to."""
+    from mlx_grpo import fastmath, rollout
+
+    model, tok = model_tok
+    queued = []
+    monkeypatch.setattr(rollout.mx, "async_eval", lambda *a: queued.append(1))
+    monkeypatch.setattr(rollout, "PIPELINE", True)
+    cfg = RolloutConfig(group_size=2, max_tokens=6, temperature=1.0, stop=[])
+    sample_groups(model, tok, PROMPTS, cfg)
+    assert queued  # asked for and possible: it queues
+    queued.clear()
+    monkeypatch.setattr(fastmath, "evaluates", lambda n: True)
+    sample_groups(model, tok, PROMPTS, cfg)
+    assert not queued
