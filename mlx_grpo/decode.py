@@ -2,11 +2,15 @@
 
 mlx-lm's batched caches grow their key/value buffers and slice them to the current length, so
 every decode step has new shapes and could not reuse a compiled graph. ``StaticKVCache`` instead
-preallocates the whole rollout (prompt + max_tokens positions) once; a step writes its keys at a
-position held in an array (``mx.slice_update``) and attends over the full buffer with a mask that
-hides the slots not yet written and each row's left padding. All shapes stay fixed, so one compiled
-graph (model forward + temperature-scaled logits) serves every step of a rollout; it is traced
-again only when finished rows are compacted away (a new batch size). The log-softmax runs after
+holds a buffer of ``GROW``-slot blocks (up to prompt + max_tokens positions); a step writes its keys
+at a position held in an array (``mx.slice_update``) and attends over the whole buffer with a mask
+that hides the slots not yet written and each row's left padding. Shapes change only when the
+buffer grows by a block, so one compiled graph (model forward + temperature-scaled logits) serves
+``GROW`` steps; it is traced again then, and when finished rows are compacted away (a new batch
+size). Growing by blocks rather than allocating the whole rollout at once matters on the CPU:
+every slot costs each step its share of the attention's softmax and of the buffer's copy
+(measured on the Qwen2.5-0.5B shape, 8 rows: 280 ms a step over 178 slots, ~400 ms over 1,138).
+The log-softmax runs after
 it, through ``fastmath.logsumexp`` (NumPy's vectorised exp on the CPU backend, which cannot run
 inside a compiled graph).
 
@@ -29,6 +33,7 @@ import mlx.nn as nn
 from . import fastmath
 
 COMPACT_FRACTION = 0.25  # compact when this fraction of the batch has finished
+GROW = 256  # slots the key/value buffers grow by (mlx-lm's KVCache grows in the same steps)
 
 
 class DecodeSetupError(RuntimeError):
@@ -95,14 +100,11 @@ class StaticDecoder:
             B = cache[0].keys.shape[0]
             visible = cache[0].visible if cache[0].visible is not None else mx.ones((B, length), dtype=mx.bool_)
             self.shift = length - cache[0].offset  # padding slots per row
-            self.visible = mx.concatenate([visible, mx.ones((B, max_new), dtype=mx.bool_)], axis=1)
-            self.kv: List[mx.array] = []
-            for c in cache:
-                for a in (c.keys, c.values):
-                    _, H, _, D = a.shape
-                    buf = mx.zeros((B, H, length + max_new, D), dtype=a.dtype)
-                    buf[:, :, :length, :] = a
-                    self.kv.append(buf)
+            self.total = length + max_new
+            self.full_visible = mx.concatenate([visible, mx.ones((B, max_new), dtype=mx.bool_)], axis=1)
+            self.kv: List[mx.array] = [a for c in cache for a in (c.keys, c.values)]
+            self.slots = length
+            self._grow()
         except Exception as e:  # a cache layout this decoder does not know
             raise DecodeSetupError(f"{type(e).__name__}: {e}") from e
         n_layers = len(cache)
@@ -117,7 +119,19 @@ class StaticDecoder:
         self._step: Callable = mx.compile(step) if compiled else step
         self._checked = False
 
+    def _grow(self) -> None:
+        """Give the buffers room for the slot this step writes: up to the next multiple of ``GROW``
+        slots (at most prompt + max_tokens), zeros after what is written."""
+        if self.pos < self.slots:
+            return
+        new = min(self.total, (self.pos // GROW + 1) * GROW)
+        self.kv = [mx.concatenate([a, mx.zeros((*a.shape[:2], new - a.shape[2], a.shape[3]), dtype=a.dtype)], axis=2)
+                   for a in self.kv]
+        self.slots = new
+        self.visible = self.full_visible[:, :new]
+
     def step(self, y: mx.array) -> mx.array:
+        self._grow()
         args = (y, mx.array([self.pos], dtype=mx.int32), self.visible, self.shift, *self.kv)
         if self._checked:
             out = self._step(*args)
@@ -134,7 +148,7 @@ class StaticDecoder:
 
     def keep(self, index: mx.array) -> None:
         self.kv = [a[index] for a in self.kv]
-        self.visible = self.visible[index]
+        self.full_visible, self.visible = self.full_visible[index], self.visible[index]
         self.shift = self.shift[index]
 
 

@@ -311,3 +311,36 @@ def test_pipelining_is_off_where_the_log_softmax_evaluates_at_once(model_tok, mo
     monkeypatch.setattr(fastmath, "evaluates", lambda n: True)
     sample_groups(model, tok, PROMPTS, cfg)
     assert not queued
+
+
+def test_a_buffer_grown_block_by_block_decodes_what_one_whole_buffer_does(model_tok, monkeypatch):
+    """The static decoder's key/value buffers grow by ``decode.GROW`` slots (each growth traces the
+    compiled step again): tiny blocks, crossed many times, give the tokens and log-probabilities
+    of one buffer sized for the whole rollout, with rows compacted away in between."""
+    from mlx_grpo import decode, rollout
+    from mlx_grpo.rollout import row_keys
+
+    model, tok = model_tok
+    cfg = RolloutConfig(group_size=4, max_tokens=20, temperature=1.0, stop=["+"])
+    keys = row_keys(mx.random.key(4), len(PROMPTS), 4)
+    seen = []
+    grow = decode.StaticDecoder._grow
+
+    def counting(self):
+        grow(self)
+        seen.append(self.kv[0].shape[2])
+
+    monkeypatch.setattr(decode.StaticDecoder, "_grow", counting)
+    out = {}
+    for block in (3, 10**6):
+        monkeypatch.setattr(decode, "GROW", block)
+        seen.clear()
+        out[block] = sample_groups(model, tok, PROMPTS, cfg, keys=keys)
+        out[block, "sizes"] = sorted(set(seen))
+    small, whole = out[3], out[10**6]
+    assert len(out[3, "sizes"]) >= 3 and all(n % 3 == 0 for n in out[3, "sizes"][:-1])  # it grew, by blocks
+    assert len(out[10**6, "sizes"]) == 1  # prompt + max_tokens at once
+    assert small.texts == whole.texts and small.truncated == whole.truncated
+    assert np.array_equal(np.array(small.tokens), np.array(whole.tokens))
+    assert mx.abs(small.sample_logprobs - whole.sample_logprobs).max().item() < tol(1e-5, 1e-2)
+    assert any(not t for t in small.truncated)  # rows finished: compaction happened in between
