@@ -10,9 +10,8 @@ buffer grows by a block, so one compiled graph (model forward + temperature-scal
 size). Growing by blocks rather than allocating the whole rollout at once matters on the CPU:
 every slot costs each step its share of the attention's softmax and of the buffer's copy
 (measured on the Qwen2.5-0.5B shape, 8 rows: 280 ms a step over 178 slots, ~400 ms over 1,138).
-The log-softmax runs after
-it, through ``fastmath.logsumexp`` (NumPy's vectorised exp on the CPU backend, which cannot run
-inside a compiled graph).
+The log-softmax runs after the compiled graph, through ``fastmath.logsumexp`` (NumPy's vectorised
+exp on the CPU backend, which cannot run inside a compiled graph).
 
 Prompts are prefilled with ``prefill.py`` (their shared prefix once, each prompt once), and their
 keys and values copied into the buffer; the step's mask also hides the padding inside the prompts.
