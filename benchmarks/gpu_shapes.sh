@@ -6,7 +6,9 @@
 # --no-deps --target .device/peer mlx-lm-lora==5.10.2) were copied to /root/stage; this call
 # carries .device/part2 (and .gpu-cache, if an earlier run brought MLX's compiled kernels back:
 # the first step on a bare machine spends minutes compiling them). Everything lands in $OUT (at
-# most 8 files); copy $OUT/ptx-cache.tar.gz to .gpu-cache/ (git-ignored) for the next run.
+# most 8 files); copy $OUT/ptx-cache.tar.gz to .gpu-cache/ (git-ignored) for the next run, on the
+# same GPU architecture only (MLX names its kernels by kernel and shape, not by the chip they were
+# compiled for; the H100 and H200 are both sm_90).
 set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

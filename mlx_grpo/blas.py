@@ -33,6 +33,7 @@ CANDIDATES = [
 ]
 MARKER = "MLX_GRPO_BLAS"  # set on re-exec so it happens at most once
 CORETYPE = "OPENBLAS_CORETYPE"
+PTX_CACHE = "MLX_PTX_CACHE_DIR"  # where MLX's CUDA build keeps the kernels it compiled
 # OpenBLAS's core names (lower case, as openblas_get_corename gives them) by the widest vector
 # instructions their kernels use; a CPU whose flags allow more than the detected core gets more.
 AVX512_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
@@ -184,7 +185,7 @@ def describe(env: Dict[str, str]) -> str:
     if sys.platform == "darwin":
         return f"device {mx.default_device()} (Metal / Accelerate)"
     if not cpu_backend_in_use():
-        return f"device {mx.default_device()} (CUDA)" + cuda_kernel_note(mx.__version__)
+        return f"device {mx.default_device()} (CUDA)" + cuda_kernel_note(mx.__version__, env)
     lib = preloaded(env)
     if lib:
         core = openblas_core(lib)
@@ -193,19 +194,21 @@ def describe(env: Dict[str, str]) -> str:
     return f"device cpu, bundled reference BLAS -- {HINT}"
 
 
-def cuda_kernel_note(version: str, tmp: Optional[str] = None) -> str:
+def cuda_kernel_note(version: str, env: Dict[str, str], tmp: Optional[str] = None) -> str:
     """A warning for the device line when MLX's CUDA kernel cache is empty, else "".
 
-    MLX's CUDA build compiles each kernel with NVRTC on its first use and keeps it under
-    ``<tmp>/mlx/<version>/ptx``. With that cache empty the first GRPO step spends minutes compiling
-    (measured on an H200: 195 s for the first step of a 4-layer Qwen2.5-0.5B shape, 0.5 s for the
-    next, new completion lengths included), which looks like a hang unless it is said.
+    MLX's CUDA build compiles each kernel with NVRTC on its first use and keeps it in
+    ``$MLX_PTX_CACHE_DIR``, by default ``<tmp>/mlx/<version>/ptx``. With that cache empty the first
+    GRPO step spends minutes compiling (measured on an H200: 195 s for the first step of a 4-layer
+    Qwen2.5-0.5B shape, 0.5 s for the next, new completion lengths included), which looks like a
+    hang unless it is said.
     """
-    cache = Path(tmp or tempfile.gettempdir()) / "mlx" / version / "ptx"
+    cache = Path(env.get(PTX_CACHE) or Path(tmp or tempfile.gettempdir()) / "mlx" / version / "ptx")
     try:
         if any(cache.iterdir()):
             return ""
     except OSError:  # no cache yet
         pass
+    keep = "" if env.get(PTX_CACHE) else f"; {PTX_CACHE}=DIR keeps them across reboots"
     return (f"; MLX compiles its CUDA kernels on first use: the first step can take minutes "
-            f"(kept in {cache} for later runs)")
+            f"(kept in {cache} for later runs{keep})")

@@ -126,15 +126,24 @@ def test_a_restarted_process_runs_the_core_type_chosen_for_it():
 
 def test_cuda_kernel_note_only_while_mlx_kernel_cache_is_empty(tmp_path):
     """MLX's CUDA build compiles kernels on first use (minutes for a real model's first step): the
-    device line says so until MLX's cache under <tmp>/mlx/<version>/ptx holds kernels."""
-    note = blas.cuda_kernel_note("9.9.9", str(tmp_path))
+    device line says so until MLX's cache (<tmp>/mlx/<version>/ptx, or $MLX_PTX_CACHE_DIR) holds
+    kernels."""
+    note = blas.cuda_kernel_note("9.9.9", {}, str(tmp_path))
     assert "first step can take minutes" in note and str(tmp_path / "mlx" / "9.9.9" / "ptx") in note
+    assert "MLX_PTX_CACHE_DIR=DIR keeps them" in note
     cache = tmp_path / "mlx" / "9.9.9" / "ptx"
     cache.mkdir(parents=True)
-    assert blas.cuda_kernel_note("9.9.9", str(tmp_path)) == note  # an empty cache compiles too
+    assert blas.cuda_kernel_note("9.9.9", {}, str(tmp_path)) == note  # an empty cache compiles too
     (cache / "gather_float32_int32_1.ptx").write_text("// kernel")
-    assert blas.cuda_kernel_note("9.9.9", str(tmp_path)) == ""
-    assert blas.cuda_kernel_note("1.0.0", str(tmp_path)) != ""  # another MLX version's kernels don't count
+    assert blas.cuda_kernel_note("9.9.9", {}, str(tmp_path)) == ""
+    assert blas.cuda_kernel_note("1.0.0", {}, str(tmp_path)) != ""  # another MLX version's kernels don't count
+    own = tmp_path / "kept"
+    env = {"MLX_PTX_CACHE_DIR": str(own)}
+    note = blas.cuda_kernel_note("9.9.9", env, str(tmp_path))  # MLX reads the variable's directory
+    assert str(own) in note and "keeps them" not in note
+    own.mkdir()
+    (own / "gather_float32_int32_1.ptx").write_text("// kernel")
+    assert blas.cuda_kernel_note("9.9.9", env, str(tmp_path)) == ""
 
 
 def test_describe_on_cuda_carries_the_kernel_note(monkeypatch, tmp_path):
