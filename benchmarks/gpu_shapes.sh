@@ -27,6 +27,8 @@ stage() {  # stage NAME SECONDS COMMAND...: one measurement, its output appended
   timeout "$secs" "$@" >> "$log" 2>&1; echo "=== $name rc=$? in $((SECONDS - t0)) s" >> "$log"
 }
 stage pipeline 60 python benchmarks/decode_pipeline.py --rows 8,128 --max-tokens 64
+# MLX captures CUDA graphs by default; shapes that change every step may make it recapture (a lead, not measured here).
+stage pipeline-nographs 60 env MLX_USE_CUDA_GRAPHS=0 python benchmarks/decode_pipeline.py --rows 8,128 --max-tokens 64
 stage qwen0.5b 200 python cli.py bench --shape qwen2.5-0.5b --out "$OUT/shape_qwen0.5b.json"
 stage peer0.5b 120 env PYTHONPATH=/root/stage/peer python benchmarks/peer_mlx_lm_lora.py --shape qwen2.5-0.5b --steps 3
 stage long1024 80 python benchmarks/long_completions.py --bits 4 --out "$OUT/long_qwen0.5b_4bit.json"
