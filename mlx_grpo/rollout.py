@@ -272,6 +272,7 @@ def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, tem
         if ahead and not last:
             y_next, lp_next = draw(decoder.step(y))
             mx.async_eval(y_next, lp_next)
+        mx.eval(y, lp)  # one evaluation for both (each np.array would wait for its own)
         ys, lps = np.array(y, dtype=np.int64), np.array(lp)
         rows = active[live]
         tokens[rows, step] = ys[live]
