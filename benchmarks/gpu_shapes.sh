@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 log="$OUT/log.txt"
 python -c "import mlx.core" 2>/dev/null || bash .device/part2/install.sh > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
 rm -f "$OUT/install.log"
-ptx=$(python -c "import tempfile, mlx.core as mx; print(f'{tempfile.gettempdir()}/mlx/{mx.__version__}/ptx')")
+ptx=$(python -c "import os, mlx.core as mx; from mlx_grpo import blas; print(blas.cuda_kernel_cache(mx.__version__, dict(os.environ)))")
 if [ -f .gpu-cache/ptx-cache.tar.gz ]; then mkdir -p "$ptx" && tar -C "$ptx" -xzf .gpu-cache/ptx-cache.tar.gz; fi
 echo "MLX kernel cache: $(ls "$ptx" 2>/dev/null | wc -l) kernels at start" >> "$log"
 { python -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__, mx.default_device())"

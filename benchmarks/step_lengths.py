@@ -13,6 +13,7 @@ the lengths given, each step's split printed as it finishes:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -33,7 +34,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from mlx_grpo import blas
-    blas.maybe_reexec(sys.argv, dict(__import__("os").environ))
+
+    blas.maybe_reexec(sys.argv, dict(os.environ))
     from mlx_grpo.bench_shape import shape_session
     from mlx_grpo.shapes import shape_dir
 

@@ -194,16 +194,21 @@ def describe(env: Dict[str, str]) -> str:
     return f"device cpu, bundled reference BLAS -- {HINT}"
 
 
+def cuda_kernel_cache(version: str, env: Dict[str, str], tmp: Optional[str] = None) -> Path:
+    """Where MLX's CUDA build keeps the kernels it compiled: ``$MLX_PTX_CACHE_DIR``, by default
+    ``<tmp>/mlx/<version>/ptx`` (MLX's jit_module)."""
+    return Path(env.get(PTX_CACHE) or Path(tmp or tempfile.gettempdir()) / "mlx" / version / "ptx")
+
+
 def cuda_kernel_note(version: str, env: Dict[str, str], tmp: Optional[str] = None) -> str:
     """A warning for the device line when MLX's CUDA kernel cache is empty, else "".
 
     MLX's CUDA build compiles each kernel with NVRTC on its first use and keeps it in
-    ``$MLX_PTX_CACHE_DIR``, by default ``<tmp>/mlx/<version>/ptx``. With that cache empty the first
-    GRPO step spends minutes compiling (measured on an H200: 195 s for the first step of a 4-layer
-    Qwen2.5-0.5B shape, 0.5 s for the next, new completion lengths included), which looks like a
-    hang unless it is said.
+    ``cuda_kernel_cache``. With that cache empty the first GRPO step spends minutes compiling
+    (measured on an H200: 195 s for the first step of a 4-layer Qwen2.5-0.5B shape, 0.5 s for the
+    next, new completion lengths included), which looks like a hang unless it is said.
     """
-    cache = Path(env.get(PTX_CACHE) or Path(tmp or tempfile.gettempdir()) / "mlx" / version / "ptx")
+    cache = cuda_kernel_cache(version, env, tmp)
     try:
         if any(cache.iterdir()):
             return ""
