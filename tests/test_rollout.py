@@ -344,3 +344,30 @@ def test_a_buffer_grown_block_by_block_decodes_what_one_whole_buffer_does(model_
     assert np.array_equal(np.array(small.tokens), np.array(whole.tokens))
     assert mx.abs(small.sample_logprobs - whole.sample_logprobs).max().item() < tol(1e-5, 1e-2)
     assert any(not t for t in small.truncated)  # rows finished: compaction happened in between
+
+
+def test_a_decode_step_writes_its_keys_into_the_buffers_in_place(model_tok, monkeypatch):
+    """The decoder lets go of its key/value buffers before the compiled step evaluates, so MLX
+    writes the new slot into them (``slice_update`` donates an input nobody else holds) rather than
+    copying every layer's buffer each step. Checked where the log-softmax evaluates inside the
+    step (NumPy's, as on the CPU with a large vocabulary): a copy would hold the buffers twice."""
+    from mlx_grpo import decode, fastmath, rollout
+
+    model, tok = model_tok
+    monkeypatch.setattr(decode, "GROW", 10**6)  # one buffer, large enough to see a copy
+    monkeypatch.setattr(fastmath, "evaluates", lambda n: True)
+    prompt_tokens, left_padding = rollout.left_pad([rollout.encode_prompt(tok, p) for p in PROMPTS], 0)
+    logits, dec = rollout._start_static(model, prompt_tokens, left_padding, 8, 6000, 1.0, True)
+    buffers = sum(a.nbytes for a in dec.kv)
+    assert buffers > 20e6
+    y = mx.argmax(logits, axis=-1)
+    with fastmath.eager():
+        for _ in range(3):  # the first traces and compiles
+            mx.eval(y)
+            mx.synchronize()
+            before = mx.get_active_memory()
+            mx.reset_peak_memory()
+            y = mx.argmax(dec.step(y), axis=-1)
+            mx.eval(y, dec.kv)
+            grew = mx.get_peak_memory() - before
+    assert grew < 0.25 * buffers, (grew, buffers)
