@@ -4,7 +4,10 @@ A shape is a release's exact configuration (layers, hidden size, heads, KV heads
 vocabulary, tied embeddings, RoPE settings), so every matmul, cache and logits tensor has the size
 the released model gives it; the weights are random and the tokenizer is the embedded model's
 (its ids are a subset of the vocabulary), because the cost sits in the shapes, not in the values.
-Built once and cached outside the repository, 4-bit by default like the mlx-community releases.
+Built once and cached outside the repository, 4-bit by default like the mlx-community releases,
+and converted the way those are: the float weights cast to the release's bfloat16 first, so the
+scales, norms and activations are bfloat16 on Metal and CUDA (on the CPU ``float_base.py`` gives
+the base float32 weights either way). ``--bits 0`` keeps every weight in float32.
 """
 
 from __future__ import annotations
@@ -58,12 +61,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-grpo"
 
 
-def shape_config(name: str, layers: Optional[int] = None) -> Dict[str, Any]:
+def shape_config(name: str, layers: Optional[int] = None, dtype: str = "float32") -> Dict[str, Any]:
     """The HF config.json of shape ``name`` (``layers`` overrides the depth, for measurements)."""
     if name not in SHAPES:
         raise ShapeError(f"--shape: unknown shape {name!r} (known: {', '.join(SHAPES)})")
     config = {**SHAPES[name], "architectures": ["Qwen2ForCausalLM" if name.startswith("qwen") else "LlamaForCausalLM"],
-              "bos_token_id": 2, "eos_token_id": 3, "torch_dtype": "float32"}
+              "bos_token_id": 2, "eos_token_id": 3, "torch_dtype": dtype}
     if layers is not None:
         config["num_hidden_layers"] = layers
     return config
@@ -88,11 +91,13 @@ def build(config: Dict[str, Any], seed: int = 0) -> nn.Module:
 
 def shape_dir(name: str, bits: int = 4, layers: Optional[int] = None, root: Optional[Path] = None) -> Path:
     """Build (once, cached under ~/.cache/mlx-grpo) shape ``name`` with ``bits``-bit weights (0:
-    float32) in the HF/mlx-lm layout; returns its directory."""
+    float32; 4 or 8: quantized from bfloat16, with bfloat16 scales and norms, as mlx-lm converts a
+    release) in the HF/mlx-lm layout; returns its directory."""
     if bits not in (0, 4, 8):
         raise ShapeError(f"--bits: must be 0 (float32), 4 or 8, got {bits}")
-    config = shape_config(name, layers)
-    tag = f"{name}-{'fp32' if bits == 0 else f'{bits}bit'}" + (f"-{layers}layers" if layers else "")
+    config = shape_config(name, layers, "bfloat16" if bits else "float32")
+    # "-bf16": the directories of earlier versions held 4-bit weights with float32 scales.
+    tag = f"{name}-{'fp32' if bits == 0 else f'{bits}bit-bf16'}" + (f"-{layers}layers" if layers else "")
     out = (root or cache_root()) / f"shape-{tag}"
     if (out / "config.json").exists():
         return out
@@ -100,6 +105,7 @@ def shape_dir(name: str, bits: int = 4, layers: Optional[int] = None, root: Opti
     if bits:
         from mlx_lm.utils import quantize_model
 
+        model.set_dtype(mx.bfloat16)
         model, config = quantize_model(model, config, group_size=64, bits=bits)
 
     def embedded_tokenizer(d: Path) -> None:

@@ -32,6 +32,29 @@ def test_unknown_shape_and_bits_name_the_choices(tmp_path):
         shape_dir("qwen2.5-0.5b", bits=3, root=tmp_path)
 
 
+def test_a_4bit_shape_is_converted_as_mlx_lm_converts_a_bfloat16_release(tmp_path):
+    """Quantized from bfloat16: packed weights, bfloat16 scales, biases and norms (so Metal and
+    CUDA run it in bfloat16, as a real mlx-community 4-bit model), loadable through mlx-lm."""
+    import json
+
+    import mlx.core as mx
+
+    from mlx_grpo.config import ModelConfig
+    from mlx_grpo.models import load_model
+
+    path = shape_dir("qwen2.5-0.5b", bits=4, layers=1, root=tmp_path)
+    assert path.name == "shape-qwen2.5-0.5b-4bit-bf16-1layers"
+    config = json.loads((path / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["quantization"]["bits"] == 4
+    weights = mx.load(str(path / "model.safetensors"))
+    assert {str(v.dtype) for v in weights.values()} == {"mlx.core.uint32", "mlx.core.bfloat16"}
+    assert weights["model.layers.0.mlp.down_proj.scales"].dtype == mx.bfloat16
+    model, _ = load_model(ModelConfig(path=str(path), float_base=False))
+    out = model(mx.array([[1, 2, 3]]))
+    assert out.dtype == mx.bfloat16 and out.shape == (1, 3, 151936)
+    assert bool(mx.isfinite(out.astype(mx.float32)).all())
+
+
 def test_per_token_times_compare_the_first_and_last_tenth():
     times = [0.0]
     for i in range(100):  # each gap 1 ms, growing to 2 ms by the end
