@@ -134,20 +134,20 @@ class StaticDecoder:
 
     def step(self, y: mx.array) -> mx.array:
         self._grow()
-        kv, self.kv = self.kv, []
-        out = self._call(y, mx.array([self.pos], dtype=mx.int32), kv)
+        out = self._call(y, mx.array([self.pos], dtype=mx.int32))
         self.kv = list(out[1:])
         self.pos += 1
         return log_softmax(out[0])
 
-    def _call(self, y: mx.array, pos: mx.array, kv: List[mx.array]) -> tuple:
-        """The compiled step on ``kv``, which the caller has let go of: no reference but the graph's
-        is left to the old buffers, so ``slice_update`` writes into them in place (MLX donates an
+    def _call(self, y: mx.array, pos: mx.array) -> tuple:
+        """The compiled step on the buffers, which the decoder lets go of first: no reference but
+        the graph's is left to them, so ``slice_update`` writes into them in place (MLX donates an
         input nobody else holds) instead of copying every layer's buffer each step, which it did
         where the log-softmax evaluates inside ``step()`` (float32 Qwen2.5-0.5B shape, 8 rows x
-        512 tokens: 1.12x, ``benchmarks/decode_grow.py --compare in-place``)."""
-        args = (y, pos, self.visible, self.shift, *kv)
-        kv.clear()
+        512 tokens: 1.12x, ``benchmarks/decode_grow.py --compare in-place``). The caller puts the
+        step's output buffers back."""
+        args = (y, pos, self.visible, self.shift, *self.kv)
+        self.kv = []
         if self._checked:
             return self._step(*args)
         try:  # the first call traces and compiles: an error here means this model doesn't fit
