@@ -21,6 +21,14 @@ def model_tok(small_model_dir):
 PROMPTS = ["What is 3 + 4 ?", "tags : <think> </think> What is 1 + 2 ? <think>", "5 + 5 ="]
 
 
+def assert_same_rollouts(a, b) -> None:
+    """Two rollouts record the same thing: texts, stops, tokens, masks and log-probabilities."""
+    assert a.texts == b.texts and a.truncated == b.truncated
+    assert np.array_equal(np.array(a.tokens), np.array(b.tokens))
+    assert np.array_equal(np.array(a.mask), np.array(b.mask))
+    assert mx.abs(a.sample_logprobs - b.sample_logprobs).max().item() < tol(1e-5, 1e-2)
+
+
 def test_greedy_batch_equals_mlx_lm_one_at_a_time(model_tok):
     model, tok = model_tok
     cfg = RolloutConfig(group_size=2, max_tokens=12, temperature=0.0, stop=[])
@@ -287,10 +295,7 @@ def test_pipelined_decoding_draws_what_the_step_by_step_loop_draws(model_tok, mo
         monkeypatch.setattr(rollout, "PIPELINE", on)
         out[on] = sample_groups(model, tok, PROMPTS, cfg, keys=keys)
     a, b = out[True], out[False]
-    assert a.texts == b.texts and a.truncated == b.truncated
-    assert np.array_equal(np.array(a.tokens), np.array(b.tokens))
-    assert np.array_equal(np.array(a.mask), np.array(b.mask))
-    assert mx.abs(a.sample_logprobs - b.sample_logprobs).max().item() < tol(1e-5, 1e-2)
+    assert_same_rollouts(a, b)
     lengths = np.array(a.mask).sum(axis=1)
     assert any(not t for t in a.truncated) and lengths.min() < lengths.max()  # rows ended apart
 
@@ -340,9 +345,7 @@ def test_a_buffer_grown_block_by_block_decodes_what_one_whole_buffer_does(model_
     small, whole = out[3], out[10**6]
     assert len(out[3, "sizes"]) >= 3 and all(n % 3 == 0 for n in out[3, "sizes"][:-1])  # it grew, by blocks
     assert len(out[10**6, "sizes"]) == 1  # prompt + max_tokens at once
-    assert small.texts == whole.texts and small.truncated == whole.truncated
-    assert np.array_equal(np.array(small.tokens), np.array(whole.tokens))
-    assert mx.abs(small.sample_logprobs - whole.sample_logprobs).max().item() < tol(1e-5, 1e-2)
+    assert_same_rollouts(small, whole)
     assert any(not t for t in small.truncated)  # rows finished: compaction happened in between
 
 
