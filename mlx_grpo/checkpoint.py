@@ -37,7 +37,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import Config, ConfigError, make_config, save_config
 from .errors import UserError, first_line
-from .models import check_finite, save_adapters
+from .models import check_finite, model_dir, save_adapters
 from .rundir import ADAPTERS, CHECKPOINTS, CONFIG, LOGS
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -144,7 +144,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_adapters(model, tmp, cfg.adapter, cfg.model.path)
+        save_adapters(model, tmp, cfg.adapter, model_dir(cfg.model))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
         save_config(cfg, tmp / CONFIG)
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")

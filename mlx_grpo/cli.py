@@ -31,6 +31,7 @@ from .rundir import check_output_file
 # Command-line flags that are shortcuts for config keys (flag name -> dotted key).
 TRAIN_FLAGS = {
     "model": "model.path",
+    "gguf_file": "model.gguf_file",
     "output": "output.dir",
     "steps": "train.steps",
     "seed": "train.seed",
@@ -108,7 +109,8 @@ def main() -> None:
 @click.option("--output", type=str, default=None, help="Run directory [output.dir].")
 @click.option("--steps", type=int, default=None, help="GRPO steps [train.steps].")
 @click.option("--seed", type=int, default=None, help="Random seed [train.seed].")
-@click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path].")
+@click.option("--model", type=str, default=None, help="Hub id, local model directory or .gguf file [model.path].")
+@click.option("--gguf-file", type=str, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file].")
 @click.option("--data", type=str, default=None, help="JSONL data file; sets data.task=jsonl [data.path].")
 @click.option("--task", type=str, default=None, help=f"{' | '.join(TASK_REWARDS)} [data.task].")
 @click.option("--prompt-format", type=str, default=None, help=key_help("prompt.kind"))
@@ -195,8 +197,8 @@ def reported(debug: bool):
 
 
 def model_config(
-    config_path: Optional[str], run_dir: Optional[str], model: Optional[str], adapter: Optional[str],
-    overrides: List[Tuple[str, Any]], sets: Tuple[str, ...],
+    config_path: Optional[str], run_dir: Optional[str], model: Optional[str], gguf_file: Optional[str],
+    adapter: Optional[str], overrides: List[Tuple[str, Any]], sets: Tuple[str, ...],
 ) -> Tuple[Any, Optional[str]]:
     """The Config and adapter directory for commands that use a model: a run directory supplies
     its own config and adapters; --model, the given overrides and --set come on top."""
@@ -213,6 +215,8 @@ def model_config(
     pairs: List[Tuple[str, Any]] = [("output.overwrite", True)]
     if model:
         pairs.append(("model.path", model))
+    if gguf_file:
+        pairs.append(("model.gguf_file", gguf_file))
     pairs += overrides + [parse_set(x) for x in sets]
     return make_config(config_path, pairs), adapter
 
@@ -222,7 +226,8 @@ def model_options(f):
     for opt in reversed([
         click.option("--config", "config_path", type=str, default=None, help="YAML config (task, prompt, rollout)."),
         click.option("--run", "run_dir", type=str, default=None, help="A run directory: its config and adapters."),
-        click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path]."),
+        click.option("--model", type=str, default=None, help="Hub id, local model directory or .gguf file [model.path]."),
+        click.option("--gguf-file", type=str, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file]."),
         click.option("--adapter", type=str, default=None, help="Adapter directory (adapters.safetensors)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
@@ -241,7 +246,7 @@ def model_options(f):
 @click.option("--max-tokens", type=int, default=None, help="[rollout.max_tokens]")
 @click.option("--compare-base", is_flag=True, help="Also evaluate the base model (adapters off), side by side.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(config_path, run_dir, model, adapter, sets, debug, task, data, limit, samples, temperature,
+def eval_cmd(config_path, run_dir, model, gguf_file, adapter, sets, debug, task, data, limit, samples, temperature,
              max_tokens, compare_base, as_json):
     """Held-out accuracy (greedy, strict and lenient), pass@k, format, rewards and length."""
     with reported(debug):
@@ -256,7 +261,7 @@ def eval_cmd(config_path, run_dir, model, adapter, sets, debug, task, data, limi
             overrides += [("rollout.max_tokens", max_tokens), ("output.eval_max_tokens", max_tokens)]
         if temperature is not None:  # checked by the config like train's (>= 0, finite)
             overrides.append(("rollout.temperature", temperature))
-        cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
+        cfg, adapter = model_config(config_path, run_dir, model, gguf_file, adapter, overrides, sets)
         from .evaluate import evaluate_config
 
         results = evaluate_config(cfg, adapter, limit, compare_base, samples, temperature)
@@ -289,7 +294,7 @@ def eval_cmd(config_path, run_dir, model, adapter, sets, debug, task, data, limi
 @click.option("--samples", "-k", type=click.IntRange(min=1), default=1, help="Completions to sample.")
 @click.option("--temperature", type=float, default=None, help="[rollout.temperature]; 0: greedy.")
 @click.option("--max-tokens", type=int, default=None, help="[rollout.max_tokens]")
-def generate(config_path, run_dir, model, adapter, sets, debug, question, template, samples, temperature, max_tokens):
+def generate(config_path, run_dir, model, gguf_file, adapter, sets, debug, question, template, samples, temperature, max_tokens):
     """Print completions of one prompt, with the template used in training (one sample streams)."""
     with reported(debug):
         overrides: List[Tuple[str, Any]] = []
@@ -299,7 +304,7 @@ def generate(config_path, run_dir, model, adapter, sets, debug, question, templa
             overrides.append(("rollout.max_tokens", max_tokens))
         if temperature is not None:  # checked by the config like train's (>= 0, finite)
             overrides.append(("rollout.temperature", temperature))
-        cfg, adapter = model_config(config_path, run_dir, model, adapter, overrides, sets)
+        cfg, adapter = model_config(config_path, run_dir, model, gguf_file, adapter, overrides, sets)
         from .generate import generate as run_generate
         from .policy import load_policy
 
@@ -357,6 +362,7 @@ def runs(root, as_json):
 @click.option("--rewards", "reward_list", type=str, default=None,
               help="Comma-separated rewards, each optionally =weight (default: the config's or task's).")
 @click.option("--model", type=str, default=None, help="Sample the completions from this model first [model.path].")
+@click.option("--gguf-file", type=str, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file].")
 @click.option("--adapter", type=str, default=None, help="Adapter directory for --model.")
 @click.option("--task", type=str, default=None, help="Task whose training prompts are sampled [data.task].")
 @click.option("--samples", type=int, default=None, help="With --model: how many prompts to sample.")
@@ -368,7 +374,7 @@ def runs(root, as_json):
 @click.option("--top", type=int, default=3, show_default=True, help="Worst and best examples to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def reward_cmd(completions_path, reward_list, model, adapter, task, samples, group_size, max_tokens,
+def reward_cmd(completions_path, reward_list, model, gguf_file, adapter, task, samples, group_size, max_tokens,
                config_path, sets, out_path, top, as_json, debug):
     """Score completions with rewards, without training: per-reward statistics, correlations,
     worst and best examples. From a file (--completions) or sampled (--model --samples N)."""
@@ -381,7 +387,7 @@ def reward_cmd(completions_path, reward_list, model, adapter, task, samples, gro
             bad = ("--group-size", "at least 1", group_size) if group_size < 1 else ("--top", ">= 0", top)
             raise ConfigError(f"{bad[0]}: must be {bad[1]}, got {bad[2]}")
         overrides: List[Tuple[str, Any]] = [("output.overwrite", True)]
-        overrides += [(k, v) for k, v in (("model.path", model), ("data.task", task),
+        overrides += [(k, v) for k, v in (("model.path", model), ("model.gguf_file", gguf_file), ("data.task", task),
                                           ("rollout.max_tokens", max_tokens)) if v is not None]
         overrides += [parse_set(x) for x in sets]
         cfg = make_config(config_path, overrides)

@@ -55,8 +55,13 @@ TASK_REWARDS: Dict[str, Dict[str, float]] = {
 
 @dataclass
 class ModelConfig:
-    path: str = EMBEDDED_MODEL  # a Hub id (e.g. mlx-community/Qwen2.5-0.5B-Instruct-4bit) or a local dir
+    path: str = EMBEDDED_MODEL  # a Hub id (e.g. mlx-community/Qwen2.5-0.5B-Instruct-4bit), a local dir or a .gguf file
     revision: Optional[str] = None
+    # A GGUF file inside the Hub repository ``path`` (e.g. path: bartowski/SmolLM2-135M-Instruct-GGUF,
+    # gguf_file: SmolLM2-135M-Instruct-Q8_0.gguf); converted once into an MLX directory (gguf_convert.py).
+    gguf_file: Optional[str] = None
+    # Where converted GGUF models are kept; None: ~/.cache/mlx-grpo/gguf (under $XDG_CACHE_HOME if set).
+    gguf_cache: Optional[str] = None
     trust_remote_code: bool = False
     # KL reference: None means the policy itself with its adapters switched off (no second copy).
     reference: Optional[str] = None
@@ -165,6 +170,10 @@ class GRPOConfig:
     beta: float = 0.04  # KL coefficient (k3 estimator), DeepSeekMath's; 0 disables the reference pass
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
     epsilon_high: Optional[float] = None  # upper clip (DAPO's clip-higher); None: epsilon
+    # Bound on each token's k3 KL estimate (verl's low-variance KL clamps at 10): a token the
+    # reference almost never emits otherwise gives KL in the hundreds and one step's gradient is
+    # all KL. None: unbounded (the formula as published).
+    kl_clamp: Optional[float] = 10.0
     num_iterations: int = 1  # mu: updates per batch of rollouts (clipping acts when > 1)
     loss_type: LossType = "grpo"
     importance_sampling: ImportanceSampling = "token"
@@ -331,6 +340,7 @@ def validate(cfg: Config) -> Config:
         ("grpo.beta", cfg.grpo.beta >= 0, "must be >= 0"),
         ("grpo.epsilon", cfg.grpo.epsilon > 0, "must be > 0"),
         ("grpo.epsilon_high", cfg.grpo.epsilon_high is None or cfg.grpo.epsilon_high > 0, "must be > 0"),
+        ("grpo.kl_clamp", cfg.grpo.kl_clamp is None or cfg.grpo.kl_clamp > 0, "must be > 0 (null: unbounded)"),
         ("grpo.num_iterations", cfg.grpo.num_iterations >= 1, "must be at least 1"),
         ("grpo.dynamic_sampling_max_draws", cfg.grpo.dynamic_sampling_max_draws >= 1, "must be at least 1"),
         ("train.steps", cfg.train.steps >= 0, "must be >= 0"),

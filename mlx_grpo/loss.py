@@ -3,7 +3,7 @@
 Per token (DeepSeekMath, section 4.1), with rho = pi_theta / pi_old:
 
     l = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3
-    KL_k3 = exp(ref - logp) - (ref - logp) - 1
+    KL_k3 = min(exp(ref - logp) - (ref - logp) - 1, kl_clamp)
 
 rho is taken against the log-probabilities of the policy that generated the rollouts. With one
 update per batch (num_iterations = 1) that policy *is* the current one, so rho = 1 numerically and
@@ -82,10 +82,13 @@ def counted_tokens(lengths: np.ndarray, truncated: np.ndarray, cfg: GRPOConfig) 
     return float(lengths.sum())
 
 
-def k3_kl(logp: mx.array, ref_logp: mx.array) -> mx.array:
-    """Per-token unbiased, non-negative estimate of KL(pi_theta || pi_ref) (Schulman's k3)."""
+def k3_kl(logp: mx.array, ref_logp: mx.array, clamp: Optional[float] = None) -> mx.array:
+    """Per-token unbiased, non-negative estimate of KL(pi_theta || pi_ref) (Schulman's k3),
+    at most ``clamp`` when given (verl's low-variance KL: beyond the bound a token's KL term is
+    constant, so it adds no gradient and cannot swamp the step)."""
     d = ref_logp - logp
-    return mx.exp(d) - d - 1.0
+    kl = mx.exp(d) - d - 1.0
+    return kl if clamp is None else mx.minimum(kl, clamp)
 
 
 def reduce_loss(per_token: mx.array, mask: mx.array, loss_type: str, norm: Normalizer) -> mx.array:
@@ -134,7 +137,7 @@ def grpo_loss(
     per_token = -mx.minimum(unclipped, clipped)
     kl = None
     if ref_logp is not None and cfg.beta > 0:
-        kl = k3_kl(logp, ref_logp)
+        kl = k3_kl(logp, ref_logp, cfg.kl_clamp)
         per_token = per_token + cfg.beta * kl
     loss = reduce_loss(per_token, mask, cfg.loss_type, norm)
 

@@ -23,6 +23,7 @@ from .config import AdapterConfig, ConfigError, ModelConfig
 from .errors import RunFault, UserError, first_line
 from .fastmath import use_fast_mlps
 from .float_base import float_base
+from .gguf_convert import is_gguf
 from .preflight import available_memory
 from .rundir import ADAPTER_CONFIG, ADAPTERS
 
@@ -42,18 +43,41 @@ def check_finite(arrays: Dict[str, mx.array], what: str) -> None:
             raise NonFiniteError(f"{what}: {name} holds NaN or infinite values; not saved")
 
 
+def model_dir(cfg: ModelConfig, path: Optional[str] = None, say: Optional[Callable[[str], None]] = None) -> str:
+    """What mlx-lm loads for ``path`` (default ``cfg.path``): a Hub id or directory as given; for a
+    GGUF file (``*.gguf``, or ``cfg.gguf_file`` in the Hub repository ``path``) the MLX directory
+    it is converted into once (``gguf_convert.py``). Adapter configs name this, so mlx-lm finds
+    the model the adapters were trained on."""
+    target = path or cfg.path
+    from_hub = cfg.gguf_file and not path  # a separate reference model is never the GGUF repo's file
+    if not (from_hub or is_gguf(target)):
+        return target
+    key = (target, cfg.gguf_file if from_hub else None, cfg.revision, cfg.gguf_cache)
+    if key not in _converted:  # once per process: each checkpoint names it, and hashing takes seconds
+        from .gguf_convert import converted_dir, hub_file
+
+        src = hub_file(target, cfg.gguf_file, cfg.revision) if from_hub else Path(target)
+        cache = Path(cfg.gguf_cache).expanduser() if cfg.gguf_cache else None
+        _converted[key] = str(converted_dir(src, cache, say))
+    return _converted[key]
+
+
+_converted: Dict[Tuple[Any, ...], str] = {}
+
+
 def load_model(cfg: ModelConfig, path: Optional[str] = None,
-               say: Callable[[str], None] = lambda _: None) -> Tuple[nn.Module, Any]:
+               say: Optional[Callable[[str], None]] = None) -> Tuple[nn.Module, Any]:
     """Load (model, tokenizer) with mlx-lm's own loader, exactly as for a Hub model.
 
-    ``path`` defaults to ``cfg.path``. A local directory is used as is; anything else is treated as
-    a Hub id and downloaded (or taken from the Hugging Face cache) by mlx-lm. On MLX's CPU backend
+    ``path`` defaults to ``cfg.path``. A local directory is used as is; a GGUF file is converted
+    first (``model_dir``); anything else is treated as a Hub id and downloaded (or taken from the
+    Hugging Face cache) by mlx-lm. On MLX's CPU backend
     a quantized or half-precision base becomes float32 when it fits (``float_base.py``; ``say``
     gets the one line about it).
     """
     from mlx_lm.utils import load
 
-    target = path or cfg.path
+    target = model_dir(cfg, path, say)
     local = Path(target).expanduser()
     looks_local = local.exists() or target.startswith((".", "/", "~")) or target.count("/") > 1
     if looks_local and not (local / "config.json").is_file():
@@ -68,7 +92,7 @@ def load_model(cfg: ModelConfig, path: Optional[str] = None,
     except Exception as e:  # no network, unknown architecture, bad weights: one line, named
         first = first_line(e)
         raise ModelLoadError(f"model.path: cannot load {target}: {first}") from None
-    float_base(model, cfg.float_base, available_memory(), say)
+    float_base(model, cfg.float_base, available_memory(), say or (lambda _: None))
     if cfg.fast_mlp:
         use_fast_mlps(model)
     return model, tokenizer

@@ -44,7 +44,7 @@ class Policy:
 
 def load_policy(
     cfg: Config,
-    say: Callable[[str], None] = lambda _: None,
+    say: Optional[Callable[[str], None]] = None,
     adapter_dir: Optional[str] = None,
     training: bool = True,
 ) -> Policy:

@@ -39,7 +39,7 @@ from .evaluate import evaluate_held_out
 from .fit import fit_micro_batch
 from .forward import enable_grad_checkpoint
 from .interrupts import Interrupted, stop_on_signals
-from .models import NonFiniteError, save_adapters
+from .models import NonFiniteError, model_dir, save_adapters
 from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
 from .policy import Policy, load_policy
 from .rundir import ADAPTERS, CONFIG, check_run_dir, log_sizes, prepare_run_dir, resume_run_dir, write_summary
@@ -208,7 +208,7 @@ def finish(run: Run) -> Dict[str, Any]:
         return {}
     cfg, state, out = run.cfg, run.state, run.out
     if state.step == 0:  # a run of no steps: the last step's checkpoint would have written them
-        save_adapters(run.policy.model, out, cfg.adapter, cfg.model.path)
+        save_adapters(run.policy.model, out, cfg.adapter, model_dir(cfg.model))
     if cfg.train.steps:
         state.eval_end = evaluate(run, cfg.train.steps, announce=False)
     run.log.close()
@@ -226,7 +226,7 @@ def finish(run: Run) -> Dict[str, Any]:
     write_summary(out, summary)
     if state.eval_start and state.eval_end:
         run.say("held-out, before -> after: " + compare_line(state.eval_start, state.eval_end))
-    run.say(f"adapters saved in {out} (load with: mlx_lm.generate --model {cfg.model.path} --adapter-path {out})")
+    run.say(f"adapters saved in {out} (load with: mlx_lm.generate --model {model_dir(cfg.model)} --adapter-path {out})")
     return summary
 
 
@@ -259,7 +259,7 @@ def save(run: Run) -> Path:
     state.seconds = run.seconds_before + time.perf_counter() - run.started
     state.log_sizes = log_sizes(run.out)
     path = save_checkpoint(run.out, run.policy.model, run.opt, run.cfg, state)
-    save_adapters(run.policy.model, run.out, run.cfg.adapter, run.cfg.model.path)
+    save_adapters(run.policy.model, run.out, run.cfg.adapter, model_dir(run.cfg.model))
     return path
 
 

@@ -114,3 +114,38 @@ def test_micro_batches_add_up_to_full_batch(batch):
 def test_reduce_rejects_unknown_type():
     with pytest.raises(ValueError):
         reduce_loss(mx.ones((1, 1)), mx.ones((1, 1)), "nope", Normalizer(1, 1, 1))
+
+
+def test_k3_kl_bound_is_the_formula_inside_and_the_bound_outside():
+    rng = np.random.default_rng(3)
+    logp = rng.normal(-3, 1, 400).astype(np.float32)
+    d = np.concatenate([rng.normal(0, 1, 200), rng.uniform(3, 12, 200)]).astype(np.float32)
+    ref = logp + d
+    raw = np.exp(d) - d - 1  # up to ~160,000: a token the reference gives far more mass than the policy
+    got = np.array(k3_kl(mx.array(logp), mx.array(ref), 10.0))
+    inside = raw <= 10.0
+    assert inside.any() and (~inside).any()
+    np.testing.assert_allclose(got[inside], raw[inside], rtol=1e-5, atol=1e-6)
+    assert (got[~inside] == 10.0).all()
+    np.testing.assert_allclose(np.array(k3_kl(mx.array(logp), mx.array(ref))), raw, rtol=1e-5, atol=1e-5)
+
+
+def test_the_bounded_kl_adds_no_gradient_beyond_the_bound_and_the_formulas_within():
+    logp = mx.array([[-1.0, -9.0]])
+    ref = mx.array([[-1.5, -1.0]])  # token 2: log-ratio 8, k3 = e^8 - 9, far past 10
+    mask, adv = mx.ones((1, 2)), mx.zeros((1,))
+    norm = Normalizer.of(mask, 2)
+
+    def grad(clamp):
+        cfg = GRPOConfig(beta=1.0, loss_type="dapo", kl_clamp=clamp)
+        return np.array(mx.grad(lambda lp: grpo_loss(lp, None, ref, mask, adv, cfg, norm)[0])(logp))
+
+    bounded, unbounded = grad(10.0), grad(None)
+    d = np.array([-0.5, 8.0])
+    want = -(np.exp(d) - 1) / 2  # d/dlogp of (e^d - d - 1), over 2 tokens
+    np.testing.assert_allclose(unbounded[0], want, rtol=1e-5)
+    np.testing.assert_allclose(bounded[0, 0], want[0], rtol=1e-5)
+    assert bounded[0, 1] == 0.0
+    cfg = GRPOConfig(beta=1.0, loss_type="dapo")
+    _, stats = grpo_loss(logp, None, ref, mask, adv, cfg, norm)
+    assert stats["kl"].item() == pytest.approx((np.exp(-0.5) + 0.5 - 1 + 10.0) / 2, rel=1e-5)
