@@ -1,7 +1,10 @@
 """Tripwires: warnings, never stops, for a run that is not learning or learns the wrong thing.
 
-Three signs, each checked on the records the run writes anyway:
+Four signs, each checked on the records the run writes anyway:
 
+- a flat start: every group had equal rewards in each of the first ``START_STEPS`` steps (the
+  loss is zero: nothing to learn from), said with the rewards that paid nothing, minutes before
+  the flat-groups sign below (a real model's step takes tens of seconds on a laptop);
 - flat groups: more than ``FLAT_SHARE`` of the groups had equal rewards for ``FLAT_STEPS``
   steps in a row, so almost no row carries a policy gradient;
 - a still model: at step ``STILL_AFTER``, or later until it has moved, a gradient norm that has
@@ -25,6 +28,7 @@ from mlx.utils import tree_flatten
 
 FLAT_SHARE = 0.9
 FLAT_STEPS = 10
+START_STEPS = 3
 STILL_AFTER = 3  # step 1 of LoRA can have a zero gradient for some arrays; three cannot
 REWARD_WINDOW = 10  # training steps averaged on each side of the reward comparison
 ACCURACY_DROP = 0.05  # held-out accuracy this far below its best...
@@ -46,6 +50,9 @@ class Tripwires:
         self.weights = weights  # the model's fingerprint now (None: not watched)
         self.start = weights() if weights is not None else None
         self.flat_streak = 0
+        self.seen = 0  # steps watched by this process (a resumed run starts again)
+        self.flat_start = True
+        self.never_paid: Optional[set] = None  # rewards whose mean was 0 at every step so far
         self.still_warned = False
         self.any_gradient = False
         self.hacking = False
@@ -58,6 +65,13 @@ class Tripwires:
         self.rewards[step] = float(m["reward_mean"])
         share = float(m.get("zero_std_groups", 0.0))
         self.flat_streak = self.flat_streak + 1 if share > FLAT_SHARE else 0
+        self.seen += 1
+        if self.seen <= START_STEPS:
+            zero = {k[len("rewards/"):] for k, v in m.items() if k.startswith("rewards/") and v == 0.0}
+            self.never_paid = zero if self.never_paid is None else self.never_paid & zero
+            self.flat_start = self.flat_start and share >= 1.0
+            if self.seen == START_STEPS and self.flat_start:
+                out.append(_warning(step, "flat_start", _flat_start_message(sorted(self.never_paid))))
         if self.flat_streak == FLAT_STEPS:
             out.append(_warning(step, "flat_groups", (
                 f"over {FLAT_SHARE:.0%} of the groups had equal rewards for {FLAT_STEPS} steps in a row "
@@ -111,6 +125,15 @@ class Tripwires:
         if not steps:
             steps = sorted(self.rewards)[:REWARD_WINDOW]
         return float(np.mean([self.rewards[s] for s in steps])) if steps else float("nan")
+
+
+def _flat_start_message(never_paid: List[str]) -> str:
+    paid = (f"{', '.join(never_paid)} paid 0 on every completion: the model does not write what "
+            "they check for (the <think>/<answer> layout, say); " if never_paid else "")
+    return (f"every group had equal rewards in the first {START_STEPS} steps, so the loss is 0 and "
+            f"nothing is learned; {paid}give partial credit (rewards lenient_accuracy, tag_count, "
+            "soft_format) or open the response with prompt.response_prefix (e.g. \"<think>\"), as "
+            "configs/smollm2.yaml does")
 
 
 def _warning(step: int, name: str, message: str) -> Dict[str, Any]:

@@ -32,6 +32,26 @@ def test_flat_groups_fire_after_ten_steps_in_a_row_once():
         assert advice in w["message"]
 
 
+def test_a_flat_start_is_said_at_the_third_step_with_the_rewards_that_paid_nothing():
+    t = tw.Tripwires()
+    r = {**rec(reward=0.0, flat=1.0), "rewards/accuracy": 0.0, "rewards/format": 0.0, "rewards/lenient_accuracy": 0.0}
+    fired = {s: t.train(s, dict(r, **({"rewards/lenient_accuracy": 0.0} if s != 2 else {}))) for s in range(1, 8)}
+    assert [s for s, w in fired.items() if "flat_start" in names(w)] == [3]
+    msg = fired[3][0]["message"]
+    assert "first 3 steps" in msg and "accuracy, format, lenient_accuracy paid 0" in msg
+    assert "prompt.response_prefix" in msg and "configs/smollm2.yaml" in msg
+    # one step with spread among the first three: no flat start (the flat-groups wire stays)
+    t = tw.Tripwires()
+    fired = {s: t.train(s, rec(reward=0.0, flat=1.0 if s != 2 else 0.5)) for s in range(1, 8)}
+    assert not any("flat_start" in names(w) for w in fired.values())
+    # a reward that paid at one of the first steps is not named
+    t = tw.Tripwires()
+    fired = [t.train(s, {**rec(reward=0.0, flat=1.0), "rewards/format": 0.0, "rewards/accuracy": 0.5 * (s == 41)})
+             for s in (41, 42, 43)]  # a resumed run: its own first three steps
+    assert names(fired[2]) == ["flat_start"] and "format paid 0" in fired[2][0]["message"]
+    assert "accuracy," not in fired[2][0]["message"]
+
+
 def test_exactly_the_share_does_not_fire():
     t = tw.Tripwires()
     assert not any(t.train(s, rec(flat=tw.FLAT_SHARE)) for s in range(1, 30))
@@ -123,7 +143,7 @@ def test_a_run_with_one_reward_for_all_warns_flat_and_still(small_model_dir, tmp
     rec_, said = run(small_model_dir, tmp_path, "def r(prompts, completions, **kw):\n    return [1.0] * len(completions)\n",
                      ("train.steps", 11), ("grpo.beta", 0.0))
     got = {w["tripwire"]: w["step"] for w in rec_.warnings}
-    assert got == {"not_learning": 3, "flat_groups": 10}
+    assert got == {"not_learning": 3, "flat_start": 3, "flat_groups": 10}
     assert len(rec_.train) == 11 and rec_.summary is not None  # warnings never stop the run
     assert any(s.startswith("warning: tripwire flat_groups") for s in said)
 
