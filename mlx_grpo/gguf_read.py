@@ -212,6 +212,7 @@ def _load_with_gguf_package(header: GGUFHeader, other: List[str], group_size: in
         bits = requantize_bits(tname)
         if values.ndim == 2 and values.shape[-1] % group_size == 0:
             w, s, b = mx.quantize(mx.array(values), group_size=group_size, bits=bits)
+            mx.eval(w, s, b)  # now: a lazy graph would keep every tensor's float32 copy alive
             arrays[t.name], arrays[f"{stem}.scales"], arrays[f"{stem}.biases"] = w, s, b
             quant[stem] = (group_size, bits)
         else:  # a vector or a row MLX cannot group: keep the dequantized values

@@ -45,7 +45,7 @@ def check_finite(arrays: Dict[str, mx.array], what: str) -> None:
 
 def model_dir(cfg: ModelConfig, path: Optional[str] = None, say: Optional[Callable[[str], None]] = None) -> str:
     """What mlx-lm loads for ``path`` (default ``cfg.path``): a Hub id or directory as given; for a
-    GGUF file (``*.gguf``, or ``cfg.gguf_file`` in the Hub repository ``path``) the MLX directory
+    GGUF file (``*.gguf``, or ``cfg.gguf_file`` in the Hub repository or folder ``path``) the MLX directory
     it is converted into once (``gguf_convert.py``). Adapter configs name this, so mlx-lm finds
     the model the adapters were trained on."""
     target = path or cfg.path
@@ -56,7 +56,11 @@ def model_dir(cfg: ModelConfig, path: Optional[str] = None, say: Optional[Callab
     if key not in _converted:  # once per process: each checkpoint names it, and hashing takes seconds
         from .gguf_convert import converted_dir, hub_file
 
-        src = hub_file(target, cfg.gguf_file, cfg.revision) if from_hub else Path(target)
+        local = Path(target).expanduser()
+        if from_hub and local.is_dir():  # a folder of GGUF files (a Hub repository cloned, say)
+            src = local / cfg.gguf_file
+        else:
+            src = hub_file(target, cfg.gguf_file, cfg.revision) if from_hub else local
         cache = Path(cfg.gguf_cache).expanduser() if cfg.gguf_cache else None
         _converted[key] = str(converted_dir(src, cache, say))
     return _converted[key]

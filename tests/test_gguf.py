@@ -333,3 +333,27 @@ def test_one_grpo_step_on_smollm2(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 1 and (run / "adapters.safetensors").is_file()
+
+
+def test_a_gguf_file_in_a_hub_repository(tmp_path, bpe):
+    """--model org/repo --gguf-file NAME downloads through huggingface_hub; here from a Hub cache
+    laid out as huggingface_hub lays it out, offline."""
+    config, weights = made("qwen2", bpe)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-GGUF"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    write_gguf(repo / "snapshots" / commit / "tiny-Q8_0.gguf", "qwen2", config, weights, bpe, "Q8_0")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    r = run_cli("eval", "--model", "someone/tiny-GGUF", "--gguf-file", "tiny-Q8_0.gguf", "--n", "2",
+                "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "converting" in r.stderr and "tiny-Q8_0" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(list((tmp_path / "xdg" / "mlx-grpo" / "gguf").iterdir())) == 1
+    r = run_cli("eval", "--model", "someone/tiny-GGUF", "--gguf-file", "nope.gguf", "--n", "2", env=env)
+    one_line_error(r, "model.gguf_file: cannot get nope.gguf from someone/tiny-GGUF")
+    # a local folder of GGUF files takes the same option
+    r = run_cli("eval", "--model", str(repo / "snapshots" / commit), "--gguf-file", "tiny-Q8_0.gguf", "--n", "2", env=env)
+    assert r.returncode == 0 and "converting" not in r.stderr, r.stderr
