@@ -174,12 +174,20 @@ def load_tensors(header: GGUFHeader, group_size: int = 32) -> Weights:
             arrays = mx.load(str(header.path))
         except Exception as e:  # the header was sound, so the data is damaged
             raise GGUFError(f"{header.path}: cannot read its tensors ({first_line(e)})") from None
+        for t in header.tensors:
+            if t.type_name == "BF16":  # mx.load gives float16; read the bits as they are
+                arrays[t.name] = _bfloat16(header.path, t)
         quant = {}
         for name, t in types.items():
             if t in ("Q4_0", "Q4_1", "Q8_0"):
                 quant[name[: -len(".weight")] if name.endswith(".weight") else name] = (32, 8 if t == "Q8_0" else 4)
         return arrays, quant
     return _load_with_gguf_package(header, other, group_size)
+
+
+def _bfloat16(path: Path, t: TensorInfo) -> mx.array:
+    bits = np.fromfile(path, dtype="<u2", count=t.nbytes // 2, offset=t.offset).astype(np.uint32) << 16
+    return mx.array(bits.view(np.float32).reshape(t.shape)).astype(mx.bfloat16)
 
 
 def _load_with_gguf_package(header: GGUFHeader, other: List[str], group_size: int) -> Weights:
@@ -200,6 +208,9 @@ def _load_with_gguf_package(header: GGUFHeader, other: List[str], group_size: in
     for t in reader.tensors:
         tname = t.tensor_type.name
         info_shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+        if tname == "BF16":
+            arrays[t.name] = _bfloat16(header.path, next(x for x in header.tensors if x.name == t.name))
+            continue
         if tname in FLOAT:
             arrays[t.name] = mx.array(np.asarray(t.data).reshape(info_shape))
             continue

@@ -73,7 +73,7 @@ def converted_logits(directory: Path, ids: np.ndarray):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 # F16 and the quantized types run at float16 where the file keeps float16 (weights, scales): the
 # activations round there, as they do for any float16 model in MLX; the values are the file's.
-@pytest.mark.parametrize("qtype,tol", [("F32", 2e-5), ("F16", 3e-2), ("Q8_0", 3e-3), ("Q4_0", 3e-3), ("Q4_1", 3e-3)])
+@pytest.mark.parametrize("qtype,tol", [("F32", 2e-5), ("F16", 3e-2), ("BF16", 6e-2), ("Q8_0", 3e-3), ("Q4_0", 3e-3), ("Q4_1", 3e-3)])
 def test_a_gguf_file_gives_the_logits_of_its_weights(tmp_path, bpe, arch, qtype, tol):
     config, weights = made(arch, bpe)
     src = write_gguf(tmp_path / f"m-{qtype}.gguf", arch, config, weights, bpe, qtype)
@@ -87,6 +87,26 @@ def test_a_gguf_file_gives_the_logits_of_its_weights(tmp_path, bpe, arch, qtype,
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == arch and saved["rope_traditional"] is False
     assert saved["tie_word_embeddings"] == (arch == "qwen2")
+
+
+def test_llama3_rope_scaling_comes_back_from_its_frequency_factors(tmp_path, bpe):
+    """Llama 3.x GGUF files keep only the per-frequency factors of their rope scaling
+    (rope_freqs.weight); the conversion finds the published setting that made them."""
+    from mlx_grpo.gguf_convert import _LLAMA3_ROPE, _llama3_factors
+
+    scaling = dict(_LLAMA3_ROPE[1])  # Llama 3.2's: factor 32
+    config, weights = made("llama", bpe, hidden=128)
+    config.update(rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=131072)
+    factors = _llama3_factors(scaling, 500000.0, 32).astype(np.float32)
+    src = write_gguf(tmp_path / "l3.gguf", "llama", config, weights, bpe, "F32", extra={"rope_freqs.weight": factors})
+    out = converted_dir(src, tmp_path / "cache", say=lambda _: None)
+    assert json.loads((out / "config.json").read_text())["rope_scaling"] == scaling
+    ids = np.arange(40) % config["vocab_size"]
+    _, _, got = converted_logits(out, ids)
+    want = reference_logits(config, weights, "F32", ids)
+    assert np.abs(got - want).max() <= 2e-5 * max(1.0, np.abs(want).max())
+    unscaled = reference_logits({**config, "rope_scaling": None}, weights, "F32", ids)
+    assert np.abs(unscaled - want).max() > 1e-3  # the scaling is seen in the logits
 
 
 def test_k_quants_are_dequantized_by_the_gguf_package_and_requantized_by_mlx(tmp_path, bpe):
