@@ -2,8 +2,9 @@
 
     python benchmarks/float_base_forward.py [--shape qwen2.5-0.5b] [--rows 1] [--tokens 32]
 
-(run through ``cli.py``'s BLAS set-up: LD_PRELOAD the fast BLAS as the README's "Measured here"
-says). Times are the median of 2 passes after a warm-up; the logits of both are compared.
+(run through ``cli.py``'s BLAS set-up: LD_PRELOAD the fast BLAS as docs/performance.md's
+"OpenBLAS on Linux" says). Times are the median of 2 passes after a warm-up; the logits of both
+are compared.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The H100 check (issue 5): run on the lent GPU machine after ../shared/gpu/prepare-mlx-cuda.sh's
+# The GPU check of `cli.py bench` (first run on an H100): run on the lent GPU machine after ../shared/gpu/prepare-mlx-cuda.sh's
 # part1 was copied to /root/stage. Everything it measures lands in $OUT. QUICK=1: tiny bench and tests only.
 set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"

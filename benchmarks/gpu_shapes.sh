@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12 on a lent NVIDIA GPU: what the decode pipeline buys (rollout.PIPELINE), the release
+# Real shapes on a lent NVIDIA GPU: what the decode pipeline buys (rollout.PIPELINE), the release
 # shapes (4-bit, 256 new tokens, P=2 x G=4), the step against mlx-lm-lora at the 0.5B shape, one
 # long rollout (1024 tokens), with MLX's CUDA build. Run on the GPU machine after
 # ../shared/gpu/prepare-mlx-cuda.sh's part1 (and .device/peer, the mlx_lm_lora package: pip install

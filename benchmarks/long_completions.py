@@ -1,6 +1,6 @@
 """One GRPO step with long completions at a release's shape: does it fit, and does decoding stay flat?
 
-Not part of the test suite (issue 12, section 5). On the float32 Qwen2.5-0.5B shape (random
+Not part of the test suite. On the float32 Qwen2.5-0.5B shape (random
 weights, so no completion stops before ``--max-tokens``), P=1 prompt x G=4 completions of 1024
 tokens: one GRPO step (beta > 0, so the reference pass is included), with the time of every decode
 step of its own rollout recorded. Reports the step's split, decode time per token over the first

@@ -2,7 +2,7 @@
 
 Not part of the test suite. On MLX's CPU backend the 4-bit model's frozen base is rebuilt in
 float32 at load (``model.float_base``, ``float_base.py``), so its step should cost what the float32
-model's does (issue 12, section 1b: within 1.5x). Both run in one process, one model in memory at a
+model's does (the goal: within 1.5x). Both run in one process, one model in memory at a
 time, each step after a warm-up step, in the order float32, 4-bit, float32 (load drift shows as a
 difference between the two float32 figures):
 

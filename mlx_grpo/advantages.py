@@ -1,4 +1,4 @@
-"""Step 3 of the seed: group-relative advantages, pure NumPy.
+"""Step 3 of a GRPO step: group-relative advantages, pure NumPy.
 
 A(i) = (r_i - mean(r of its group)) / (std + eps), where std is the group's ("group"), the whole
 batch's ("batch", TRL's scale_rewards) or 1 ("none", Dr. GRPO). A group whose rewards are all equal

@@ -354,7 +354,7 @@ def distributed_throughput(processes: int, steps: int, model: Optional[str] = No
 
 
 def table(r: Dict[str, Any]) -> str:
-    """The result as a Markdown table (what the README quotes)."""
+    """The result as a Markdown table (what docs/results/ quotes)."""
     ro, st, mem, bl = r["rollout"], r["step"], r["memory"], r["blas"]
     se = r["settings"]
     lines = [

@@ -172,7 +172,7 @@ def run_shape_bench(shape: str, bits: int = 4, prompts: int = 2, group_size: int
 
 
 def shape_table(r: Dict[str, Any]) -> str:
-    """The result as a Markdown table (what the README quotes)."""
+    """The result as a Markdown table (what docs/results/ quotes)."""
     ro, se = r["rollout"], r["settings"]
     d = ro["decode_per_token"]
     stored = "as stored" if r["bits"] is None else ("float32" if r["bits"] == 0 else f"{r['bits']}-bit")

@@ -1,4 +1,4 @@
-"""Step 4 of the seed: the clipped GRPO objective with a k3 KL penalty, pure math on mx arrays.
+"""Step 4 of a GRPO step: the clipped GRPO objective with a k3 KL penalty, pure math on mx arrays.
 
 Per token (DeepSeekMath, section 4.1), with rho = pi_theta / pi_old:
 

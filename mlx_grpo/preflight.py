@@ -167,7 +167,7 @@ def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[s
                  And the scoring head: ``LOGITS_COPIES`` x one chunk of float32 logits (at most
                  ``scoring.LOGITS_BUDGET`` of them).
     Measured against ``mx.get_peak_memory`` on the Qwen2.5-0.5B shape and the embedded model
-    (README, Speed and memory); tested within +-25% on a small model (tests/test_preflight.py).
+    (docs/results/); tested within +-25% on a small model (tests/test_preflight.py).
     """
     d = _dims(model)
     b = _activation_bytes(model)

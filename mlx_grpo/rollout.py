@@ -1,4 +1,4 @@
-"""Step 1 of the seed: sample a group of G completions per prompt, all rows decoding together.
+"""Step 1 of a GRPO step: sample a group of G completions per prompt, all rows decoding together.
 
 Every prompt is prefilled once (and the prefix all prompts share, once: ``prefill.py``); its KV
 cache is then repeated for its G rows, so a group shares the prompt's work. All P x G rows decode in one batch with a KV cache; rows that finished (EOS or a stop

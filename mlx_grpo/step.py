@@ -1,4 +1,4 @@
-"""One GRPO step, as named stages in the seed's order:
+"""One GRPO step, as named stages in the algorithm's order:
 
     drawn   = draw_groups(...)        # 1. rollout: G completions per prompt   (roll_out)
                                       # 2. rewards: rule-based, per completion  (reward)

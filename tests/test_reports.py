@@ -68,8 +68,8 @@ def trained_run(small_model_dir, tmp_path_factory):
 
 
 def _documented_keys(table_header: str) -> set:
-    """First-column keys of the README table that starts with ``table_header``."""
-    text = (ROOT / "README.md").read_text()
+    """First-column keys of the docs/runs.md table that starts with ``table_header``."""
+    text = (ROOT / "docs" / "runs.md").read_text()
     table = text[text.index(table_header):].split("\n\n")[0]
     keys = set()
     for line in table.splitlines()[2:]:
@@ -89,7 +89,7 @@ def test_metrics_schema_is_what_the_readme_documents(trained_run):
         recs = [r for r in records if r["kind"] == kind]
         written = set().union(*recs)
         undocumented = [k for k in written if not _matches(k, documented)]
-        assert not undocumented, f"{kind} keys missing from the README: {undocumented}"
+        assert not undocumented, f"{kind} keys missing from docs/runs.md: {undocumented}"
         missing = [d for d in documented if d != "rewards/<name>" and d not in written]
         assert not missing, f"documented {kind} keys never written: {missing}"
         for r in recs:  # every record is complete, not just the union

@@ -1,8 +1,8 @@
-"""Issue 14 §1: every built-in reward is linear in the completion, on every degenerate shape a
+"""Every built-in reward is linear in the completion, on every degenerate shape a
 model may generate, and the parsers that replaced the backtracking regexes agree with them.
 
 Time is never asserted in seconds: each reward runs on a completion of n and of 8n characters of
-the same shape, and the ratio must stay far from 64 (quadratic). Before this issue,
+the same shape, and the ratio must stay far from 64 (quadratic). Before the string parsers,
 ``soft_format`` on repeated ``<think></think><answer>`` and ``accuracy`` on ``5`` + spaces +
 ``x`` grew by 100x-500x between these sizes.
 """

@@ -50,8 +50,9 @@ def test_a_tripwire_warning_goes_to_the_metrics_file_and_the_console(tmp_path):
     for step in range(1, tw.FLAT_STEPS + 1):
         log.step(step, metrics(flat=1.0), [])
     rec = read_run(tmp_path)
-    assert [(w["step"], w["tripwire"]) for w in rec.warnings] == [(tw.FLAT_STEPS, "flat_groups")]
-    assert said == [f"warning: {rec.warnings[0]['message']}"]
+    assert [(w["step"], w["tripwire"]) for w in rec.warnings] == [(tw.START_STEPS, "flat_start"),
+                                                                   (tw.FLAT_STEPS, "flat_groups")]
+    assert said == [f"warning: {w['message']}" for w in rec.warnings]
     assert len(rec.train) == tw.FLAT_STEPS
 
 

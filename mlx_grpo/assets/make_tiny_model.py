@@ -54,7 +54,7 @@ EXTRA_WORDS = (
 # model then writes it about once in a hundred samples and never greedily, so GRPO has a signal to
 # find but everything to teach (like a real base model that has seen such tags on the web).
 FILLED_LAYOUT_RATE = 0.01
-# Stage 3 (issue 13 section 2): the full layout in TAG_RATE of the templated documents, at a gentle
+# Stage 3: the full layout in TAG_RATE of the templated documents, at a gentle
 # rate. Stage 2 alone left the model unable to fill the tag after ``</think>`` (GRPO then found the
 # layout before the copy, and the answers fell to ~0.6 lenient for dozens of steps); after stage 3
 # it copies the sum it just wrote, yet greedy decoding still never writes the layout.

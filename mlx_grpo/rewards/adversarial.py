@@ -50,7 +50,7 @@ SHAPES: Dict[str, Callable[[int], str]] = {
     "words": lambda n: _repeat("the answer is ", n),
     "distinct words": lambda n: " ".join(f"w{i}" for i in range(max(1, n // 7))),
     "countdown expression": lambda n: _answer(_repeat("(1 + 2) * ", n) + "3"),
-    # the forms issue 14's section 2 taught the parsers, repeated
+    # the forms the answer parsers read as values (no-break spaces, a sign apart, scale words), repeated
     "no-break space groups": lambda n: _answer(_repeat("1\u00a0", n)),
     "sign then spaces": lambda n: _answer("-" + " " * n + "5"),
     "scale words": lambda n: _answer("5" + _repeat(" million", n)),

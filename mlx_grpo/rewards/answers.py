@@ -12,7 +12,7 @@ and, when the optional ``math-verify`` package is installed, by its LaTeX parser
 equivalence such as ``\\frac{\\sqrt{2}}{2}`` = ``\\frac{1}{\\sqrt{2}}``). Nothing here calls eval().
 
 Everything here is linear in the text, with few regex passes, each run only when its trigger
-character is present: a model may generate a megabyte of degenerate text (issue 14).
+character is present: a model under RL may generate a megabyte of degenerate text.
 """
 
 from __future__ import annotations

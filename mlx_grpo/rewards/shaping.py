@@ -22,7 +22,7 @@ from .errors import RewardError
 RewardFn = Callable[..., List[Optional[float]]]
 
 # The repetition penalty reads at most this many words, so a completion of any length costs no more
-# than 50 k words do (1 MB holds up to 500 k words; numbering 250 k took 100-200 ms, issue 14).
+# than 50 k words do (1 MB holds up to 500 k words; numbering 250 k took 100-200 ms).
 # A rollout's completions (rollout.max_tokens tokens, rarely more than one word each) stay below it,
 # so in training the penalty is exact; only longer texts scored with `cli.py reward` are cut.
 MAX_WORDS = 50_000

@@ -1,4 +1,4 @@
-"""Prompt templates: the seed's R1-Zero plain template and the tokenizer's chat template.
+"""Prompt templates: DeepSeek-R1-Zero's plain template and the tokenizer's chat template.
 
 A template turns a question into the text the model continues. Some templates end inside the
 response (R1-Zero ends with ``Assistant: <think>``), so the part of the response that the
