@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,8 +37,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from .config import Config, ConfigError, make_config, save_config
 from .errors import UserError, first_line
 from .models import check_finite, model_dir, save_adapters
-from .rundir import ADAPTERS, CHECKPOINTS, CONFIG, LOGS
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+from .rundir import ADAPTERS, CHECKPOINTS, CONFIG, LOGS, STEP_DIR as _STEP_DIR, check_log_sizes
 
 # Keys a resumed run may change: they decide how long it runs and how it reports and saves,
 # or how an update is computed (micro-batches and recomputation give the same gradient), never
@@ -298,6 +296,7 @@ def resume_config(run_dir: str, overrides: List[tuple]) -> Config:
 
     An override that would change what the run learns (the model, data, rewards, any GRPO or
     optimizer setting) is a ``ConfigError`` naming the key: a resumed run is the same run.
+    A state.json that disagrees with the run's logs is a ``RunDirError`` (``check_log_sizes``).
     """
     ckpt = latest_checkpoint(Path(run_dir))
     if ckpt is None:
@@ -315,10 +314,11 @@ def resume_config(run_dir: str, overrides: List[tuple]) -> Config:
                 f"got {new.get(key)!r} (a resumed run may change only train.steps, "
                 "train.grad_accumulation_steps, train.grad_checkpoint, train.max_nonfinite_steps, output.*)"
             )
-    if cfg.train.steps < read_state(ckpt).step:
-        raise ConfigError(
-            f"train.steps: the run already completed {read_state(ckpt).step} steps, got {cfg.train.steps}"
-        )
+    state = read_state(ckpt)
+    if cfg.train.steps < state.step:
+        raise ConfigError(f"train.steps: the run already completed {state.step} steps, got {cfg.train.steps}")
+    # Here, before any model loads: a state that disagrees with the logs is refused in a second.
+    check_log_sizes(Path(run_dir), state.log_sizes, state.step, ckpt / "state.json")
     return cfg
 
 

@@ -386,18 +386,15 @@ def reward_cmd(completions_path, reward_list, model, gguf_file, adapter, task, s
         if group_size < 1 or top < 0:
             bad = ("--group-size", "at least 1", group_size) if group_size < 1 else ("--top", ">= 0", top)
             raise ConfigError(f"{bad[0]}: must be {bad[1]}, got {bad[2]}")
+        if out_path is not None:  # before anything is read: never over an input or a run's file
+            check_output_file(out_path, "--out", [("the --completions file", completions_path),
+                                                   ("the --config file", config_path)])
         overrides: List[Tuple[str, Any]] = [("output.overwrite", True)]
         overrides += [(k, v) for k, v in (("model.path", model), ("model.gguf_file", gguf_file), ("data.task", task),
                                           ("rollout.max_tokens", max_tokens)) if v is not None]
         overrides += [parse_set(x) for x in sets]
         cfg = make_config(config_path, overrides)
         from .reward_lab import format_report, parse_reward_list, run
-
-        if out_path is not None:
-            check_output_file(out_path, "--out")
-            if completions_path and os.path.exists(out_path) and os.path.exists(completions_path) \
-                    and os.path.samefile(out_path, completions_path):
-                raise ConfigError(f"--out: {out_path} is the --completions file; it would be replaced")
 
         weights = parse_reward_list(reward_list, cfg.rewards) if reward_list is not None else dict(cfg.rewards)
         summary = run(cfg, weights, completions_path, samples, adapter, group_size, out_path, top)
@@ -431,7 +428,7 @@ def bench(model, config_path, large, quick, processes, as_json, out_path, shape,
         if processes == 1:
             raise ConfigError("--processes: must be 0 (off) or at least 2 (it compares 1 and N processes), got 1")
         if out_path is not None:  # before the measurement: minutes of it must not be lost at the end
-            check_output_file(out_path, "--out")
+            check_output_file(out_path, "--out", [("the --config file", config_path)])
         if shape:
             from .bench_shape import run_shape_bench, shape_table
 
@@ -441,7 +438,7 @@ def bench(model, config_path, large, quick, processes, as_json, out_path, shape,
         if out_path:
             from pathlib import Path
 
-            from .models import atomic_write
+            from .rundir import atomic_write
 
             Path(out_path).parent.mkdir(parents=True, exist_ok=True)
             try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -25,7 +24,7 @@ from .fastmath import use_fast_mlps
 from .float_base import float_base
 from .gguf_convert import is_gguf
 from .preflight import available_memory
-from .rundir import ADAPTER_CONFIG, ADAPTERS
+from .rundir import ADAPTER_CONFIG, ADAPTERS, atomic_write
 
 
 class ModelLoadError(UserError, ValueError):
@@ -181,18 +180,6 @@ def adapter_config(cfg: AdapterConfig, model_id: str, n_layers: int) -> Dict[str
         "lora_parameters": lora_parameters(cfg),
         "trainer": "mlx-grpo",
     }
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` then rename, so ``path`` is never half-written."""
-    # The temporary name keeps the suffix: mx.save_safetensors appends one when it is missing.
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def adapter_weights(model: nn.Module) -> Dict[str, mx.array]:

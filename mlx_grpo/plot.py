@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import UserError
-from .rundir import check_output_file
+from .rundir import METRICS, atomic_write, check_output_file
 from .runs import RunRecords, read_run
 
 # (title, metrics key) of the single-curve panels, after the reward and accuracy panels.
@@ -49,7 +49,11 @@ def _series(records: Sequence[Dict], key: str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, smooth_window: Optional[int] = None) -> Path:
-    """Draw the runs' curves into ``out`` (PNG, FIGSIZE at DPI); returns the path written."""
+    """Draw the runs' curves into ``out`` (PNG, FIGSIZE at DPI); returns the path written.
+
+    ``out`` is checked before anything is read: it may not be a run's metrics (or any file a run owns)."""
+    inputs = [(f"the metrics file of {d}, an input", Path(d) / METRICS) for d in run_dirs]
+    check_output_file(out, "--out", inputs)  # before drawing: say so now, not after the work
     try:
         import matplotlib
 
@@ -59,7 +63,6 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, smooth_window: Op
         raise PlotError("plotting needs matplotlib: pip install 'mlx-grpo[plot]' (or pip install matplotlib)") from None
 
     runs: List[RunRecords] = [read_run(d, config=False) for d in run_dirs]  # curves need only the metrics
-    check_output_file(out, "--out")  # before drawing: say so now, not after the work
     fig, axes = plt.subplots(2, 4, figsize=FIGSIZE, dpi=DPI)
     axes = axes.ravel()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -103,6 +106,6 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, smooth_window: Op
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, format="png")
+    atomic_write(out, lambda p: fig.savefig(p, dpi=DPI, format="png"))  # a FIFO or link: written through
     plt.close(fig)
     return out

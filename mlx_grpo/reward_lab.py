@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -24,6 +23,7 @@ import numpy as np
 
 from .config import Config, ConfigError
 from .rewards import Rewards, configured_rewards, score
+from .rundir import atomic_write
 from .tasks import DataError, iter_jsonl
 
 # Keys a previous `reward --out` added; they are results, not columns, when a scores file is re-read.
@@ -163,18 +163,19 @@ def summarize(rw: Rewards, weights: Mapping[str, float], data: Completions, top:
 
 def write_scores(path: str, data: Completions, rw: Rewards) -> None:
     """Each input row with its ``rewards`` (None where not applicable) and ``total``, as JSONL;
-    written to a temporary file first, so a failure leaves no half-written file behind."""
-    out = Path(path)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
+    written by ``rundir.atomic_write``, so a failure leaves no half-written file behind and a FIFO,
+    a device or a symbolic link is written through, never replaced by a regular file."""
+
+    def write(p: Path) -> None:
+        with open(p, "w", encoding="utf-8") as f:
             for i, record in enumerate(data.records):
                 scores = {k: _num(v[i]) for k, v in rw.columns.items()}
                 f.write(json.dumps({**record, "rewards": scores, "total": _num(rw.total[i])}) + "\n")
-        os.replace(tmp, out)
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(path), write)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write scores ({e.strerror or e})") from None
 
 

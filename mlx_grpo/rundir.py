@@ -1,5 +1,7 @@
 """The run directory: every file name of a run, the checks before a run writes into it, its
-preparation, log truncation on resume, and the summary. Also the check of any other output file.
+preparation, log truncation on resume (only where a checkpoint's state agrees with the logs), and
+the summary. Also the check of any other output file (never an input or a run's file) and its
+writing (``atomic_write``: a FIFO, a device or a link is written through, never replaced).
 
 A run's directory holds (``RUN_FILES``; the names below are the only place they are spelled):
 
@@ -31,7 +33,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import UserError
 
@@ -46,6 +48,7 @@ CHECKPOINTS = "checkpoints"
 LOGS = (METRICS, SAMPLES)  # appended to step by step; cut back to a checkpoint's sizes on resume
 # Everything a run writes at the top of its directory (the trainer, checkpoints and trackers).
 RUN_FILES = (CONFIG, METRICS, SAMPLES, SUMMARY, ADAPTERS, ADAPTER_CONFIG, CHECKPOINTS, "tensorboard", "wandb")
+STEP_DIR = re.compile(r"^step_(\d+)$")  # a complete checkpoint in checkpoints/: step_NNNNNN
 
 
 class RunDirError(UserError, ValueError):
@@ -78,9 +81,12 @@ def check_writable_dir(path: str | Path, key: str) -> None:
         raise RunDirError(f"{key}: cannot write in {base} (permission denied)")
 
 
-def check_output_file(path: str | Path, key: str) -> None:
-    """Raise RunDirError unless ``path`` can be written as a file (its folders created as needed).
-    Called before any work, so a long job never ends unable to save its result."""
+def check_output_file(path: str | Path, key: str, inputs: Sequence[Tuple[str, Optional[str | Path]]] = ()) -> None:
+    """Raise RunDirError unless ``path`` can be written as a file (its folders created as needed)
+    without replacing what the command reads (``inputs``: (what, path) pairs, e.g. ("the
+    --completions file", PATH)) or a file a run owns (``owning_run``). Called before any work (and
+    before any input is read), so a long job never ends unable to save its result, or having
+    written over what it read."""
     if not str(path).strip():
         raise RunDirError(f"{key}: empty path (an unset shell variable?); name a file")
     p = Path(path)
@@ -88,10 +94,81 @@ def check_output_file(path: str | Path, key: str) -> None:
         raise RunDirError(f"{key}: {p} is a directory, not a file")
     if p.is_symlink() and not p.exists():  # writing through it fails, after the work
         raise RunDirError(f"{key}: cannot write {p}: a broken symbolic link (to {os.readlink(p)})")
+    for what, source in inputs:
+        if source and _same_file(p, source):
+            raise RunDirError(f"{key}: {path} is {what}; it would be replaced")  # (as given: ./ kept)
+    owner = owning_run(p)
+    if owner is not None:
+        raise RunDirError(f"{key}: {path} belongs to the run in {owner[0]} (a run owns its {owner[1]}); writing "
+                          "it would replace the run's file; choose another path")
+    # A link's target is what atomic_write replaces (beside it); a FIFO or device is written through.
+    target = Path(os.path.realpath(p)) if p.is_symlink() else p
+    if target.exists() and not target.is_file():
+        if not os.access(target, os.W_OK):
+            raise RunDirError(f"{key}: cannot write {p} (permission denied)")
+        return
     try:
-        check_writable_dir(p.parent, key)
+        check_writable_dir(target.parent, key)
     except RunDirError as e:  # the same reason, said of the file asked for
         raise RunDirError(f"{key}: cannot write {p}: {str(e).split(': ', 1)[1]}") from None
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (through links, hard links included); False when
+    either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def owning_run(path: str | Path) -> Optional[Tuple[Path, str]]:
+    """The run directory that owns ``path`` and the entry it owns it by (a file or folder its
+    manifest lists, or the manifest), or None. Checked as written and through symbolic links: a
+    run's files are only ever written by the run."""
+    for p in {Path(os.path.abspath(path)), Path(os.path.realpath(path))}:
+        for d in p.parents:
+            name = p.relative_to(d).parts[0]
+            if name in _owned_names(d):
+                return d, name
+    return None
+
+
+def _owned_names(d: Path) -> List[str]:
+    """The entries of ``d`` a run owns: those its manifest lists and the manifest; for a run from
+    before manifests (a checkpoint shows it is one, as for --resume) every name a run writes."""
+    names = read_manifest(d)
+    if not names and not (d / MANIFEST).exists() and _holds_checkpoint(d):
+        names = list(RUN_FILES)
+    return [MANIFEST, *names] if names else []
+
+
+def _holds_checkpoint(d: Path) -> bool:
+    """Whether ``d`` holds a complete checkpoint (checkpoints/step_N/): a run's directory."""
+    try:
+        return any(STEP_DIR.match(e.name) and e.is_dir() for e in os.scandir(d / CHECKPOINTS))
+    except OSError:  # no checkpoints/ (or not readable): not a run
+        return False
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Write ``path`` by ``write(p)``, replacing only regular files: a regular file (or a new path)
+    is written to a temporary file beside it, then renamed over it, so it is never half-written; a
+    symbolic link gets its target written that way (the link stays a link); a FIFO or a device node
+    (``/dev/null``) is written through, by ``write(path)`` itself, since a rename would replace the
+    node with a regular file."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        write(Path(path))
+        return
+    # The temporary name keeps the suffix: mx.save_safetensors appends one when it is missing.
+    tmp = target.with_name(f".tmp{os.getpid()}-{target.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def read_manifest(out: Path) -> List[str]:
@@ -206,29 +283,83 @@ def log_sizes(out: Path) -> Dict[str, int]:
     return {n: (Path(out) / n).stat().st_size if (Path(out) / n).exists() else 0 for n in LOGS}
 
 
-def truncate_logs(out: Path, sizes: Mapping[str, int]) -> None:
-    """Cut metrics.jsonl and samples.jsonl back to ``sizes`` (their size at the checkpoint), so the
-    steps the resumed run repeats (and any half-written line of a killed run) are not in them twice.
+def _step_of(line: bytes) -> Optional[int]:
+    """The step of a training-step record (a train line of metrics.jsonl, any line of
+    samples.jsonl); None for an evaluation or warning record, or a line that is no record."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    step = obj.get("step") if isinstance(obj, dict) and obj.get("kind", "train") == "train" else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
-    Every log is checked before any is cut, so a refused resume changes nothing."""
+
+def _steps_around(data: bytes, cut: int) -> Tuple[Optional[int], Optional[int]]:
+    """The step of the last training-step record before byte ``cut`` (a line boundary) of a log,
+    and of the first one after it; None where there is none."""
+    before, end = None, cut
+    while before is None and end > 0:
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        before, end = _step_of(data[start:end]), start
+    after, start = None, cut
+    while after is None and start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end + 1
+        after, start = _step_of(data[start:end]), end
+    return before, after
+
+
+def _cut_disagrees(path: Path, size: int, step: int) -> Optional[str]:
+    """Why cutting the log ``path`` back to ``size`` bytes would not leave exactly the records of
+    steps 1..``step`` (None when it would): the file is shorter, the cut falls inside a line, the
+    part kept does not reach ``step`` or goes past it, or a record of ``step`` lies after the cut."""
+    data = path.read_bytes() if path.exists() else b""
+    if size > len(data):
+        what = "missing" if not path.exists() else f"{len(data)} bytes"
+        return f"{path} is {what}, shorter than at the checkpoint ({size} bytes)"
+    if size and data[size - 1 : size] != b"\n":
+        return f"{size} bytes of {path} end in the middle of a line"
+    before, after = _steps_around(data, size)
+    if (before or 0) != step:
+        reached = f"end at step {before}" if before is not None else "hold no training step"
+        return f"the first {size} bytes of {path} {reached}; the checkpoint is at step {step}"
+    if after is not None and after <= step:
+        return f"{path} holds a record of step {after} after byte {size}: the cut would drop part of step {after}"
+    return None
+
+
+def check_log_sizes(out: Path, sizes: Mapping[str, int], step: int, where: str | Path) -> None:
+    """Raise RunDirError (naming ``where``, the checkpoint's state.json, and the log) unless cutting
+    each log back to ``sizes`` keeps exactly the steps 1..``step`` the checkpoint holds: a state
+    that disagrees with the logs it describes (no size for a log, a size past its end or inside a
+    line, a step the kept part does not reach) would erase the run's history. Changes nothing."""
     for name in LOGS:
-        path = Path(out) / name
-        size = sizes.get(name, 0)
-        if not path.exists():
-            if size:
-                raise RunDirError(f"{path}: missing, but the checkpoint expects {size} bytes of it")
-            continue
-        if path.stat().st_size < size:
-            raise RunDirError(f"{path}: shorter ({path.stat().st_size} bytes) than at the checkpoint ({size} bytes)")
+        if name not in sizes:
+            raise RunDirError(f"{where}: log_sizes has no size for {name}, so resume cannot tell where "
+                              f"to cut {Path(out) / name}; nothing was changed")
+        why = _cut_disagrees(Path(out) / name, sizes[name], step)
+        if why:
+            raise RunDirError(f"{where}: log_sizes.{name} disagrees with the log: {why}; nothing was changed")
+
+
+def truncate_logs(out: Path, sizes: Mapping[str, int], step: int, where: str | Path) -> None:
+    """Cut metrics.jsonl and samples.jsonl back to ``sizes`` (their size at the checkpoint of
+    ``step``, whose state.json is ``where``), so the steps the resumed run repeats (and any
+    half-written line of a killed run) are not in them twice.
+
+    Every log is checked before any is cut (``check_log_sizes``), so a refused resume changes
+    nothing, and no cut ever falls inside a line or below the checkpoint's own step."""
+    check_log_sizes(out, sizes, step, where)
     for name in LOGS:
         if (Path(out) / name).exists():
-            os.truncate(Path(out) / name, sizes.get(name, 0))
+            os.truncate(Path(out) / name, sizes[name])
 
 
-def resume_run_dir(out: Path, sizes: Mapping[str, int]) -> None:
-    """Make ``out`` ready to continue from a checkpoint: logs cut back to ``sizes``, a manifest for
-    a directory that predates them, and no summary (it described the run before this resume)."""
-    truncate_logs(out, sizes)
+def resume_run_dir(out: Path, sizes: Mapping[str, int], step: int, where: str | Path) -> None:
+    """Make ``out`` ready to continue from the checkpoint of ``step`` (state file ``where``): logs cut
+    back to ``sizes``, a manifest for a directory that predates them, and no summary (it described
+    the run before this resume)."""
+    truncate_logs(out, sizes, step, where)
     adopt_run_dir(out)
     (Path(out) / SUMMARY).unlink(missing_ok=True)
 

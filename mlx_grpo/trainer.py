@@ -286,7 +286,7 @@ def _open_run_dir(out: Path, cfg: Config, ckpt: Optional[Path], model: nn.Module
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         check_data_position(state, ckpt, cfg.grpo.dynamic_sampling_max_draws if cfg.grpo.dynamic_sampling else 1)
-        resume_run_dir(out, state.log_sizes)
+        resume_run_dir(out, state.log_sizes, state.step, ckpt / "state.json")
         say(f"resuming {out} from {ckpt.name}: step {state.step + 1} of {cfg.train.steps}")
     else:
         if main:

@@ -1,4 +1,4 @@
-"""Damaged checkpoints and adapters (issue 14, section 5): a truncated or edited file in
+"""Damaged checkpoints and adapters: a truncated or edited file in
 ``--resume``, ``eval --run`` or ``generate --adapter`` is one line naming the file, exit 2, and
 the run directory byte for byte as it was. Real runs, real damage, real subprocesses."""
 
@@ -61,6 +61,113 @@ DAMAGE = [
     ("state.json", edit_state(log_sizes={"metrics.jsonl": -5}), "log_sizes: expected {name: bytes}"),
     ("state.json", truncate, "unreadable checkpoint state"),
 ]
+
+
+def replace_state(obj):
+    def replace(path):
+        path.write_text(json.dumps(obj))
+    return replace
+
+
+def edit_sizes(change):
+    """state.json's log_sizes changed by ``change(sizes, run_dir, state_path)``."""
+    def edit(path):
+        state = json.loads(path.read_text())
+        state["log_sizes"] = change(dict(state["log_sizes"]), path.parents[2], path)
+        path.write_text(json.dumps(state))
+    return edit
+
+
+def _sizes_of_step_1(sizes, run, path):
+    return json.loads((path.parents[1] / "step_000001" / "state.json").read_text())["log_sizes"]
+
+
+def _cut_after_first_sample_of_step_2(sizes, run, path):
+    data = (run / "samples.jsonl").read_bytes()
+    start = _sizes_of_step_1(sizes, run, path)["samples.jsonl"]
+    return {**sizes, "samples.jsonl": data.index(b"\n", start) + 1}
+
+
+# A state.json that disagrees with the logs it describes (issue: resume cut metrics.jsonl to 0 bytes,
+# or mid-line, and went on): refused before anything is cut, whatever the disagreement.
+DISAGREES = [
+    (replace_state({"step": 2}), "log_sizes has no size for metrics.jsonl"),
+    (edit_sizes(lambda s, run, p: {"metrics.jsonl": s["metrics.jsonl"]}), "log_sizes has no size for samples.jsonl"),
+    (edit_sizes(lambda s, run, p: {**s, "metrics.jsonl": s["metrics.jsonl"] + 10_000}),
+     "shorter than at the checkpoint"),
+    (edit_sizes(lambda s, run, p: {**s, "metrics.jsonl": s["metrics.jsonl"] - 7}), "end in the middle of a line"),
+    (edit_sizes(lambda s, run, p: {**s, "samples.jsonl": s["samples.jsonl"] - 1}), "end in the middle of a line"),
+    (edit_sizes(lambda s, run, p: {"metrics.jsonl": 0, "samples.jsonl": 0}),
+     "hold no training step; the checkpoint is at step 2"),
+    (edit_sizes(_sizes_of_step_1), "end at step 1; the checkpoint is at step 2"),
+    (edit_sizes(_cut_after_first_sample_of_step_2), "holds a record of step 2 after byte"),
+]
+
+
+@pytest.mark.parametrize("damage,msg", DISAGREES, ids=range(len(DISAGREES)))
+def test_state_that_disagrees_with_the_logs_is_refused_and_nothing_cut(saved_run, tmp_path, damage, msg):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    path = latest_checkpoint(run) / "state.json"
+    damage(path)
+    before = tree_hash(run)
+    r = run_cli("train", "--resume", str(run), "--steps", "3", "--no-progress", env=NO_BLAS)
+    one_line_error(r, f"{path}: ")
+    assert msg in r.stderr, r.stderr
+    assert tree_hash(run) == before  # no log cut, summary.json kept
+
+
+def test_a_checkpoint_whose_sizes_hold_later_steps_is_refused(saved_run, tmp_path):
+    """Step 1's checkpoint with sizes past step 1 (the logs through step 2): the resumed run would
+    log step 2 twice. Its own sizes resume."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    shutil.rmtree(run / "checkpoints" / "step_000002")
+    path = run / "checkpoints" / "step_000001" / "state.json"
+    good = path.read_text()
+    edit_sizes(lambda s, r, p: {n: (r / n).stat().st_size for n in s})(path)
+    before = tree_hash(run)
+    r = run_cli("train", "--resume", str(run), "--steps", "2", "--no-progress", env=NO_BLAS)
+    one_line_error(r, f"{path}: log_sizes.metrics.jsonl disagrees with the log: the first ")
+    assert "end at step 2; the checkpoint is at step 1" in r.stderr
+    assert tree_hash(run) == before
+    path.write_text(good)
+    r = run_cli("train", "--resume", str(run), "--steps", "2", "--no-progress", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x).get("kind") == "train"]
+    assert steps == [1, 2]
+
+
+def test_cut_logs_keep_every_line_whole_and_every_step_of_the_checkpoint(tmp_path):
+    """The last guard, below the resume's own check: truncate_logs cuts only at a line boundary
+    that keeps exactly steps 1..step (eval and warning records are not steps; a cut-off line after
+    the cut is dropped)."""
+    from mlx_grpo.rundir import RunDirError, truncate_logs
+
+    lines = [{"kind": "eval", "step": 0}, {"step": 1, "kind": "train"}, {"step": 2, "kind": "train"},
+             {"kind": "warning", "step": 2}, {"step": 3, "kind": "train"}]
+    text = "".join(json.dumps(x) + "\n" for x in lines)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 4, "ki')  # a killed run's half line
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 1, 2, 2, 3)))
+    at = lambda n, name: sum(len(x) + 1 for x in (tmp_path / name).read_text().split("\n")[:n])  # noqa: E731
+    where = tmp_path / "state.json"
+    good = {"metrics.jsonl": at(4, "metrics.jsonl"), "samples.jsonl": at(4, "samples.jsonl")}
+    before = tree_hash(tmp_path)
+    for sizes, step, msg in [
+        (good, 3, "end at step 2; the checkpoint is at step 3"),
+        (good, 1, "end at step 2; the checkpoint is at step 1"),
+        ({**good, "samples.jsonl": at(3, "samples.jsonl")}, 2, "holds a record of step 2 after byte"),
+        ({**good, "metrics.jsonl": good["metrics.jsonl"] - 2}, 2, "in the middle of a line"),
+        ({"samples.jsonl": good["samples.jsonl"]}, 2, "log_sizes has no size for metrics.jsonl"),
+    ]:
+        with pytest.raises(RunDirError) as e:
+            truncate_logs(tmp_path, sizes, step, where)
+        assert str(e.value).startswith(f"{where}: ") and msg in str(e.value), str(e.value)
+    assert tree_hash(tmp_path) == before
+    truncate_logs(tmp_path, good, 2, where)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(x) + "\n" for x in lines[:4])
+    assert [json.loads(x)["step"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
 
 
 @pytest.mark.parametrize("name,damage,msg", DAMAGE,

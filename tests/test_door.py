@@ -1,4 +1,4 @@
-"""Every option checked at the door (issue 14, sections 4 and 6): a bad value is one line naming
+"""Every option checked at the door: a bad value is one line naming
 the option or key, exit 2, before any model loads; user rewards cannot end a run with their own
 exit code or corrupt --json output; JSONL lines end at \\n only; plot names the bad metrics line.
 Real subprocesses, real files."""
@@ -132,6 +132,63 @@ def test_reward_import_that_exits_is_one_line(tmp_path):
     r = run_cli("reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", f"{f}:r", "--json", env=NO_BLAS)
     one_line_error(r, f"rewards.{f}:r: cannot import {f}: SystemExit: 2 (it printed: ")
     assert "required: --k" in r.stderr and r.stdout == ""
+
+
+PROCESS_EXITS = {  # each ends the process unless intercepted (exit 0 or 3 looked like success or a code of ours)
+    "os._exit(0)": ("import os\ndef r(p, c, **k):\n    os._exit(0)\n", "ProcessExit: os._exit(0)"),
+    "os._exit(3)": ("import os\ndef r(p, c, **k):\n    os._exit(3)\n", "ProcessExit: os._exit(3)"),
+    "bound at import": ("from os import _exit\ndef r(p, c, **k):\n    _exit(0)\n", "ProcessExit: os._exit(0)"),
+    "posix._exit": ("import posix\ndef r(p, c, **k):\n    posix._exit(0)\n", "ProcessExit: os._exit(0)"),
+    "os.abort()": ("import os\ndef r(p, c, **k):\n    os.abort()\n", "ProcessExit: os.abort()"),
+    "caught as Exception": ("import os\ndef r(p, c, **k):\n    try:\n        os._exit(0)\n    except Exception:\n"
+                            "        pass\n    return [1.0] * len(c)\n", "ProcessExit: os._exit(0)"),
+}
+
+
+@pytest.mark.parametrize("body,msg", list(PROCESS_EXITS.values()), ids=list(PROCESS_EXITS))
+def test_reward_calling_os_exit_is_its_error_not_the_end_of_the_process(tmp_path, body, msg):
+    """Before: os._exit(0) inside a reward ended the command with exit 0, no message, no output."""
+    f = tmp_path / "exits.py"
+    f.write_text(body)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"completion": GOOD, "answer": "5"}) + "\n")
+    r = run_cli("reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", f"{f}:r", "--json", env=NO_BLAS)
+    one_line_error(r, f"reward {f}:r raised {msg} on sample 0")
+    assert r.stdout == ""
+
+
+def test_a_child_a_reward_forks_may_still_call_os_exit(tmp_path):
+    """The interception is for our process only: a forked child's os._exit ends the child."""
+    f = tmp_path / "child.py"
+    f.write_text("import os\ndef r(p, c, **k):\n    pid = os.fork()\n    if pid == 0:\n        os._exit(7)\n"
+                 "    _, status = os.waitpid(pid, 0)\n    return [float(os.waitstatus_to_exitcode(status))] * len(c)\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"completion": GOOD}) + "\n")
+    r = run_cli("reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", f"{f}:r", "--json", env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rewards"][f"{f}:r"]["mean"] == 7.0
+
+
+def test_reward_calling_os_exit_in_training_stops_with_exit_2_and_the_steps_checkpointed(small_model_dir, tmp_path):
+    """Before: training ended with exit 0 (or the reward's code), no message and no summary: it
+    looked like success to a shell. Now step 2's reward error stops the run like any other (exit 2,
+    one line naming the reward); step 1 is checkpointed and the run resumes from it."""
+    f = tmp_path / "late_exit.py"
+    f.write_text("import os\nstate = {'train_calls': 0, 'armed': False}\n"
+                 "def r(prompts, completions, **kw):\n"
+                 "    if len(completions) == 4:  # a training step's batch (2 prompts x 2), not the evaluation's 2\n"
+                 "        state['train_calls'] += 1\n"
+                 "        state['armed'] = state['armed'] or state['train_calls'] == 2\n"
+                 "    if state['armed']:\n        os._exit(0)\n"
+                 "    return [0.5] * len(completions)\n")
+    out = tmp_path / "o"
+    r = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "3",
+                "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress", "--set", "output.eval_size=2",
+                "--set", "output.save_every=1", "--set", f"rewards.{f}:r=1", env=NO_BLAS)
+    one_line_error(r, f"reward {f}:r raised ProcessExit: os._exit(0) on sample 0")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
+    assert not (out / "summary.json").exists()  # the run did not finish
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x).get("kind") == "train"]
+    assert steps == [1]
 
 
 SEPARATORS = "\u2028\u2029\u0085\x1c\x1d\x1e\x0b\x0c"

@@ -134,7 +134,7 @@ NOT_EQUAL = [
 ]
 
 
-# Issue 14 §2: words that negate, bound or scale a number are not units; forms that mean the same
+# Words that negate, bound or scale a number are not units; forms that mean the same
 # value are read. Only a short allow-list (lead words, signs, currency, percent, scale, units) may
 # stand around the one number.
 SAME_VALUE = [
@@ -309,7 +309,7 @@ def test_format_rewards_table(text, strict, soft, tags):
     ("(1 + 2) * 3 = 10", False), ("1 + 2 + 3", False), ("(1 + 2) * 3 * 1", False), ("3 * 3", False),
     ("9", False), ("", False), ("__import__('os')", False), ("(1 + 2) ** 3", False), ("1.0 * 9", False),
     ("3 / (1 - 1) + 2", False), ("(1 + 2) * 3 = 9 = 9", False), ("(" * 300 + "1", False),
-    # issue 14: the target on either side, the usual multiplication signs, trailing punctuation, lines
+    # the target on either side, the usual multiplication signs, trailing punctuation, lines
     ("9 = (1 + 2) * 3", True), ("9 = 3 * (1 + 2).", True), ("10 = (1 + 2) * 3", False), ("9 = 9", False),
     ("3 * 3 = (1 + 2) * 3", True), ("(1 + 2) * 3 = 3 * 3", True), ("(1 + 2) * 3 = 10 - 1", True),
     ("(1 + 2) · 3", True), ("(1 + 2) ⋅ 3", True), ("(1 + 2) ∙ 3", True), ("(1 + 2) ∗ 3", True),
@@ -461,7 +461,7 @@ def test_user_reward_gets_dataset_columns_and_none_counts_zero_in_total(tmp_path
     ("def r(p, c, **k):\n    return [1.0, float('inf')]\n", "returned inf for sample 1"),
     ("def r(p, c, **k):\n    return [1.0, [2]]\n", "returned [2] (not a number) for sample 1"),
     ("def r(p, c, answer, **k):\n    return [1.0, 1.0]\n", "missing 1 required positional argument: 'answer'"),
-    # issue 14: what a reward returns or does cannot escape the contract
+    # what a reward returns or does cannot escape the contract
     ("import sys\ndef r(p, c, **k):\n    sys.exit(0)\n", "raised SystemExit: 0 on sample 0"),
     ("def r(p, c, **k):\n    raise SystemExit('done')\n", "raised SystemExit: done on sample 0"),
     ("def r(p, c, **k):\n    return {1.0: 'a', 0.0: 'b'}\n", "(a dict) for 2 completions (expected a list of 2 numbers or None)"),
@@ -554,6 +554,54 @@ def test_a_reward_that_edits_its_lists_cannot_change_the_next_rewards_input(tmp_
     rw = score(["p", "p"], [good, "no"], {"answer": ["5", "5"]}, fns, {})
     np.testing.assert_allclose(rw.columns["format"], [1.0, 0.0])
     np.testing.assert_allclose(rw.columns["accuracy"], [1.0, 0.0])
+
+
+def test_a_reward_that_edits_nested_inputs_in_place_changes_nothing_for_the_next(tmp_path):
+    """Before: the copies were shallow, so ``numbers[i].clear()`` in one reward emptied the numbers
+    the countdown reward saw next (its mean 0.0 instead of 0.5), and the dataset's own rows."""
+    f = tmp_path / "nested.py"
+    f.write_text(
+        "seen = []\n"
+        "def editor(p, c, numbers, meta, **k):\n"
+        "    for i in range(len(c)):\n"
+        "        numbers[i].clear()\n"
+        "        meta[i]['tags'].append('edited')\n"
+        "        meta[i]['inner']['deep'][0] = -1\n"
+        "        meta[i].pop('level')\n"
+        "    p[0] = 'changed'\n    c.reverse()\n"
+        "    return [0.0] * len(c)\n"
+        "def recorder(p, c, numbers, meta, **k):\n"
+        "    seen.append((list(p), list(c), numbers, meta))\n"
+        "    return [0.0] * len(c)\n")
+    import copy
+
+    columns = {
+        "numbers": [[3, 5], [1, 2]],
+        "target": [15, 99],
+        "meta": [{"tags": ["a"], "level": 1, "inner": {"deep": [1, 2]}},
+                 {"tags": [], "level": 2, "inner": {"deep": [3]}}],
+    }
+    prompts, completions = ["p0", "p1"], ["<answer> 3 * 5 </answer>", "<answer> 1 </answer>"]
+    original = copy.deepcopy((prompts, completions, columns))
+    alone = score(prompts, completions, columns, load_rewards(["countdown"]), {})
+    fns = load_rewards([f"{f}:editor", "countdown", f"{f}:recorder"])
+    rw = score(prompts, completions, columns, fns, {})
+    np.testing.assert_allclose(rw.columns["countdown"], alone.columns["countdown"])
+    assert rw.means()["countdown"] == 0.5
+    seen = fns[f"{f}:recorder"].__globals__["seen"]
+    assert seen == [(original[0], original[1], original[2]["numbers"], original[2]["meta"])]
+    assert (prompts, completions, columns) == original  # the caller's lists (the dataset) untouched
+
+
+def test_os_exit_is_ours_again_after_a_reward(tmp_path):
+    """The interception of os._exit/os.abort lasts only while user code runs."""
+    import os
+
+    exit_, abort = os._exit, os.abort
+    f = tmp_path / "plain.py"
+    f.write_text("import os\ndef r(p, c, **k):\n    assert os._exit.__module__ != 'posix'\n    return [1.0] * len(c)\n")
+    score(["a"], ["x"], {}, load_rewards([f"{f}:r"]), {})
+    assert os._exit is exit_ and os.abort is abort
 
 
 def test_keyboard_interrupt_in_a_reward_is_its_error_only_when_ctrl_c_cannot_raise_it(tmp_path):

@@ -1,4 +1,4 @@
-"""The run directory and output paths (issue 14, section 3): nothing of the user's is touched, and an output that
+"""The run directory and output paths: nothing of the user's is touched, and an output that
 cannot be written is refused before any work starts. Real subprocesses, real files."""
 
 import json
@@ -246,13 +246,161 @@ def test_resume_cuts_the_logs_back_only_when_every_log_is_long_enough(tmp_path):
     (tmp_path / SUMMARY).write_text("{}\n")
     at_step_1 = {METRICS: len('{"step": 1}\n'), SAMPLES: len('{"step": 1}\n')}
     before = tree_hash(tmp_path)
-    with pytest.raises(RunDirError, match=f"{tmp_path / SAMPLES}: shorter \\(12 bytes\\) than at the checkpoint \\(99"):
-        resume_run_dir(tmp_path, {**at_step_1, SAMPLES: 99})
-    with pytest.raises(RunDirError, match="missing, but the checkpoint expects"):
-        resume_run_dir(tmp_path / "sub", at_step_1)
+    where = tmp_path / "checkpoints" / "step_000001" / "state.json"
+    with pytest.raises(RunDirError, match=f"{where}: log_sizes.{SAMPLES} .*: {tmp_path / SAMPLES} is 12 bytes, "
+                                          "shorter than at the checkpoint \\(99 bytes\\)"):
+        resume_run_dir(tmp_path, {**at_step_1, SAMPLES: 99}, 1, where)
+    with pytest.raises(RunDirError, match="is missing, shorter than at the checkpoint"):
+        resume_run_dir(tmp_path / "sub", at_step_1, 1, where)
     assert tree_hash(tmp_path) == before
-    resume_run_dir(tmp_path, at_step_1)
+    resume_run_dir(tmp_path, at_step_1, 1, where)
     assert log_sizes(tmp_path) == at_step_1
     assert (tmp_path / METRICS).read_text() == '{"step": 1}\n'
     assert not (tmp_path / SUMMARY).exists()  # it described the run before the resume
     assert (tmp_path / MANIFEST).is_file()  # a run from before manifests gets one
+
+
+def _owned_run(d):
+    """A run with its manifest: metrics, a summary and a checkpoint's state."""
+    from mlx_grpo.rundir import write_manifest
+
+    _plot_run(d)
+    write_manifest(d)
+    (d / "summary.json").write_text('{"steps": 2}\n')
+    (d / "checkpoints" / "step_000001").mkdir(parents=True)
+    (d / "checkpoints" / "step_000001" / "state.json").write_text('{"step": 1}\n')
+    return d
+
+
+# An --out that is what the command reads, or a file a run owns: refused before anything is read
+# (the inputs here are malformed, so reading them first would fail differently) or written.
+ONTO_INPUTS = [
+    (["plot", "{tmp}/run", "--out", "{tmp}/run/metrics.jsonl"],
+     "--out: {tmp}/run/metrics.jsonl is the metrics file of {tmp}/run, an input; it would be replaced"),
+    (["plot", "{tmp}/run", "--out", "{tmp}/owned/summary.json"],
+     "--out: {tmp}/owned/summary.json belongs to the run in {tmp}/owned (a run owns its summary.json)"),
+    (["plot", "{tmp}/run", "--out", "{tmp}/owned/checkpoints/step_000001/state.json"],
+     "belongs to the run in {tmp}/owned (a run owns its checkpoints)"),
+    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/owned/metrics.jsonl"],
+     "--out: {tmp}/owned/metrics.jsonl belongs to the run in {tmp}/owned (a run owns its metrics.jsonl)"),
+    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/owned/.mlx-grpo-run"],
+     "belongs to the run in {tmp}/owned (a run owns its .mlx-grpo-run)"),
+    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/owned/adapters.safetensors"],
+     "belongs to the run in {tmp}/owned (a run owns its adapters.safetensors)"),
+    # through a symbolic link, and a run from before manifests (its checkpoint shows it is one)
+    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/into-run"],
+     "--out: {tmp}/into-run belongs to the run in {tmp}/owned (a run owns its metrics.jsonl)"),
+    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/old/samples.jsonl"],
+     "belongs to the run in {tmp}/old (a run owns its samples.jsonl)"),
+    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/to-completions"],
+     "--out: {tmp}/to-completions is the --completions file; it would be replaced"),
+    (["reward", "--completions", "{tmp}/bad.jsonl", "--config", "{tmp}/c.yaml", "--out", "{tmp}/c.yaml"],
+     "--out: {tmp}/c.yaml is the --config file; it would be replaced"),
+    (["bench", "--quick", "--config", "{tmp}/c.yaml", "--out", "{tmp}/c.yaml"],
+     "--out: {tmp}/c.yaml is the --config file; it would be replaced"),
+]
+
+
+@pytest.mark.parametrize("args,msg", ONTO_INPUTS, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(ONTO_INPUTS)])
+def test_out_onto_an_input_or_a_runs_file_refused_before_anything_is_read(tmp_path, args, msg):
+    """Before: plot read the run's metrics, then wrote the PNG over them; reward --out replaced a
+    run's own files."""
+    _plot_run(tmp_path / "run")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\nnot json\n{"step": 3}\n')
+    _owned_run(tmp_path / "owned")
+    _owned_run(tmp_path / "old")
+    (tmp_path / "old" / MANIFEST).unlink()
+    (tmp_path / "into-run").symlink_to(tmp_path / "owned" / "metrics.jsonl")
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    (tmp_path / "to-completions").symlink_to(tmp_path / "bad.jsonl")
+    (tmp_path / "c.yaml").write_text("train: [unclosed\n")
+    before = tree_hash(tmp_path)
+    r = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], env=NO_BLAS)
+    one_line_error(r, msg.replace("{tmp}", str(tmp_path)))
+    assert tree_hash(tmp_path) == before and (tmp_path / "into-run").is_symlink()
+
+
+def test_out_next_to_a_runs_files_is_allowed(tmp_path):
+    """What a run does not own stays writable: plot's default RUN/curves.png, scores beside a run."""
+    _owned_run(tmp_path / "owned")
+    (tmp_path / "c.jsonl").write_text('{"completion": "<think>x</think><answer>1</answer>"}\n')
+    r = run_cli("reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", "format",
+                "--out", str(tmp_path / "owned" / "scores.jsonl"), env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("plot", str(tmp_path / "owned"), env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "owned" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _read_fifo_in_a_thread(fifo):
+    """Start a reader of ``fifo``; returns (thread, what it read: a list filled when done)."""
+    import threading
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    t.start()
+    return t, got
+
+
+def test_reward_out_to_a_fifo_writes_through_it(tmp_path):
+    """Before: PATH.tmp + rename replaced the FIFO with a regular file (as root, --out /dev/null
+    would have replaced the system's /dev/null)."""
+    import stat
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"completion": "<answer>1</answer>", "i": i}) + "\n"
+                                              for i in range(3)))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader, got = _read_fifo_in_a_thread(fifo)
+    r = run_cli("reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", "format", "--out", str(fifo),
+                env=NO_BLAS, timeout=120)
+    reader.join(timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the FIFO
+    assert [json.loads(x)["i"] for x in got[0].decode().splitlines()] == [0, 1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "pipe"]  # no temporary file left
+
+
+@pytest.mark.parametrize("command", ["reward", "plot"])
+def test_out_to_a_symlink_keeps_the_link_and_writes_its_target(tmp_path, command):
+    _plot_run(tmp_path / "run")
+    (tmp_path / "c.jsonl").write_text('{"completion": "<answer>1</answer>"}\n')
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "result"
+    target.write_text("old")
+    (tmp_path / "link").symlink_to(target)
+    args = (["plot", str(tmp_path / "run")] if command == "plot"
+            else ["reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", "format"])
+    r = run_cli(*args, "--out", str(tmp_path / "link"), env=NO_BLAS)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "link").is_symlink() and os.readlink(tmp_path / "link") == str(target)
+    data = target.read_bytes()
+    assert data.startswith(b"\x89PNG") if command == "plot" else json.loads(data)["rewards"] == {"format": 0.0}
+    assert os.listdir(tmp_path / "elsewhere") == ["result"]
+
+
+def test_atomic_write_replaces_only_regular_files(tmp_path):
+    """The one writer of every --out (and of the adapters): a regular or new file by a temporary
+    file and a rename; a link's target the same way (the link stays); a FIFO written through."""
+    import stat
+
+    from mlx_grpo.rundir import atomic_write
+
+    write = lambda text: lambda p: p.write_text(text)  # noqa: E731
+    atomic_write(tmp_path / "new.txt", write("new"))
+    (tmp_path / "old.txt").write_text("old")
+    os.link(tmp_path / "old.txt", tmp_path / "hard.txt")
+    atomic_write(tmp_path / "old.txt", write("replaced"))
+    assert (tmp_path / "old.txt").read_text() == "replaced" and (tmp_path / "hard.txt").read_text() == "old"
+    (tmp_path / "link.txt").symlink_to(tmp_path / "new.txt")
+    atomic_write(tmp_path / "link.txt", write("through the link"))
+    assert (tmp_path / "link.txt").is_symlink() and (tmp_path / "new.txt").read_text() == "through the link"
+    os.mkfifo(tmp_path / "pipe")
+    reader, got = _read_fifo_in_a_thread(tmp_path / "pipe")
+    atomic_write(tmp_path / "pipe", write("into the pipe"))
+    reader.join(timeout=30)
+    assert got == [b"into the pipe"] and stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "old.txt", lambda p: (p.write_text("half"), (_ for _ in ()).throw(RuntimeError())))
+    assert (tmp_path / "old.txt").read_text() == "replaced"  # a failed write leaves the file as it was
+    assert sorted(os.listdir(tmp_path)) == ["hard.txt", "link.txt", "new.txt", "old.txt", "pipe"]

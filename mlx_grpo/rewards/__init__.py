@@ -1,4 +1,4 @@
-"""Step 2 of the seed: score completions with rule-based rewards.
+"""Step 2 of a GRPO step: score completions with rule-based rewards.
 
 A reward is any callable ``fn(prompts, completions, **columns) -> list[float | None]`` (TRL's reward
 signature), where ``columns`` carries the dataset's other fields (e.g. ``answer``) and, in
@@ -20,7 +20,9 @@ module runs with ``sys.argv = [its file]`` while it is imported, so an argparse 
 sees no arguments of ours. What user code prints to stdout goes to stderr (``guard.user_code``:
 descriptor 1 too, and a forked child that returns ends), so ``--json`` output stays one JSON
 object; output printed by a failing import is quoted in the error instead. Any other exception a
-reward raises (``GeneratorExit``, its own ``BaseException``) is its error too.
+reward raises (``GeneratorExit``, its own ``BaseException``) is its error too, and so is an
+``os._exit`` or ``os.abort`` call (``guard.ProcessExit``). Each reward gets its own copies of the
+prompts, completions and columns, nested lists and dicts included (``_inputs``).
 A ``KeyboardInterrupt`` raised while a reward runs is an interrupt (Ctrl-C), not the reward's
 error, unless SIGINT is handled (training: Ctrl-C only sets a flag), when only the reward raised it.
 
@@ -29,6 +31,7 @@ Rewards work on strings only (no mlx, no model), so reward experiments start ins
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import importlib.util
@@ -197,8 +200,7 @@ def score(
     cols: Dict[str, np.ndarray] = {}
     for name, fn in reward_fns.items():
         with user_code():  # a reward's prints (and its subprocesses') never reach --json output
-            # Its own copies: a reward that edits its lists in place cannot change the next one's.
-            values = _values(name, _call(name, fn, list(prompts), list(completions), columns), n)
+            values = _values(name, _call(name, fn, prompts, completions, columns), n)
         col = np.full(n, np.nan)
         for i, v in enumerate(values):
             if v is None:
@@ -250,11 +252,37 @@ def _own_error(e: BaseException) -> bool:
     return True
 
 
+_ATOMS = frozenset({str, int, float, bool, type(None), bytes})  # values no one can edit in place
+
+
+def _own_copy(value: Any) -> Any:
+    """A copy of ``value`` that a reward may edit freely: lists and dicts copied at every level,
+    strings and numbers shared (they cannot be edited), anything else deep-copied."""
+    kind = type(value)
+    if kind in _ATOMS:
+        return value
+    if kind is list:  # completion_ids: many lists of ints, so the flat case is the fast one
+        return value.copy() if all(type(v) in _ATOMS for v in value) else [_own_copy(v) for v in value]
+    if kind is dict:
+        return {k: _own_copy(v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+def _inputs(prompts: List[str], completions: List[str], columns: Mapping[str, Sequence[Any]],
+            rows: slice = slice(None)) -> Tuple[List[str], List[str], Dict[str, List[Any]]]:
+    """A reward's own copies of the ``rows`` of its inputs, nested values included: one that edits
+    them in place (``numbers[i].clear()``) changes nothing for the next reward, the dataset or --out."""
+    cols = {k: _own_copy(list(v)[rows]) for k, v in columns.items()}
+    return _own_copy(prompts[rows]), _own_copy(completions[rows]), cols
+
+
 def _call(name: str, fn: RewardFn, prompts: List[str], completions: List[str],
           columns: Mapping[str, Sequence[Any]]) -> Any:
-    """``fn`` on the batch; when it raises, find the first sample that makes it raise alone."""
+    """``fn`` on its own copy of the batch; when it raises, find the first sample that makes it
+    raise alone."""
+    p, c, cols = _inputs(prompts, completions, columns)
     try:
-        return fn(prompts, completions, **{k: list(v) for k, v in columns.items()})
+        return fn(p, c, **cols)
     except RewardError as e:  # already says what is wrong (e.g. a missing column)
         raise RewardError(str(e)) from None
     except BaseException as e:
@@ -262,8 +290,9 @@ def _call(name: str, fn: RewardFn, prompts: List[str], completions: List[str],
             raise
         error = f"{type(e).__name__}: {e}"
     for i in range(len(completions)):
+        p, c, cols = _inputs(prompts, completions, columns, slice(i, i + 1))
         try:
-            fn(prompts[i : i + 1], completions[i : i + 1], **{k: list(v)[i : i + 1] for k, v in columns.items()})
+            fn(p, c, **cols)
         except BaseException as e:
             if not _own_error(e):
                 raise

@@ -5,7 +5,10 @@ While user code runs (a reward, or its module's import), stdout is stderr at bot
 a C extension writes into ``--json`` output. The streams it sees cannot be closed for us:
 ``sys.stdout.close()`` closes nothing, and descriptors 1 and 2 are put back afterwards even if it
 closed them (``os.close(1)``). A child it forks that returns into our code ends there, silently,
-so one process trains and writes the run, not two.
+so one process trains and writes the run, not two. ``os._exit(n)`` and ``os.abort()`` called by it
+in our process raise ``ProcessExit`` instead (its error, like ``sys.exit``): a run that ends inside
+a reward must never look like success to a shell. What no Python code can catch (SIGKILL, an
+abort or a crash inside C code) still ends the process.
 """
 
 from __future__ import annotations
@@ -15,6 +18,47 @@ import io
 import os
 import sys
 from typing import Iterator, Optional, TextIO
+
+_REAL_EXIT, _REAL_ABORT = os._exit, os.abort
+_guarded_pid: Optional[int] = None  # the process whose user code runs now (None: none runs)
+
+
+class ProcessExit(BaseException):
+    """``os._exit(n)`` or ``os.abort()`` called by user code: raised in their place, so the call
+    ends the reward (as its error), not the process. A BaseException, as SystemExit is: user code's
+    ``except Exception`` does not swallow it."""
+
+
+def _exit(code: int) -> None:
+    """``os._exit`` while user code runs: its error in our process; a forked child still exits."""
+    if os.getpid() == _guarded_pid:
+        raise ProcessExit(f"os._exit({code})")
+    _REAL_EXIT(code)
+
+
+def _abort() -> None:
+    """``os.abort`` while user code runs: its error in our process; a forked child still aborts."""
+    if os.getpid() == _guarded_pid:
+        raise ProcessExit("os.abort()")
+    _REAL_ABORT()
+
+
+@contextlib.contextmanager
+def _exits_intercepted() -> Iterator[None]:
+    """Within the block, ``os._exit`` and ``os.abort`` (also as ``posix._exit``...) raise
+    ProcessExit in this process; restored afterwards (nested blocks restore what they found)."""
+    global _guarded_pid
+    modules = [m for m in (os, sys.modules.get("posix")) if m is not None]
+    saved = [(m, m._exit, m.abort) for m in modules]
+    previous, _guarded_pid = _guarded_pid, os.getpid()
+    for m in modules:
+        m._exit, m.abort = _exit, _abort
+    try:
+        yield
+    finally:
+        _guarded_pid = previous
+        for m, exit_, abort in saved:
+            m._exit, m.abort = exit_, abort
 
 
 class _Unclosable(io.TextIOBase):
@@ -62,8 +106,9 @@ def _dup(fd: int) -> Optional[int]:
 @contextlib.contextmanager
 def user_code(stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) -> Iterator[None]:
     """Run user code with its Python-level stdout and stderr sent to ``stdout`` and ``stderr``
-    (default: our stderr) and its descriptor 1 to descriptor 2; on exit, restore both streams and
-    descriptors 1 and 2, and end a forked child that returns here."""
+    (default: our stderr), its descriptor 1 to descriptor 2 and ``os._exit``/``os.abort`` raising
+    ProcessExit; on exit, restore both streams and descriptors 1 and 2, and end a forked child that
+    returns here."""
     pid = os.getpid()
     target = stdout if stdout is not None else sys.stderr
     errors = stderr if stderr is not None else sys.stderr
@@ -74,11 +119,12 @@ def user_code(stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) 
     if saved[1] is not None and saved[2] is not None:
         os.dup2(saved[2], 1)
     try:
-        with contextlib.redirect_stdout(_Unclosable(target)), contextlib.redirect_stderr(_Unclosable(errors)):
+        with contextlib.redirect_stdout(_Unclosable(target)), contextlib.redirect_stderr(_Unclosable(errors)), \
+                _exits_intercepted():
             yield
     finally:
         if os.getpid() != pid:  # a fork's child came back into our code: it must not train too
-            os._exit(0)
+            _REAL_EXIT(0)
         for stream in (target, errors):
             with contextlib.suppress(Exception):
                 stream.flush()
