@@ -37,7 +37,8 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from .config import Config, ConfigError, make_config, save_config
 from .errors import UserError, first_line
 from .models import check_finite, model_dir, save_adapters
-from .rundir import ADAPTERS, CHECKPOINTS, CONFIG, LOGS, STEP_DIR as _STEP_DIR, check_log_sizes
+from .rundir import (ADAPTERS, CHECKPOINTS, CONFIG, LOGS, STEP_DIR as _STEP_DIR, check_log_sizes, check_path_length,
+                     check_writable_dir)
 
 # Keys a resumed run may change: they decide how long it runs and how it reports and saves,
 # or how an update is computed (micro-batches and recomputation give the same gradient), never
@@ -298,12 +299,14 @@ def resume_config(run_dir: str, overrides: List[tuple]) -> Config:
     optimizer setting) is a ``ConfigError`` naming the key: a resumed run is the same run.
     A state.json that disagrees with the run's logs is a ``RunDirError`` (``check_log_sizes``).
     """
+    check_path_length(run_dir, "--resume")
     ckpt = latest_checkpoint(Path(run_dir))
     if ckpt is None:
         where = Path(run_dir)
         what = "does not exist" if not where.exists() else "has no complete checkpoint"
         raise CheckpointError(f"--resume: {run_dir} {what} (checkpoints/step_N/ is written every "
                               "output.save_every steps, at the end and on Ctrl-C)")
+    check_writable_dir(run_dir, "--resume")  # its logs are cut and appended to: not on a read-only disk
     base = make_config(str(ckpt / CONFIG))
     cfg = make_config(str(ckpt / CONFIG), [*overrides, ("output.dir", str(run_dir))])
     old, new = dict(_flat(base.to_dict())), dict(_flat(cfg.to_dict()))

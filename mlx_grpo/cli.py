@@ -16,6 +16,7 @@ and one import cycle (``fit`` measures with the trainer's step batch).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ from typing import Any, List, Optional, Tuple
 import click
 
 from .config import TASK_REWARDS, ConfigError, choices, make_config, parse_set
-from .errors import RunFault, UserError
+from .errors import RunFault, UserError, printable, shown
 from .rundir import check_output_file
 
 # Command-line flags that are shortcuts for config keys (flag name -> dotted key).
@@ -71,11 +72,29 @@ def _self_argv() -> List[str]:
     return list(sys.argv)
 
 
+def _open_standard_streams() -> None:
+    """Give a closed stdin, stdout or stderr (``cli.py ... >&-``, as cron or a daemon may start
+    it) the null device: Python leaves ``sys.stdout`` None then (a traceback at the first print),
+    and the next file opened (metrics.jsonl) would take fd 1 and receive every library's output."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)  # the lowest free fd: this one, as 0..fd-1 are open
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        setattr(sys, name, open(fd, mode, closefd=False))
+
+
 class OneLineErrors(click.Group):
     """click's own option errors (a bad type, a value out of range, a missing option) in the
     one-line form of every other bad input: ``error: ...``, exit 2, no usage block."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        _open_standard_streams()
         kwargs["standalone_mode"] = False  # errors come back here instead of being printed
         try:
             rv = super().main(*args, **kwargs)
@@ -194,6 +213,13 @@ def reported(debug: bool):
         if debug:
             raise
         fail(str(e), RunFault.exit_code if isinstance(e, RunFault) else UserError.exit_code)
+    except OSError as e:
+        # A path the user named that no filesystem takes (a name over NAME_MAX, a path over
+        # PATH_MAX): outputs are checked at the door (rundir.check_path_length), inputs fail here
+        # at their first stat wherever they are read.
+        if debug or e.errno != errno.ENAMETOOLONG:
+            raise
+        fail(f"{shown(e.filename)}: a name in this path is longer than the filesystem allows")
 
 
 def model_config(
@@ -310,12 +336,15 @@ def generate(config_path, run_dir, model, gguf_file, adapter, sets, debug, quest
 
         policy = load_policy(cfg, adapter_dir=adapter, training=False)
         loaded = (policy.model, policy.prompter)
+        # A model's text may hold terminal escapes: printed escaped, its lines and tabs kept.
         if samples == 1:
-            run_generate(*loaded, question, cfg, 1, temperature, emit=lambda t: click.echo(t, nl=False))
+            run_generate(*loaded, question, cfg, 1, temperature,
+                         emit=lambda t: click.echo(printable(t, keep="\n\t"), nl=False))
             click.echo()
             return
         for i, text in enumerate(run_generate(*loaded, question, cfg, samples, temperature), 1):
-            click.echo(f"--- sample {i}/{samples}\n{text}")
+            click.echo(f"--- sample {i}/{samples}")
+            click.echo(printable(text, keep="\n\t"))
 
 
 @main.command()
@@ -341,7 +370,8 @@ def runs(root, as_json):
     """List the runs under ROOT (default: runs/) with their key figures."""
     from .runs import find_runs, format_table, key_figures, read_run
 
-    found = find_runs(root)
+    with reported(False):  # (a ROOT no filesystem takes)
+        found = find_runs(root)
     rows = []
     for path in found:
         try:

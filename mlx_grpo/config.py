@@ -8,7 +8,8 @@ The defaults are the embedded offline run (the tiny model on the arithmetic task
 
 from __future__ import annotations
 
-from .errors import UserError
+from .errors import UserError, first_line, shown
+from .rundir import check_path_length
 
 import dataclasses
 import math
@@ -26,6 +27,20 @@ EMBEDDED_MODEL = str(ASSETS / "tiny-r1")
 
 class ConfigError(UserError, ValueError):
     """A bad config key or value; the message names the key and, where known, the file."""
+
+
+# Every integer setting is a count, a length or a size: none means anything past a billion, and
+# past 2**63 MLX and numpy cannot even hold it (``train.steps: 10**30`` failed inside the lr
+# schedule). Seeds are the exception: MLX and numpy take any unsigned 64-bit seed, nothing else.
+MAX_COUNT = 10**9
+INT_RANGES: Dict[str, Tuple[int, int]] = {"train.seed": (0, 2**64 - 1), "data.split_seed": (0, 2**64 - 1)}
+# Numbers are used in float32 (the learning rate, clip ranges, KL terms, reward weights and
+# totals): past this one is inf there, and training fails after it began instead of at the door.
+FLOAT32_MAX = 3.4028234663852886e38
+# A config is a few hundred values: a YAML whose aliases expand past this (a billion laughs) or
+# that nests deeper than this (100k nested lists) is not a config.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
 
 
 # Choice-valued settings: each type carries its choices once; the config's coercion checks them
@@ -254,7 +269,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {shown(value)}")
         return value
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -266,23 +281,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single item on the command line
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shown(value)}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Dict):
         _, vt = typing.get_args(tp)
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of name: value, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of name: value, got {shown(value)}")
         return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _in_int_range(value, key)
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            return _in_int_range(int(value), key)
+        raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
     if tp is float:
         number: Optional[float] = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -293,15 +308,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if number is None:
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}")
         if not math.isfinite(number):  # no setting means anything at nan or inf (weights would poison totals)
             raise ConfigError(f"{key}: expected a finite number, got {number}")
+        if abs(number) > FLOAT32_MAX:  # finite in Python, inf where it is used
+            raise ConfigError(f"{key}: must be within float32's range (|x| <= 3.4e38), got {number:g}")
         return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {shown(value)}")
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
+
+
+def _in_int_range(value: int, key: str) -> int:
+    """``value`` when it is in ``key``'s range (INT_RANGES, else at most MAX_COUNT in size; the
+    sign is validate's to check), else a ConfigError naming the key and the range."""
+    low, high = INT_RANGES.get(key, (-MAX_COUNT, MAX_COUNT))
+    if low <= value <= high:
+        return value
+    if key in INT_RANGES:
+        raise ConfigError(f"{key}: must be in {low}..2**64-1 (an unsigned 64-bit seed), got {shown(value)}")
+    raise ConfigError(f"{key}: must be at most {MAX_COUNT} in size, got {shown(value)}")
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
@@ -320,7 +348,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         value = data[f.name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{prefix}{f.name}: expected a section (a mapping), got {value!r}")
+                raise ConfigError(f"{prefix}{f.name}: expected a section (a mapping), got {shown(value)}")
             kwargs[f.name] = _build(tp, value, f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _coerce(value, tp, f"{prefix}{f.name}")
@@ -373,7 +401,7 @@ def validate(cfg: Config) -> Config:
     ]
     for key, ok, why in checks:
         if not ok:
-            raise ConfigError(f"{key}: {why}, got {_get(cfg, key)!r}")
+            raise ConfigError(f"{key}: {why}, got {shown(_get(cfg, key))}")
     if cfg.data.task in ("jsonl", "dataset") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.task is {cfg.data.task}")
     if cfg.train.prompts_per_step % cfg.train.grad_accumulation_steps:
@@ -383,6 +411,7 @@ def validate(cfg: Config) -> Config:
         )
     if not cfg.rewards:
         raise ConfigError("rewards: at least one reward is needed")
+    check_path_length(cfg.output.dir, "output.dir")  # here, before a run prints anything
     return cfg
 
 
@@ -423,23 +452,55 @@ def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
 def parse_set(item: str) -> Tuple[str, Any]:
     """Parse one ``key=value`` override; the value is read as YAML (so 0.1, true, [a, b] work)."""
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. grpo.beta=0.04")
+        raise ConfigError(f"--set {shown(item)}: expected key=value, e.g. grpo.beta=0.04")
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _read_yaml(raw, f"--set {key}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
 
 
+def _read_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``, refused in one line naming ``where`` when it is not the size of a
+    config: nested past MAX_YAML_DEPTH (PyYAML itself recurses: 100k nested lists are a
+    RecursionError) or, counting every alias where it is used, past MAX_YAML_NODES values."""
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply (more than {MAX_YAML_DEPTH} levels)") from None
+    except ValueError as e:  # Python will not read an int of over 4300 digits (not a YAMLError)
+        raise ConfigError(f"{where}: cannot read a number ({first_line(e)})") from None
+    _check_yaml_size(data, where)
+    return data
+
+
+def _check_yaml_size(data: Any, where: str) -> None:
+    """Walk ``data`` as the config will (aliases expanded), without recursion, and stop at the first
+    value past the bounds: a billion laughs is refused after MAX_YAML_NODES steps, not 10**9."""
+    todo = [(data, 1)]
+    for _ in range(MAX_YAML_NODES):
+        if not todo:
+            return
+        value, depth = todo.pop()
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}: nested too deeply (more than {MAX_YAML_DEPTH} levels)")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        todo.extend((c, depth + 1) for c in children)
+    if todo:
+        raise ConfigError(f"{where}: too large for a config (over {MAX_YAML_NODES} values once its "
+                          "aliases are expanded)")
+
+
 def load_yaml(path: str) -> Dict[str, Any]:
     """Read a YAML config file; errors name the file (and line for syntax errors)."""
+    check_path_length(path, "--config")
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = _read_yaml(p.read_text(encoding="utf-8"), path)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: cannot read config (not UTF-8 text)") from None
     except yaml.YAMLError as e:
@@ -487,7 +548,7 @@ def make_config(
         # One reward's weight: added to (or changing) the rewards already configured.
         # A weight of 0 keeps a reward logged but out of the total.
         if not isinstance(tree.setdefault("rewards", {}), dict):
-            raise ConfigError(f"rewards: expected a mapping of name: weight, got {tree['rewards']!r}")
+            raise ConfigError(f"rewards: expected a mapping of name: weight, got {shown(tree['rewards'])}")
         tree["rewards"][name] = value
     return validate(_build(Config, tree, ""))
 

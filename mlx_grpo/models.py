@@ -216,8 +216,10 @@ def load_adapters(model: nn.Module, adapter_dir: str) -> nn.Module:
             raise ModelLoadError(f"--adapter: {where / name} not found (not an adapter directory)")
     try:
         json.loads((where / ADAPTER_CONFIG).read_text())
+    except RecursionError:  # (100 k nested brackets: json recurses)
+        raise ModelLoadError(f"--adapter: {where / ADAPTER_CONFIG}: unreadable (nested too deeply)") from None
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"--adapter: {where / ADAPTER_CONFIG}: unreadable ({e})") from None
+        raise ModelLoadError(f"--adapter: {where / ADAPTER_CONFIG}: unreadable ({first_line(e)})") from None
     try:
         return _load(model, adapter_dir)
     except Exception as e:  # truncated, edited, or for another model: one line, named

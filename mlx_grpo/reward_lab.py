@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 
 from .config import Config, ConfigError
+from .errors import printable
 from .rewards import Rewards, configured_rewards, score
 from .rundir import atomic_write
 from .tasks import DataError, iter_jsonl
@@ -211,7 +212,9 @@ def _fmt(x: Optional[float], width: int = 7) -> str:
 
 
 def _clip(text: str, limit: int = 100) -> str:
-    text = " ".join(str(text).split())
+    """``text`` on one line for the report, escaped (a completion may hold terminal escapes or lone
+    surrogates: printed raw, they reach the terminal or fail to encode), cut to ``limit``."""
+    text = printable(" ".join(str(text).split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

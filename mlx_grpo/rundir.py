@@ -35,7 +35,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import UserError
+from .errors import UserError, shown
 
 MANIFEST = ".mlx-grpo-run"
 CONFIG = "config.yaml"
@@ -64,11 +64,39 @@ def _nearest_existing(path: Path, key: str) -> Path:
     return path
 
 
+def check_path_length(path: str | Path, key: str) -> None:
+    """Raise RunDirError (naming ``key``) when a name in ``path`` or the whole of it is longer than
+    the filesystem allows (NAME_MAX, PATH_MAX of its nearest existing folder): before it, even
+    ``Path.exists`` raises ENAMETOOLONG. Says the lengths, not the path (it may be kilobytes)."""
+    full = os.path.abspath(path)
+    name_max, path_max = _length_limits(full)
+    for part in Path(full).parts:
+        if len(os.fsencode(part)) > name_max:
+            raise RunDirError(f"{key}: a name in the path is {len(os.fsencode(part))} bytes long, the "
+                              f"filesystem allows {name_max} ({shown(part)})")
+    if len(os.fsencode(full)) >= path_max:
+        raise RunDirError(f"{key}: the path is {len(os.fsencode(full))} bytes long, the filesystem "
+                          f"allows {path_max - 1} ({shown(full)})")
+
+
+def _length_limits(full: str) -> Tuple[int, int]:
+    """NAME_MAX and PATH_MAX where ``full`` would be created; POSIX's usual 255 and 4096 where
+    the system will not say."""
+    base = full
+    while not os.path.isdir(base) and base != os.path.dirname(base):  # isdir: False on ENAMETOOLONG
+        base = os.path.dirname(base)
+    try:
+        return os.pathconf(base, "PC_NAME_MAX"), os.pathconf(base, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 255, 4096
+
+
 def check_writable_dir(path: str | Path, key: str) -> None:
     """Raise RunDirError (naming ``key``) unless ``path`` is, or can be created as, a directory
     this process may write in. Creates nothing."""
     if not str(path).strip():
         raise RunDirError(f"{key}: empty path (an unset shell variable?); name a directory")
+    check_path_length(path, key)
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise RunDirError(f"{key}: {p} is a file, not a directory")
@@ -78,7 +106,16 @@ def check_writable_dir(path: str | Path, key: str) -> None:
     # To create in a folder needs write and search; to look into the directory itself, read too.
     mode = os.W_OK | os.X_OK | (os.R_OK if p.is_dir() else 0)
     if not os.access(base, mode):
-        raise RunDirError(f"{key}: cannot write in {base} (permission denied)")
+        raise RunDirError(f"{key}: cannot write in {base} ({_why_not_writable(base)})")
+
+
+def _why_not_writable(path: Path) -> str:
+    """Why ``os.access`` said no: a read-only filesystem (root included) or the permissions."""
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return "read-only file system" if read_only else "permission denied"
 
 
 def check_output_file(path: str | Path, key: str, inputs: Sequence[Tuple[str, Optional[str | Path]]] = ()) -> None:
@@ -89,6 +126,7 @@ def check_output_file(path: str | Path, key: str, inputs: Sequence[Tuple[str, Op
     written over what it read."""
     if not str(path).strip():
         raise RunDirError(f"{key}: empty path (an unset shell variable?); name a file")
+    check_path_length(path, key)
     p = Path(path)
     if p.is_dir():
         raise RunDirError(f"{key}: {p} is a directory, not a file")
@@ -176,7 +214,7 @@ def read_manifest(out: Path) -> List[str]:
     ours: an unreadable manifest proves nothing)."""
     try:
         data = json.loads((Path(out) / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (RecursionError: 100 k nested brackets)
         return []
     files = data.get("files") if isinstance(data, dict) and data.get("written_by") == "mlx-grpo" else None
     return [f for f in files if f in RUN_FILES] if isinstance(files, list) else []

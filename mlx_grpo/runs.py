@@ -53,7 +53,7 @@ def read_run(path: str | Path, config: bool = True) -> RunRecords:
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            r = read_json(line)
         except (json.JSONDecodeError, RecursionError):  # (RecursionError: brackets nested 100 k deep)
             if i == len(lines):  # a partial last line from an interrupted write
                 break
@@ -65,8 +65,19 @@ def read_run(path: str | Path, config: bool = True) -> RunRecords:
     if config and (path / CONFIG).is_file():
         rec.config = _read_mapping(path / CONFIG, yaml.safe_load) or {}
     if config and (path / SUMMARY).is_file():
-        rec.summary = _read_mapping(path / SUMMARY, json.loads)
+        rec.summary = _read_mapping(path / SUMMARY, read_json)
     return rec
+
+
+def read_json(text: str) -> Any:
+    """``json.loads`` with every number a float can hold: an integer past float's range (10**400,
+    hand-edited or damaged) reads as +-inf, as json reads 1e400, so that sums, tables and plots take
+    it instead of raising OverflowError (or ValueError past 4300 digits)."""
+    return json.loads(text, parse_int=_int)
+
+
+def _int(digits: str) -> Any:
+    return int(digits) if len(digits.lstrip("-")) < 300 else float(digits)
 
 
 def _read_mapping(where: Path, parse: Callable[[str], Any]) -> Optional[Dict[str, Any]]:

@@ -47,6 +47,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..config import Config, ConfigError, RewardSettings
+from ..errors import described
 from ..interrupts import Interrupted
 from .accuracy import make_accuracy_reward
 from .countdown import countdown_reward
@@ -288,7 +289,7 @@ def _call(name: str, fn: RewardFn, prompts: List[str], completions: List[str],
     except BaseException as e:
         if not _own_error(e):  # a second Ctrl-C in training, landing inside the reward
             raise
-        error = f"{type(e).__name__}: {e}"
+        error = described(e)  # one line: a multi-line message or a failing __str__ stays out of it
     for i in range(len(completions)):
         p, c, cols = _inputs(prompts, completions, columns, slice(i, i + 1))
         try:
@@ -296,7 +297,7 @@ def _call(name: str, fn: RewardFn, prompts: List[str], completions: List[str],
         except BaseException as e:
             if not _own_error(e):
                 raise
-            raise RewardError(f"reward {name} raised {type(e).__name__}: {e} on {_sample(i, completions)}") from None
+            raise RewardError(f"reward {name} raised {described(e)} on {_sample(i, completions)}") from e
     raise RewardError(f"reward {name} raised {error} on the batch of {len(completions)} (each sample alone passes)")
 
 
