@@ -29,6 +29,7 @@ import numpy as np
 from .errors import first_line
 from .gguf_read import GGUFError, GGUFHeader, load_tensors, read_header
 from .gguf_tokenizer import write_tokenizer
+from .shapes import cache_root
 
 # Bump when the conversion's output changes: old cached directories are then not reused.
 CONVERTER_VERSION = 1
@@ -52,7 +53,7 @@ def is_gguf(path: str) -> bool:
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-grpo" / "gguf"
+    return cache_root() / "gguf"
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:

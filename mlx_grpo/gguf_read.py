@@ -177,12 +177,16 @@ def load_tensors(header: GGUFHeader, group_size: int = 32) -> Weights:
         for t in header.tensors:
             if t.type_name == "BF16":  # mx.load gives float16; read the bits as they are
                 arrays[t.name] = _bfloat16(header.path, t)
-        quant = {}
-        for name, t in types.items():
-            if t in ("Q4_0", "Q4_1", "Q8_0"):
-                quant[name[: -len(".weight")] if name.endswith(".weight") else name] = (32, 8 if t == "Q8_0" else 4)
+        quant = {_stem(name): (32, 8 if t == "Q8_0" else 4)
+                 for name, t in types.items() if t in ("Q4_0", "Q4_1", "Q8_0")}
         return arrays, quant
     return _load_with_gguf_package(header, other, group_size)
+
+
+def _stem(name: str) -> str:
+    """A weight's module name: ``blk.0.attn_q.weight`` -> ``blk.0.attn_q`` (where MLX puts
+    ``.scales`` and ``.biases`` beside it)."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
 def _bfloat16(path: Path, t: TensorInfo) -> mx.array:
@@ -205,21 +209,21 @@ def _load_with_gguf_package(header: GGUFHeader, other: List[str], group_size: in
         raise GGUFError(f"{header.path}: cannot read its tensors ({first_line(e)})") from None
     arrays: Dict[str, mx.array] = {}
     quant: Dict[str, Tuple[int, int]] = {}
+    infos = {t.name: t for t in header.tensors}  # the same table, already read and checked
     for t in reader.tensors:
-        tname = t.tensor_type.name
-        info_shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+        tname, info = t.tensor_type.name, infos[t.name]
         if tname == "BF16":
-            arrays[t.name] = _bfloat16(header.path, next(x for x in header.tensors if x.name == t.name))
+            arrays[t.name] = _bfloat16(header.path, info)
             continue
         if tname in FLOAT:
-            arrays[t.name] = mx.array(np.asarray(t.data).reshape(info_shape))
+            arrays[t.name] = mx.array(np.asarray(t.data).reshape(info.shape))
             continue
         try:
-            values = dequantize(np.asarray(t.data), t.tensor_type).reshape(info_shape).astype(np.float32)
+            values = dequantize(np.asarray(t.data), t.tensor_type).reshape(info.shape).astype(np.float32)
         except NotImplementedError:
             raise GGUFError(f"{header.path}: tensor {t.name} has type {tname}, which the gguf package "
                             "cannot dequantize") from None
-        stem = t.name[: -len(".weight")] if t.name.endswith(".weight") else t.name
+        stem = _stem(t.name)
         bits = requantize_bits(tname)
         if values.ndim == 2 and values.shape[-1] % group_size == 0:
             w, s, b = mx.quantize(mx.array(values), group_size=group_size, bits=bits)

@@ -58,7 +58,9 @@ class ShapeError(UserError, ValueError):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-grpo"
+    """Where built models are kept: ``$XDG_CACHE_HOME/mlx-grpo`` (an empty value counts as unset,
+    as the XDG spec says), else ``~/.cache/mlx-grpo``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-grpo"
 
 
 def shape_config(name: str, layers: Optional[int] = None, dtype: str = "float32") -> Dict[str, Any]:
