@@ -1,4 +1,4 @@
-"""Every refusal is one line with exit 2 (issue 26, section 3): numbers past what their key or
+"""Every refusal is one line with exit 2: numbers past what their key or
 their dtype holds, YAML past the size of a config, path names past the filesystem's limits, run
 files holding numbers no float holds, user exceptions whose message is several lines or cannot be
 shown, and a closed stdout. Real subprocesses, real files."""
@@ -227,12 +227,18 @@ def test_printable_keeps_text_and_the_characters_asked_for():
     assert printable("a\n\tb\x1b[0m\r", keep="\n\t") == "a\n\tb\\x1b[0m\\r"
 
 
+def _unshare_env() -> dict:
+    """The environment for ``unshare``: without the suite's LD_PRELOAD of a multi-threaded BLAS,
+    whose threads start with the process and make unshare(CLONE_NEWUSER) fail (EINVAL)."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 def _read_only_namespace(folder) -> bool:
     """Whether this machine lets a user namespace bind-mount ``folder`` read-only (unshare -rm)."""
     if shutil.which("unshare") is None:
         return False
     r = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0"',
-                        str(folder)], capture_output=True, timeout=30)
+                        str(folder)], capture_output=True, env=_unshare_env(), timeout=30)
     return r.returncode == 0
 
 
@@ -248,6 +254,6 @@ def test_resume_on_a_read_only_filesystem_is_one_line_and_changes_nothing(tmp_pa
     script = ('mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && '
               '"$0" cli.py train --resume "$1" --steps 2 --no-progress')
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script, sys.executable, str(out)], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, **NO_BLAS}, timeout=600)
+                       capture_output=True, text=True, env={**_unshare_env(), **NO_BLAS}, timeout=600)
     one_line_error(r, f"--resume: cannot write in {out} (read-only file system)")
     assert tree_hash(out) == before
