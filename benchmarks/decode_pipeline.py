@@ -10,13 +10,10 @@ the tokens must be identical (per-row keys), the time is what changes:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
 
 
 def main() -> None:
@@ -27,16 +24,14 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the embedded model")
     a = ap.parse_args()
 
-    from mlx_grpo import blas
-
-    blas.maybe_reexec(sys.argv, dict(os.environ))
+    common.fast_blas()
     import mlx.core as mx
     import numpy as np
 
     from mlx_grpo import rollout
     from mlx_grpo.bench import BenchSettings, Session, bench_config
 
-    print(blas.describe(dict(os.environ)), flush=True)
+    print(common.blas_line(), flush=True)
     for rows in [int(r) for r in a.rows.split(",")]:
         G = 8 if rows > 8 else rows
         cfg = bench_config(None, a.model, BenchSettings(prompts=rows // G, group_size=G, max_tokens=a.max_tokens))

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_grpo.bench import distributed_throughput  # noqa: E402
+import common  # noqa: F401  (the repository on sys.path)
+from mlx_grpo.bench import distributed_throughput
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """One forward pass of a quantized model on MLX's CPU backend: kept quantized vs its float32 base.
 
-    python benchmarks/float_base_forward.py [--shape qwen2.5-0.5b] [--rows 1] [--tokens 32]
+    python benchmarks/float_base_forward.py [--shape qwen2.5-0.5b] [--bits 4] [--rows 1] [--tokens 32]
 
-(run through ``cli.py``'s BLAS set-up: LD_PRELOAD the fast BLAS as docs/performance.md's
-"OpenBLAS on Linux" says). Times are the median of 2 passes after a warm-up; the logits of both
+(it restarts itself with the fast BLAS the CLI uses, as docs/performance.md's "OpenBLAS on
+Linux" says). Times are the median of 2 passes after a warm-up; the logits of both
 are compared.
 """
 
@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
+import common
+import mlx.core as mx
+import numpy as np
 
 
 def timed(model, x, reps: int = 2) -> float:
@@ -33,15 +30,9 @@ def timed(model, x, reps: int = 2) -> float:
 
 
 def main() -> None:
-    import os
-
-    from mlx_grpo import blas
-
-    # a fast BLAS with the kernels this CPU allows, as the CLI runs (blas.py)
-    blas.maybe_reexec([str(Path(__file__).resolve()), *sys.argv[1:]], dict(os.environ))
+    common.fast_blas()
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="qwen2.5-0.5b")
-    ap.add_argument("--bits", type=int, default=4)
+    common.shape_args(ap, bits=4, prompts=..., group=..., max_tokens=..., shape_help="a release's shape (shapes.py)")
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=32)
     a = ap.parse_args()

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
 
 
 def measure(shape: str, bits: int, P: int, G: int, max_tokens: int, beta: float) -> Dict[str, Any]:
     from mlx_grpo.bench_shape import decode_clock, per_token, shape_session, step_memory
 
-    say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    say = common.say
     sess = shape_session(shape, bits, P, G, max_tokens, say)
     say(f"one GRPO step, P={P} x G={G} x {max_tokens} tokens, beta {beta} ...")
     times: List[float] = []
@@ -60,18 +59,9 @@ def table(r: Dict[str, Any]) -> str:
 
 
 def main() -> None:
-    import os
-
-    from mlx_grpo import blas
-
-    # As the CLI does: restart once with the fast BLAS preloaded (MLX's bundled one is 10-19x slower).
-    blas.maybe_reexec([str(Path(__file__).resolve()), *sys.argv[1:]], dict(os.environ))
+    common.fast_blas()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="qwen2.5-0.5b")
-    ap.add_argument("--bits", type=int, default=0, choices=[0, 4, 8])
-    ap.add_argument("-P", type=int, default=1)
-    ap.add_argument("-G", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=1024)
+    common.shape_args(ap, prompts=1, max_tokens=1024)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", help="also write the JSON result here")

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_grpo.rewards import BUILTIN  # noqa: E402
-from mlx_grpo.rewards.adversarial import timings  # noqa: E402
+import common  # noqa: F401  (the repository on sys.path)
+from mlx_grpo.rewards import BUILTIN
+from mlx_grpo.rewards.adversarial import timings
 
 
 def main() -> None:

@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
 
 
 def step(shape: str, bits: int, P: int, G: int, max_tokens: int) -> dict:
     from mlx_grpo.bench import step_split
     from mlx_grpo.bench_shape import shape_session
 
-    sess = shape_session(shape, bits, P, G, max_tokens, say=lambda s: print(s, file=sys.stderr))
+    sess = shape_session(shape, bits, P, G, max_tokens, say=common.say)
     out = step_split(sess.grpo_steps(1))
     del sess
     gc.collect()
@@ -32,17 +30,9 @@ def step(shape: str, bits: int, P: int, G: int, max_tokens: int) -> dict:
 
 
 def main() -> None:
-    import os
-
-    from mlx_grpo import blas
-
-    # a fast BLAS with the kernels this CPU allows, as the CLI runs (blas.py)
-    blas.maybe_reexec([str(Path(__file__).resolve()), *sys.argv[1:]], dict(os.environ))
+    common.fast_blas()
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="qwen2.5-0.5b")
-    ap.add_argument("-P", type=int, default=2)
-    ap.add_argument("-G", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    common.shape_args(ap, bits=..., shape_help="a release's shape (shapes.py)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     runs = [(bits, step(a.shape, bits, a.P, a.G, a.max_tokens)) for bits in (0, 4, 0)]

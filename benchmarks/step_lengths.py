@@ -13,29 +13,20 @@ the lengths given, each step's split printed as it finishes:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="qwen2.5-0.5b")
+    common.shape_args(ap, bits=4, max_tokens=..., shape_help="a release's shape (shapes.py)")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--bits", type=int, default=4, choices=[0, 4, 8])
     ap.add_argument("--lengths", default="64,64,80,80,96,64")
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("-P", type=int, default=2)
-    ap.add_argument("-G", type=int, default=4)
     a = ap.parse_args()
-
-    from mlx_grpo import blas
-
-    blas.maybe_reexec(sys.argv, dict(os.environ))
+    common.fast_blas()
     from mlx_grpo.bench_shape import shape_session
     from mlx_grpo.shapes import shape_dir
 

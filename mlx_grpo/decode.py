@@ -144,7 +144,7 @@ class StaticDecoder:
         the graph's is left to them, so ``slice_update`` writes into them in place (MLX donates an
         input nobody else holds) instead of copying every layer's buffer each step, which it did
         where the log-softmax evaluates inside ``step()`` (float32 Qwen2.5-0.5B shape, 8 rows x
-        512 tokens: 1.12x, ``benchmarks/decode_grow.py --compare in-place``). The caller puts the
+        512 tokens: 1.12x, docs/results/real-shapes-cpu.md). The caller puts the
         step's output buffers back."""
         args = (y, pos, self.visible, self.shift, *self.kv)
         self.kv = []

@@ -4,7 +4,7 @@ On x86-64 MLX's CPU backend evaluates ``exp`` and ``sigmoid`` element by element
 (an add: under 1 ns); every gated MLP pays it in its SiLU (Qwen2.5-0.5B: 116,736 sigmoids per
 token). Here exp(y ln 2) = 2^n * 2^f (n an integer, |f| <= 1/2): 2^n is built from its bits and
 2^f by a degree-7 polynomial (relative error ~5e-9, below float32's rounding), in compiled
-element-wise kernels of multiplies and adds (``benchmarks/fastmath_step.py`` measures them):
+element-wise kernels of multiplies and adds (measured: docs/performance.md):
 
 - ``swiglu``: ``silu(gate) * x`` of the gated MLPs of mlx-lm's llama, qwen2, qwen3, mistral and
   about fifty more architectures, with its gradient written out;
