@@ -36,9 +36,9 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import Config, ConfigError, make_config, save_config
 from .errors import UserError, first_line
-from .models import check_finite, model_dir, save_adapters
-from .rundir import (ADAPTERS, CHECKPOINTS, CONFIG, LOGS, STEP_DIR as _STEP_DIR, check_log_sizes, check_path_length,
-                     check_writable_dir)
+from .models import check_finite, model_dir, save_adapters, weights_problem
+from .rundir import (ADAPTERS, CHECKPOINTS, CONFIG, LOGS, STEP_DIR as _STEP_DIR, check_log_sizes, check_own_directory,
+                     check_path_length, check_writable_dir)
 
 # Keys a resumed run may change: they decide how long it runs and how it reports and saves,
 # or how an update is computed (micro-batches and recomputation give the same gradient), never
@@ -241,28 +241,18 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _kind(a: mx.array) -> str:
-    return f"{str(a.dtype).removeprefix('mlx.core.')}{list(a.shape)}"
-
-
 def _load_arrays(path: Path, expected: Dict[str, mx.array], what: str) -> Dict[str, mx.array]:
     """The arrays of a checkpoint file, which must hold exactly ``expected``'s names with their
-    shapes and dtypes, all finite; anything else (truncated, edited, another layout) is a
-    CheckpointError naming the file."""
+    shapes and dtypes, all finite (``models.weights_problem``, the check every adapter load
+    makes); anything else (truncated, edited, another layout) is a CheckpointError naming the file."""
     try:
         saved = mx.load(str(path))
     except Exception as e:  # truncated or not safetensors: MLX's message, on one line
         first = first_line(e)
         raise CheckpointError(f"{path}: unreadable {what} ({first})") from None
-    if not isinstance(saved, dict) or set(saved) != set(expected):
-        diff = sorted(set(saved) ^ set(expected)) if isinstance(saved, dict) else []
-        raise CheckpointError(f"{path}: its {what} do not match this run's layout ({diff[:3]} ...)")
-    for k, ref in expected.items():
-        if saved[k].shape != ref.shape or saved[k].dtype != ref.dtype:
-            raise CheckpointError(f"{path}: {k} is {_kind(saved[k])}, this run needs {_kind(ref)}")
-    bad = [k for k, v in saved.items() if mx.issubdtype(v.dtype, mx.inexact) and not mx.isfinite(v).all().item()]
-    if bad:
-        raise CheckpointError(f"{path}: {bad[0]} holds NaN or infinite values")
+    why = weights_problem(saved, what, expected)
+    if why:
+        raise CheckpointError(f"{path}: {why}")
     return saved
 
 
@@ -307,6 +297,7 @@ def resume_config(run_dir: str, overrides: List[tuple]) -> Config:
         raise CheckpointError(f"--resume: {run_dir} {what} (checkpoints/step_N/ is written every "
                               "output.save_every steps, at the end and on Ctrl-C)")
     check_writable_dir(run_dir, "--resume")  # its logs are cut and appended to: not on a read-only disk
+    check_own_directory(run_dir, "--resume")  # a run written into / or ~ before that was refused
     base = make_config(str(ckpt / CONFIG))
     cfg = make_config(str(ckpt / CONFIG), [*overrides, ("output.dir", str(run_dir))])
     old, new = dict(_flat(base.to_dict())), dict(_flat(cfg.to_dict()))

@@ -27,7 +27,7 @@ import click
 
 from .config import TASK_REWARDS, ConfigError, choices, make_config, parse_set
 from .errors import RunFault, UserError, printable, shown
-from .rundir import check_output_file
+from .rundir import RunDirError, check_named, check_output_file
 
 # Command-line flags that are shortcuts for config keys (flag name -> dotted key).
 TRAIN_FLAGS = {
@@ -89,6 +89,41 @@ def _open_standard_streams() -> None:
         setattr(sys, name, open(fd, mode, closefd=False))
 
 
+class EmptyPath(click.UsageError):
+    """An empty path on the command line, refused as it is read (``PathText``)."""
+
+
+class PathText(click.ParamType):
+    """A path, or a Hub id, on the command line: any text but an empty one. An unset shell
+    variable gives one (``--config "$CFG"``), and every command read "" as the option not given
+    (the default config, no adapter, the base model); ``rundir.check_named`` says so, naming the
+    option, as ``--out ""`` and ``--output ""`` are refused. Every option that takes a path has it."""
+
+    name = "text"  # (the help's metavar, as for type=str)
+
+    def __init__(self, what: str) -> None:
+        self.what = what  # what to name instead, e.g. "a file"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        """``value`` as given, or ``EmptyPath`` naming the option when it is empty or blank."""
+        if isinstance(param, click.Option):
+            flag = param.opts[0]
+        else:  # an argument: RUN_DIRS, ROOT
+            flag = param.human_readable_name if param is not None else "path"
+        try:
+            check_named(value, flag, self.what)
+        except RunDirError as e:
+            raise EmptyPath(str(e)) from None
+        return value
+
+
+A_FILE = PathText("a file")
+A_DIR = PathText("a directory")
+A_MODEL = PathText("a Hub id, a model directory or a .gguf file")
+A_GGUF = PathText("a .gguf file")
+AN_ADAPTER = PathText("an adapter directory")
+
+
 class OneLineErrors(click.Group):
     """click's own option errors (a bad type, a value out of range, a missing option) in the
     one-line form of every other bad input: ``error: ...``, exit 2, no usage block."""
@@ -98,6 +133,8 @@ class OneLineErrors(click.Group):
         kwargs["standalone_mode"] = False  # errors come back here instead of being printed
         try:
             rv = super().main(*args, **kwargs)
+        except EmptyPath as e:  # in the form of the other path errors: the option, then why
+            fail(e.format_message())
         except click.UsageError as e:
             if type(e).__name__ == "NoArgsIsHelpError":  # no command given: the help, as click shows it
                 e.show()
@@ -117,20 +154,26 @@ class OneLineErrors(click.Group):
 @click.version_option(package_name="mlx-grpo")
 def main() -> None:
     """mlx-grpo: teach a language model to reason with GRPO on MLX, through LoRA adapters."""
-    from . import blas
+    from . import blas, hub
 
+    # Before anything imports huggingface_hub (mlx-lm does), which reads its timeouts once; the
+    # restart below inherits them.
+    try:
+        hub.set_timeout_defaults()
+    except UserError as e:
+        fail(str(e))
     # On Linux CPUs, restart once with a fast BLAS preloaded (the bundled one is 10-19x slower).
     blas.maybe_reexec(_self_argv(), dict(os.environ))
 
 
 @main.command()
-@click.option("--config", "config_path", type=str, default=None, help="YAML config file (see configs/).")
+@click.option("--config", "config_path", type=A_FILE, default=None, help="YAML config file (see configs/).")
 @click.option("--output", type=str, default=None, help="Run directory [output.dir].")
 @click.option("--steps", type=int, default=None, help="GRPO steps [train.steps].")
 @click.option("--seed", type=int, default=None, help="Random seed [train.seed].")
-@click.option("--model", type=str, default=None, help="Hub id, local model directory or .gguf file [model.path].")
-@click.option("--gguf-file", type=str, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file].")
-@click.option("--data", type=str, default=None, help="JSONL data file; sets data.task=jsonl [data.path].")
+@click.option("--model", type=A_MODEL, default=None, help="Hub id, local model directory or .gguf file [model.path].")
+@click.option("--gguf-file", type=A_GGUF, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file].")
+@click.option("--data", type=A_FILE, default=None, help="JSONL data file; sets data.task=jsonl [data.path].")
 @click.option("--task", type=str, default=None, help=f"{' | '.join(TASK_REWARDS)} [data.task].")
 @click.option("--prompt-format", type=str, default=None, help=key_help("prompt.kind"))
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, default=None, help="[train.learning_rate]")
@@ -146,7 +189,7 @@ def main() -> None:
 @click.option("--lora-rank", type=int, default=None, help="[adapter.rank]")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. --set grpo.beta=0.04 (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Reuse an output directory that already holds a run.")
-@click.option("--resume", "resume_dir", type=str, default=None, metavar="RUN_DIR",
+@click.option("--resume", "resume_dir", type=A_DIR, default=None, metavar="RUN_DIR",
               help="Continue a run from its newest checkpoint (its own config; --steps may raise the total).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -250,11 +293,11 @@ def model_config(
 def model_options(f):
     """--config/--run/--model/--adapter/--set/--debug: how every model-using command finds its model."""
     for opt in reversed([
-        click.option("--config", "config_path", type=str, default=None, help="YAML config (task, prompt, rollout)."),
-        click.option("--run", "run_dir", type=str, default=None, help="A run directory: its config and adapters."),
-        click.option("--model", type=str, default=None, help="Hub id, local model directory or .gguf file [model.path]."),
-        click.option("--gguf-file", type=str, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file]."),
-        click.option("--adapter", type=str, default=None, help="Adapter directory (adapters.safetensors)."),
+        click.option("--config", "config_path", type=A_FILE, default=None, help="YAML config (task, prompt, rollout)."),
+        click.option("--run", "run_dir", type=A_DIR, default=None, help="A run directory: its config and adapters."),
+        click.option("--model", type=A_MODEL, default=None, help="Hub id, local model directory or .gguf file [model.path]."),
+        click.option("--gguf-file", type=A_GGUF, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file]."),
+        click.option("--adapter", type=AN_ADAPTER, default=None, help="Adapter directory (adapters.safetensors)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
     ]):
@@ -265,7 +308,7 @@ def model_options(f):
 @main.command("eval")
 @model_options
 @click.option("--task", type=str, default=None, help="Task whose held-out split is evaluated [data.task].")
-@click.option("--data", type=str, default=None, help="JSONL file; its held-out split is evaluated.")
+@click.option("--data", type=A_FILE, default=None, help="JSONL file; its held-out split is evaluated.")
 @click.option("--n", "limit", type=int, default=None, help="Evaluate the first N held-out prompts.")
 @click.option("--samples", "-k", type=click.IntRange(min=0), default=0, help="K samples per prompt for pass@1 and pass@K.")
 @click.option("--temperature", type=float, default=None, help="Sampling temperature for --samples [rollout.temperature].")
@@ -279,7 +322,7 @@ def eval_cmd(config_path, run_dir, model, gguf_file, adapter, sets, debug, task,
         overrides: List[Tuple[str, Any]] = []
         if data:
             overrides += [("data.task", "jsonl"), ("data.path", data)]
-        if task:
+        if task is not None:  # "" too: the config refuses it (an unset shell variable)
             overrides.append(("data.task", task))
         if limit is not None and limit < 1:
             raise ConfigError(f"--n: must be at least 1, got {limit}")
@@ -348,8 +391,8 @@ def generate(config_path, run_dir, model, gguf_file, adapter, sets, debug, quest
 
 
 @main.command()
-@click.argument("run_dirs", nargs=-1, required=True)
-@click.option("--out", type=str, default=None, help="PNG file [RUN_DIR/curves.png].")
+@click.argument("run_dirs", nargs=-1, required=True, type=A_DIR)
+@click.option("--out", type=A_FILE, default=None, help="PNG file [RUN_DIR/curves.png].")
 @click.option("--smooth", type=click.IntRange(min=1), default=None, help="Moving-average window in steps [steps/30].")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def plot(run_dirs, out, smooth, debug):
@@ -364,7 +407,7 @@ def plot(run_dirs, out, smooth, debug):
 
 
 @main.command()
-@click.argument("root", default="runs")
+@click.argument("root", default="runs", type=A_DIR)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
 def runs(root, as_json):
     """List the runs under ROOT (default: runs/) with their key figures."""
@@ -387,20 +430,20 @@ def runs(root, as_json):
 
 
 @main.command("reward")
-@click.option("--completions", "completions_path", type=str, default=None,
+@click.option("--completions", "completions_path", type=A_FILE, default=None,
               help="JSONL file, one {\"completion\", \"prompt\", \"answer\", ...} per line.")
 @click.option("--rewards", "reward_list", type=str, default=None,
               help="Comma-separated rewards, each optionally =weight (default: the config's or task's).")
-@click.option("--model", type=str, default=None, help="Sample the completions from this model first [model.path].")
-@click.option("--gguf-file", type=str, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file].")
-@click.option("--adapter", type=str, default=None, help="Adapter directory for --model.")
+@click.option("--model", type=A_MODEL, default=None, help="Sample the completions from this model first [model.path].")
+@click.option("--gguf-file", type=A_GGUF, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file].")
+@click.option("--adapter", type=AN_ADAPTER, default=None, help="Adapter directory for --model.")
 @click.option("--task", type=str, default=None, help="Task whose training prompts are sampled [data.task].")
 @click.option("--samples", type=int, default=None, help="With --model: how many prompts to sample.")
 @click.option("--group-size", "-G", type=int, default=1, show_default=True, help="With --model: completions per prompt.")
 @click.option("--max-tokens", type=int, default=None, help="With --model: [rollout.max_tokens]")
-@click.option("--config", "config_path", type=str, default=None, help="YAML config (rewards, reward_settings, task...).")
+@click.option("--config", "config_path", type=A_FILE, default=None, help="YAML config (rewards, reward_settings, task...).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
-@click.option("--out", "out_path", type=str, default=None, help="Write each row with its rewards and total (JSONL).")
+@click.option("--out", "out_path", type=A_FILE, default=None, help="Write each row with its rewards and total (JSONL).")
 @click.option("--top", type=int, default=3, show_default=True, help="Worst and best examples to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -432,15 +475,15 @@ def reward_cmd(completions_path, reward_list, model, gguf_file, adapter, task, s
 
 
 @main.command()
-@click.option("--model", type=str, default=None, help="Hub id or local model directory [model.path].")
-@click.option("--config", "config_path", type=str, default=None, help="YAML config (sampling, adapter, beta).")
+@click.option("--model", type=A_MODEL, default=None, help="Hub id or local model directory [model.path].")
+@click.option("--config", "config_path", type=A_FILE, default=None, help="YAML config (sampling, adapter, beta).")
 @click.option("--large", is_flag=True, help="Bench a randomly initialised ~100M-parameter model (built once, cached).")
 @click.option("--quick", is_flag=True, help="Tiny settings, one repetition: checks that everything runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--processes", "-n", type=click.IntRange(min=0), default=0,
               help="Also time training steps/s with 1 and N processes under mlx.launch (N >= 2).")
-@click.option("--out", "out_path", type=str, default=None, help="Also write the JSON result to this file.")
-@click.option("--shape", type=str, default=None,
+@click.option("--out", "out_path", type=A_FILE, default=None, help="Also write the JSON result to this file.")
+@click.option("--shape", type=PathText("a shape or a model"), default=None,
               help="qwen2.5-0.5b | qwen2.5-1.5b | llama-3.2-1b (random weights, built once, cached) or a "
                    "model path/Hub id: a step at real scale, memory measured vs the estimate.")
 @click.option("--bits", type=click.Choice(["0", "4", "8"]), default="4", help="--shape weights: 0 = float32.")

@@ -13,10 +13,11 @@ from .rundir import check_path_length
 
 import dataclasses
 import math
+import struct
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Tuple
 
 import yaml
 
@@ -37,6 +38,26 @@ INT_RANGES: Dict[str, Tuple[int, int]] = {"train.seed": (0, 2**64 - 1), "data.sp
 # Numbers are used in float32 (the learning rate, clip ranges, KL terms, reward weights and
 # totals): past this one is inf there, and training fails after it began instead of at the door.
 FLOAT32_MAX = 3.4028234663852886e38
+# Below this (float32's smallest normal number) a nonzero setting is 0 where it is used: float32
+# rounds 1e-50 to 0, and Metal, CUDA and many CPU kernels flush subnormals (down to 1.4e-45) to 0.
+# ``--lr 1e-320`` passed the > 0 check and trained nothing.
+FLOAT32_TINY = 1.1754943508222875e-38
+# Reward weights are relative: advantages are normalised within a group (or the batch), so only
+# their ratios count, and float32 keeps about 7 significant digits, so a reward weighted a million
+# times less than another adds nothing to the total. No weight means more than 1e6 in size; past it
+# a few weights times a reward overflow the total and its square (the advantages' std): two
+# weights of 1e308 made every total inf, every update was skipped and the run still exited 0.
+MAX_REWARD_WEIGHT = 1e6
+# String settings for which "" means something as written (no response prefix, no system prompt).
+# Any other empty string (a path, a Hub id, a field name, a stop string, a module key) can only be a
+# mistake, mostly an unset shell variable in ``--set key=$VAR``, and was read as "not set".
+EMPTY_STRING_KEYS = ("prompt.response_prefix", "prompt.system_prompt")
+# Why an empty string is refused, where the reason is other than an unset shell variable.
+EMPTY_STRING_WHY = {
+    "rollout.stop": "an empty stop string ends every completion at its first token",
+    "adapter.keys": "a module path inside a block, e.g. self_attn.q_proj",
+    "data.answer_delimiter": "null: no delimiter",
+}
 # A config is a few hundred values: a YAML whose aliases expand past this (a billion laughs) or
 # that nests deeper than this (100k nested lists) is not a config.
 MAX_YAML_NODES = 100_000
@@ -311,14 +332,37 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {shown(value)}")
         if not math.isfinite(number):  # no setting means anything at nan or inf (weights would poison totals)
             raise ConfigError(f"{key}: expected a finite number, got {number}")
-        if abs(number) > FLOAT32_MAX:  # finite in Python, inf where it is used
-            raise ConfigError(f"{key}: must be within float32's range (|x| <= 3.4e38), got {number:g}")
+        why = float32_problem(number)
+        if why:  # (repr: the number as written; :g shows 1e-320 as 9.99989e-321)
+            raise ConfigError(f"{key}: {why}, got {number!r}")
         return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {shown(value)}")
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
+
+
+def float32_problem(number: float) -> Optional[str]:
+    """Why the finite ``number`` is not itself in float32, the dtype every float setting is used in
+    (the learning rate, KL and clip settings, temperature, reward weights): past float32's range it
+    is inf, nonzero below its smallest normal number 0; None when float32 holds it (rounded)."""
+    if abs(number) > FLOAT32_MAX:  # finite in Python, inf where it is used
+        return "must be within float32's range (|x| <= 3.4e38)"
+    # (struct rounds as float32 does; the bound, not the rounding, decides: subnormals flush to 0)
+    if number != 0 and abs(struct.unpack("f", struct.pack("f", number))[0]) < FLOAT32_TINY:
+        return "must be 0 or at least 1.2e-38 in size (smaller is 0 in float32, where it is used)"
+    return None
+
+
+def reward_weight_problem(weight: float) -> Optional[str]:
+    """Why ``weight`` cannot weigh a reward (None when it can): it must be finite, held by float32
+    and at most MAX_REWARD_WEIGHT in size. The config's ``rewards`` and ``reward --rewards`` both ask."""
+    if not math.isfinite(weight):
+        return "must be a finite number"
+    if abs(weight) > MAX_REWARD_WEIGHT:
+        return f"must be at most {MAX_REWARD_WEIGHT:g} in size (weights are relative; past it totals overflow)"
+    return float32_problem(weight)
 
 
 def _in_int_range(value: int, key: str) -> int:
@@ -381,6 +425,8 @@ def validate(cfg: Config) -> Config:
         ("adapter.rank", cfg.adapter.rank >= 1, "must be at least 1"),
         ("adapter.dropout", 0 <= cfg.adapter.dropout < 1, "must be in [0, 1)"),
         ("adapter.num_layers", cfg.adapter.num_layers == -1 or cfg.adapter.num_layers >= 1, "must be -1 (all) or at least 1"),
+        # [] passed on to mlx-lm means every linear: the opposite of naming none
+        ("adapter.keys", cfg.adapter.keys is None or len(cfg.adapter.keys) >= 1, "must name at least one module (null: every linear)"),
         ("data.max_operand", 1 <= cfg.data.max_operand <= 49, "must be in 1..49 (sums stay below 100)"),
         ("data.eval_size", cfg.data.eval_size >= 1, "must be at least 1"),
         ("data.countdown.numbers", 2 <= cfg.data.countdown.numbers <= 6, "must be in 2..6"),
@@ -393,6 +439,8 @@ def validate(cfg: Config) -> Config:
         ("reward_settings.repetition.ngram_size", cfg.reward_settings.repetition.ngram_size >= 1, "must be at least 1"),
         ("output.dir", bool(cfg.output.dir.strip()), "must name a directory (an unset shell variable?)"),
         ("output.eval_max_tokens", _positive(cfg.output.eval_max_tokens), "must be at least 1"),
+        # held_out[:-1] kept all but one prompt and held_out[:0] read as "all": null is all
+        ("output.eval_size", _positive(cfg.output.eval_size), "must be at least 1 (null: all)"),
         ("output.save_every", cfg.output.save_every >= 0, "must be >= 0"),
         ("output.keep_checkpoints", cfg.output.keep_checkpoints >= 1, "must be at least 1"),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 0, "must be >= 0"),
@@ -402,6 +450,14 @@ def validate(cfg: Config) -> Config:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why}, got {shown(_get(cfg, key))}")
+    for key, value, optional in _strings(cfg):
+        if value == "" and key not in EMPTY_STRING_KEYS:
+            why = EMPTY_STRING_WHY.get(key.split("[")[0], "an unset shell variable?" + ("; null: the default" if optional else ""))
+            raise ConfigError(f"{key}: must not be empty ({why}), got ''")
+    for name, weight in cfg.rewards.items():
+        why = reward_weight_problem(weight)
+        if why:
+            raise ConfigError(f"rewards.{name}: {why}, got {weight:g}")
     if cfg.data.task in ("jsonl", "dataset") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.task is {cfg.data.task}")
     if cfg.train.prompts_per_step % cfg.train.grad_accumulation_steps:
@@ -429,6 +485,21 @@ def config_warnings(cfg: Config) -> List[str]:
 
 def _positive(value: Optional[int]) -> bool:
     return value is None or value >= 1
+
+
+def _strings(obj: Any, prefix: str = "") -> Iterator[Tuple[str, str, bool]]:
+    """(key, value, whether null is allowed) of every string setting, a list's items as key[i]:
+    walked from the dataclasses, so that a key added later is checked too."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        optional = type(None) in typing.get_args(hints[f.name])
+        if dataclasses.is_dataclass(value):
+            yield from _strings(value, key + ".")
+        elif isinstance(value, str):
+            yield key, value, optional
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", v, False) for i, v in enumerate(value) if isinstance(v, str))
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -21,6 +21,7 @@ import numpy as np
 from .config import Config, RolloutConfig
 from .models import adapters_disabled
 from .policy import load_policy
+from .preflight import check_decode_memory, check_rows
 from .rewards import load_rewards, score
 from .rollout import sample_groups
 from .tasks import TASKS, columns, load_task
@@ -75,14 +76,28 @@ class Responses:
         return [len(i) for i in self.ids]
 
 
+BATCH_SIZE = 128  # completions decoded at once by an evaluation (at least one prompt's group)
+
+
+def prompts_per_batch(group_size: int, batch_size: int = BATCH_SIZE) -> int:
+    """Prompts decoded together: as many groups as fit in ``batch_size`` completions, at least one."""
+    return max(1, batch_size // group_size)
+
+
+def rows_at_once(n_prompts: int, group_size: int, batch_size: int = BATCH_SIZE) -> int:
+    """The most completions ``sample_responses`` decodes at once for ``n_prompts`` prompts: one
+    group is never split, so ``group_size`` alone may exceed ``batch_size``."""
+    return min(n_prompts, prompts_per_batch(group_size, batch_size)) * group_size
+
+
 def sample_responses(
     model: nn.Module, prompter: Prompter, rows: Sequence[Dict[str, Any]],
     rollout: RolloutConfig, group_size: int = 1, temperature: Optional[float] = None,
-    batch_size: int = 128,
+    batch_size: int = BATCH_SIZE,
 ) -> Responses:
     """Decode every row through the rollout engine, ``batch_size`` completions at a time."""
     out = Responses([], [], [], [])
-    per_batch = max(1, batch_size // group_size)
+    per_batch = prompts_per_batch(group_size, batch_size)
     for start in range(0, len(rows), per_batch):
         prompts = prompter.prompts(rows[start : start + per_batch])
         ro = sample_groups(model, prompter.tokenizer, prompts, rollout, group_size=group_size,
@@ -100,7 +115,7 @@ def evaluate(
     rows: Sequence[Dict[str, Any]],
     rollout: RolloutConfig,
     max_tokens: int,
-    batch_size: int = 128,
+    batch_size: int = BATCH_SIZE,
     samples: int = 0,
     temperature: Optional[float] = None,
     rewards: Optional[Mapping[str, float]] = None,
@@ -178,11 +193,22 @@ def evaluate_config(
 ) -> Dict[str, Dict[str, Any]]:
     """Evaluate the configured model (with ``adapter_dir`` attached) on the task's held-out rows.
 
-    Returns {"adapter" or "model": results} and, with ``compare_base``, "base" too.
+    Before any decoding, every prompt evaluated must fit the model's context with the evaluation's
+    tokens (``preflight.check_rows``: a ``DataError`` naming the row) and the largest batch decoded
+    at once must fit in memory (``preflight.check_decode_memory``: ``-k 200000`` decodes 200000
+    completions of one prompt together). Returns {"adapter" or "model": results} and, with
+    ``compare_base``, "base" too.
     """
-    rows = load_task(cfg.data).held_out
-    rows = rows[:limit] if limit else rows
+    data = load_task(cfg.data)
+    rows = data.held_out[:limit] if limit else data.held_out
     p = load_policy(cfg, adapter_dir=adapter_dir, training=False)
+    tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
+    longest = check_rows(p.tokenizer, p.model, p.prompter, cfg, rows, "held-out", len(data.train), tokens,
+                         "output.eval_max_tokens")
+    greedy, sampled = rows_at_once(len(rows), 1), rows_at_once(len(rows), samples) if samples else 0
+    option = "--samples" if sampled > greedy else "--max-tokens"
+    check_decode_memory(p.model, max(greedy, sampled), longest, tokens, option,
+                        "lower --samples or --max-tokens" if samples else "lower --max-tokens")
     run = lambda: evaluate_held_out(p.model, p.tokenizer, rows, cfg, samples, temperature, p.reward_fns)  # noqa: E731
     out = {"adapter" if adapter_dir else "model": run()}
     if compare_base and adapter_dir:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,12 +27,10 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import restore_rng_key, rng_key
 from .config import Config, ConfigError
-from .float_base import device_kind
 from .learner import StepBatch, batch_loss
 from .loss import Normalizer
-from .preflight import GB, available_memory, estimate_memory, estimate_total, lower_settings
+from .preflight import GB, MARGIN, estimate_memory, estimate_total, lower_settings, memory_budget
 
-MARGIN = 0.85  # a step may use this share of the memory available
 # The dry step runs only when the preflight estimate (within +-25% of the measured peak) exceeds
 # this share of the room: below it the configured micro-batching fits whatever the estimate's error.
 SURE = 0.5
@@ -59,13 +57,6 @@ class Fit:
         return (f"micro_batch auto: {what}: an update micro-batch peaks at {self.peak / GB:.2f} GB, "
                 f"the rollout at ~{self.rollout / GB:.2f} GB, within {self.budget / GB:.2f} GB "
                 f"({MARGIN:.0%} of the memory available; measured: {', '.join(self.tried)})")
-
-
-def memory_budget() -> Optional[float]:
-    """Bytes the run may use in all: ``available_memory``, where on the CPU backend the free RAM
-    is counted with what MLX already holds (the weights are in the measured peak)."""
-    held = mx.get_active_memory() + mx.get_cache_memory() if device_kind() == "cpu" else 0.0
-    return available_memory(held)
 
 
 def divisors_from(n: int, start: int) -> List[int]:

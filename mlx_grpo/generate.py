@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional
 
 from .config import Config
+from .preflight import check_decode_memory, check_prompt
 from .rollout import encode_prompt, make_sampler, sample_groups
 from .tasks.templates import Prompter
 
@@ -39,9 +40,14 @@ def generate(
     """``samples`` completions of ``question`` under the run's template, each with its prefix.
 
     One sample with ``emit`` streams; several decode together in one batch (the rollout engine).
+    Before any decoding, the rendered question must fit the model's context with
+    ``rollout.max_tokens`` (a ``DataError`` naming ``--prompt`` and its length in tokens) and the
+    samples, decoded together, must fit in memory (``TooLarge`` naming ``--samples``).
     """
     temp = cfg.rollout.temperature if temperature is None else temperature
     prompt_text, tokenizer = prompter.render(question), prompter.tokenizer
+    n = check_prompt(tokenizer, model, prompt_text, cfg.rollout.max_tokens, "--prompt", "rollout.max_tokens")
+    check_decode_memory(model, samples, n, cfg.rollout.max_tokens, "--samples", "lower --samples or --max-tokens")
     if samples == 1 and emit is not None:
         emit(prompter.prefix)
         return prompter.responses([stream_completion(model, tokenizer, prompt_text, cfg, temp, emit)])

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from . import hub
 from .errors import first_line
 from .gguf_read import GGUFError, GGUFHeader, load_tensors, read_header
 from .gguf_tokenizer import write_tokenizer
@@ -242,9 +243,8 @@ def converted_dir(src: Path, cache: Optional[Path] = None, say: Optional[Callabl
 
 def hub_file(repo: str, filename: str, revision: Optional[str]) -> Path:
     """Download (or take from the Hugging Face cache) the GGUF file ``filename`` of Hub repo ``repo``."""
-    from huggingface_hub import hf_hub_download
-
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision))
-    except Exception as e:  # no network, no such repo or file: one line, named
-        raise GGUFError(f"model.gguf_file: cannot get {filename} from {repo}: {first_line(e)}") from None
+        return hub.hub_file(repo, filename, revision)
+    except Exception as e:  # no network, no answer, no such repo or file: one line, named
+        reason = hub.unreachable(e) or first_line(e)
+        raise GGUFError(f"model.gguf_file: cannot get {filename} from {repo}: {reason}") from None

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import hub
 from .config import AdapterConfig, ConfigError, ModelConfig
 from .errors import RunFault, UserError, first_line
 from .fastmath import use_fast_mlps
@@ -40,6 +41,41 @@ def check_finite(arrays: Dict[str, mx.array], what: str) -> None:
     for name, a in arrays.items():
         if mx.issubdtype(a.dtype, mx.floating) and not mx.isfinite(a).all().item():
             raise NonFiniteError(f"{what}: {name} holds NaN or infinite values; not saved")
+
+
+def array_kind(a: mx.array) -> str:
+    """``float32[8, 512]``: an array's dtype and shape, as error messages name them."""
+    return f"{str(a.dtype).removeprefix('mlx.core.')}{list(a.shape)}"
+
+
+def weights_problem(saved: Any, what: str, expected: Optional[Mapping[str, mx.array]] = None) -> Optional[str]:
+    """Why arrays read from a safetensors file (``mx.load``) cannot be loaded, None when they can:
+    the one check of every weights file a command loads (``--resume``'s adapters and optimizer
+    state, the adapters of ``eval``, ``generate`` and ``reward --adapter``).
+
+    With ``expected`` (a resumed run's own parameters or optimizer state) the file must hold
+    exactly its names, with its shapes and dtypes. Without (adapters from anywhere: mlx-lm's
+    loader checks their names and shapes against the model) each array must be floating point:
+    mlx-lm loads an int32 adapter as it is, and every matmul then casts integers. Every floating
+    array must be finite either way: NaN adapters evaluate as noise.
+    """
+    if not isinstance(saved, dict):
+        return f"holds no named arrays (not {what})"
+    if expected is not None:
+        if set(saved) != set(expected):
+            diff = sorted(set(saved) ^ set(expected))
+            return f"its {what} do not match this run's layout ({diff[:3]} ...)"
+        for k, ref in expected.items():
+            if saved[k].shape != ref.shape or saved[k].dtype != ref.dtype:
+                return f"{k} is {array_kind(saved[k])}, this run needs {array_kind(ref)}"
+    else:
+        for k, a in saved.items():
+            if not mx.issubdtype(a.dtype, mx.floating):
+                return f"{k} is {array_kind(a)}, not floating-point weights"
+    for k, a in saved.items():
+        if mx.issubdtype(a.dtype, mx.inexact) and not mx.isfinite(a).all().item():
+            return f"{k} holds NaN or infinite values"
+    return None
 
 
 def model_dir(cfg: ModelConfig, path: Optional[str] = None, say: Optional[Callable[[str], None]] = None) -> str:
@@ -87,13 +123,14 @@ def load_model(cfg: ModelConfig, path: Optional[str] = None,
         what = "does not exist" if not local.exists() else "has no config.json (not a model directory)"
         raise ModelLoadError(f"model.path: {target} {what}")
     try:
-        model, tokenizer = load(
-            str(local) if looks_local else target,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        with contextlib.nullcontext() if looks_local else hub.contacting(target):
+            model, tokenizer = load(
+                str(local) if looks_local else target,
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
+            )
     except Exception as e:  # no network, unknown architecture, bad weights: one line, named
-        first = first_line(e)
+        first = hub.unreachable(e) or first_line(e)
         raise ModelLoadError(f"model.path: cannot load {target}: {first}") from None
     float_base(model, cfg.float_base, available_memory(), say or (lambda _: None))
     if cfg.fast_mlp:
@@ -220,6 +257,12 @@ def load_adapters(model: nn.Module, adapter_dir: str) -> nn.Module:
         raise ModelLoadError(f"--adapter: {where / ADAPTER_CONFIG}: unreadable (nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"--adapter: {where / ADAPTER_CONFIG}: unreadable ({first_line(e)})") from None
+    try:
+        why = weights_problem(mx.load(str(where / ADAPTERS)), "adapters")  # what mlx-lm does not check
+    except Exception as e:  # truncated or not safetensors
+        why = first_line(e)
+    if why:
+        raise ModelLoadError(f"--adapter: {where / ADAPTERS}: cannot load adapters ({why})")
     try:
         return _load(model, adapter_dir)
     except Exception as e:  # truncated, edited, or for another model: one line, named

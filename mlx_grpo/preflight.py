@@ -4,7 +4,11 @@
   context together with the tokens it may generate;
 - the configured batch fits in memory: a rough estimate, compared with what the machine has;
 
-and the advice an out-of-memory failure prints: which settings to lower.
+and the advice an out-of-memory failure prints: which settings to lower. The commands that only
+decode (``eval``, ``generate``, ``reward --model``) make the same two checks before they decode
+(``check_rows``, ``check_prompt``, ``check_decode_memory``): a prompt past the context is refused
+with its length, and a batch whose KV cache cannot fit is refused naming the option, rather than
+decoding for minutes or being killed by the kernel without a word.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,8 +32,14 @@ from .scoring import LOGITS_BUDGET
 from .tasks import DataError, TaskData
 from .tasks.templates import Prompter
 from .errors import RunFault, first_line
+from .float_base import device_kind
 
 GB = 1e9
+MARGIN = 0.85  # a step, or a batch decoded at once, may use this share of the memory available
+
+
+class TooLarge(ConfigError):
+    """A batch to decode whose estimated memory exceeds what the machine has; names the option."""
 
 
 class OutOfMemory(RunFault, RuntimeError):
@@ -75,25 +85,48 @@ def check_prompts(tokenizer: Any, model: nn.Module, data: TaskData, prompter: Pr
     with the tokens it may generate, exceeds the model's context. Returns the longest training
     prompt, in tokens (for the memory estimate).
     """
-    limit = context_length(model)
     eval_rows = data.held_out[: cfg.output.eval_size] if cfg.output.eval_size else data.held_out
     eval_tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
-    splits = (("train", data.train, cfg.rollout.max_tokens, "rollout.max_tokens"),
-              ("held-out", eval_rows, eval_tokens, "output.eval_max_tokens"))
+    longest = check_rows(tokenizer, model, prompter, cfg, data.train, "train", len(data.train),
+                         cfg.rollout.max_tokens, "rollout.max_tokens")
+    check_rows(tokenizer, model, prompter, cfg, eval_rows, "held-out", len(data.train), eval_tokens,
+               "output.eval_max_tokens")
+    return longest
+
+
+def check_rows(tokenizer: Any, model: nn.Module, prompter: Prompter, cfg: Config, rows: Sequence[Dict[str, Any]],
+               split: str, n_train: int, budget: int, key: str) -> int:
+    """Render and tokenize the prompt of each of ``rows`` (the task's ``split``, "train" or
+    "held-out", whose train split has ``n_train`` rows); raise ``DataError`` naming the first
+    (file and line for JSONL data) that, with ``budget`` more tokens (the setting ``key``), exceeds
+    the model's context. Returns the longest prompt, in tokens."""
+    limit = context_length(model)
     longest = 0
     with _quiet("transformers"):  # its own long-prompt warning: the error below says it in one line
-        for split, rows, budget, key in splits:
-            for i, row in enumerate(rows):
-                n = len(encode_prompt(tokenizer, prompter.render(row["prompt"])))
-                if split == "train":
-                    longest = max(longest, n)
-                if limit is not None and n + budget > limit:
-                    raise DataError(
-                        f"{_where(cfg, split, i, len(data.train))}: the prompt is {n} tokens; with "
-                        f"{key} {budget} it exceeds the model's context of {limit} tokens "
-                        "(shorten the prompt, drop the row or lower the setting)"
-                    )
+        for i, row in enumerate(rows):
+            n = len(encode_prompt(tokenizer, prompter.render(row["prompt"])))
+            longest = max(longest, n)
+            if limit is not None and n + budget > limit:
+                raise DataError(
+                    f"{_where(cfg, split, i, n_train)}: the prompt is {n} tokens; with {key} {budget} it "
+                    f"exceeds the model's context of {limit} tokens (shorten the prompt, drop the row or "
+                    "lower the setting)"
+                )
     return longest
+
+
+def check_prompt(tokenizer: Any, model: nn.Module, prompt_text: str, budget: int, option: str, key: str) -> int:
+    """The tokens of one rendered prompt (given by ``option``, e.g. ``--prompt``); raises
+    ``DataError`` when with ``budget`` more tokens (the setting ``key``) it exceeds the model's
+    context: a question of 100 KB would otherwise be prefilled and decoded for minutes, past any
+    position the model was trained on. The tokenizer's own long-input warning is kept quiet."""
+    limit = context_length(model)
+    with _quiet("transformers"):
+        n = len(encode_prompt(tokenizer, prompt_text))
+    if limit is not None and n + budget > limit:
+        raise DataError(f"{option}: the prompt is {n} tokens; with {key} {budget} it exceeds the model's "
+                        f"context of {limit} tokens (shorten the prompt or lower the setting)")
+    return n
 
 
 @contextlib.contextmanager
@@ -191,10 +224,54 @@ def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[s
     return {
         "weights": float(weights),
         "training": float(4 * trainable),
-        "kv_cache": float(rows * T * d["layers"] * 2 * kv * b),
-        "decode_logits": float(3 * rows * d["vocab"] * 4),
+        **decode_memory(model, rows, prompt_tokens, Tc),
         "activations": float(layer_acts + logits),
     }
+
+
+def decode_memory(model: nn.Module, rows: int, prompt_tokens: int, max_tokens: int) -> Dict[str, float]:
+    """Bytes that decoding ``rows`` completions at once adds to the weights (the rollout of a step,
+    a batch of ``eval``, ``generate`` or the rewards lab): ``kv_cache``, rows x (prompt_tokens +
+    max_tokens) positions x layers x 2 (keys, values) x kv_heads x head_dim at the activation
+    dtype, and ``decode_logits``, the float32 logits of a decode step (rows x vocab, three times:
+    logits, log-softmax, sampling)."""
+    d = _dims(model)
+    kv = d["kv_heads"] * d["head_dim"]
+    return {
+        "kv_cache": float(rows * (prompt_tokens + max_tokens) * d["layers"] * 2 * kv * _activation_bytes(model)),
+        "decode_logits": float(3 * rows * d["vocab"] * 4),
+    }
+
+
+def memory_budget() -> Optional[float]:
+    """Bytes a command may use in all: ``available_memory``, where on the CPU backend the free RAM
+    is counted with what MLX already holds (the weights, loaded, are in what it measures)."""
+    held = mx.get_active_memory() + mx.get_cache_memory() if device_kind() == "cpu" else 0.0
+    return available_memory(held)
+
+
+def check_decode_memory(model: nn.Module, rows: int, prompt_tokens: int, max_tokens: int, option: str,
+                        lower: str) -> None:
+    """Raise ``TooLarge`` (naming ``option``, the estimate and the memory available, and what to
+    ``lower``) when decoding ``rows`` completions at once, after prompts of ``prompt_tokens``
+    tokens, up to ``max_tokens`` each, would not fit in ``MARGIN`` of the memory available, as a
+    training run's rollout is refused (``fit.choose``). A KV cache cannot be split; past the
+    memory the kernel kills the process without a word. Nothing is checked when the memory
+    available is unknown."""
+    budget = memory_budget()
+    if budget is None:
+        return
+    est = decode_memory(model, rows, prompt_tokens, max_tokens)
+    held = mx.get_active_memory()
+    need = held + est["kv_cache"] + est["decode_logits"]
+    room = MARGIN * budget
+    if need > room:
+        raise TooLarge(
+            f"{option}: {rows} completions decoded at once need ~{need / GB:.2f} GB (their KV cache "
+            f"{est['kv_cache'] / GB:.2f} GB for {prompt_tokens + max_tokens} positions each, the logits "
+            f"{est['decode_logits'] / GB:.2f} GB, the model {held / GB:.2f} GB), more than {room / GB:.2f} GB "
+            f"({MARGIN:.0%} of the {budget / GB:.2f} GB available); {lower}"
+        )
 
 
 def estimate_total(estimate: Dict[str, float]) -> float:

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, reward_weight_problem
 from .errors import printable
 from .rewards import Rewards, configured_rewards, score
 from .rundir import atomic_write
@@ -73,13 +73,22 @@ def sample_completions(
 ) -> Completions:
     """``group_size`` completions for each of the first ``n_prompts`` training prompts of the task,
     sampled as in training (the rollout settings, the prompt template); the completion includes
-    the template's response prefix, as the rewards see it in training."""
-    from .evaluate import sample_responses
+    the template's response prefix, as the rewards see it in training. Before any decoding, every
+    prompt must fit the model's context and ``chunk`` groups decoded at once must fit in memory
+    (as ``eval`` checks them: ``preflight``)."""
+    from .evaluate import rows_at_once, sample_responses
     from .policy import load_policy
+    from .preflight import check_decode_memory, check_rows
     from .tasks import load_task
 
-    rows = load_task(cfg.data).train[:n_prompts]
+    data = load_task(cfg.data)
+    rows = data.train[:n_prompts]
     p = load_policy(cfg, adapter_dir=adapter, training=False)
+    longest = check_rows(p.tokenizer, p.model, p.prompter, cfg, rows, "train", len(data.train),
+                         cfg.rollout.max_tokens, "rollout.max_tokens")
+    check_decode_memory(p.model, rows_at_once(len(rows), group_size, chunk * group_size), longest,
+                        cfg.rollout.max_tokens, "--group-size" if group_size > 1 else "--max-tokens",
+                        "lower --group-size, --samples or --max-tokens")
     got = sample_responses(p.model, p.prompter, rows, cfg.rollout, group_size, batch_size=chunk * group_size)
     records: List[Dict[str, Any]] = []
     for i, (prompt, text, ids) in enumerate(zip(got.prompts, got.texts, got.ids)):
@@ -261,8 +270,9 @@ def parse_reward_list(text: str, configured: Mapping[str, float]) -> Dict[str, f
                 weight = float(raw)
             except ValueError:
                 raise ConfigError(f"--rewards: bad weight {raw!r} in {item!r} (expected name=number)") from None
-            if not math.isfinite(weight):  # a nan weight makes every total nan (and the JSON invalid)
-                raise ConfigError(f"--rewards: weight {raw!r} in {item!r} must be a finite number")
+            why = reward_weight_problem(weight)  # the config's own check (nan made every total nan)
+            if why:
+                raise ConfigError(f"--rewards: weight {raw!r} in {item!r} {why}")
         out[name] = weight
     if not out:
         raise ConfigError(f"--rewards: no reward named in {text!r}" + (" (an unset shell variable?)" if not text.strip() else ""))

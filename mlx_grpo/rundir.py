@@ -21,7 +21,11 @@ since mlx-lm's LoRA training writes ``adapters.safetensors`` and ``adapter_confi
   it, those files are kept and the run is written next to them;
 * a file we did not write that a run would replace (an mlx-lm ``adapters.safetensors``) is
   refused even with ``--overwrite``;
-* ``--overwrite`` removes only what the manifest lists.
+* ``--overwrite`` removes only what the manifest lists;
+* a manifest proves only its own directory: it names it (the resolved path, and the device and
+  inode, which a rename keeps), so one copied into another directory (with or without a run's
+  files) is not trusted there, and the files it lists count as files we did not write;
+* a filesystem root or the user's home directory is never a run directory.
 
 Every check here changes nothing on disk, so a refused run leaves the directory as it was.
 """
@@ -91,11 +95,18 @@ def _length_limits(full: str) -> Tuple[int, int]:
         return 255, 4096
 
 
+def check_named(path: str | Path, key: str, what: str) -> None:
+    """Raise RunDirError naming ``key`` when ``path`` is empty or blank: an unset shell variable
+    (``--config "$CFG"``), which would otherwise read as no path given. ``what`` says what to name
+    ("a file", "a directory"). Every path a command takes is asked here (``cli.PathText``)."""
+    if not str(path).strip():
+        raise RunDirError(f"{key}: empty path (an unset shell variable?); name {what}")
+
+
 def check_writable_dir(path: str | Path, key: str) -> None:
     """Raise RunDirError (naming ``key``) unless ``path`` is, or can be created as, a directory
     this process may write in. Creates nothing."""
-    if not str(path).strip():
-        raise RunDirError(f"{key}: empty path (an unset shell variable?); name a directory")
+    check_named(path, key, "a directory")
     check_path_length(path, key)
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -124,8 +135,7 @@ def check_output_file(path: str | Path, key: str, inputs: Sequence[Tuple[str, Op
     --completions file", PATH)) or a file a run owns (``owning_run``). Called before any work (and
     before any input is read), so a long job never ends unable to save its result, or having
     written over what it read."""
-    if not str(path).strip():
-        raise RunDirError(f"{key}: empty path (an unset shell variable?); name a file")
+    check_named(path, key, "a file")
     check_path_length(path, key)
     p = Path(path)
     if p.is_dir():
@@ -174,9 +184,10 @@ def owning_run(path: str | Path) -> Optional[Tuple[Path, str]]:
 
 def _owned_names(d: Path) -> List[str]:
     """The entries of ``d`` a run owns: those its manifest lists and the manifest; for a run from
-    before manifests (a checkpoint shows it is one, as for --resume) every name a run writes."""
+    before manifests, or whose manifest proves nothing here (copied with the run), every name a
+    run writes, where a checkpoint shows it is a run (as for --resume)."""
     names = read_manifest(d)
-    if not names and not (d / MANIFEST).exists() and _holds_checkpoint(d):
+    if not names and _holds_checkpoint(d):
         names = list(RUN_FILES)
     return [MANIFEST, *names] if names else []
 
@@ -209,24 +220,99 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
             tmp.unlink()
 
 
-def read_manifest(out: Path) -> List[str]:
-    """The names the run in ``out`` wrote, per its manifest; [] when there is none (or it is not
-    ours: an unreadable manifest proves nothing)."""
+def _manifest(out: Path) -> Optional[Dict[str, Any]]:
+    """The manifest in ``out`` when it is one of ours (whatever directory it names); None when there
+    is none, or it is unreadable or not ours."""
     try:
         data = json.loads((Path(out) / MANIFEST).read_text())
     except (OSError, ValueError, RecursionError):  # (RecursionError: 100 k nested brackets)
+        return None
+    return data if isinstance(data, dict) and data.get("written_by") == "mlx-grpo" else None
+
+
+def _identity(out: Path) -> Dict[str, Any]:
+    """What names a directory in its manifest: its resolved path, and its device and inode (a
+    rename or a move within the filesystem keeps them; a copy gets new ones)."""
+    st = os.stat(out)
+    return {"dir": os.path.realpath(out), "device": st.st_dev, "inode": st.st_ino}
+
+
+def _names_here(data: Mapping[str, Any], out: Path) -> bool:
+    """Whether the manifest ``data`` found in ``out`` was written for ``out``: its path, or its
+    device and inode (a run directory renamed or moved), are ``out``'s."""
+    if "dir" not in data:
+        # A manifest from before manifests named their directory cannot tell a copy from the
+        # original. It is trusted only where a complete checkpoint shows a run lives here (the
+        # proof --resume takes for a run from before manifests); elsewhere it is foreign, since a
+        # copied one must not let --overwrite delete the user's files. Such a run's own files are
+        # then refused by --overwrite, never deleted; --resume writes it a new manifest.
+        return _holds_checkpoint(out)
+    try:
+        here = _identity(out)
+    except OSError:
+        return False
+    return data.get("dir") == here["dir"] or (
+        [data.get("device"), data.get("inode")] == [here["device"], here["inode"]])
+
+
+def read_manifest(out: Path) -> List[str]:
+    """The names the run in ``out`` wrote, per its manifest; [] when there is none, or it is not
+    ours (an unreadable manifest proves nothing), or it was written for another directory (a
+    copied manifest proves nothing either)."""
+    data = _manifest(out)
+    if data is None or not _names_here(data, Path(out)):
         return []
-    files = data.get("files") if isinstance(data, dict) and data.get("written_by") == "mlx-grpo" else None
+    files = data.get("files")
     return [f for f in files if f in RUN_FILES] if isinstance(files, list) else []
 
 
+def _distrusted(out: Path) -> Optional[str]:
+    """Why a manifest of ours in ``out`` proves nothing there (for an error message), or None."""
+    data = _manifest(out)
+    if data is None or _names_here(data, Path(out)):
+        return None
+    if "dir" not in data:
+        return f"its {MANIFEST} names no directory (an older one) and no checkpoint shows a run here"
+    return f"its {MANIFEST} was written for {data['dir']}: a copy proves nothing"
+
+
 def write_manifest(out: Path) -> None:
-    """Record that the run in ``out`` owns RUN_FILES (atomically; before it writes any of them)."""
+    """Record that the run in ``out`` owns RUN_FILES, naming ``out`` itself (atomically; before it
+    writes any of them)."""
     from . import __version__
 
     tmp = Path(out) / f"{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps({"written_by": "mlx-grpo", "version": __version__, "files": list(RUN_FILES)}) + "\n")
+    data = {"written_by": "mlx-grpo", "version": __version__, "files": list(RUN_FILES), **_identity(Path(out))}
+    tmp.write_text(json.dumps(data) + "\n")
     os.replace(tmp, Path(out) / MANIFEST)
+
+
+def _homes() -> List[Path]:
+    """The user's home directory, resolved: as ``$HOME`` says and as the password database says."""
+    found = {os.path.realpath(os.path.expanduser("~"))}
+    try:
+        import pwd
+
+        found.add(os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir))
+    except (ImportError, KeyError, OSError):  # no pwd (Windows), or a uid without an entry
+        pass
+    return [Path(h) for h in found]
+
+
+def check_own_directory(path: str | Path, key: str) -> None:
+    """Raise RunDirError (naming ``key`` and ``path``) when ``path`` resolves to a filesystem root
+    or the user's home directory: a run writes its files at the top of its directory and
+    ``--overwrite`` removes them there, so it needs a directory of its own."""
+    real = Path(os.path.realpath(path))
+    if real.parent == real:
+        what = "the filesystem root"
+    elif real in _homes():
+        what = "your home directory"
+    else:
+        return
+    shown_as = str(path) if str(path) == str(real) else f"{path} ({real})"
+    raise RunDirError(f"{key}: {shown_as} is {what}; a run needs a directory of its own, e.g. "
+                      f"{real / 'runs' / 'NAME'}")
 
 
 def foreign_files(out: Path) -> List[str]:
@@ -247,6 +333,7 @@ def check_run_dir(out: str | Path, overwrite: bool) -> None:
     (always: ``--overwrite`` never touches other files).
     """
     check_writable_dir(out, "output.dir")
+    check_own_directory(out, "output.dir")
     out = Path(out)
     if not out.is_dir():
         return
@@ -255,9 +342,10 @@ def check_run_dir(out: str | Path, overwrite: bool) -> None:
         raise RunDirError(f"output.dir: {manifest} is not a file (mlx-grpo's manifest is); choose another --output")
     foreign = foreign_files(out)
     clash = [f for f in foreign if f in RUN_FILES]
+    why = _distrusted(out) or f"no {MANIFEST} lists it"
     if clash:
         raise RunDirError(
-            f"output.dir: {out / clash[0]} was not written by mlx-grpo (no {MANIFEST} lists it) and a run "
+            f"output.dir: {out / clash[0]} was not written by mlx-grpo ({why}) and a run "
             "would replace it; choose another --output (--overwrite never removes files it did not write)"
         )
     if overwrite:
@@ -309,8 +397,12 @@ def _remove(path: Path, only: Optional[re.Pattern] = None) -> None:
 
 
 def adopt_run_dir(out: str | Path) -> Optional[Path]:
-    """A resumed run whose directory predates manifests gets one (its checkpoint shows it is ours)."""
-    if not (Path(out) / MANIFEST).exists():
+    """A resumed run gets a manifest naming its directory when it has none (it predates them), one
+    that names no directory (from before they did) or one written for another directory (a copied
+    run): its checkpoint, which the resume loads, shows that the run is ours."""
+    data = _manifest(Path(out))  # (None too for one that is not ours, or not a file: kept as it is)
+    stale = data is not None and ("dir" not in data or not _names_here(data, Path(out)))
+    if not (Path(out) / MANIFEST).exists() or stale:
         write_manifest(Path(out))
         return Path(out) / MANIFEST
     return None

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from mlx_grpo.config import Config, ConfigError, config_warnings, make_config, parse_set
@@ -148,3 +150,96 @@ def test_choices_are_carried_by_the_types_and_checked_as_read(tmp_path):
     for flag, key in (("--loss-type", "grpo.loss_type"), ("--adapter-type", "adapter.type"),
                       ("--prompt-format", "prompt.kind")):
         assert f"{flag} TEXT {' | '.join(choices(key))} [{key}]." in shown
+
+
+# ---------------------------------------------------------------- values that mean nothing
+
+def _keys_of_type(wanted) -> list:
+    """Every dotted config key whose type (Optional unwrapped, a list's items, a mapping's values)
+    is ``wanted``: walked from the dataclasses, so that a key added later is covered too."""
+    import dataclasses
+    import typing
+
+    def base(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) is typing.Union:
+            return base(args[0])
+        if typing.get_origin(tp) in (list, dict):
+            return base(args[-1])
+        return tp
+
+    out = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            elif base(tp) is wanted:
+                out.append((prefix + f.name, typing.get_origin(tp)))
+    walk(Config, "")
+    return out
+
+
+@pytest.mark.parametrize("text,msg", [
+    # an empty stop string cut every completion to one token
+    ("rollout:\n  stop: ['</answer>', '']\n",
+     "rollout.stop[1]: must not be empty (an empty stop string ends every completion at its first token), got ''"),
+    # weights whose total overflows: every update was skipped as non-finite and the run exited 0
+    ("rewards:\n  accuracy: 3.0e+38\n  format: 3.0e+38\n", "rewards.accuracy: must be at most 1e+06 in size"),
+    ("rewards:\n  accuracy: 1.0\n  format: -2000000\n", "rewards.format: must be at most 1e+06 in size"),
+    # -1 evaluated 399 of 400 held-out prompts and 0 all of them; null is all
+    ("output:\n  eval_size: -1\n", "output.eval_size: must be at least 1 (null: all), got -1"),
+    ("output:\n  eval_size: 0\n", "output.eval_size: must be at least 1 (null: all), got 0"),
+    # [] reached mlx-lm as "every linear"
+    ("adapter:\n  keys: []\n", "adapter.keys: must name at least one module (null: every linear), got []"),
+    ("adapter:\n  keys: [self_attn.q_proj, '']\n", "adapter.keys[1]: must not be empty"),
+    # nonzero, and 0 in float32 where it is used
+    ("train:\n  learning_rate: 1.0e-320\n", "train.learning_rate: must be 0 or at least 1.2e-38 in size (smaller is 0 in float32"),
+    ("grpo:\n  beta: 1.0e-40\n", "grpo.beta: must be 0 or at least 1.2e-38 in size"),
+    ("rewards:\n  accuracy: 1.0e-45\n", "rewards.accuracy: must be 0 or at least 1.2e-38 in size"),
+    # "" read as "not set": the policy as its own reference, the last rows as held-out data
+    ("model:\n  reference: ''\n", "model.reference: must not be empty (an unset shell variable?; null: the default), got ''"),
+    ("data:\n  eval_path: ''\n", "data.eval_path: must not be empty"),
+    ("data:\n  answer_delimiter: ''\n", "data.answer_delimiter: must not be empty (null: no delimiter)"),
+])
+def test_values_that_mean_nothing_are_refused_naming_the_key(tmp_path, text, msg):
+    with pytest.raises(ConfigError) as e:
+        make_config(write(tmp_path, text))
+    assert msg in str(e.value), str(e.value)
+
+
+def test_null_keeps_meaning_the_default_and_edge_values_are_taken(tmp_path):
+    cfg = make_config(write(tmp_path, "output:\n  eval_size: null\nadapter:\n  keys: null\n"
+                                      "rewards:\n  accuracy: 1000000\n  format: -1.0e+6\n"
+                                      "grpo:\n  beta: 0\n  epsilon: 1.2e-38\nprompt:\n  system_prompt: ''\n"
+                                      "  response_prefix: ''\n"))
+    assert cfg.output.eval_size is None and cfg.adapter.keys is None
+    assert cfg.rewards == {"accuracy": 1e6, "format": -1e6} and cfg.grpo.beta == 0.0
+    assert cfg.prompt.system_prompt == "" and cfg.prompt.response_prefix == ""  # "" means none there
+    assert make_config(None, [("output.eval_size", 1)]).output.eval_size == 1
+
+
+@pytest.mark.parametrize("key", [k for k, _ in _keys_of_type(float)])
+def test_every_float_key_is_checked_in_float32(key):
+    """One helper (config.float32_problem) for every float setting: nonzero but 0 in float32, or
+    past its range, is refused naming the key; 0 stays 0."""
+    name = key.replace("rewards", "rewards.accuracy")
+    for value, msg in (("1e-320", "must be 0 or at least 1.2e-38 in size"), ("-1e-39", "must be 0 or at least 1.2e-38"),
+                       ("1e39", "must be within float32's range")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(name)}: {re.escape(msg)}"):
+            make_config(None, [parse_set(f"{name}={value}")])
+
+
+@pytest.mark.parametrize("key,origin", _keys_of_type(str), ids=[k for k, _ in _keys_of_type(str)])
+def test_every_empty_string_is_refused_but_where_it_means_none(key, origin):
+    """An empty string (``--set key=$UNSET``) was read as "not set" by every path, id and name;
+    only the prompt's prefix and system prompt take "" as written."""
+    from mlx_grpo.config import EMPTY_STRING_KEYS
+
+    value = [""] if origin is list else ""
+    if key in EMPTY_STRING_KEYS:
+        make_config(None, [(key, value)])
+        return
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}(\[0\])?: must (not be empty|name a directory)"):
+        make_config(None, [(key, value)])

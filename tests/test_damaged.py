@@ -39,6 +39,19 @@ def transpose_first(path):
     mx.save_safetensors(str(path), arrays)
 
 
+def nan_first(path):
+    """A well-formed file whose first floating array holds a NaN (a diverged run, saved elsewhere)."""
+    arrays = mx.load(str(path))
+    k = sorted(arrays)[0]
+    arrays[k] = mx.full(arrays[k].shape, float("nan"), dtype=arrays[k].dtype)
+    mx.save_safetensors(str(path), arrays)
+
+
+def to_int32(path):
+    """A well-formed file whose arrays are all int32 (names and shapes as they were)."""
+    mx.save_safetensors(str(path), {k: v.astype(mx.int32) for k, v in mx.load(str(path)).items()})
+
+
 def edit_state(**changes):
     def edit(path):
         state = json.loads(path.read_text())
@@ -51,6 +64,8 @@ DAMAGE = [
     ("optimizer.safetensors", truncate, "unreadable optimizer state"),
     ("adapters.safetensors", truncate, "unreadable adapters"),
     ("adapters.safetensors", transpose_first, "this run needs"),
+    ("adapters.safetensors", nan_first, "holds NaN or infinite values"),
+    ("adapters.safetensors", to_int32, "is int32["),
     ("optimizer.safetensors", transpose_first, "this run needs"),
     ("state.json", edit_state(seconds="soon"), "seconds: expected a finite number >= 0, got 'soon'"),
     ("state.json", edit_state(step=-1), "step: expected an integer >= 0, got -1"),
@@ -195,6 +210,28 @@ def test_damaged_adapter_refused_by_eval_and_generate(saved_run, small_model_dir
             ["generate", "--model", str(small_model_dir), "--adapter", str(run), "-p", "1 + 1", "--max-tokens", "2"])
     r = run_cli(*args, env=NO_BLAS)
     one_line_error(r, f"--adapter: {run / 'adapters.safetensors'}: cannot load adapters")
+    assert tree_hash(run) == before
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "reward"])
+@pytest.mark.parametrize("damage,why", [(nan_first, "holds NaN or infinite values"),
+                                        (to_int32, "is int32[")])
+def test_nan_or_integer_adapters_are_refused_wherever_adapters_load(saved_run, small_model_dir, tmp_path, command,
+                                                                     damage, why):
+    """Before: resume refused them, while eval, generate and reward loaded them (mlx-lm checks names
+    and shapes only) and reported the accuracy of noise. One check (models.weights_problem) now."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    damage(run / "adapters.safetensors")
+    before = tree_hash(run)
+    args = {"eval": ["eval", "--run", str(run), "--n", "2"],
+            "generate": ["generate", "--model", str(small_model_dir), "--adapter", str(run), "-p", "1 + 1",
+                         "--max-tokens", "2"],
+            "reward": ["reward", "--model", str(small_model_dir), "--adapter", str(run), "--samples", "1",
+                       "--max-tokens", "2"]}[command]
+    r = run_cli(*args, env=NO_BLAS)
+    one_line_error(r, f"--adapter: {run / 'adapters.safetensors'}: cannot load adapters (")
+    assert why in r.stderr, r.stderr
     assert tree_hash(run) == before
 
 

@@ -63,7 +63,7 @@ def test_reward_calling_sys_exit_stops_training_with_exit_2(small_model_dir, tmp
     f.write_text("import sys\ndef r(prompts, completions, **kw):\n    sys.exit(0)\n")
     r = run_cli("train", "--model", str(small_model_dir), "--output", str(tmp_path / "o"), "--steps", "2",
                 "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress",
-                "--set", "output.eval_size=0", "--set", f"rewards.{f}:r=1", env=NO_BLAS)
+                "--set", "output.eval_size=1", "--set", f"rewards.{f}:r=1", env=NO_BLAS)
     one_line_error(r, f"reward {f}:r raised SystemExit: 0 on sample 0")
 
 
@@ -117,7 +117,7 @@ def test_reward_that_forks_trains_one_run(small_model_dir, tmp_path):
     out = tmp_path / "o"
     r = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "2",
                 "--batch-size", "2", "-G", "2", "--max-tokens", "4", "--no-progress",
-                "--set", "output.eval_size=0", "--set", f"rewards.{f}:r=1", env=NO_BLAS)
+                "--set", "output.eval_size=1", "--set", f"rewards.{f}:r=1", env=NO_BLAS)
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in records if m.get("kind", "train") == "train"]

@@ -43,6 +43,19 @@ DOOR = [  # (train arguments, YAML text or None, message)
     ([], _nested(100), "nested too deeply (more than 64 levels)"),  # PyYAML reads it; still no config
     (["--set", "rollout.stop=" + "[" * 60_000 + "]" * 60_000], None, "--set rollout.stop: nested too deeply"),
     ([], _laughs(9), "too large for a config (over 100000 values once its aliases are expanded)"),
+    # values that ran and meant nothing
+    (["--set", "rollout.stop="], None, "rollout.stop[0]: must not be empty (an empty stop string ends every completion"),
+    ([], "rollout:\n  stop: ['']\n", "rollout.stop[0]: must not be empty"),
+    ([], "rewards:\n  accuracy: 3.0e+38\n  format: 3.0e+38\n", "rewards.accuracy: must be at most 1e+06 in size"),
+    (["--set", "rewards.format=1e7"], None, "rewards.format: must be at most 1e+06 in size"),
+    (["--set", "output.eval_size=-1"], None, "output.eval_size: must be at least 1 (null: all), got -1"),
+    ([], "output:\n  eval_size: 0\n", "output.eval_size: must be at least 1 (null: all), got 0"),
+    ([], "adapter:\n  keys: []\n", "adapter.keys: must name at least one module (null: every linear), got []"),
+    (["--lr", "1e-320"], None, "train.learning_rate: must be 0 or at least 1.2e-38 in size (smaller is 0 in float32"),
+    (["--beta", "1e-40"], None, "grpo.beta: must be 0 or at least 1.2e-38 in size"),
+    (["--temperature", "-1e-45"], None, "rollout.temperature: must be 0 or at least 1.2e-38 in size"),
+    (["--set", "data.eval_path="], None, "data.eval_path: must not be empty (an unset shell variable?; null: the default)"),
+    (["--model", "x", "--gguf-file", ""], None, "--gguf-file: empty path (an unset shell variable?); name a .gguf file"),
 ]
 
 
@@ -257,3 +270,93 @@ def test_resume_on_a_read_only_filesystem_is_one_line_and_changes_nothing(tmp_pa
                        capture_output=True, text=True, env={**_unshare_env(), **NO_BLAS}, timeout=600)
     one_line_error(r, f"--resume: cannot write in {out} (read-only file system)")
     assert tree_hash(out) == before
+
+
+def _path_params():
+    """(command, parameter) for every option and argument of every command that takes a path."""
+    from mlx_grpo.cli import PathText, main
+
+    return [(name, p) for name, cmd in sorted(main.commands.items()) for p in cmd.params
+            if isinstance(p.type, PathText)]
+
+
+# Text options that are not paths (a choice, a task name, a question, a reward list); --output is
+# refused by its key, output.dir (the config's own check, also for a YAML file's output.dir: "").
+NOT_PATHS = {"--task", "--prompt-format", "--loss-type", "--adapter-type", "--prompt", "--rewards", "--output",
+             "--set"}
+
+
+def test_every_option_that_takes_a_path_refuses_an_empty_one():
+    """A new path option declared type=str would be read as "not given" when empty again."""
+    import click
+
+    from mlx_grpo.cli import main
+
+    for name, cmd in main.commands.items():
+        for p in cmd.params:
+            if p.type is click.STRING:
+                assert p.opts[0] in NOT_PATHS, f"{name} {p.opts[0]}: a path option? then type=PathText"
+    assert len(_path_params()) >= 25
+
+
+@pytest.mark.parametrize("command,param", _path_params(), ids=[f"{c} {p.opts[0]}" for c, p in _path_params()])
+def test_an_empty_path_is_one_line_and_changes_nothing(tmp_path, command, param):
+    """Before: --config '', eval --adapter '', --run '' (an unset shell variable) were ignored: the
+    default config, no adapter, the base model, evaluated and reported as if asked for."""
+    import click
+
+    if isinstance(param, click.Argument):
+        args = [command, ""]
+        flag = param.human_readable_name
+    else:
+        args = [command, param.opts[0], ""] + (["-p", "1 + 1"] if command == "generate" else [])
+        flag = param.opts[0]
+    (tmp_path / "keep").write_text("x")
+    before = tree_hash(tmp_path)
+    r = run_cli(*args, cwd=tmp_path, env=NO_BLAS, timeout=120)
+    one_line_error(r, f"error: {flag}: empty path (an unset shell variable?); name ")
+    assert r.stdout == "" and tree_hash(tmp_path) == before
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"prompt": null, "answer": "5"}', "d.jsonl:2: field 'prompt' (data.prompt_field) must be a string or a number, got null"),
+    ('{"prompt": {"q": "2 + 3"}, "answer": "5"}', "d.jsonl:2: field 'prompt' (data.prompt_field) must be a string or a number, got an object"),
+    ('{"prompt": ["2 + 3"], "answer": "5"}', "d.jsonl:2: field 'prompt' (data.prompt_field) must be a string or a number, got a list"),
+    ('{"prompt": "2 + 3", "answer": [5]}', "d.jsonl:2: field 'answer' (data.answer_field) must be a string or a number, got a list"),
+    ('{"prompt": "2 + 3", "answer": {"v": 5}}', "d.jsonl:2: field 'answer' (data.answer_field) must be a string or a number, got an object"),
+    ('{"prompt": "2 + 3", "answer": true}', "must be a string or a number, got true"),
+    ('{"prompt": "2 + 3", "answer": NaN}', "must be a string or a number, got NaN"),
+    ('{"prompt": "2 + 3", "answer": 1e400}', "must be a string or a number, got Infinity"),
+    # Python reads no int of over 4300 digits: the error named no file or line
+    ('{"prompt": "2 + 3", "answer": 1' + "0" * 5000 + "}", "d.jsonl:2: cannot read a number (Exceeds the limit (4300 digits)"),
+])
+def test_a_prompt_or_answer_that_is_not_text_is_refused_naming_file_and_line(tmp_path, line, msg):
+    """Before: the question "None" or a Python repr ("{'q': '2 + 3'}") was trained on."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1 + 1", "answer": 2}\n' + line + "\n")
+    r = run_cli("train", "--data", str(data), "--output", str(tmp_path / "o"), env=NO_BLAS)
+    one_line_error(r, msg)
+    assert not (tmp_path / "o").exists()  # (stdout: the BLAS line a run starts with)
+
+
+def test_numbers_and_a_null_answer_are_rows(tmp_path):
+    """Numbers are text as Python writes them; a null answer is a row without a reference (as a
+    Parquet column holds null), which the accuracy reward leaves unscored."""
+    from mlx_grpo.tasks import read_jsonl
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": 12, "answer": 2.5}\n{"prompt": "x", "answer": null}\n{"prompt": "y"}\n')
+    assert read_jsonl(str(data), "prompt", "answer") == [
+        {"prompt": "12", "answer": "2.5"}, {"prompt": "x", "answer": None}, {"prompt": "y"}]
+
+
+@pytest.mark.parametrize("weights,msg", [
+    ("accuracy=1e7", "--rewards: weight '1e7' in 'accuracy=1e7' must be at most 1e+06 in size"),
+    ("accuracy=1,format=-3e38", "--rewards: weight '-3e38' in 'format=-3e38' must be at most 1e+06 in size"),
+    ("accuracy=1e-320", "--rewards: weight '1e-320' in 'accuracy=1e-320' must be 0 or at least 1.2e-38 in size"),
+])
+def test_reward_weights_on_the_command_line_are_checked_as_the_configs_are(tmp_path, weights, msg):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"completion": GOOD, "answer": "5"}) + "\n")
+    r = run_cli("reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", weights, env=NO_BLAS)
+    one_line_error(r, msg)
+    assert r.stdout == ""

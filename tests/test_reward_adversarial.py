@@ -128,8 +128,61 @@ def test_math_verify_gets_no_long_or_explosive_input(monkeypatch):
     ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True), ("(" * 8 + "1" + ")" * 8, True),
     ("9^{9^{9}}", False), ("x^{x^{x}}", False), ("2^{10000}", False), ("10!!", False), ("(10^{10})!", False),
     ("(" * 9 + "1" + ")" * 9, False), ("1+" * 80 + "1", False), ("2^{1+x^{2}", False),
+    # powers: an exponent's size is the product of its numbers; at most 12 but on a plain number
+    ("(x+1)^{12}-(x-1)^{12}", True), ("x^{2.5}", True), ("x^{1/2}", True), ("10^{-3}", True), ("1.5^{999}", True),
+    ("(x+1)^{999}-(x-1)^{999}", False), ("(x+1)^{13}", False), ("\\sin(x)^{99}+\\cos(x)^{99}", False),
+    ("e^{999}", False), ("x^{999*999}", False), ("x^{3*5}", False), ("2^{999*999*999}", False),
+    ("x2^{999}", False), ("a_2^{999}", False), ("{2}^{999}", False), ("\\sqrt{2}^{99}", False),
+    # binomials and Gamma are computed at parsing: their numbers are bounded
+    ("\\binom{n}{2}", True), ("\\binom{9999}{4999}", True), ("\\binom{999999}{499999}", False),
+    ("\\Gamma(99999)", False), ("{99999 \\choose 3}", False), ("99999x + \\sqrt{2}", True),
 ])
 def test_what_math_verify_may_judge(text, safe):
     from mlx_grpo.rewards.answers import safe_for_math_verify
 
     assert safe_for_math_verify(text) is safe
+
+
+def test_what_math_verify_would_expand_is_bounded_after_parsing():
+    """On math-verify's parse, before it compares: an estimate of the terms the answer expands to
+    (a sum adds, a product multiplies, a power of a k-term base by n counts C(n+k-1, k-1)); an
+    unevaluated sum, product, integral, limit or derivative is never compared."""
+    sympy = pytest.importorskip("sympy", reason="sympy comes with math-verify, which is not installed")
+    from mlx_grpo.rewards.answers import MAX_MATH_VERIFY_TERMS, expansion_terms
+
+    x, y, z, k = sympy.symbols("x y z k")
+    over = MAX_MATH_VERIFY_TERMS + 1
+    cases = [
+        (x**2 + 2 * x + 1, 3), ((x + 1) ** 6 - (x - 1) ** 6, 14), ((x + y + z + 1) ** 2, 10),
+        ((x + 1) ** 8 - (x - 1) ** 8, over), ((x + y + z + 1) ** 3, over),  # 18 and 20 terms
+        (sympy.sqrt(x + y + z + 1), 4), ((x + 1) / (x - 1), 4), (sympy.Integer(2) ** 100, 1),
+        (sympy.sin(x) ** 12 + sympy.cos(x) ** 12, 2), (x ** k, 1),
+        ((x + 1) ** 999 - (x - 1) ** 999, over), ((x + y + z + 1) ** 12, over),
+        (sympy.Mul(*[x + y + z + 1] * 15, evaluate=False), over),
+        (sympy.Sum(k ** k, (k, 1, 999)), over), (sympy.Integral(x ** 9, (x, 0, 1)), over),
+        (sympy.Product(x + k, (k, 1, 999)), over), (sympy.Limit(sympy.sin(x) / x, x, 0), over),
+        (sympy.Derivative(x ** 2, x), over),
+    ]
+    for expr, terms in cases:
+        assert expansion_terms(expr) == terms, expr
+
+
+def test_math_verify_never_compares_what_would_expand_past_the_bound(monkeypatch):
+    """Answers that pass the text checks but expand past MAX_MATH_VERIFY_TERMS once parsed (15
+    factors side by side, an unevaluated sum or integral) are no match, and math-verify's
+    comparison is not asked; within the bound it is."""
+    math_verify = pytest.importorskip("math_verify", reason="math-verify is not installed (pip install -e '.[math]')")
+    from mlx_grpo.rewards import answers
+
+    asked = []
+    real = math_verify.verify
+    monkeypatch.setattr(math_verify, "verify", lambda *a, **k: asked.append(a) or real(*a, **k))
+    answers.math_verify_checker.cache_clear()  # rebuilt with the spy, and again afterwards
+    try:
+        for answer in ("(x+y+z+1)" * 15, "\\sum_{k=1}^{9} k^{k}", "\\int_{0}^{1} x^{9} dx"):
+            assert answers.safe_for_math_verify(answer)
+            assert not answers.answers_match(answer, "2x + 1")
+        assert asked == []
+        assert answers.answers_match("x^2+2x+1", "(x+1)^{2}") and len(asked) == 1
+    finally:
+        answers.math_verify_checker.cache_clear()

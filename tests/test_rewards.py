@@ -604,20 +604,52 @@ def test_os_exit_is_ours_again_after_a_reward(tmp_path):
     assert os._exit is exit_ and os.abort is abort
 
 
-def test_keyboard_interrupt_in_a_reward_is_its_error_only_when_ctrl_c_cannot_raise_it(tmp_path):
-    """With Python's default SIGINT handler a KeyboardInterrupt may be the user's Ctrl-C: it stays
-    an interrupt. Under a handler (training: Ctrl-C only sets a flag) it can only be the reward's."""
+def test_a_rewards_own_keyboard_interrupt_is_its_error_under_any_sigint_handler(tmp_path):
+    """Before: under Python's default SIGINT handler (the evaluation before the first step, the
+    final one, eval, reward) a reward's own KeyboardInterrupt was taken for the user's Ctrl-C;
+    under training's handler it was the reward's error. Now it is the reward's error everywhere."""
     import signal
 
     f = tmp_path / "kbd.py"
     f.write_text("def r(p, c, **k):\n    raise KeyboardInterrupt\n")
     fns = load_rewards([f"{f}:r"])
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        for handler in (signal.default_int_handler, lambda *_: None, signal.SIG_IGN):
+            signal.signal(signal.SIGINT, handler)
+            with pytest.raises(RewardError, match=f"reward {f}:r raised KeyboardInterrupt on sample 0"):
+                score(["a"], ["x"], {}, fns, {})
+            assert signal.getsignal(signal.SIGINT) is handler  # put back after the reward
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("body", [
+    "    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(5)\n",
+    # it catches the Ctrl-C and goes on, or turns it into another error: the user still asked to stop
+    "    try:\n        os.kill(os.getpid(), signal.SIGINT)\n        time.sleep(5)\n    except KeyboardInterrupt:\n"
+    "        pass\n    return [1.0] * len(c)\n",
+    "    try:\n        os.kill(os.getpid(), signal.SIGINT)\n        time.sleep(5)\n    except KeyboardInterrupt:\n"
+    "        raise ValueError('interrupted')\n",
+], ids=["raised", "swallowed", "replaced"])
+def test_a_real_ctrl_c_while_a_reward_runs_is_the_users(tmp_path, body):
+    """A SIGINT that arrives while a reward runs, under Python's default handler, is an interrupt
+    (``guard.CtrlC``, a KeyboardInterrupt), never the reward's error; at import too."""
+    import signal
+
+    from mlx_grpo.rewards.guard import CtrlC
+
+    f = tmp_path / "ctrl_c.py"
+    f.write_text("import os, signal, time\ndef r(p, c, **k):\n" + body)
+    fns = load_rewards([f"{f}:r"])
+    at_import = tmp_path / "ctrl_c_import.py"
+    at_import.write_text("import os, signal, time\ndef r(p, c, **k):\n" + body + "r(None, [])\n")
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(CtrlC):
             score(["a"], ["x"], {}, fns, {})
-        signal.signal(signal.SIGINT, lambda *_: None)
-        with pytest.raises(RewardError, match=f"reward {f}:r raised KeyboardInterrupt"):
-            score(["a"], ["x"], {}, fns, {})
+        with pytest.raises(CtrlC):
+            load_rewards([f"{at_import}:r"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)

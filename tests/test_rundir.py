@@ -159,7 +159,8 @@ def test_checks_change_nothing_and_prepare_writes_the_manifest_first(tmp_path):
     assert os.listdir(out) == [MANIFEST]
     check_run_dir(out, overwrite=False)  # only a manifest: nothing to protect
     # An edited manifest cannot make us delete what a run never writes.
-    (out / MANIFEST).write_text(json.dumps({"written_by": "mlx-grpo", "files": ["notes.txt", "config.yaml"]}))
+    edited = {**json.loads((out / MANIFEST).read_text()), "files": ["notes.txt", "config.yaml"]}
+    (out / MANIFEST).write_text(json.dumps(edited))
     (out / "notes.txt").write_text("mine")
     (out / "config.yaml").write_text("x: 1")
     prepare_run_dir(out, overwrite=True)

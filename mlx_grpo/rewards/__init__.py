@@ -23,8 +23,10 @@ object; output printed by a failing import is quoted in the error instead. Any o
 reward raises (``GeneratorExit``, its own ``BaseException``) is its error too, and so is an
 ``os._exit`` or ``os.abort`` call (``guard.ProcessExit``). Each reward gets its own copies of the
 prompts, completions and columns, nested lists and dicts included (``_inputs``).
-A ``KeyboardInterrupt`` raised while a reward runs is an interrupt (Ctrl-C), not the reward's
-error, unless SIGINT is handled (training: Ctrl-C only sets a flag), when only the reward raised it.
+A ``KeyboardInterrupt`` a reward (or its module, at import) raises itself is its error, wherever it
+runs: a training step, the held-out evaluations (before the first step, every ``eval_every``
+steps, after the last), ``cli.py eval`` and ``cli.py reward``. One raised by a SIGINT that arrived
+while it ran (the user's Ctrl-C) is an interrupt, never the reward's error (``guard.CtrlC``).
 
 Rewards work on strings only (no mlx, no model), so reward experiments start instantly.
 """
@@ -38,7 +40,6 @@ import importlib.util
 import io
 import math
 from numbers import Real  # not "import numbers": the package's own rewards.numbers module would shadow it
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ from .accuracy import make_accuracy_reward
 from .countdown import countdown_reward
 from .errors import RewardError
 from .format import format_reward, soft_format_reward, tag_count_reward
-from .guard import user_code
+from .guard import CtrlC, sigint_arrived, user_code
 from .shaping import make_length_reward, make_overlong_reward, make_repetition_reward
 
 RewardFn = Callable[..., List[Optional[float]]]
@@ -126,7 +127,9 @@ def load_reward(name: str, settings: Optional[RewardSettings] = None) -> RewardF
         sys.argv = [target]  # an argparse call at import must not parse our command line
         with user_code(stdout=printed, stderr=printed):
             module = _import(target)
-    except BaseException as e:  # user code (sys.exit, Ctrl-C, GeneratorExit...), reported in one line
+    except BaseException as e:  # user code (sys.exit, KeyboardInterrupt, GeneratorExit...), in one line
+        if not _own_error(e):  # the user's Ctrl-C during the import
+            raise
         said = [line.strip() for line in printed.getvalue().splitlines() if line.strip()]
         quoted = f" (it printed: {_short(said[-1])[1:-1]})" if said else ""
         raise RewardError(
@@ -243,14 +246,10 @@ def _values(name: str, values: Any, n: int) -> Sequence[Any]:
 
 def _own_error(e: BaseException) -> bool:
     """Whether ``e``, raised by a reward, is that reward's error: anything (``sys.exit``,
-    ``GeneratorExit``, a BaseException of its own) but the trainer's ``Interrupted``, and but
-    KeyboardInterrupt while SIGINT is not handled (then it is the user's Ctrl-C; in training Ctrl-C
-    only sets a flag, so one raised there came from the reward)."""
-    if isinstance(e, Interrupted):
-        return False
-    if isinstance(e, KeyboardInterrupt):
-        return signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, None)
-    return True
+    ``KeyboardInterrupt``, ``GeneratorExit``, a BaseException of its own) but the trainer's
+    ``Interrupted`` and the user's Ctrl-C: ``CtrlC``, or whatever the reward raised once a SIGINT
+    arrived while it ran (it caught the KeyboardInterrupt and raised something else)."""
+    return not isinstance(e, (Interrupted, CtrlC)) and not sigint_arrived()
 
 
 _ATOMS = frozenset({str, int, float, bool, type(None), bytes})  # values no one can edit in place

@@ -18,10 +18,11 @@ character is present: a model under RL may generate a megabyte of degenerate tex
 from __future__ import annotations
 
 import functools
+import math
 import re
 import threading
 from fractions import Fraction
-from typing import Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 
@@ -41,9 +42,28 @@ LAST_NUMBER_WINDOW = 10_000
 # 100 nested brackets: the whole timeout). A final answer needs none of these.
 MAX_MATH_VERIFY_CHARS = 150
 MAX_MATH_VERIFY_DEPTH = 8  # bracket nesting
+# Powers: sympy expands them when it compares, so the cost grows with the exponent and with the
+# terms of the base: ``(x+1)^{999}-(x-1)^{999}`` held math-verify for its whole timeout, and so did
+# ``\\sin(x)^{99}``, ``x^{999*999}`` and 15 factors ``(x+y+z+1)`` side by side. An exponent's size is
+# the product of the numbers in it (``999*999`` counts 998001), and bounded twice: on a plain number
+# (``2^{100}``: one integer, microseconds to compute) and on anything else (a symbol, a bracket).
+MAX_MATH_VERIFY_NUMBER_EXPONENT = 999
+MAX_MATH_VERIFY_EXPONENT = 12
+# What the answer would expand to, estimated on math-verify's parse before it compares: a sum
+# counts the terms of its parts, a product multiplies them, a power of a k-term base by n counts
+# the C(n+k-1, k-1) terms of the multinomial (``(x+1)^{8}-(x-1)^{8}`` 18, ``(x+y+z+1)^{3}`` 20,
+# ``(a+b)(c+d)(e+f)(g+h)`` 16). A comparison costs about 20 ms plus 2-5 ms a term (2 cores, under
+# a load of 4): at 16 terms, what math-verify takes on any short answer there (``\\binom{n}{2}``
+# against ``\\frac{n(n-1)}{2}``: 45-100 ms).
+MAX_MATH_VERIFY_TERMS = 16
+# The arguments of these are computed at parsing (``\\binom{999999}{499999}``: the whole timeout).
+MAX_MATH_VERIFY_COMBINATORIAL_DIGITS = 4
 MATH_VERIFY_TIMEOUT_S = 1  # math-verify takes whole seconds (signal.alarm)
 _EXPONENT_RE = re.compile(r"\^\s*(\{)?")
-_LONG_INTEGER_RE = re.compile(r"\d{4}")
+_LITERAL_RE = re.compile(r"\d+(?:\.\d+)?")
+_NUMBER_BASE_RE = re.compile(r"(?<![\w.])\d+(?:\.\d+)?$")  # 2^, 1.5^: not x2^, a_2^, {2}^
+_COMBINATORIAL_RE = re.compile(r"\\(?:[dt]?binom|choose|Gamma)(?![A-Za-z])")
+_LONG_INTEGER_RE = re.compile(r"\d{%d}" % (MAX_MATH_VERIFY_COMBINATORIAL_DIGITS + 1))
 
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
@@ -285,10 +305,13 @@ def _mathy(s: str) -> bool:
 
 
 def safe_for_math_verify(text: str) -> bool:
-    """Whether ``text`` is short and tame enough for math-verify to judge in milliseconds: at most
+    """Whether ``text`` is short and tame enough for math-verify to parse in milliseconds: at most
     ``MAX_MATH_VERIFY_CHARS`` characters and ``MAX_MATH_VERIFY_DEPTH`` nested brackets, no
-    factorial, no exponent that holds another exponent or a number of 4+ digits (sympy would
-    compute ``9^{9^{9}}``)."""
+    factorial, no exponent that holds another exponent (sympy would compute ``9^{9^{9}}``), no
+    exponent larger than ``MAX_MATH_VERIFY_EXPONENT`` (``MAX_MATH_VERIFY_NUMBER_EXPONENT`` on a
+    plain number), no binomial or Gamma beside a number of more than
+    ``MAX_MATH_VERIFY_COMBINATORIAL_DIGITS`` digits. What its parse expands to is bounded after
+    parsing (``math_verify_checker``)."""
     if len(text) > MAX_MATH_VERIFY_CHARS or "!" in text:
         return False
     depth = 0
@@ -296,15 +319,80 @@ def safe_for_math_verify(text: str) -> bool:
         depth += (ch in "({[") - (ch in ")}]")
         if depth > MAX_MATH_VERIFY_DEPTH:
             return False
+    if _COMBINATORIAL_RE.search(text) and _LONG_INTEGER_RE.search(text):
+        return False
     for m in _EXPONENT_RE.finditer(text):
         if m.group(1) is None:
             exponent = text[m.end() : m.end() + 1]  # x^2: one character
         else:
             close = matching_close(text, m.start(1))
             exponent = text[m.end() : close if close >= 0 else len(text)]
-        if "^" in exponent or _LONG_INTEGER_RE.search(exponent):
+        if "^" in exponent:
+            return False
+        number_base = _NUMBER_BASE_RE.search(text[: m.start()].rstrip()) is not None
+        limit = MAX_MATH_VERIFY_NUMBER_EXPONENT if number_base else MAX_MATH_VERIFY_EXPONENT
+        if exponent_size(exponent, limit) > limit:
             return False
     return True
+
+
+def exponent_size(exponent: str, limit: int) -> int:
+    """The product of the numbers in ``exponent`` (each rounded up, at least 1): at least its value
+    for any sum, product or quotient of them (``2*3`` counts 6, ``1/2`` 2, ``0.5`` 1); stops
+    counting past ``limit``."""
+    size = 1
+    for m in _LITERAL_RE.finditer(exponent):
+        size *= max(1, math.ceil(float(m.group())))
+        if size > limit:
+            break
+    return size
+
+
+def expansion_terms(expr: Any, limit: int = MAX_MATH_VERIFY_TERMS) -> int:
+    """An estimate of the terms sympy's ``expr`` has once expanded, past which it stops counting
+    (any count over ``limit`` is ``limit + 1``): an atom 1, a sum the sum of its parts, a product
+    their product, a power by an integer n of a k-term base the C(n+k-1, k-1) terms of the
+    multinomial (a root ``b^{p/q}`` as the power p), anything else the sum of its arguments. An
+    unevaluated sum, product, integral, limit or derivative counts ``limit + 1``: math-verify
+    would evaluate it (``\\sum_{k=1}^{999} k^k``: its whole timeout), and a final answer is a value,
+    not an operation left to do."""
+    over = limit + 1
+    if isinstance(expr, _undone_operations()):
+        return over
+    args = getattr(expr, "args", ())
+    if not args:
+        return 1
+    if getattr(expr, "is_Pow", False):
+        base, exp = args
+        if getattr(base, "is_Number", False):
+            return min(over, expansion_terms(exp, limit))
+        k = expansion_terms(base, limit)
+        if getattr(exp, "is_Rational", False):
+            n = abs(int(exp.p))
+        elif getattr(exp, "is_Float", False):
+            n = math.ceil(abs(float(exp)))
+        elif getattr(exp, "is_number", False):  # an unevaluated 2*3: bounded in the text already
+            n = MAX_MATH_VERIFY_EXPONENT
+        else:  # x^{n}: nothing to expand
+            return min(over, k * expansion_terms(exp, limit))
+        return over if k > limit or n > MAX_MATH_VERIFY_EXPONENT else min(over, math.comb(n + k - 1, k - 1))
+    counts = [expansion_terms(a, limit) for a in args]
+    if getattr(expr, "is_Mul", False):
+        total = 1
+        for c in counts:
+            total = min(over, total * c)
+        return total
+    return min(over, max(1, sum(counts)))
+
+
+@functools.lru_cache(maxsize=1)
+def _undone_operations() -> tuple:
+    """sympy's unevaluated operations (a class no object is an instance of without sympy)."""
+    try:
+        from sympy import Derivative, Integral, Limit, Product, Sum
+    except ImportError:
+        return ()
+    return (Sum, Product, Integral, Limit, Derivative)
 
 
 @functools.lru_cache(maxsize=1)
@@ -332,6 +420,10 @@ def math_verify_checker() -> Optional[Callable[[str, str], bool]]:
             gold = parse(as_latex(reference), extraction_config=config, parsing_timeout=limit)
             pred = parse(as_latex(predicted), extraction_config=config, parsing_timeout=limit)
             if not gold or not pred:
+                return False
+            # What the comparison would expand (parse evaluates nothing of the kind: bounded by
+            # safe_for_math_verify): over MAX_MATH_VERIFY_TERMS it is not asked, and not a match.
+            if any(expansion_terms(e) > MAX_MATH_VERIFY_TERMS for e in (*gold, *pred) if not isinstance(e, str)):
                 return False
             return bool(verify(gold, pred, timeout_seconds=limit))
         except Exception:  # a parser failure on model output is a wrong answer, not a crash

@@ -9,6 +9,12 @@ so one process trains and writes the run, not two. ``os._exit(n)`` and ``os.abor
 in our process raise ``ProcessExit`` instead (its error, like ``sys.exit``): a run that ends inside
 a reward must never look like success to a shell. What no Python code can catch (SIGKILL, an
 abort or a crash inside C code) still ends the process.
+
+A ``KeyboardInterrupt`` user code raises itself is its error; one that a SIGINT raised (the user's
+Ctrl-C) is not. Python's default SIGINT handler raises the same exception for both, so while user
+code runs that handler is replaced by one that raises ``CtrlC`` (a KeyboardInterrupt) and records
+the signal (``sigint_arrived``): the rule is then the same wherever user code runs (a training
+step, every evaluation, ``eval``, ``reward``), whatever SIGINT handler is in force around it.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import sys
-from typing import Iterator, Optional, TextIO
+import threading
+from typing import Any, Iterator, Optional, TextIO
 
 _REAL_EXIT, _REAL_ABORT = os._exit, os.abort
 _guarded_pid: Optional[int] = None  # the process whose user code runs now (None: none runs)
+_sigint_seen = False  # a SIGINT arrived during the latest user-code block (or the one running)
 
 
 class ProcessExit(BaseException):
@@ -59,6 +68,47 @@ def _exits_intercepted() -> Iterator[None]:
         _guarded_pid = previous
         for m, exit_, abort in saved:
             m._exit, m.abort = exit_, abort
+
+
+class CtrlC(KeyboardInterrupt):
+    """A SIGINT that arrived while user code ran: the user's Ctrl-C, never the code's own error."""
+
+
+def sigint_arrived() -> bool:
+    """Whether a SIGINT arrived while the user code now running (or the latest to run) ran."""
+    return _sigint_seen
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    global _sigint_seen
+    _sigint_seen = True
+    raise CtrlC()
+
+
+@contextlib.contextmanager
+def _sigint_told_apart() -> Iterator[None]:
+    """Within the block, a SIGINT under Python's default handler raises ``CtrlC`` and is recorded
+    for ``sigint_arrived``; any other handler (training's, which only sets a flag) stays, since a
+    KeyboardInterrupt cannot come from it. Outside the main thread no signal handler runs at all."""
+    global _sigint_seen
+    previous_seen, _sigint_seen = _sigint_seen, False
+    mine = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, _on_sigint) if mine else None
+    try:
+        yield
+        if _sigint_seen:  # the code caught the Ctrl-C and went on: the user still asked to stop
+            raise CtrlC()
+    except BaseException as e:  # whatever the code raised after a real Ctrl-C: still the user's
+        if _sigint_seen and not isinstance(e, CtrlC):
+            raise CtrlC() from e
+        raise
+    finally:
+        if mine:
+            signal.signal(signal.SIGINT, previous)
+        # Kept for the caller that reads it right after the block (a failed import); a nested
+        # block's signal counts for the block around it.
+        _sigint_seen = _sigint_seen or previous_seen
 
 
 class _Unclosable(io.TextIOBase):
@@ -106,9 +156,10 @@ def _dup(fd: int) -> Optional[int]:
 @contextlib.contextmanager
 def user_code(stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) -> Iterator[None]:
     """Run user code with its Python-level stdout and stderr sent to ``stdout`` and ``stderr``
-    (default: our stderr), its descriptor 1 to descriptor 2 and ``os._exit``/``os.abort`` raising
-    ProcessExit; on exit, restore both streams and descriptors 1 and 2, and end a forked child that
-    returns here."""
+    (default: our stderr), its descriptor 1 to descriptor 2, ``os._exit``/``os.abort`` raising
+    ProcessExit and a SIGINT told apart from the code's own KeyboardInterrupt (``CtrlC``); on
+    exit, restore both streams, descriptors 1 and 2 and the SIGINT handler, and end a forked child
+    that returns here."""
     pid = os.getpid()
     target = stdout if stdout is not None else sys.stderr
     errors = stderr if stderr is not None else sys.stderr
@@ -120,7 +171,7 @@ def user_code(stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) 
         os.dup2(saved[2], 1)
     try:
         with contextlib.redirect_stdout(_Unclosable(target)), contextlib.redirect_stderr(_Unclosable(errors)), \
-                _exits_intercepted():
+                _exits_intercepted(), _sigint_told_apart():
             yield
     finally:
         if os.getpid() != pid:  # a fork's child came back into our code: it must not train too

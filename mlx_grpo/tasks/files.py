@@ -13,11 +13,13 @@ Errors are ``DataError`` with the file and line (JSONL), row (Parquet) or Hub id
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from .. import hub
 from ..errors import UserError, first_line
 
 Row = Dict[str, Any]
@@ -62,6 +64,8 @@ def iter_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
             raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
         except RecursionError:  # json's parser recurses once per nested bracket
             raise DataError(f"{path}:{n}: malformed JSON (nested too deeply)") from None
+        except ValueError as e:  # Python reads no int of over 4300 digits (not a JSONDecodeError)
+            raise DataError(f"{path}:{n}: cannot read a number ({first_line(e)})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object")
         yield n, obj
@@ -95,16 +99,44 @@ def iter_records(path: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
             yield f"{path}:{n}", obj
 
 
+def _text(value: Any, where: str, field: str, key: str) -> str:
+    """A prompt or an answer as text: a string as it is, a finite number as Python writes it; any
+    other value (null, an object, a list, true, NaN) a DataError naming the row and the field,
+    which would otherwise become the question "None" or a Python repr."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):  # (json reads NaN, Infinity and 1e400)
+        return str(value)
+    raise DataError(f"{where}: field {field!r} ({key}) must be a string or a number, got {_json_kind(value)}")
+
+
+def _json_kind(value: Any) -> str:
+    """How a value that is not text reads in JSON terms: null, an object, a list, true, NaN."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return json.dumps(value)  # NaN, Infinity, -Infinity
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"  # Parquet: bytes, a date...
+
+
 def make_row(obj: Dict[str, Any], where: str, fields: Fields) -> Row:
-    """One record renamed to {"prompt", "answer", ...other fields}."""
+    """One record renamed to {"prompt", "answer", ...other fields}. The prompt and the answer are
+    strings or numbers; a null (or absent) answer is a row without a reference answer (a Parquet
+    column holds null where a row has none): the accuracy reward leaves it unscored."""
     if fields.prompt not in obj:
         raise DataError(f"{where}: missing field {fields.prompt!r} (data.prompt_field)")
     row = {k: v for k, v in obj.items() if k not in (fields.prompt, fields.answer)}
-    row["prompt"] = str(obj[fields.prompt])
+    row["prompt"] = _text(obj[fields.prompt], where, fields.prompt, "data.prompt_field")
     if fields.answer in obj:
         answer = obj[fields.answer]
         if answer is not None:
-            answer = str(answer)
+            answer = _text(answer, where, fields.answer, "data.answer_field")
             if fields.delimiter and fields.delimiter in answer:
                 answer = answer.rsplit(fields.delimiter, 1)[1].strip()
         row["answer"] = answer
@@ -145,12 +177,13 @@ def hub_snapshot(repo_id: str, revision: Optional[str] = None, subset: Optional[
 
     where = [f"{subset}/", f"*/{subset}/"] if subset else [""]
     try:
-        folder = snapshot_download(
-            repo_id, repo_type="dataset", revision=revision,
-            allow_patterns=[f"{w}*{s}" for w in where for s in DATA_SUFFIXES],
-        )
-    except Exception as e:  # offline, unknown repo, gated: one line, named
-        first = first_line(e)
+        with hub.contacting(f"dataset {repo_id}"):
+            folder = snapshot_download(
+                repo_id, repo_type="dataset", revision=revision,
+                allow_patterns=[f"{w}*{s}" for w in where for s in DATA_SUFFIXES],
+            )
+    except Exception as e:  # offline, unknown repo, gated, no answer: one line, named
+        first = hub.unreachable(e) or first_line(e)
         raise DataError(f"data.path: cannot load Hub dataset {repo_id}: {first}") from None
     return Path(folder)
 
