@@ -11,7 +11,7 @@ a command imports its own module when it runs, so ``--help``, ``plot``, ``runs``
 ``reward --completions`` start without MLX (and mlx-lm, which imports transformers: seconds);
 ``blas.py`` chooses the BLAS before MLX is loaded (the main group re-executes with it preloaded);
 optional extras (matplotlib, wandb, tensorboard, pyarrow, math-verify) load only when asked for;
-and one import cycle (``fit`` measures with the trainer's step batch).
+and one import cycle (``microbatch`` measures with the trainer's step batch).
 """
 
 from __future__ import annotations

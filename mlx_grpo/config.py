@@ -240,7 +240,7 @@ class TrainConfig:
     grad_accumulation_steps: int = 1  # micro-batches per step (memory), one optimizer update
     grad_checkpoint: bool = False
     # auto: before the first step a measured dry micro-batch raises grad_accumulation_steps (and
-    # sets grad_checkpoint) until a step fits in memory (fit.py); fixed: as configured.
+    # sets grad_checkpoint) until a step fits in memory (microbatch.py); fixed: as configured.
     micro_batch: MicroBatch = "auto"
     seed: int = 0
     # Steps in a row whose every update had a non-finite loss or gradient (each one skipped)

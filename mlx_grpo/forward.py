@@ -1,6 +1,6 @@
 """How the model is run: KV caches, the output-head split, per-model flags, gradient checkpointing.
 
-Rollouts (``rollout.py``, ``decode.py``) and scoring (``scoring.py``) both run the transformer over
+Rollouts (``rollout.py``, ``decode.py``) and scoring (``logprobs.py``) both run the transformer over
 left-padded rows on top of a prefilled prompt (``prefill.py``); the pieces they share live here:
 
 - ``batch_cache``: mlx-lm's batched decoding caches for left-padded rows;

@@ -27,7 +27,7 @@ from .config import Config, TrainConfig
 from .loss import Normalizer, grpo_loss
 from .models import adapters_disabled
 from .rollout import Rollouts
-from .scoring import completion_logprobs
+from .logprobs import completion_logprobs
 
 
 @dataclass
@@ -104,7 +104,7 @@ def step_normalizer(
 
 def batch_loss(cfg: Config, norm: Normalizer) -> Callable[[nn.Module, StepBatch], Tuple[mx.array, Dict[str, mx.array]]]:
     """The GRPO loss of a micro-batch as a function of the model (for ``nn.value_and_grad``): the
-    update's, and the one fit.py's dry step measures, so the memory it plans for is the update's."""
+    update's, and the one microbatch.py's dry step measures, so the memory it plans for is the update's."""
 
     def loss_fn(model: nn.Module, b: StepBatch):
         logp = b.logprobs(model, cfg.rollout.temperature)

@@ -24,7 +24,7 @@ from .errors import RunFault, UserError, first_line
 from .fastmath import use_fast_mlps
 from .float_base import float_base
 from .gguf_convert import is_gguf
-from .preflight import available_memory
+from .memory import available_memory
 from .rundir import ADAPTER_CONFIG, ADAPTERS, atomic_write
 
 

@@ -16,9 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -28,14 +25,12 @@ from mlx.utils import tree_flatten
 
 from .config import Config, ConfigError
 from .rollout import encode_prompt
-from .scoring import LOGITS_BUDGET
+from .logprobs import LOGITS_BUDGET
 from .tasks import DataError, TaskData
 from .tasks.templates import Prompter
 from .errors import RunFault, first_line
-from .float_base import device_kind
+from .memory import GB, MARGIN, memory_budget
 
-GB = 1e9
-MARGIN = 0.85  # a step, or a batch decoded at once, may use this share of the memory available
 
 
 class TooLarge(ConfigError):
@@ -243,19 +238,12 @@ def decode_memory(model: nn.Module, rows: int, prompt_tokens: int, max_tokens: i
     }
 
 
-def memory_budget() -> Optional[float]:
-    """Bytes a command may use in all: ``available_memory``, where on the CPU backend the free RAM
-    is counted with what MLX already holds (the weights, loaded, are in what it measures)."""
-    held = mx.get_active_memory() + mx.get_cache_memory() if device_kind() == "cpu" else 0.0
-    return available_memory(held)
-
-
 def check_decode_memory(model: nn.Module, rows: int, prompt_tokens: int, max_tokens: int, option: str,
                         lower: str) -> None:
     """Raise ``TooLarge`` (naming ``option``, the estimate and the memory available, and what to
     ``lower``) when decoding ``rows`` completions at once, after prompts of ``prompt_tokens``
     tokens, up to ``max_tokens`` each, would not fit in ``MARGIN`` of the memory available, as a
-    training run's rollout is refused (``fit.choose``). A KV cache cannot be split; past the
+    training run's rollout is refused (``microbatch.choose``). A KV cache cannot be split; past the
     memory the kernel kills the process without a word. Nothing is checked when the memory
     available is unknown."""
     budget = memory_budget()
@@ -281,76 +269,13 @@ def estimate_total(estimate: Dict[str, float]) -> float:
     return estimate["weights"] + estimate["training"] + max(rollout, estimate["activations"])
 
 
-MEMORY_LIMIT_ENV = "MLX_GRPO_MEMORY_LIMIT"  # caps "available memory", e.g. 2GB, 500MB or bytes
-
-
-def memory_limit() -> Optional[float]:
-    """The cap set in ``MLX_GRPO_MEMORY_LIMIT`` in bytes (None when unset); a bad value is an
-    error naming the variable."""
-    raw = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
-    if not raw:
-        return None
-    units = {"GB": 1e9, "MB": 1e6, "KB": 1e3, "B": 1.0}
-    unit = next((u for u in units if raw.upper().endswith(u)), "B")
-    try:
-        value = float(raw[: len(raw) - len(unit)] if raw.upper().endswith(unit) else raw) * units[unit]
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ConfigError(f"{MEMORY_LIMIT_ENV}: expected a size such as 8GB, 500MB or bytes, got {raw!r}")
-    return value
-
-
-def available_memory(held: float = 0.0) -> Optional[float]:
-    """Bytes the run can use: the GPU's recommended working set on Metal, else free RAM (plus
-    ``held``, what the process already holds and a measured peak counts), capped by
-    ``MLX_GRPO_MEMORY_LIMIT``; None if unknown."""
-    found = _machine_memory()
-    if found is not None:
-        found += held
-    cap = memory_limit()
-    if cap is None:
-        return found
-    return cap if found is None else min(cap, found)
-
-
-def _machine_memory() -> Optional[float]:
-    """(psutil is not a dependency: /proc/meminfo on Linux, sysctl on macOS.)"""
-    info: Dict[str, Any] = {}
-    try:
-        info = dict(mx.device_info()) if hasattr(mx, "device_info") else dict(mx.metal.device_info())
-    except Exception:  # no such device query on this backend
-        pass
-    for key in ("max_recommended_working_set_size", "memory_size"):
-        if isinstance(info.get(key), int) and info[key] > 0:
-            return float(info[key])
-    if sys.platform.startswith("linux"):
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError):
-            return None
-    if sys.platform == "darwin":
-        try:
-            out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5)
-            return float(out.stdout.strip())
-        except (OSError, ValueError, subprocess.SubprocessError):
-            return None
-    return None
-
-
 def memory_report(estimate: Dict[str, float], available: Optional[float], cfg: Config) -> List[str]:
     """One line with the estimate, and a warning with what to lower when it exceeds ``available``."""
     total = estimate_total(estimate)
     parts = ", ".join(f"{k.replace('_', ' ')} {v / GB:.2f}" for k, v in estimate.items())
     have = f"{available / GB:.1f} GB available" if available else "available memory unknown"
     lines = [f"memory: ~{total / GB:.2f} GB estimated for one step ({parts}); {have}"]
-    if available and total > available and cfg.train.micro_batch != "auto":  # auto fits it (fit.py)
+    if available and total > available and cfg.train.micro_batch != "auto":  # auto fits it (microbatch.py)
         lines.append(f"warning: this batch may not fit in memory; {lower_settings(cfg)}")
     return lines
 

@@ -7,7 +7,7 @@
     learn(...)                        # 4. clipped surrogate + KL, num_iterations times (learner.py)
     step_metrics(...), step_samples(...)   # 5. what the run log records
 
-With ``grpo.dynamic_sampling`` stages 1-2 repeat on more prompts (sampling.py). Under
+With ``grpo.dynamic_sampling`` stages 1-2 repeat on more prompts (dynamic_sampling.py). Under
 ``mlx.launch`` each process rolls out and learns from its share of the prompts; the advantages
 and metrics are computed on every process's rows, gathered (distributed.py).
 """
@@ -30,7 +30,7 @@ from .learner import learn, micro_size, select_rows, step_normalizer
 from .loss import Normalizer, counted_tokens, rows_in_loss
 from .rewards import Rewards, score
 from .rollout import Rollouts, pad_id, row_keys, sample_groups
-from .sampling import Drawn, fill_with_spread
+from .dynamic_sampling import Drawn, fill_with_spread
 from .tasks import columns
 from .tasks.templates import Prompter
 
@@ -141,7 +141,7 @@ def grpo_step(
     """One GRPO step on the global batch ``rows``; returns its metrics and samples.
 
     With ``grpo.dynamic_sampling``, ``more_rows()`` gives the next batch of prompts whenever the
-    step needs more groups with reward spread (sampling.py); "dynamic_draws" counts the batches.
+    step needs more groups with reward spread (dynamic_sampling.py); "dynamic_draws" counts the batches.
 
     This process samples and learns from its share of ``rows`` (all of them when run alone); the
     advantages and metrics are computed on every process's rows, gathered. With ``key`` (see

@@ -36,11 +36,12 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, TrainConfig, config_warnings, save_config
 from .evaluate import evaluate_held_out
-from .fit import fit_micro_batch
+from .microbatch import fit_micro_batch
 from .forward import enable_grad_checkpoint
 from .interrupts import Interrupted, stop_on_signals
 from .models import NonFiniteError, model_dir, save_adapters
-from .preflight import available_memory, check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
+from .memory import available_memory
+from .preflight import check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
 from .policy import Policy, load_policy
 from .rundir import ADAPTERS, CONFIG, check_run_dir, log_sizes, prepare_run_dir, resume_run_dir, write_summary
 from .runlog import RunLog, compare_line

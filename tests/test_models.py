@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_grpo.config import AdapterConfig, Config, ModelConfig, make_config
 from mlx_grpo.models import adapters_disabled, attach_adapters, load_model, save_adapters
 from mlx_grpo.rollout import sample_groups
-from mlx_grpo.scoring import completion_logprobs
+from mlx_grpo.logprobs import completion_logprobs
 from mlx_grpo.learner import StepBatch, select_rows, update
 
 
@@ -123,3 +123,17 @@ def test_adapter_keys_and_num_layers(small_model_dir):
     assert sorted(names) == sorted(
         f"model.layers.1.self_attn.{p}.lora_{ab}" for p in ("q_proj", "v_proj") for ab in "ab"
     )
+
+
+def test_loading_a_model_imports_none_of_the_step():
+    """models.py sizes the float base by the machine's free memory; that probe lives in the bottom
+    floor, so loading a model (eval, generate, mlx-lm users of our loader) does not pull in the
+    rollout engine, the scorer, the preflight checks or the tasks."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mlx_grpo.models; "
+            "print(sorted(m for m in sys.modules if m.split('.')[:2][-1] in "
+            "('rollout', 'logprobs', 'preflight', 'tasks', 'step', 'learner', 'trainer')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

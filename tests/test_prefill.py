@@ -13,7 +13,7 @@ from mlx_grpo.forward import rows_cache
 from mlx_grpo.models import attach_adapters, load_model
 from mlx_grpo.prefill import MIN_SHARED_PREFIX, prefill, shared_prefix
 from mlx_grpo.rollout import encode_prompt, left_pad, sample_groups
-from mlx_grpo.scoring import completion_logprobs
+from mlx_grpo.logprobs import completion_logprobs
 
 from conftest import mlx_lm_greedy, tol
 

@@ -9,10 +9,10 @@ import pytest
 from mlx_grpo import trainer
 from mlx_grpo.config import make_config
 from mlx_grpo.forward import batch_cache
+from mlx_grpo.memory import available_memory
 from mlx_grpo.models import attach_adapters, load_model
 from mlx_grpo.preflight import (
     OutOfMemory,
-    available_memory,
     check_prompts,
     context_length,
     estimate_memory,
@@ -121,7 +121,7 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(embedded_model_dir, b
     mx.get_peak_memory against the preflight estimate of the same step, as a ratio."""
     import mlx.optimizers as optim
 
-    from mlx_grpo.fit import dry_batch
+    from mlx_grpo.microbatch import dry_batch
     from mlx_grpo.forward import enable_grad_checkpoint
     from mlx_grpo.preflight import estimate_total
     from mlx_grpo.learner import update

@@ -7,7 +7,7 @@ import pytest
 from mlx_grpo.config import ModelConfig, RolloutConfig
 from mlx_grpo.models import load_model
 from mlx_grpo.rollout import sample_groups, stop_token_ids
-from mlx_grpo.scoring import completion_logprobs
+from mlx_grpo.logprobs import completion_logprobs
 
 from conftest import mlx_lm_greedy, tol
 

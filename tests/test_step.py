@@ -7,7 +7,7 @@ import numpy as np
 from mlx_grpo.config import ModelConfig, make_config
 from mlx_grpo.rewards import Rewards, load_rewards, settings_for
 from mlx_grpo.rollout import Rollouts
-from mlx_grpo.sampling import Drawn
+from mlx_grpo.dynamic_sampling import Drawn
 from mlx_grpo.step import StepOutput, advantages, gather_columns, grpo_step
 
 G = 4

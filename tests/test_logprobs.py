@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_grpo.config import AdapterConfig, ModelConfig
 from mlx_grpo.models import attach_adapters, load_model
 from mlx_grpo.rollout import left_pad
-from mlx_grpo.scoring import completion_logprobs
+from mlx_grpo.logprobs import completion_logprobs
 
 from conftest import tol
 
@@ -76,7 +76,7 @@ def test_shared_prompt_pass_equals_one_pass_per_row(model_tok):
 def test_chunked_head_equals_whole_logits_values_and_grads(model_tok):
     """Chunking the head + log-softmax over positions changes neither values nor gradients."""
     from mlx_grpo.forward import output_head
-    from mlx_grpo.scoring import chunked_logprobs, gather_logprobs
+    from mlx_grpo.logprobs import chunked_logprobs, gather_logprobs
 
     model, tok = model_tok
     enc, prompts, pad, comp, rng = two_prompts(tok, 4, 9, seed=1)
@@ -161,7 +161,7 @@ def test_models_with_extra_output_work_fall_back_to_whole_logits(model_tok):
 
 
 def test_length_groups_cut_where_it_saves_work():
-    from mlx_grpo.scoring import length_groups
+    from mlx_grpo.logprobs import length_groups
 
     # 127 rows of 13 tokens and one of 20: the long row gets its own group.
     lengths = np.array([13] * 60 + [20] + [13] * 67)
@@ -183,7 +183,7 @@ def test_length_groups_cut_where_it_saves_work():
 def test_length_groups_give_the_same_logprobs_and_gradients(model_tok):
     """Scoring rows in length groups == one pass over all rows at full width, on every real token
     (values and gradients)."""
-    from mlx_grpo import scoring
+    from mlx_grpo import logprobs as scoring
 
     model, tok = model_tok
     enc, prompts, pad, comp, rng = two_prompts(tok, 6, 12, seed=2)
@@ -236,6 +236,6 @@ def test_output_head_is_named_and_generation_does_not_import_scoring(model_tok):
     x = mx.array([[3, 4, 5]])
     assert mx.allclose(head.logits(head.body(x, None)), model(x), atol=1e-4).item()
     assert head.vocab == head.module.weight.shape[0]
-    code = "import sys, mlx_grpo.rollout; print('mlx_grpo.scoring' in sys.modules)"
+    code = "import sys, mlx_grpo.rollout; print('mlx_grpo.logprobs' in sys.modules)"
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert got.stdout.strip() == "False"

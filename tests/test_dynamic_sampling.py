@@ -9,7 +9,7 @@ import pytest
 from mlx_grpo.config import make_config
 from mlx_grpo.rewards import Rewards
 from mlx_grpo.rollout import Rollouts
-from mlx_grpo.sampling import Drawn, concat_rollouts, fill_with_spread, spread_groups, take_groups
+from mlx_grpo.dynamic_sampling import Drawn, concat_rollouts, fill_with_spread, spread_groups, take_groups
 from mlx_grpo.trainer import train
 
 G = 2

@@ -14,7 +14,7 @@ import yaml
 
 from mlx_grpo.checkpoint import resume_config
 from mlx_grpo.config import make_config
-from mlx_grpo.fit import MARGIN, DoesNotFit, choose, dry_step_peak
+from mlx_grpo.microbatch import MARGIN, DoesNotFit, choose, dry_step_peak
 from mlx_grpo.forward import enable_grad_checkpoint
 from mlx_grpo.models import attach_adapters, load_model
 from mlx_grpo.preflight import check_prompts

@@ -29,7 +29,8 @@ from .checkpoint import restore_rng_key, rng_key
 from .config import Config, ConfigError
 from .learner import StepBatch, batch_loss
 from .loss import Normalizer
-from .preflight import GB, MARGIN, estimate_memory, estimate_total, lower_settings, memory_budget
+from .memory import GB, MARGIN, memory_budget
+from .preflight import estimate_memory, estimate_total, lower_settings
 
 # The dry step runs only when the preflight estimate (within +-25% of the measured peak) exceeds
 # this share of the room: below it the configured micro-batching fits whatever the estimate's error.
