@@ -104,7 +104,6 @@ class Session:
         self.cfg = cfg
         self.policy = load_policy(cfg, say)  # as train builds it: the config's rewards and settings
         self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
-        self.reward_fns = self.policy.reward_fns
         data = load_task(cfg.data)
         n = cfg.train.prompts_per_step
         self.rows = (data.train * (n // max(1, len(data.train)) + 1))[:n]
@@ -185,8 +184,7 @@ class Session:
                 mx.synchronize()
                 mx.clear_cache()
                 mx.reset_peak_memory()
-                m = grpo_step(self.model, self.tokenizer, opt, self.rows, cfg, self.policy.prompter, self.reward_fns,
-                              self.policy.reference).metrics
+                m = grpo_step(self.policy, opt, self.rows, cfg).metrics
                 m["peak_memory_bytes"] = mx.get_peak_memory()
                 if i or not warmup:
                     out.append(m)

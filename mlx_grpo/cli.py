@@ -7,11 +7,12 @@ out of memory, non-finite losses) with a one-line message and exit code 1, both 
 with 130/143. ``--debug`` shows the traceback instead.
 
 Imports inside functions, here and in the package, are there for one of four reasons only:
-a command imports its own module when it runs, so ``--help``, ``plot``, ``runs`` and
-``reward --completions`` start without MLX (and mlx-lm, which imports transformers: seconds);
-``blas.py`` chooses the BLAS before MLX is loaded (the main group re-executes with it preloaded);
-optional extras (matplotlib, wandb, tensorboard, pyarrow, math-verify) load only when asked for;
-and one import cycle (``microbatch`` measures with the trainer's step batch).
+a command imports its own module when it runs (and ``train --help`` the task names when it shows
+them), so ``--help``, ``plot``, ``runs`` and ``reward --completions`` start without MLX (and
+mlx-lm, which imports transformers: seconds); ``blas.py`` chooses the BLAS before MLX is loaded
+(the main group re-executes with it preloaded); optional extras (matplotlib, wandb, tensorboard,
+pyarrow, math-verify) load only when asked for; and one import cycle (the config fills in a task's
+default rewards from ``tasks/``, which imports the config).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, List, Optional, Tuple
 
 import click
 
-from .config import TASK_REWARDS, ConfigError, choices, make_config, parse_set
+from .config import ConfigError, choices, make_config, parse_set
 from .errors import RunFault, UserError, printable, shown
 from .rundir import RunDirError, check_named, check_output_file
 
@@ -58,6 +59,17 @@ def key_help(key: str, text: str = "") -> str:
     types, so help and checks cannot disagree), and the key."""
     options = " | ".join(choices(key))
     return " ".join(p for p in (text, options, f"[{key}].") if p)
+
+
+class TaskOption(click.Option):
+    """``--task``, whose help lists the task names (``tasks.TASKS``), read only when the help is
+    shown: the task registry imports the rewards and NumPy, which a command's start does without."""
+
+    def get_help_record(self, ctx: click.Context) -> Optional[Tuple[str, str]]:
+        from .tasks import TASKS
+
+        self.help = f"{' | '.join(TASKS)} [data.task]."
+        return super().get_help_record(ctx)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -174,7 +186,7 @@ def main() -> None:
 @click.option("--model", type=A_MODEL, default=None, help="Hub id, local model directory or .gguf file [model.path].")
 @click.option("--gguf-file", type=A_GGUF, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file].")
 @click.option("--data", type=A_FILE, default=None, help="JSONL data file; sets data.task=jsonl [data.path].")
-@click.option("--task", type=str, default=None, help=f"{' | '.join(TASK_REWARDS)} [data.task].")
+@click.option("--task", cls=TaskOption, type=str, default=None)
 @click.option("--prompt-format", type=str, default=None, help=key_help("prompt.kind"))
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, default=None, help="[train.learning_rate]")
 @click.option("--batch-size", type=int, default=None, help="Prompts per step [train.prompts_per_step].")

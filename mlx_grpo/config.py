@@ -77,16 +77,21 @@ LRSchedule = Literal["constant", "cosine", "linear"]
 MicroBatch = Literal["auto", "fixed"]
 Tracker = Literal["tensorboard", "wandb"]
 
-# Each task's reward set, used when a config names no rewards (``make_config``). Data here, so
-# that this module needs nothing from ``tasks/`` (which imports it); ``load_task`` knows the names.
-TASK_REWARDS: Dict[str, Dict[str, float]] = {
-    "arithmetic": {"accuracy": 1.0, "format": 0.5},
-    "multistep": {"accuracy": 1.0, "format": 0.5},
-    "countdown": {"countdown": 1.0, "format": 0.1},
-    "gsm8k": {"accuracy": 1.0, "format": 0.2},
-    "dataset": {"accuracy": 1.0, "format": 0.5},
-    "jsonl": {"accuracy": 1.0, "format": 0.5},
-}
+
+def _task_registry() -> Mapping[str, Any]:
+    """``tasks.TASKS``: each task by name, with its default reward set (``Task.rewards``).
+
+    A config that names no ``rewards`` gets its task's set here, when the config is built, rather
+    than where a command meets the task: the run's saved config.yaml records the rewards it trained
+    with (a resumed run reads them back), ``--set rewards.NAME=W`` adds to the task's set, the
+    config's checks see the weights, and every command (train, eval, the rewards lab, bench) reads
+    ``cfg.rewards``. The sets themselves live on the tasks' entries, so adding a task touches
+    ``tasks/`` alone. Imported here, when a config is built, not at the top: ``tasks/`` imports
+    this module, and importing the config alone loads nothing of ``tasks/``.
+    """
+    from .tasks import TASKS
+
+    return TASKS
 
 
 @dataclass
@@ -133,7 +138,7 @@ class CountdownConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "arithmetic"  # a name in TASK_REWARDS (tasks.TASKS): arithmetic, countdown, gsm8k, dataset...
+    task: str = "arithmetic"  # a name in tasks.TASKS: arithmetic, countdown, gsm8k, dataset...
     path: Optional[str] = None  # dataset: a JSONL/Parquet file, a folder of them or a Hub dataset id
     eval_path: Optional[str] = None  # held-out file; None: eval_split, else the last eval_size rows
     prompt_field: str = "prompt"
@@ -270,8 +275,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # Left out of a config: the task's reward set (make_config); this default is arithmetic's.
-    rewards: Dict[str, float] = field(default_factory=lambda: dict(TASK_REWARDS["arithmetic"]))
+    # Left out of a config: the task's reward set (make_config). This default is the default
+    # task's (arithmetic's) set written out, not read from tasks/: building a Config must not import
+    # tasks/ (rewards/ builds one as it loads, and tasks/ imports rewards/); tests/test_tasks.py
+    # checks that the two agree.
+    rewards: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
     reward_settings: RewardSettings = field(default_factory=RewardSettings)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -613,8 +621,9 @@ def make_config(
         # load_task names it as unknown before anything runs).
         data = tree.get("data") or {}
         task = data.get("task", DataConfig.task) if isinstance(data, dict) else None
-        if task in TASK_REWARDS:
-            tree["rewards"] = dict(TASK_REWARDS[task])
+        tasks = _task_registry()
+        if task in tasks:
+            tree["rewards"] = dict(tasks[task].rewards)
     for name, value in weights:
         # One reward's weight: added to (or changing) the rewards already configured.
         # A weight of 0 keeps a reward logged but out of the total.

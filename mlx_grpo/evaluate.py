@@ -13,20 +13,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from math import comb
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import mlx.nn as nn
 import numpy as np
 
 from .config import Config, RolloutConfig
 from .models import adapters_disabled
-from .policy import load_policy
+from .policy import Policy, load_policy
 from .preflight import check_decode_memory, check_rows
-from .rewards import load_rewards, score
+from .rewards import score
 from .rollout import sample_groups
 from .tasks import TASKS, columns, load_task
 from .tasks.judges import Judge, judge_answer
-from .tasks.templates import Prompter, prompter
 
 # The figures `eval --compare-base` and the run reports put side by side, in display order.
 HEADLINE = [
@@ -91,18 +89,18 @@ def rows_at_once(n_prompts: int, group_size: int, batch_size: int = BATCH_SIZE) 
 
 
 def sample_responses(
-    model: nn.Module, prompter: Prompter, rows: Sequence[Dict[str, Any]],
-    rollout: RolloutConfig, group_size: int = 1, temperature: Optional[float] = None,
-    batch_size: int = BATCH_SIZE,
+    policy: Policy, rows: Sequence[Dict[str, Any]], rollout: RolloutConfig, group_size: int = 1,
+    temperature: Optional[float] = None, batch_size: int = BATCH_SIZE,
 ) -> Responses:
-    """Decode every row through the rollout engine, ``batch_size`` completions at a time."""
+    """Decode every row through the rollout engine with the policy's model and prompt template,
+    ``batch_size`` completions at a time."""
     out = Responses([], [], [], [])
     per_batch = prompts_per_batch(group_size, batch_size)
     for start in range(0, len(rows), per_batch):
-        prompts = prompter.prompts(rows[start : start + per_batch])
-        ro = sample_groups(model, prompter.tokenizer, prompts, rollout, group_size=group_size,
+        prompts = policy.prompter.prompts(rows[start : start + per_batch])
+        ro = sample_groups(policy.model, policy.tokenizer, prompts, rollout, group_size=group_size,
                            temperature=temperature)
-        out.texts += prompter.responses(ro.texts)
+        out.texts += policy.prompter.responses(ro.texts)
         out.prompts += [p for p in prompts for _ in range(group_size)]
         out.ids += ro.completion_ids()
         out.truncated += list(ro.truncated)
@@ -110,8 +108,7 @@ def sample_responses(
 
 
 def evaluate(
-    model: nn.Module,
-    prompter: Prompter,
+    policy: Policy,
     rows: Sequence[Dict[str, Any]],
     rollout: RolloutConfig,
     max_tokens: int,
@@ -119,11 +116,12 @@ def evaluate(
     samples: int = 0,
     temperature: Optional[float] = None,
     rewards: Optional[Mapping[str, float]] = None,
-    reward_fns: Optional[Mapping[str, Callable]] = None,
     judge: Judge = judge_answer,
 ) -> Dict[str, Any]:
-    """Greedy-decode every row; with ``samples`` K >= 1 also sample K per row for pass@1/pass@K.
-    ``judge``: the task's (``tasks.judges``), by default the reference ``answer`` column's.
+    """Greedy-decode every row with the policy; with ``samples`` K >= 1 also sample K per row for
+    pass@1/pass@K. ``rewards``: each reward's weight (the policy's reward functions score the
+    greedy completions; None: no reward figures). ``judge``: the task's (``tasks.judges``), by
+    default the reference ``answer`` column's.
 
     Returns n, accuracy, lenient_accuracy, format_rate, reward_mean and rewards/<name> (the
     configured rewards on the greedy completions), mean_length, truncated_rate and, with samples,
@@ -131,10 +129,11 @@ def evaluate(
     lenient_pass_at_k.
     """
     cfg = dataclasses.replace(rollout, max_tokens=max_tokens)
+    model = policy.model
     was_training = model.training
     model.eval()
     try:
-        greedy = sample_responses(model, prompter, rows, cfg, 1, 0.0, batch_size)
+        greedy = sample_responses(policy, rows, cfg, 1, 0.0, batch_size)
         verdicts = [judge(t, r) for t, r in zip(greedy.texts, rows)]
         out: Dict[str, Any] = {
             "n": len(verdicts),
@@ -145,14 +144,13 @@ def evaluate(
             "truncated_rate": _mean(greedy.truncated),
         }
         if rewards and rows:
-            fns = reward_fns if reward_fns is not None else load_rewards(list(rewards))  # defaults
             cols = {**columns(list(rows)), "completion_ids": greedy.ids}
-            rw = score(greedy.prompts, greedy.texts, cols, fns, rewards)
+            rw = score(greedy.prompts, greedy.texts, cols, policy.reward_fns, rewards)
             out["reward_mean"] = float(rw.total.mean())
             out.update({f"rewards/{k}": v for k, v in rw.means().items()})
         if samples and rows:
             temp = rollout.temperature if temperature is None else temperature
-            s_texts = sample_responses(model, prompter, rows, cfg, samples, temp, batch_size).texts
+            s_texts = sample_responses(policy, rows, cfg, samples, temp, batch_size).texts
             sampled = [judge(t, rows[i // samples]) for i, t in enumerate(s_texts)]
             out["k"] = samples
             out["sample_temperature"] = temp
@@ -166,20 +164,18 @@ def evaluate(
 
 
 def evaluate_held_out(
-    model: nn.Module,
-    tokenizer: Any,
+    policy: Policy,
     rows: Sequence[Dict[str, Any]],
     cfg: Config,
     samples: int = 0,
     temperature: Optional[float] = None,
-    reward_fns: Optional[Mapping[str, Callable]] = None,
 ) -> Dict[str, Any]:
-    """``evaluate`` with the run's prompt format, sampling settings, rewards and evaluation length."""
+    """``evaluate`` of the run's policy (its prompt template and reward functions) with the run's
+    sampling settings, reward weights, task judge and evaluation length."""
     tokens = cfg.output.eval_max_tokens or cfg.rollout.max_tokens
     return evaluate(
-        model, prompter(cfg.prompt, tokenizer), rows, cfg.rollout, tokens, samples=samples,
-        temperature=temperature, rewards=cfg.rewards, reward_fns=reward_fns,
-        judge=TASKS[cfg.data.task].judge,
+        policy, rows, cfg.rollout, tokens, samples=samples, temperature=temperature,
+        rewards=cfg.rewards, judge=TASKS[cfg.data.task].judge,
     )
 
 
@@ -209,7 +205,7 @@ def evaluate_config(
     option = "--samples" if sampled > greedy else "--max-tokens"
     check_decode_memory(p.model, max(greedy, sampled), longest, tokens, option,
                         "lower --samples or --max-tokens" if samples else "lower --max-tokens")
-    run = lambda: evaluate_held_out(p.model, p.tokenizer, rows, cfg, samples, temperature, p.reward_fns)  # noqa: E731
+    run = lambda: evaluate_held_out(p, rows, cfg, samples, temperature)  # noqa: E731
     out = {"adapter" if adapter_dir else "model": run()}
     if compare_base and adapter_dir:
         with adapters_disabled(p.model):

@@ -1,8 +1,11 @@
 """The learner: step 4 of GRPO, on the rows of a step that take part in the update.
 
     batch = select_rows(rollouts, advantages, keep)     # the rows in the loss, trimmed
-    learn(model, opt, batch, cfg, norm, ...)            # reference / old-policy logprobs, then
-                                                        # num_iterations updates (``update``)
+    score_batch(model, batch, cfg, micro, ref_model)    # "score": reference / old-policy logprobs
+    learn(model, opt, batch, cfg, norm)                 # "update": num_iterations updates (``update``)
+
+The two are separate calls so that the step times them as separate stages (step.py's "score" and
+"update").
 
 ``update`` accumulates the clipped-surrogate + KL loss (loss.py) over micro-batches of
 ``micro_size`` rows and applies one AdamW step; ``step_normalizer`` holds the whole step's sizes
@@ -12,7 +15,6 @@ over every process, so each process's gradient is its share of the step's (distr
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -160,37 +162,40 @@ def update(
     return {"loss": loss_total, "grad_norm": grad_norm, "skipped": 0.0, **stats_sum}
 
 
+def score_batch(
+    model: nn.Module, batch: StepBatch, cfg: Config, micro: int, ref_model: Optional[nn.Module] = None
+) -> None:
+    """The logprobs the updates hold fixed, stored in ``batch``: the KL reference's (``ref_logp``,
+    when ``grpo.beta`` > 0) and the sampling policy's (``old_logp``, when ``num_iterations`` > 1),
+    scored ``micro`` rows at a time. The KL reference is ``ref_model``, or else the policy with its
+    adapters switched off."""
+    temperature = cfg.rollout.temperature
+    if cfg.grpo.beta > 0:
+        if ref_model is not None:
+            batch.ref_logp = logprobs_of(ref_model, batch, temperature, micro)
+        else:
+            with adapters_disabled(model):
+                batch.ref_logp = logprobs_of(model, batch, temperature, micro)
+    if cfg.grpo.num_iterations > 1:
+        batch.old_logp = logprobs_of(model, batch, temperature, micro)
+    mx.eval(batch.ref_logp, batch.old_logp)
+
+
 def learn(
     model: nn.Module,
     opt: optim.Optimizer,
     batch: Optional[StepBatch],
     cfg: Config,
     norm: Normalizer,
-    micro: int,
-    ref_model: Optional[nn.Module] = None,
-) -> Tuple[Dict[str, float], float]:
-    """The reference and old-policy logprobs ``batch`` needs, then ``num_iterations`` updates;
-    returns their figures (means over the iterations; "skipped" summed) and the perf_counter time
-    when the logprobs were done (the updates began).
+) -> Dict[str, float]:
+    """``num_iterations`` updates on ``batch`` (scored first by ``score_batch``); returns their
+    figures (means over the iterations; "skipped" summed).
 
-    ``batch`` None: this process has no rows in the update and adds zeros to every update. The
-    KL reference is ``ref_model``, or else the policy with its adapters switched off.
+    ``batch`` None: this process has no rows in the update and adds zeros to every update.
     """
-    temperature = cfg.rollout.temperature
-    if batch is not None:
-        if cfg.grpo.beta > 0:
-            if ref_model is not None:
-                batch.ref_logp = logprobs_of(ref_model, batch, temperature, micro)
-            else:
-                with adapters_disabled(model):
-                    batch.ref_logp = logprobs_of(model, batch, temperature, micro)
-        if cfg.grpo.num_iterations > 1:
-            batch.old_logp = logprobs_of(model, batch, temperature, micro)
-        mx.eval(batch.ref_logp, batch.old_logp)
-    scored = time.perf_counter()
     model.train()
     per_iter: List[Dict[str, float]] = [update(model, opt, batch, cfg, norm) for _ in range(cfg.grpo.num_iterations)]
     model.eval()
     upd = {k: float(np.mean([p[k] for p in per_iter])) for k in per_iter[0]}
     upd["skipped"] = float(sum(p["skipped"] for p in per_iter))
-    return upd, scored
+    return upd

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import restore_rng_key, rng_key
 from .config import Config, ConfigError
+from .forward import enable_grad_checkpoint
 from .learner import StepBatch, batch_loss
 from .loss import Normalizer
 from .memory import GB, MARGIN, memory_budget
@@ -108,10 +109,10 @@ def dry_step_peak(model: nn.Module, cfg: Config, prompt_tokens: int, rows: int) 
     return float(peak)
 
 
-def choose(model: nn.Module, cfg: Config, prompt_tokens: int, budget: float,
-           enable_checkpoint: Callable[[nn.Module], None]) -> Fit:
+def choose(model: nn.Module, cfg: Config, prompt_tokens: int, budget: float) -> Fit:
     """The first (grad_accumulation_steps, grad_checkpoint) whose dry micro-batch fits in
-    ``MARGIN x budget``; raises ``DoesNotFit`` naming the settings to lower when none does."""
+    ``MARGIN x budget``; raises ``DoesNotFit`` naming the settings to lower when none does.
+    Trying grad_checkpoint switches it on in ``model`` (``forward.enable_grad_checkpoint``)."""
     t = cfg.train
     rows = t.prompts_per_step * cfg.rollout.group_size
     room = MARGIN * budget
@@ -125,7 +126,7 @@ def choose(model: nn.Module, cfg: Config, prompt_tokens: int, budget: float,
     peak = 0.0
     for ckpt in ([t.grad_checkpoint] if t.grad_checkpoint else [False, True]):
         if ckpt:
-            enable_checkpoint(model)
+            enable_grad_checkpoint(model)
         for n in divisors_from(t.prompts_per_step, t.grad_accumulation_steps):
             m = math.ceil(rows / n)
             peak = dry_step_peak(model, cfg, prompt_tokens, m)
@@ -145,7 +146,6 @@ def _vocab(model: nn.Module) -> int:
 
 
 def fit_micro_batch(model: nn.Module, cfg: Config, prompt_tokens: int,
-                    enable_checkpoint: Callable[[nn.Module], None],
                     say: Callable[[str], None] = lambda _: None) -> Config:
     """``cfg`` with the micro-batching ``choose`` picks (said in one line); unchanged when
     ``train.micro_batch`` is fixed or the memory available is unknown."""
@@ -160,7 +160,7 @@ def fit_micro_batch(model: nn.Module, cfg: Config, prompt_tokens: int,
         say(f"micro_batch auto: kept grad_accumulation_steps={cfg.train.grad_accumulation_steps}: "
             f"the step's estimate, {estimate / GB:.2f} GB, is well within {MARGIN * budget / GB:.2f} GB")
         return cfg
-    fit = choose(model, cfg, prompt_tokens, budget, enable_checkpoint)
+    fit = choose(model, cfg, prompt_tokens, budget)
     say(fit.line(cfg.train.grad_accumulation_steps))
     return replace(cfg, train=replace(cfg.train, grad_accumulation_steps=fit.grad_accumulation_steps,
                                       grad_checkpoint=fit.grad_checkpoint))

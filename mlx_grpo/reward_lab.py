@@ -89,7 +89,7 @@ def sample_completions(
     check_decode_memory(p.model, rows_at_once(len(rows), group_size, chunk * group_size), longest,
                         cfg.rollout.max_tokens, "--group-size" if group_size > 1 else "--max-tokens",
                         "lower --group-size, --samples or --max-tokens")
-    got = sample_responses(p.model, p.prompter, rows, cfg.rollout, group_size, batch_size=chunk * group_size)
+    got = sample_responses(p, rows, cfg.rollout, group_size, batch_size=chunk * group_size)
     records: List[Dict[str, Any]] = []
     for i, (prompt, text, ids) in enumerate(zip(got.prompts, got.texts, got.ids)):
         other = {k: v for k, v in rows[i // group_size].items() if k != "prompt"}

@@ -1,38 +1,67 @@
 """One GRPO step, as named stages in the algorithm's order:
 
-    drawn   = draw_groups(...)        # 1. rollout: G completions per prompt   (roll_out)
-                                      # 2. rewards: rule-based, per completion  (reward)
-    cols    = gather_columns(drawn)   #    every process's rows, by column name
-    sel     = advantages(cols, ...)   # 3. group-relative advantages; the rows in the loss
-    learn(...)                        # 4. clipped surrogate + KL, num_iterations times (learner.py)
+    drawn   = draw_groups(policy, ...)  # 1. rollout: G completions per prompt   (roll_out)
+                                        # 2. rewards: rule-based, per completion  (reward)
+    cols    = gather_columns(drawn)     #    every process's rows, by column name
+    sel     = advantages(cols, ...)     # 3. group-relative advantages; the rows in the loss
+    score_batch(...)                    # 4. reference and old-policy logprobs      (learner.py)
+    learn(...)                          #    clipped surrogate + KL, num_iterations times
     step_metrics(...), step_samples(...)   # 5. what the run log records
 
-With ``grpo.dynamic_sampling`` stages 1-2 repeat on more prompts (dynamic_sampling.py). Under
-``mlx.launch`` each process rolls out and learns from its share of the prompts; the advantages
-and metrics are computed on every process's rows, gathered (distributed.py).
+A ``StageTimer`` times the stages: "generate" (1), "reward" (2), "score" (the gather, 3 and the
+logprobs of 4), "update" (the updates of 4) and "step" (all of it); step_metrics turns them into
+step_time and the time_* figures. With ``grpo.dynamic_sampling`` stages 1-2 repeat on more prompts
+(dynamic_sampling.py). Under ``mlx.launch`` each process rolls out and learns from its share of
+the prompts; the advantages and metrics are computed on every process's rows, gathered
+(distributed.py).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
 from . import distributed
 from .advantages import flat_groups, group_advantages
 from .config import Config
-from .learner import learn, micro_size, select_rows, step_normalizer
+from .learner import learn, micro_size, score_batch, select_rows, step_normalizer
 from .loss import Normalizer, counted_tokens, rows_in_loss
+from .policy import Policy
 from .rewards import Rewards, score
 from .rollout import Rollouts, pad_id, row_keys, sample_groups
 from .dynamic_sampling import Drawn, fill_with_spread
 from .tasks import columns
-from .tasks.templates import Prompter
+
+
+class StageTimer(dict[str, float]):
+    """Seconds per named stage of one step: ``with timer("score"):`` adds the block's time to
+    "score", ``add`` adds seconds measured elsewhere (dynamic sampling's draws), and ``finish``
+    records "step", the time since the timer was made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.add(stage, time.perf_counter() - t)
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` to ``stage`` (a stage timed more than once adds up)."""
+        self[stage] = self.get(stage, 0.0) + seconds
+
+    def finish(self) -> "StageTimer":
+        """Record "step": the seconds since the timer was made; returns the timer."""
+        self["step"] = time.perf_counter() - self.started
+        return self
 
 
 class StepOutput(NamedTuple):
@@ -65,41 +94,30 @@ class Selection:
 
 
 def roll_out(
-    model: nn.Module, tokenizer: Any, rows: List[Dict[str, Any]], cfg: Config, prompter: Prompter,
-    keys: Optional[mx.array],
+    policy: Policy, rows: List[Dict[str, Any]], cfg: Config, keys: Optional[mx.array]
 ) -> Tuple[List[str], Rollouts]:
     """Stage 1: the rendered prompts of ``rows`` and G completions of each from the policy."""
-    prompts = prompter.prompts(rows)
-    return prompts, sample_groups(model, tokenizer, prompts, cfg.rollout, keys=keys)
+    prompts = policy.prompter.prompts(rows)
+    return prompts, sample_groups(policy.model, policy.tokenizer, prompts, cfg.rollout, keys=keys)
 
 
-def reward(
-    rows: List[Dict[str, Any]], prompts: List[str], ro: Rollouts, cfg: Config, prompter: Prompter,
-    reward_fns: Dict[str, Callable],
-) -> Rewards:
-    """Stage 2: every completion scored on the whole response (the template's response prefix +
-    the completion), with its row's dataset columns."""
+def reward(policy: Policy, rows: List[Dict[str, Any]], prompts: List[str], ro: Rollouts, cfg: Config) -> Rewards:
+    """Stage 2: every completion scored by the policy's rewards on the whole response (the
+    template's response prefix + the completion), with its row's dataset columns."""
     G = cfg.rollout.group_size
-    responses = prompter.responses(ro.texts)
+    responses = policy.prompter.responses(ro.texts)
     cols = {**columns([r for r in rows for _ in range(G)]), "completion_ids": ro.completion_ids()}
-    return score([p for p in prompts for _ in range(G)], responses, cols, reward_fns, cfg.rewards)
+    return score([p for p in prompts for _ in range(G)], responses, cols, policy.reward_fns, cfg.rewards)
 
 
-def draw_groups(
-    model: nn.Module,
-    tokenizer: Any,
-    rows: List[Dict[str, Any]],
-    cfg: Config,
-    prompter: Prompter,
-    reward_fns: Dict[str, Callable],
-    keys: Optional[mx.array],
-) -> Drawn:
-    """Stages 1 and 2 for ``rows``, timed."""
-    t0 = time.perf_counter()
-    prompts, ro = roll_out(model, tokenizer, rows, cfg, prompter, keys)
-    t1 = time.perf_counter()
-    rw = reward(rows, prompts, ro, cfg, prompter, reward_fns)
-    return Drawn(list(rows), prompts, ro, rw, t1 - t0, time.perf_counter() - t1)
+def draw_groups(policy: Policy, rows: List[Dict[str, Any]], cfg: Config, keys: Optional[mx.array]) -> Drawn:
+    """Stages 1 and 2 for ``rows``, each timed (``Drawn.generate_time``, ``Drawn.reward_time``)."""
+    timer = StageTimer()
+    with timer("generate"):
+        prompts, ro = roll_out(policy, rows, cfg, keys)
+    with timer("reward"):
+        rw = reward(policy, rows, prompts, ro, cfg)
+    return Drawn(list(rows), prompts, ro, rw, timer["generate"], timer["reward"])
 
 
 def gather_columns(drawn: Drawn) -> Columns:
@@ -127,18 +145,18 @@ def advantages(cols: Columns, cfg: Config, lo: int, hi: int) -> Selection:
 
 
 def grpo_step(
-    model: nn.Module,
-    tokenizer: Any,
+    policy: Policy,
     opt: optim.Optimizer,
     rows: List[Dict[str, Any]],
     cfg: Config,
-    prompter: Prompter,
-    reward_fns: Dict[str, Callable],
-    ref_model: Optional[nn.Module] = None,
     key: Optional[mx.array] = None,
     more_rows: Optional[Callable[[], List[Dict[str, Any]]]] = None,
 ) -> StepOutput:
-    """One GRPO step on the global batch ``rows``; returns its metrics and samples.
+    """One GRPO step of ``policy`` on the global batch ``rows``; returns its metrics and samples.
+
+    ``policy`` (policy.py) gives the model trained, its tokenizer, the KL reference (None: the
+    model with its adapters switched off), the prompt template and the reward functions; the
+    rewards' weights are ``cfg.rewards``.
 
     With ``grpo.dynamic_sampling``, ``more_rows()`` gives the next batch of prompts whenever the
     step needs more groups with reward spread (dynamic_sampling.py); "dynamic_draws" counts the batches.
@@ -151,52 +169,56 @@ def grpo_step(
     part = distributed.shard(len(rows))
     lo, hi = part.start * G, part.stop * G  # this process's rows in the step's row order
     micro = micro_size(len(rows[part]) * G, cfg.train)
-    t0 = time.perf_counter()
+    timer = StageTimer()
 
     # 1-2. Rollouts from the current policy, and their rewards; DAPO draws more prompts if asked.
-    model.eval()
+    policy.model.eval()
     keys = None if key is None else row_keys(key, len(rows), G)[lo:hi]
-    drawn = draw_groups(model, tokenizer, rows[part], cfg, prompter, reward_fns, keys)
+    drawn = draw_groups(policy, rows[part], cfg, keys)
     extra: Dict[str, float] = {}
     if cfg.grpo.dynamic_sampling:  # one process (checked at the start of train)
         def draw(d: int) -> Drawn:
             more = more_rows()
             k = None if key is None else row_keys(mx.random.split(key, cfg.grpo.dynamic_sampling_max_draws)[d], len(more), G)
-            return draw_groups(model, tokenizer, more, cfg, prompter, reward_fns, k)
+            return draw_groups(policy, more, cfg, k)
 
-        drawn, extra = fill_with_spread(drawn, draw, len(rows), cfg.grpo.dynamic_sampling_max_draws, pad_id(tokenizer))
+        drawn, extra = fill_with_spread(drawn, draw, len(rows), cfg.grpo.dynamic_sampling_max_draws, pad_id(policy.tokenizer))
     hi = lo + len(drawn.rows) * G  # dynamic sampling: the step's groups as drawn
-    t1 = t0 + drawn.generate_time
-    t2 = t1 + drawn.reward_time
+    timer.add("generate", drawn.generate_time)  # every draw's
+    timer.add("reward", drawn.reward_time)
 
-    # 3. Group-relative advantages, over every process's rows (each one's own come back sliced).
-    cols = gather_columns(drawn)
-    sel = advantages(cols, cfg, lo, hi)
-
-    # 4. Reference and old-policy logprobs, then num_iterations clipped updates.
-    upd: Dict[str, float] = {}
-    t3 = t4 = time.perf_counter()
-    if sel.keep_all.size:
+    # The "score" stage also holds the gather and the advantages (3): small, but under mlx.launch
+    # the gather waits for the slowest process's rollouts.
+    with timer("score"):
+        # 3. Group-relative advantages, over every process's rows (each one's own come back sliced).
+        cols = gather_columns(drawn)
+        sel = advantages(cols, cfg, lo, hi)
+        # 4. Reference and old-policy logprobs of this process's rows in the loss ...
         batch = select_rows(drawn.ro, sel.adv, sel.keep) if sel.keep.size else None  # None: adds zeros
-        upd, t3 = learn(model, opt, batch, cfg, sel.norm, micro, ref_model)
-        t4 = time.perf_counter()
+        if batch is not None:
+            score_batch(policy.model, batch, cfg, micro, policy.reference)
+
+    # ... then num_iterations clipped updates, on every process when any process has rows in the loss.
+    upd: Dict[str, float] = {}
+    with timer("update"):
+        if sel.keep_all.size:
+            upd = learn(policy.model, opt, batch, cfg, sel.norm)
 
     # 5. What the run log records.
-    metrics = step_metrics(cols, upd, int(sel.keep_all.size), G, (t0, t1, t2, t3, t4), extra)
+    metrics = step_metrics(cols, upd, int(sel.keep_all.size), G, timer.finish(), extra)
     return StepOutput(metrics, step_samples(drawn, sel.adv, G))
 
 
 def step_metrics(
-    cols: Columns, upd: Dict[str, float], rows_updated: int, G: int, times: Sequence[float],
+    cols: Columns, upd: Dict[str, float], rows_updated: int, G: int, times: Mapping[str, float],
     extra: Dict[str, float],
 ) -> Dict[str, Any]:
     """The step's metrics record: rewards and lengths of every process's rows, the update's
-    figures (``upd``, empty when no row was in the loss), and the time of each stage (``times``:
-    perf_counter at the start and after stages 1, 2, the logprobs of 4, and 4)."""
-    t0, t1, t2, t3, t4 = times
+    figures (``upd``, empty when no row was in the loss), and the seconds of each stage
+    (``times``, a ``StageTimer``'s: "generate", "reward", "score", "update" and "step")."""
     total, lengths, truncated = cols.total, cols.lengths, cols.truncated
     n_tokens = int(lengths.sum())
-    generate_time = float(distributed.gather(np.array([t1 - t0])).max())  # the slowest process's
+    generate_time = float(distributed.gather(np.array([times["generate"]])).max())  # the slowest process's
     return {
         "loss": upd.get("loss", 0.0),
         "reward_mean": float(total.mean()),
@@ -218,11 +240,11 @@ def step_metrics(
         "rows_updated": rows_updated,
         "tokens": n_tokens,
         "tokens_per_sec": n_tokens / max(generate_time, 1e-9),
-        "step_time": t4 - t0,
+        "step_time": times["step"],
         "time_generate": generate_time,
-        "time_reward": t2 - t1,
-        "time_score": t3 - t2,
-        "time_update": t4 - t3,
+        "time_reward": times["reward"],
+        "time_score": times["score"],
+        "time_update": times["update"],
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         **extra,  # dynamic sampling's log; its zero_std_groups counts every group it sampled
     }

@@ -37,7 +37,6 @@ from .checkpoint import (
 from .config import Config, ConfigError, TrainConfig, config_warnings, save_config
 from .evaluate import evaluate_held_out
 from .microbatch import fit_micro_batch
-from .forward import enable_grad_checkpoint
 from .interrupts import Interrupted, stop_on_signals
 from .models import NonFiniteError, model_dir, save_adapters
 from .memory import available_memory
@@ -144,7 +143,7 @@ def prepare(cfg: Config, say: Callable[[str], None], resume: bool) -> Run:
     _announce(model, cfg, data, longest_prompt, say)
     opt = make_optimizer(model, cfg)
     if not resume and distributed.size() == 1:  # a resumed run keeps the micro-batching it chose
-        cfg = fit_micro_batch(model, cfg, longest_prompt, enable_grad_checkpoint, say)
+        cfg = fit_micro_batch(model, cfg, longest_prompt, say)
     state = _open_run_dir(out, cfg, ckpt, model, opt, main, say)
     state = _start_from_rank0(model, opt, state)
     if distributed.size() > 1:
@@ -169,9 +168,8 @@ def loop(run: Run) -> None:
         with stop_on_signals(run.say) as stop:
             for step in range(state.step + 1, cfg.train.steps + 1):
                 distributed.test_exit_hook(step)
-                p = run.policy
-                m, samples = grpo_step(p.model, p.tokenizer, run.opt, next(batches), cfg, p.prompter, p.reward_fns,
-                                       p.reference, sampling_key(cfg.train.seed, step), more_rows=lambda: next(batches))
+                m, samples = grpo_step(run.policy, run.opt, next(batches), cfg, sampling_key(cfg.train.seed, step),
+                                       more_rows=lambda: next(batches))
                 m["learning_rate"] = float(run.opt.learning_rate.item())
                 _advance(state, step, m)
                 run.log.step(step, m, samples)
@@ -246,8 +244,7 @@ def evaluate(run: Run, step: int, announce: bool = True) -> Optional[Dict[str, A
     if not run.eval_rows or not run.main:
         return None
     t = time.perf_counter()
-    res = evaluate_held_out(run.policy.model, run.policy.tokenizer, run.eval_rows, run.cfg,
-                            run.cfg.output.eval_samples, None, run.policy.reward_fns)
+    res = evaluate_held_out(run.policy, run.eval_rows, run.cfg, run.cfg.output.eval_samples)
     res = {"step": step, **res, "time": time.perf_counter() - t}
     run.log.eval(step, res, announce)
     return res

@@ -62,7 +62,7 @@ def test_bench_config_reward_settings_reach_the_rewards(tmp_path):
     conf = tmp_path / "lenient.yaml"
     conf.write_text("reward_settings:\n  accuracy:\n    extract: last_number\n")
     judged = ["<think> so </think> the sum is 7"]  # no <answer> tag: only last_number finds the 7
-    lenient = Session(bench_config(str(conf), None, QUICK)).reward_fns["accuracy"]
-    default = Session(bench_config(None, None, QUICK)).reward_fns["accuracy"]
+    lenient = Session(bench_config(str(conf), None, QUICK)).policy.reward_fns["accuracy"]
+    default = Session(bench_config(None, None, QUICK)).policy.reward_fns["accuracy"]
     assert lenient([""], judged, answer=["7"]) == [1.0]
     assert default([""], judged, answer=["7"]) == [0.0]

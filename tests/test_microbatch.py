@@ -14,6 +14,7 @@ import yaml
 
 from mlx_grpo.checkpoint import resume_config
 from mlx_grpo.config import make_config
+from mlx_grpo import microbatch
 from mlx_grpo.microbatch import MARGIN, DoesNotFit, choose, dry_step_peak
 from mlx_grpo.forward import enable_grad_checkpoint
 from mlx_grpo.models import attach_adapters, load_model
@@ -88,13 +89,15 @@ def test_a_cap_picks_more_micro_batches_with_the_metrics_of_the_hand_configured_
     assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["train"]["grad_accumulation_steps"] == 2
 
 
-def test_checkpointing_is_switched_on_when_micro_batches_alone_do_not_fit(embedded_model_dir, tmp_path, peaks):
+def test_checkpointing_is_switched_on_when_micro_batches_alone_do_not_fit(embedded_model_dir, tmp_path, peaks,
+                                                                         monkeypatch):
     cfg = config(embedded_model_dir, tmp_path / "x")
     model, longest = loaded(cfg)
     calls = []
+    monkeypatch.setattr(microbatch, "enable_grad_checkpoint", calls.append)  # seen, not done
     with pytest.raises(DoesNotFit) as e:
         # Less than the smallest micro-batch needs: every divisor is measured, then checkpointing.
-        choose(model, cfg, longest, 0.9 * peaks[4] / MARGIN, lambda m: calls.append(m))
+        choose(model, cfg, longest, 0.9 * peaks[4] / MARGIN)
     assert calls == [model]
     msg = str(e.value)
     assert msg.startswith("train.micro_batch: one update micro-batch of 4 rows (grad_checkpoint on)")

@@ -4,13 +4,21 @@ stage against its NumPy definition, and a real step returns its samples beside i
 import mlx.core as mx
 import numpy as np
 
-from mlx_grpo.config import ModelConfig, make_config
+from mlx_grpo.config import Config, ModelConfig, make_config
+from mlx_grpo.policy import Policy
 from mlx_grpo.rewards import Rewards, load_rewards, settings_for
 from mlx_grpo.rollout import Rollouts
 from mlx_grpo.dynamic_sampling import Drawn
-from mlx_grpo.step import StepOutput, advantages, gather_columns, grpo_step
+from mlx_grpo.step import StageTimer, StepOutput, advantages, gather_columns, grpo_step
+from mlx_grpo.tasks.templates import prompter
 
 G = 4
+
+
+def policy(model, tok, cfg: Config) -> Policy:
+    """The policy of ``model`` (no separate KL reference) with the config's prompt and rewards."""
+    return Policy(model, tok, None, prompter(cfg.prompt, tok), load_rewards(list(cfg.rewards), settings_for(cfg)),
+                  dict(cfg.rewards))
 
 
 def drawn(total, columns, truncated):
@@ -73,7 +81,6 @@ def test_a_step_returns_its_samples_beside_its_metrics(small_model_dir):
 
     from mlx_grpo.models import attach_adapters, load_model
     from mlx_grpo.tasks import load_task
-    from mlx_grpo.tasks.templates import prompter
 
     cfg = make_config(None, [("model.path", str(small_model_dir)), ("rollout.group_size", G),
                              ("rollout.max_tokens", 6), ("train.prompts_per_step", 4), ("data.max_operand", 9),
@@ -82,8 +89,7 @@ def test_a_step_returns_its_samples_beside_its_metrics(small_model_dir):
     mx.random.seed(0)
     attach_adapters(model, cfg.adapter)
     rows = load_task(cfg.data).train[:4]
-    out = grpo_step(model, tok, optim.AdamW(learning_rate=1e-3), rows, cfg, prompter(cfg.prompt, tok),
-                    load_rewards(list(cfg.rewards), settings_for(cfg)))
+    out = grpo_step(policy(model, tok, cfg), optim.AdamW(learning_rate=1e-3), rows, cfg)
     assert isinstance(out, StepOutput)
     m, samples = out
     assert not any(k.startswith("_") for k in m)  # no samples hidden among the metrics
@@ -91,6 +97,21 @@ def test_a_step_returns_its_samples_beside_its_metrics(small_model_dir):
     assert len(samples) == 4  # rows 0, 4, 8, 12: one per prompt here
     assert [s["prompt"] for s in samples] == [r["prompt"] for r in rows]
     assert all(set(s) == {"prompt", "completion", "reward", "rewards", "advantage", "answer"} for s in samples)
+    stages = [m[k] for k in ("time_generate", "time_reward", "time_score", "time_update")]
+    assert min(stages) > 0 and sum(stages) <= m["step_time"]  # the four stages, within the step
+
+
+def test_the_stage_timer_adds_up_each_stage():
+    import time
+
+    timer = StageTimer()
+    timer.add("generate", 1.5)
+    timer.add("generate", 0.5)  # dynamic sampling's draws add up
+    for _ in range(2):
+        with timer("score"):
+            time.sleep(0.01)
+    assert timer["generate"] == 2.0 and timer["score"] >= 0.02
+    assert set(timer.finish()) == {"generate", "score", "step"} and timer["step"] >= timer["score"]
 
 
 def test_numpy_logsumexp_serves_rollout_and_reference_never_the_traced_update(small_model_dir, monkeypatch):
@@ -103,7 +124,6 @@ def test_numpy_logsumexp_serves_rollout_and_reference_never_the_traced_update(sm
     from mlx_grpo import fastmath, learner
     from mlx_grpo.models import attach_adapters, load_model
     from mlx_grpo.tasks import load_task
-    from mlx_grpo.tasks.templates import prompter
 
     monkeypatch.setattr(fastmath, "on_cpu", lambda: True)  # the CPU path on any backend
     monkeypatch.setattr(fastmath, "NUMPY_MIN_LOGITS", 0)  # at every size
@@ -134,8 +154,7 @@ def test_numpy_logsumexp_serves_rollout_and_reference_never_the_traced_update(sm
     model, tok = load_model(ModelConfig(path=str(small_model_dir)))
     attach_adapters(model, cfg.adapter)
     rows = load_task(cfg.data).train[:2]
-    m, _ = grpo_step(model, tok, optim.AdamW(learning_rate=1e-3), rows, cfg, prompter(cfg.prompt, tok),
-                     load_rewards(list(cfg.rewards), settings_for(cfg)))
+    m, _ = grpo_step(policy(model, tok, cfg), optim.AdamW(learning_rate=1e-3), rows, cfg)
     assert m["rows_updated"] == 8 and np.isfinite(m["loss"])
     assert calls["eager"] >= 4 + 1  # the rollout's prefill and decode steps, the reference pass
     assert calls["traced"] == 0

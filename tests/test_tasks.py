@@ -90,7 +90,8 @@ def test_jsonl_errors_name_file_and_line(tmp_path, text, msg):
 import subprocess
 import sys
 
-from mlx_grpo.config import TASK_REWARDS, ConfigError, CountdownConfig, make_config
+from mlx_grpo.config import Config, ConfigError, CountdownConfig, make_config
+from mlx_grpo.rewards import BUILTIN
 from mlx_grpo.rewards.countdown import countdown_correct
 from mlx_grpo.tasks import TASKS
 from mlx_grpo.tasks import countdown
@@ -174,10 +175,21 @@ def test_task_picks_its_reward_set_unless_rewards_are_configured(tmp_path):
     assert make_config(str(y)).rewards == {"format": 1.0}
     y.write_text("data:\n  task: gsm8k\n")
     assert make_config(str(y)).rewards == TASKS["gsm8k"].rewards
-    # The task name is load_task's to check (the config knows only the reward sets, as data).
-    assert set(TASK_REWARDS) == set(TASKS)
+    # Each task's set is on its entry, built-in rewards only; the config's own default (a Config
+    # built without make_config) is the default task's.
+    assert all(t.rewards and set(t.rewards) <= set(BUILTIN) for t in TASKS.values())
+    assert Config().rewards == TASKS[DataConfig.task].rewards
+    # train --task's help lists the tasks (read from TASKS when the help is shown).
+    from click.testing import CliRunner
+
+    from mlx_grpo.cli import main
+
+    assert f"{' | '.join(TASKS)} [data.task]." in " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    # The task name is load_task's to check (an unknown task keeps the default set).
+    unknown = make_config(None, [("data.task", "nosuch")])
+    assert unknown.rewards == Config().rewards
     with pytest.raises(DataError, match="data.task: unknown task 'nosuch' .known: arithmetic, multistep, countdown, gsm8k, dataset, jsonl"):
-        load_task(make_config(None, [("data.task", "nosuch")]).data)
+        load_task(unknown.data)
     with pytest.raises(ConfigError, match="data.countdown.numbers: must be in 2..6"):
         make_config(None, [("data.countdown.numbers", 9)])
     with pytest.raises(ConfigError, match="data.path: required when data.task is dataset"):

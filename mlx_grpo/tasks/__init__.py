@@ -1,8 +1,8 @@
 """Tasks: where prompts and reference answers come from, and which rewards judge them.
 
 A task is chosen by one name (``data.task``) and bundles a dataset (train and held-out rows that
-never overlap), the question text of each row and a reward set (used when the config names no
-``rewards``). Rows are ``{"prompt": str, "answer": str, ...other columns}``; the other columns
+never overlap), the question text of each row, the judge of held-out answers and a reward set
+(its ``Task`` entry's ``rewards``: what a config that names no ``rewards`` trains with). Rows are ``{"prompt": str, "answer": str, ...other columns}``; the other columns
 travel to the rewards as keyword arguments. The prompt template around the question (R1-Zero or
 the tokenizer's chat template) is the ``prompt`` section's business, not the task's.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from ..config import TASK_REWARDS, DataConfig
+from ..config import DataConfig
 from . import arithmetic, countdown, gsm8k
 from .judges import Judge, judge_answer, judge_countdown, judge_dataset_row
 from .files import (
@@ -88,30 +88,33 @@ def _dataset(cfg: DataConfig) -> TaskData:
 
 @dataclass(frozen=True)
 class Task:
-    """A named task: how its rows are made and the rewards it is trained with by default."""
+    """A named task: how its rows are made, how its held-out answers are judged and the rewards
+    it is trained with by default."""
 
     name: str
     load: Callable[[DataConfig], TaskData]
     judge: Judge  # how a held-out answer is judged (tasks/judges.py)
+    # Reward name -> weight: what a config that names no ``rewards`` trains with (filled in when
+    # the config is built: ``config.make_config``). Built-in rewards only.
+    rewards: Dict[str, float]
     summary: str = ""
-
-    @property
-    def rewards(self) -> Dict[str, float]:
-        """The reward set a config without ``rewards`` trains with (``config.TASK_REWARDS``)."""
-        return dict(TASK_REWARDS[self.name])
 
 
 TASKS: Dict[str, Task] = {
     t.name: t
     for t in [
-        Task("arithmetic", _arithmetic, judge_answer, "a + b with a, b in 0..data.max_operand, generated"),
-        Task("multistep", _multistep, judge_answer,
+        Task("arithmetic", _arithmetic, judge_answer, {"accuracy": 1.0, "format": 0.5},
+             "a + b with a, b in 0..data.max_operand, generated"),
+        Task("multistep", _multistep, judge_answer, {"accuracy": 1.0, "format": 0.5},
              "a + b + c with a, b, c in 0..data.max_operand, generated (two steps of addition)"),
-        Task("countdown", _countdown, judge_countdown, "reach a target from given numbers with + - * /, generated (data.countdown)"),
-        Task("gsm8k", _gsm8k, judge_answer, "openai/gsm8k from the Hub, or data.path: a local file or folder of the same shape"),
-        Task("dataset", _dataset, judge_dataset_row,
+        Task("countdown", _countdown, judge_countdown, {"countdown": 1.0, "format": 0.1},
+             "reach a target from given numbers with + - * /, generated (data.countdown)"),
+        Task("gsm8k", _gsm8k, judge_answer, {"accuracy": 1.0, "format": 0.2},
+             "openai/gsm8k from the Hub, or data.path: a local file or folder of the same shape"),
+        Task("dataset", _dataset, judge_dataset_row, {"accuracy": 1.0, "format": 0.5},
              "data.path: a JSONL/Parquet file, a folder of them or a Hub dataset id; fields from data.*"),
-        Task("jsonl", _dataset, judge_dataset_row, "the same as dataset (the older name)"),
+        Task("jsonl", _dataset, judge_dataset_row, {"accuracy": 1.0, "format": 0.5},
+             "the same as dataset (the older name)"),
     ]
 }
 
