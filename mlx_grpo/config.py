@@ -622,7 +622,7 @@ def make_config(
         data = tree.get("data") or {}
         task = data.get("task", DataConfig.task) if isinstance(data, dict) else None
         tasks = _task_registry()
-        if task in tasks:
+        if isinstance(task, str) and task in tasks:  # a wrong type is named by the checks below
             tree["rewards"] = dict(tasks[task].rewards)
     for name, value in weights:
         # One reward's weight: added to (or changing) the rewards already configured.

@@ -243,3 +243,11 @@ def test_every_empty_string_is_refused_but_where_it_means_none(key, origin):
         return
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}(\[0\])?: must (not be empty|name a directory)"):
         make_config(None, [(key, value)])
+
+
+@pytest.mark.parametrize("value", [["a"], {"a": 1}])
+def test_task_of_a_wrong_type_is_named_not_a_traceback(value):
+    """The task picks the default rewards before the types are checked: a list (unhashable) or
+    a mapping there must still reach the type check that names the key."""
+    with pytest.raises(ConfigError, match=r"data\.task: expected a string"):
+        make_config(None, [("data.task", value)])
