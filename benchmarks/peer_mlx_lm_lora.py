@@ -65,6 +65,7 @@ def work_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None,
                     help="a local model directory or .gguf file (default: the embedded model)")
     ap.add_argument("--chat", action="store_true", help="prompts through the tokenizer's chat template")
+    ap.add_argument("--beta", type=float, default=None, help=f"KL coefficient for both sides (default {BETA})")
     common.shape_args(ap, shape=None, bits=..., prompts=None, group=None, max_tokens=None,
                       shape_help="e.g. qwen2.5-0.5b: its float32 shape, P=2 x G=4 x 64 tokens")
 
@@ -75,6 +76,8 @@ def work_from(a: argparse.Namespace) -> Work:
         from mlx_grpo.shapes import shape_dir
 
         w = replace(w, model=str(shape_dir(a.shape, bits=0)), prompts=2, group_size=4, max_tokens=64)
+    if a.beta is not None:
+        w = replace(w, beta=a.beta)
     return replace(w, prompts=a.P or w.prompts, group_size=a.G or w.group_size, max_tokens=a.max_tokens or w.max_tokens)
 
 

@@ -9,7 +9,10 @@ One run, the same prompts throughout:
 - a GRPO step's time split into generate / reward / score / update (``grpo_step``'s timings);
 - peak memory of a step with beta = 0 and beta > 0 (same weights, seed and rollouts);
 - on Linux with MLX's CPU backend: step time with the fast BLAS against MLX's bundled BLAS, the
-  latter in a subprocess (the BLAS is chosen when the process starts).
+  latter in a subprocess (the BLAS is chosen when the process starts);
+- how far each stage of the step (generate / score / update) is from this machine's limits: the
+  memory bandwidth and matmul throughput measured once (``limits.py``), and the shortest time the
+  stage's work, as the measured steps did it, could take at them (``bounds.py``).
 
 Timings are medians over ``reps`` repetitions after a warm-up; wall-clock numbers depend on the
 machine and its load, the ratios are what the benchmark is for.
@@ -17,6 +20,7 @@ machine and its load, the ratios are what the benchmark is for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -26,16 +30,20 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import blas
+from . import step as step_module
 from .assets.make_tiny_model import build_model
+from .bounds import Rows, bound_lines, bounds_report, limits_line, model_cost, step_phases
 from .config import EMBEDDED_MODEL, Config, make_config
 from .float_base import device_kind
+from .limits import measure_limits
 from .policy import load_policy
 from .rollout import encode_prompt, make_sampler, sample_groups, stop_token_ids
 from .tasks import load_task
@@ -171,12 +179,14 @@ class Session:
 
     def grpo_steps(self, n: int, beta: Optional[float] = None, warmup: bool = True) -> List[Dict[str, Any]]:
         """Run (1 warm-up +) ``n`` GRPO steps from the current weights and a fixed seed; their
-        metrics. The weights are restored afterwards, so every call starts from the same policy."""
+        metrics, each with "phases": the work of its stages (``bounds.step_phases``). The weights
+        are restored afterwards, so every call starts from the same policy."""
         cfg = self.cfg
         if beta is not None:
             cfg = replace(cfg, grpo=replace(cfg.grpo, beta=beta))
         start = [(k, mx.array(v)) for k, v in tree_flatten(self.model.trainable_parameters())]
         opt = optim.AdamW(learning_rate=cfg.train.learning_rate)
+        cost = model_cost(self.model)
         out = []
         try:
             for i in range(n + 1 if warmup else n):
@@ -184,13 +194,48 @@ class Session:
                 mx.synchronize()
                 mx.clear_cache()
                 mx.reset_peak_memory()
-                m = grpo_step(self.policy, opt, self.rows, cfg).metrics
+                work: Dict[str, Any] = {"rollouts": [], "batch": None}
+                with step_work(work):
+                    m = grpo_step(self.policy, opt, self.rows, cfg).metrics
                 m["peak_memory_bytes"] = mx.get_peak_memory()
+                # Counted after the step, so none of it falls inside the step's timings.
+                rollouts = [Rows.of(r.prompt_tokens, r.left_padding, r.row_prompt, r.lengths)
+                            for r in work["rollouts"]]
+                b = work["batch"]
+                rows = None if b is None else Rows.of(b.prompts, b.left_padding, b.row_prompt,
+                                                      np.array(b.mask.sum(axis=1)).astype(np.int64))
+                m["phases"] = step_phases(cost, rollouts, rows, cfg)
+                work.clear()  # the step's arrays go now: the next step's peak memory must not hold them
+                b = None
                 if i or not warmup:
                     out.append(m)
         finally:
             self.model.update(tree_unflatten(start))
         return out
+
+
+@contextlib.contextmanager
+def step_work(work: Dict[str, Any]) -> Iterator[None]:
+    """Keep what GRPO steps run inside the block worked on: every rollout (``work["rollouts"]``:
+    more than one under dynamic sampling) and the rows scored and updated (``work["batch"]``, the
+    ``StepBatch``; None when no row was in the loss). The bounds count the work the timed step
+    really did (its completion lengths, the rows it kept), not the settings' worst case."""
+    roll_out, select_rows = step_module.roll_out, step_module.select_rows
+
+    def recorded_roll_out(*args, **kwargs):
+        prompts, ro = roll_out(*args, **kwargs)
+        work["rollouts"].append(ro)
+        return prompts, ro
+
+    def recorded_select_rows(*args, **kwargs):
+        work["batch"] = select_rows(*args, **kwargs)
+        return work["batch"]
+
+    step_module.roll_out, step_module.select_rows = recorded_roll_out, recorded_select_rows
+    try:
+        yield
+    finally:
+        step_module.roll_out, step_module.select_rows = roll_out, select_rows
 
 
 def step_split(metrics: List[Dict[str, Any]]) -> Dict[str, float]:
@@ -270,6 +315,8 @@ def run_bench(config_path: Optional[str] = None, model: Optional[str] = None, la
     cfg = bench_config(config_path, model, s)
     say(f"loading {cfg.model.path} ...")
     sess = Session(cfg)
+    say("machine limits: memory bandwidth, matmul throughput ...")
+    limits = measure_limits()
     result: Dict[str, Any] = {
         "model": cfg.model.path,
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
@@ -283,12 +330,15 @@ def run_bench(config_path: Optional[str] = None, model: Optional[str] = None, la
             "beta": cfg.grpo.beta, "adapter": cfg.adapter.type, "rank": cfg.adapter.rank,
             "reps": s.reps, "steps": s.steps,
         },
+        "limits": limits,
     }
     say("rollouts: ours vs mlx_lm batch_generate ...")
     result["rollout"] = sess.rollout_throughput(s.reps)
     result["greedy"] = sess.greedy_check()
     say("GRPO steps ...")
-    result["step"] = step_split(sess.grpo_steps(s.steps))
+    steps = sess.grpo_steps(s.steps)
+    result["step"] = step_split(steps)
+    result["bounds"] = bounds_report(result["step"], [m["phases"] for m in steps], limits)
     say("peak memory, beta = 0 vs beta > 0 ...")
     result["memory"] = peak_memory(sess, cfg.grpo.beta if cfg.grpo.beta > 0 else 0.1)
     why_not = blas_applies()
@@ -373,6 +423,8 @@ def table(r: Dict[str, Any]) -> str:
         f"| GRPO step: generate / reward / score / update | {st['generate']:.3f} / {st['reward']:.4f} / "
         f"{st['score']:.3f} / {st['update']:.3f} s |",
         f"| GRPO step total | {st['step_time']:.3f} s ({st['tokens']:.0f} tokens, {st['rows_updated']:.0f} rows updated) |",
+        limits_line(r["limits"]),
+        *bound_lines(r["bounds"]),
         f"| peak memory beta=0 / beta={mem['beta']} | {mem['beta0_bytes'] / 1e6:.1f} / {mem['beta_bytes'] / 1e6:.1f} MB |",
         f"| **peak memory ratio, beta>0 / beta=0** | **{mem['ratio']:.3f}** |",
     ]

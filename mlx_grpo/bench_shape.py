@@ -10,7 +10,9 @@ needs), it reports:
 - a GRPO step's split (generate / reward / score / update), with beta > 0 and beta = 0;
 - each step's peak memory measured two ways, ``mx.get_peak_memory`` and the process's own
   footprint (peak resident set on Linux, reset before the step; Metal's active + cache memory on
-  a Mac), next to the preflight estimate for the same step.
+  a Mac), next to the preflight estimate for the same step;
+- how far each stage of each step is from this machine's limits (memory bandwidth and matmul
+  throughput, measured once: ``limits.py``; the step's work at them: ``bounds.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from mlx.utils import tree_flatten
 
 from . import blas, decode
 from .bench import BenchSettings, Session, bench_config
+from .bounds import bound_lines, bounds_report, limits_line
 from .float_base import device_kind
+from .limits import measure_limits
 from .preflight import estimate_memory, estimate_total
 from .rollout import encode_prompt
 from .shapes import SHAPES, shape_dir
@@ -89,14 +93,15 @@ def per_token(times: List[float]) -> Dict[str, float]:
     return {"start_s": start, "end_s": end, "ratio": end / start}
 
 
-def step_memory(sess: Session, beta: float) -> Dict[str, Any]:
-    """One GRPO step with ``beta``: its split, measured peaks and the preflight estimate."""
+def step_memory(sess: Session, beta: float, limits: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """One GRPO step with ``beta``: its split, measured peaks and the preflight estimate; with
+    ``limits`` (``limits.measure_limits``), also "bounds": each stage against them."""
     cfg = replace(sess.cfg, grpo=replace(sess.cfg.grpo, beta=beta))
     longest = max(len(encode_prompt(sess.tokenizer, p)) for p in sess.prompts)
     est = estimate_memory(sess.model, cfg, longest)
     process_peak_reset()
     m = sess.grpo_steps(1, beta=beta, warmup=False)[0]
-    return {
+    out = {
         "beta": beta, "generate": m["time_generate"], "reward": m["time_reward"],
         "score": m["time_score"], "update": m["time_update"], "step_time": m["step_time"],
         "tokens": m["tokens"], "rows_updated": m["rows_updated"],
@@ -104,6 +109,9 @@ def step_memory(sess: Session, beta: float) -> Dict[str, Any]:
         "estimate_bytes": estimate_total(est), "estimate": est,
         "estimate_over_mlx_peak": estimate_total(est) / max(m["peak_memory_bytes"], 1),
     }
+    if limits is not None:
+        out["bounds"] = bounds_report(out, [m["phases"]], limits)
+    return out
 
 
 def rollouts(sess: Session) -> Dict[str, Any]:
@@ -152,6 +160,8 @@ def run_shape_bench(shape: str, bits: int = 4, prompts: int = 2, group_size: int
     model path / Hub id; returns one JSON-ready dict."""
     sess = shape_session(shape, bits, prompts, group_size, max_tokens, say, config_path, beta)
     cfg = sess.cfg
+    say("machine limits: memory bandwidth, matmul throughput ...")
+    limits = measure_limits()
     result: Dict[str, Any] = {
         "shape": shape, "bits": bits if shape in SHAPES else None, "model": cfg.model.path,
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
@@ -161,13 +171,16 @@ def run_shape_bench(shape: str, bits: int = 4, prompts: int = 2, group_size: int
         "settings": {"prompts": prompts, "group_size": group_size, "max_tokens": max_tokens,
                      "temperature": cfg.rollout.temperature, "adapter": cfg.adapter.type,
                      "rank": cfg.adapter.rank, "beta": beta},
+        "limits": limits,
     }
     say("rollouts: ours vs mlx_lm batch_generate ...")
     result["rollout"] = rollouts(sess)
     say(f"GRPO step, beta {beta} ...")
-    result["step"] = step_memory(sess, beta)
+    result["step"] = step_memory(sess, beta, limits)
     say("GRPO step, beta 0 ...")
-    result["step_beta0"] = step_memory(sess, 0.0)
+    result["step_beta0"] = step_memory(sess, 0.0, limits)
+    result["bounds"] = result["step"].pop("bounds")
+    result["bounds_beta0"] = result["step_beta0"].pop("bounds")
     return result
 
 
@@ -184,13 +197,14 @@ def shape_table(r: Dict[str, Any]) -> str:
         "",
         "| measurement | value |",
         "|---|---|",
+        limits_line(r["limits"]),
         f"| rollout, ours | {ro['ours_tokens_per_sec']:.1f} tokens/s ({ro['tokens']} tokens) |",
         f"| rollout, mlx_lm batch_generate (same rows) | {ro['batch_generate_tokens_per_sec']:.1f} tokens/s |",
         f"| **rollout ratio, ours / batch_generate** | **{ro['ratio_vs_batch_generate']:.2f}x** |",
         f"| decode time per token, first / last tenth of the rollout | {d['start_s'] * 1e3:.1f} / "
         f"{d['end_s'] * 1e3:.1f} ms ({d['ratio']:.2f}x) |",
     ]
-    for key in ("step", "step_beta0"):
+    for key, bounds in (("step", "bounds"), ("step_beta0", "bounds_beta0")):
         st = r[key]
         lines += [
             f"| GRPO step beta={st['beta']}: generate / reward / score / update | {st['generate']:.2f} / "
@@ -199,4 +213,5 @@ def shape_table(r: Dict[str, Any]) -> str:
             f"{st['mlx_peak_bytes'] / GB:.2f} / {(st['process_peak_bytes'] or 0) / GB:.2f} / "
             f"{st['estimate_bytes'] / GB:.2f} GB (estimate / MLX peak {st['estimate_over_mlx_peak']:.2f}) |",
         ]
+        lines += bound_lines(r[bounds], f"beta={st['beta']} ")
     return "\n".join(lines)

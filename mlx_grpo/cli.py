@@ -505,7 +505,8 @@ def reward_cmd(completions_path, reward_list, model, gguf_file, adapter, task, s
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def bench(model, config_path, large, quick, processes, as_json, out_path, shape, bits, max_tokens, prompts,
           group_size, debug):
-    """Rollout throughput vs mlx_lm.batch_generate, GRPO step split, peak memory, fast vs bundled BLAS."""
+    """Rollout throughput vs mlx_lm.batch_generate, GRPO step split and each stage against the
+    machine's limits, peak memory, fast vs bundled BLAS."""
     from .bench import run_bench, table as bench_table
 
     say = (lambda m: click.echo(m, err=True)) if not as_json else (lambda m: None)

@@ -76,6 +76,10 @@ def test_shape_bench_runs_end_to_end_on_the_embedded_model(embedded_model_dir):
         assert st["mlx_peak_bytes"] > 0 and st["process_peak_bytes"] >= st["mlx_peak_bytes"] * 0.5
         assert st["estimate_bytes"] > 0 and st["rows_updated"] == 8
     assert r["step"]["beta"] == 0.1 and r["step_beta0"]["beta"] == 0.0
+    assert r["limits"]["bandwidth_gbs"] > 0 and r["limits"]["matmul_gflops"] > 0
+    for stage in ("generate", "score", "update"):
+        assert r["bounds"][stage]["ratio"] > 0 and r["bounds"][stage]["measured_s"] == r["step"][stage]
+    assert r["bounds_beta0"]["score"]["ratio"] is None  # beta 0, one iteration: no scoring pass
     assert "rollout ratio, ours / batch_generate" in shape_table(r)
 
 

@@ -1,0 +1,86 @@
+"""This machine's two limits, measured on the device MLX runs on (``mx.default_device()``).
+
+- ``measure_bandwidth``: memory bandwidth, GB/s: a large float32 array summed (read once, nothing
+  written), bytes read / time;
+- ``measure_matmul``: float32 matmul throughput, GFLOP/s: an n x n x n product, 2 n^3 / time.
+
+Each is the best of a few timings after a warm-up: the best is the nearest to what the hardware
+can do (a shared machine only ever makes a timing slower). A device that finishes one run in
+microseconds (a GPU) repeats it within each timing until the timing lasts ``min_seconds``, so
+launch and clock overheads do not dominate. ``bounds.py`` turns these into the shortest time each
+stage of a GRPO step could take.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict
+
+import mlx.core as mx
+
+
+def _sync() -> None:
+    """Wait for the device to finish everything queued (``mx.synchronize`` where MLX has it)."""
+    sync = getattr(mx, "synchronize", None)
+    if sync is not None:
+        sync()
+
+
+def best_seconds(run: Callable[[], mx.array], reps: int = 3, min_seconds: float = 0.05) -> float:
+    """Seconds of one ``run()`` (evaluated): the best of ``reps`` timings after one warm-up; each
+    timing repeats ``run`` as often as it takes to last about ``min_seconds`` (0: once)."""
+    mx.eval(run())  # warm-up: kernels, the allocator's buffers
+    _sync()
+    t = time.perf_counter()
+    mx.eval(run())
+    _sync()
+    once = time.perf_counter() - t
+    inner = max(1, math.ceil(min_seconds / max(once, 1e-9)))
+    best = math.inf
+    for _ in range(max(1, reps)):
+        t = time.perf_counter()
+        for _ in range(inner):
+            mx.eval(run())  # one at a time: queued outputs of a copy-like op would pile up in memory
+        _sync()
+        best = min(best, (time.perf_counter() - t) / inner)
+    return best
+
+
+def measure_bandwidth(megabytes: float = 256.0, reps: int = 3, min_seconds: float = 0.05) -> float:
+    """Memory bandwidth, GB/s: a float32 array of ``megabytes`` MB summed; bytes read / seconds.
+
+    The default is far larger than any CPU cache, so the array streams from memory, as a decode
+    step's weights do. A sum writes nothing back, like a decode step reading its weights.
+    """
+    n = max(1, int(megabytes * 1e6) // 4)
+    a = mx.ones((n,), dtype=mx.float32)
+    mx.eval(a)
+    seconds = best_seconds(lambda: a.sum(), reps, min_seconds)
+    return a.nbytes / seconds / 1e9
+
+
+def measure_matmul(n: int = 2048, reps: int = 3, min_seconds: float = 0.05) -> float:
+    """Float32 matmul throughput, GFLOP/s: an ``n`` x ``n`` by ``n`` x ``n`` product, 2 n^3 / seconds.
+
+    2048 is 17 GFLOP: a fraction of a second on CPU cores with a good BLAS; a GPU repeats it
+    within each timing (``min_seconds``).
+    """
+    a = mx.random.normal((n, n), dtype=mx.float32)
+    b = mx.random.normal((n, n), dtype=mx.float32)
+    mx.eval(a, b)
+    seconds = best_seconds(lambda: a @ b, reps, min_seconds)
+    return 2.0 * n**3 / seconds / 1e9
+
+
+def measure_limits(megabytes: float = 256.0, n: int = 2048, reps: int = 3,
+                   min_seconds: float = 0.05) -> Dict[str, float]:
+    """Both limits on the default device: {"bandwidth_gbs", "matmul_gflops"} (JSON-ready)."""
+    out = {
+        "bandwidth_gbs": measure_bandwidth(megabytes, reps, min_seconds),
+        "matmul_gflops": measure_matmul(n, reps, min_seconds),
+    }
+    # The probes' buffers would otherwise stay in MLX's cache and count in the footprint the
+    # benchmarks measure next.
+    mx.clear_cache()
+    return out
