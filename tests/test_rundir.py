@@ -275,6 +275,7 @@ def _owned_run(d):
 
 # An --out that is what the command reads, or a file a run owns: refused before anything is read
 # (the inputs here are malformed, so reading them first would fail differently) or written.
+REWARD_OUT = ["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out"]
 ONTO_INPUTS = [
     (["plot", "{tmp}/run", "--out", "{tmp}/run/metrics.jsonl"],
      "--out: {tmp}/run/metrics.jsonl is the metrics file of {tmp}/run, an input; it would be replaced"),
@@ -282,18 +283,18 @@ ONTO_INPUTS = [
      "--out: {tmp}/owned/summary.json belongs to the run in {tmp}/owned (a run owns its summary.json)"),
     (["plot", "{tmp}/run", "--out", "{tmp}/owned/checkpoints/step_000001/state.json"],
      "belongs to the run in {tmp}/owned (a run owns its checkpoints)"),
-    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/owned/metrics.jsonl"],
+    ([*REWARD_OUT, "{tmp}/owned/metrics.jsonl"],
      "--out: {tmp}/owned/metrics.jsonl belongs to the run in {tmp}/owned (a run owns its metrics.jsonl)"),
-    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/owned/.mlx-grpo-run"],
+    ([*REWARD_OUT, "{tmp}/owned/.mlx-grpo-run"],
      "belongs to the run in {tmp}/owned (a run owns its .mlx-grpo-run)"),
-    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/owned/adapters.safetensors"],
+    ([*REWARD_OUT, "{tmp}/owned/adapters.safetensors"],
      "belongs to the run in {tmp}/owned (a run owns its adapters.safetensors)"),
     # through a symbolic link, and a run from before manifests (its checkpoint shows it is one)
-    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/into-run"],
+    ([*REWARD_OUT, "{tmp}/into-run"],
      "--out: {tmp}/into-run belongs to the run in {tmp}/owned (a run owns its metrics.jsonl)"),
-    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/old/samples.jsonl"],
+    ([*REWARD_OUT, "{tmp}/old/samples.jsonl"],
      "belongs to the run in {tmp}/old (a run owns its samples.jsonl)"),
-    (["reward", "--completions", "{tmp}/bad.jsonl", "--rewards", "format", "--out", "{tmp}/to-completions"],
+    ([*REWARD_OUT, "{tmp}/to-completions"],
      "--out: {tmp}/to-completions is the --completions file; it would be replaced"),
     (["reward", "--completions", "{tmp}/bad.jsonl", "--config", "{tmp}/c.yaml", "--out", "{tmp}/c.yaml"],
      "--out: {tmp}/c.yaml is the --config file; it would be replaced"),
