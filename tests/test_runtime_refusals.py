@@ -87,8 +87,11 @@ def test_a_real_ctrl_c_while_a_reward_runs_is_an_interrupt(small_model_dir, tmp_
                 "--set", f"rewards.{f}:r=1"]
     else:
         args = ["reward", "--completions", str(tmp_path / "c.jsonl"), "--rewards", f"{f}:r"]
+    # The command starts as from a terminal, with SIGINT at its default: a suite started in the
+    # background (`pytest &`, nohup) hands its children SIGINT ignored, and Python keeps it so.
     p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env={**os.environ, **NO_BLAS},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     end = time.monotonic() + 120
     while not marker.exists():
         assert p.poll() is None and time.monotonic() < end, p.communicate()
