@@ -22,10 +22,11 @@ import math
 import re
 import threading
 from fractions import Fraction
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 
+from .rational import rational_equal
 from .numbers import NUMBER_RE, SIMPLE_NUMBER_RE, Number, read_number
 
 __all__ = ["Number", "NUMBER_RE", "answers_match", "clean_answer", "extract_answer", "extract_boxed",
@@ -59,6 +60,7 @@ MAX_MATH_VERIFY_TERMS = 16
 # The arguments of these are computed at parsing (``\\binom{999999}{499999}``: the whole timeout).
 MAX_MATH_VERIFY_COMBINATORIAL_DIGITS = 4
 MATH_VERIFY_TIMEOUT_S = 1  # math-verify takes whole seconds (signal.alarm)
+MAX_RATIONAL_CHARS = 1_000  # what rational.rational_equal reads (linear; microseconds a character)
 _EXPONENT_RE = re.compile(r"\^\s*(\{)?")
 _LITERAL_RE = re.compile(r"\d+(?:\.\d+)?")
 _NUMBER_BASE_RE = re.compile(r"(?<![\w.])\d+(?:\.\d+)?$")  # 2^, 1.5^: not x2^, a_2^, {2}^
@@ -278,7 +280,8 @@ def _text_key(s: str) -> str:
 
 def answers_match(predicted: Optional[str], reference: object, math_verify: bool = True) -> bool:
     """Whether ``predicted`` equals ``reference``: by value when both are one number, else as text
-    or (with ``math_verify`` and the package installed) symbolically."""
+    or, with ``math_verify``, symbolically: rational expressions exactly (``rational``), anything
+    else by math-verify when it is installed."""
     if predicted is None or reference is None:
         return False
     ref = str(reference)
@@ -291,7 +294,13 @@ def answers_match(predicted: Optional[str], reference: object, math_verify: bool
         return p is not None and numbers_equal(p, r)
     if _text_key(predicted) == _text_key(ref):
         return True
-    if math_verify and all(safe_for_math_verify(s) and _mathy(s) for s in (predicted, ref)):
+    if not math_verify:
+        return False
+    if len(predicted) <= MAX_RATIONAL_CHARS and len(ref) <= MAX_RATIONAL_CHARS:
+        same = rational_equal(clean_answer(predicted), clean_answer(ref))
+        if same is not None:
+            return same
+    if all(safe_for_math_verify(s) and _mathy(s) for s in (predicted, ref)):
         checker = math_verify_checker()
         if checker is not None:
             return checker(predicted, ref)
@@ -395,9 +404,34 @@ def _undone_operations() -> tuple:
     return (Sum, Product, Integral, Limit, Derivative)
 
 
+# Answer shapes the parser sees first (see math_verify_checker): fractions, roots, polynomials,
+# binomials, pi, tuples, intervals, sets, equations, functions, powers, complex numbers.
+_WARM_UP = (
+    r"\frac{3}{4}", r"\frac{\sqrt{3}}{2}", r"2\sqrt{5}", r"x^2+3x-4", r"(x+2)(x-3)", r"\binom{7}{3}",
+    r"\frac{n(n+1)}{2}", r"3\pi", r"\frac{\pi}{6}", r"\left(2, \frac{1}{3}\right)", r"[1, 5)",
+    r"(-\infty, 2] \cup [3, \infty)", r"\{1, 2, 3\}", r"x = 5", r"y = 2x + 1", r"\sin x", r"\cos^2\theta",
+    r"\log_2 8", r"e^{2}", r"10^{-3}", r"-\frac{7}{2}", r"0.25", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}",
+    r"90^\circ", r"50\%", r"a+b", r"\dfrac{1}{x-1}", r"\tfrac{2}{3}", r"|x|", r"x \le 3", r"2^{10}",
+    r"\sqrt[3]{2}", r"1+2i",
+)
+
+
+def needs_math_verify(references: Iterable[object]) -> bool:
+    """Whether any reference would be judged by math-verify: not a number, and mathy (a digit or
+    a LaTeX command) and within its bounds."""
+    for ref in references:
+        if ref is None:
+            continue
+        text = str(ref)
+        if parse_number(text) is None and _mathy(text) and safe_for_math_verify(text):
+            return True
+    return False
+
+
 @functools.lru_cache(maxsize=1)
 def math_verify_checker() -> Optional[Callable[[str, str], bool]]:
     """math-verify's equivalence test (LaTeX parser only), or None when it is not installed.
+    Built once per process: the import and a warm-up parse of the usual answer shapes (~1 s).
 
     Only ``LatexExtractionConfig`` is used: math-verify's plain-expression reader goes through
     sympy's ``parse_expr``, which evaluates Python code.
@@ -412,6 +446,16 @@ def math_verify_checker() -> Optional[Callable[[str, str], bool]]:
         s = s.strip()
         return s if "$" in s or "\\(" in s or "\\[" in s else f"${s}$"
 
+    # Its parser (ANTLR, pure Python) learns each grammar path on first sight: a cold parse of a
+    # new shape takes 40-240 ms, a warm one ~5-50 ms. One pass over the usual shapes, once.
+    for text in _WARM_UP:
+        try:
+            parse(as_latex(text), extraction_config=config)
+        except Exception:
+            pass
+
+    # Groups repeat answers (a flat group is G copies of one): each pair is judged once.
+    @functools.lru_cache(maxsize=8192)
     def check(predicted: str, reference: str) -> bool:
         # Its timeouts use signal.alarm, which only the main thread may set.
         main = threading.current_thread() is threading.main_thread()

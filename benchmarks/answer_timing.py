@@ -1,0 +1,76 @@
+"""Symbolic answer comparison, each pair timed the first time it is seen (the goal: under 50 ms
+each on any answer; the per-pair cache makes repeats free). Not part of the test suite.
+
+    python benchmarks/answer_timing.py [--json]
+
+Times ``answers_match`` on usual answers (rational expressions, decided by ``rational.py``;
+roots, pi, intervals, sets, decided by math-verify when installed) and on the worst shapes that
+pass the bounds (the longest sums of powers, nested fractions, unions of intervals). Prints the
+one-time cost (math-verify's import and warm-up), then milliseconds per pair, and the median, 90th
+percentile and maximum of each group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import common  # noqa: F401  (the repository on sys.path)
+from mlx_grpo.rewards import answers
+
+MONOMIALS = "+".join(f"{c}x^{{{k}}}" for c, k in zip(range(101, 999, 37), range(12, 0, -1)))
+USUAL_RATIONAL = [
+    ("x^2+2x+1", "(x+1)^{2}"), ("\\binom{n}{2}", "\\frac{n(n-1)}{2}"), ("\\frac{1}{x+1}", "\\frac{x}{x^2+x}"),
+    ("24x^{11}+440x^{9}+1584x^{7}+1584x^{5}+440x^{3}+24x", "(x+1)^{12}-(x-1)^{12}"), ("3a-2b", "a+2a-2b"),
+    ("\\frac{2}{3}x+1", "\\frac{2x+3}{3}"), ("(a+b)(a-b)", "a^2-b^2"), ("4n^2-1", "(2n-1)(2n+1)"),
+]
+USUAL_OTHER = [
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"), ("3\\pi", "\\pi+2\\pi"), ("2\\sqrt{5}", "\\sqrt{20}"),
+    ("\\left(2, \\frac{1}{3}\\right)", "(2, 1/3)"), ("[1, 5)", "[1,5)"), ("\\{1, 2, 3\\}", "\\{3, 2, 1\\}"),
+    ("\\frac{\\pi}{6}", "30^\\circ"), ("y = 2x + 1", "y=1+2x"), ("1+2i", "2i+1"), ("e^{2}", "e^2"),
+    ("\\sqrt[3]{2}", "2^{1/3}"), ("\\log_2 8", "3"), ("\\frac{5\\sqrt{3}}{3}", "\\frac{5}{\\sqrt{3}}"),
+]
+WORST = [  # the longest or deepest that pass safe_for_math_verify
+    (MONOMIALS, "x"), ("\\pi" + "(x+y+z+1)" * 15, "2x+1"),
+    ("+".join(f"\\sqrt{{{p}}}" for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47)), "\\sqrt{2}"),
+    ("\\frac{\\frac{\\frac{\\frac{\\sqrt{2}}{3}}{5}}{7}}{11}", "\\frac{\\sqrt{2}}{1155}"),
+    ("(-\\infty, -3) \\cup (-2, -1) \\cup (0, 1) \\cup (2, 3) \\cup (4, \\infty)", "(4, \\infty)"),
+    ("\\sin(x)^{12}+\\cos(x)^{12}", "1"), ("(x+\\pi)^{8}-(x-\\pi)^{8}", "16\\pi x^{7}"),
+    ("\\binom{9999}{4999}", "\\binom{9999}{5000}"),
+]
+
+
+def time_pair(answer: str, reference: str) -> float:
+    t = time.perf_counter()
+    answers.answers_match(answer, reference)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    t = time.perf_counter()
+    installed = answers.math_verify_checker() is not None
+    setup = time.perf_counter() - t
+    groups = {"usual rational": USUAL_RATIONAL, "usual other": USUAL_OTHER, "worst within bounds": WORST}
+    out = {"math_verify_installed": installed, "setup_ms": round(setup * 1e3, 1), "groups": {}}
+    for name, pairs in groups.items():
+        ms = [round(time_pair(a, r) * 1e3, 2) for a, r in pairs]
+        out["groups"][name] = {"pairs": [[a, r, m] for (a, r), m in zip(pairs, ms)],
+                               "median_ms": statistics.median(ms), "max_ms": max(ms),
+                               "p90_ms": sorted(ms)[int(0.9 * (len(ms) - 1))]}
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"math-verify installed: {installed}; import and warm-up, once: {out['setup_ms']:.0f} ms")
+    for name, g in out["groups"].items():
+        print(f"\n{name}: median {g['median_ms']:.1f} ms, p90 {g['p90_ms']:.1f}, max {g['max_ms']:.1f}")
+        for a, r, m in g["pairs"]:
+            print(f"  {m:8.2f} ms  {a[:60]!s:62} vs {r[:30]}")
+
+
+if __name__ == "__main__":
+    main()
