@@ -19,6 +19,7 @@ import time
 
 import common  # noqa: F401  (the repository on sys.path)
 from mlx_grpo.rewards import answers
+from mlx_grpo.rewards.rational import token_count
 
 MONOMIALS = "+".join(f"{c}x^{{{k}}}" for c, k in zip(range(101, 999, 37), range(12, 0, -1)))
 USUAL_RATIONAL = [
@@ -32,13 +33,29 @@ USUAL_OTHER = [
     ("\\frac{\\pi}{6}", "30^\\circ"), ("y = 2x + 1", "y=1+2x"), ("1+2i", "2i+1"), ("e^{2}", "e^2"),
     ("\\sqrt[3]{2}", "2^{1/3}"), ("\\log_2 8", "3"), ("\\frac{5\\sqrt{3}}{3}", "\\frac{5}{\\sqrt{3}}"),
 ]
-WORST = [  # the longest or deepest that pass safe_for_math_verify
-    (MONOMIALS, "x"), ("\\pi" + "(x+y+z+1)" * 15, "2x+1"),
-    ("+".join(f"\\sqrt{{{p}}}" for p in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47)), "\\sqrt{2}"),
-    ("\\frac{\\frac{\\frac{\\frac{\\sqrt{2}}{3}}{5}}{7}}{11}", "\\frac{\\sqrt{2}}{1155}"),
-    ("(-\\infty, -3) \\cup (-2, -1) \\cup (0, 1) \\cup (2, 3) \\cup (4, \\infty)", "(4, \\infty)"),
+# Shapes grown to the most tokens math-verify is given (MAX_MATH_VERIFY_TOKENS), and past it.
+GROWN = {
+    "sum of roots": lambda n: "+".join(f"\\sqrt{{{p}}}" for p in range(2, 2 + n)),
+    "sum of pi monomials": lambda n: "+".join(f"{c}\\pi x^{{{k}}}" for c, k in zip(range(3, 999, 7), range(n, 0, -1))),
+    "union of intervals": lambda n: " \\cup ".join(f"({a}, {a + 1})" for a in range(0, 3 * n, 3)),
+    "set of roots": lambda n: "\\{" + ", ".join(f"\\sqrt{{{a}}}" for a in range(2, 2 + n)) + "\\}",
+    "nested fractions": lambda n: "\\frac{" * n + "\\sqrt{2}" + "".join(f"}}{{{k}}}" for k in range(3, 3 + n)),
+    "tuple of fractions": lambda n: "\\left(" + ", ".join(f"\\frac{{{a}}}{{\\pi}}" for a in range(1, 1 + n)) + "\\right)",
+}
+
+
+def at_the_bound(grow) -> str:
+    n = 1
+    while token_count(grow(n + 1)) <= answers.MAX_MATH_VERIFY_TOKENS and n < 50:
+        n += 1
+    return grow(n)
+
+
+WORST = [  # the longest or deepest that pass safe_for_math_verify, then past it
+    *[(at_the_bound(g), "\\sqrt{2}") for g in GROWN.values()],
     ("\\sin(x)^{12}+\\cos(x)^{12}", "1"), ("(x+\\pi)^{8}-(x-\\pi)^{8}", "16\\pi x^{7}"),
-    ("\\binom{9999}{4999}", "\\binom{9999}{5000}"),
+    ("\\binom{9999}{4999}", "\\binom{9999}{5000}"), (MONOMIALS, "x"),
+    *[(g(12), "\\sqrt{2}") for g in GROWN.values()],  # past the bound: refused before parsing
 ]
 
 

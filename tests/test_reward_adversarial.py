@@ -136,6 +136,10 @@ def test_math_verify_gets_no_long_or_explosive_input(monkeypatch):
     # binomials and Gamma are computed at parsing: their numbers are bounded
     ("\\binom{n}{2}", True), ("\\binom{9999}{4999}", True), ("\\binom{999999}{499999}", False),
     ("\\Gamma(99999)", False), ("{99999 \\choose 3}", False), ("99999x + \\sqrt{2}", True),
+    # at most MAX_MATH_VERIFY_TOKENS (32) tokens: its parse costs about a millisecond a token
+    ("(0, 1) \\cup (3, 4) \\cup (6, 7) \\cup (9, 10) \\cup (12, 13)", True),
+    ("(0, 1) \\cup (3, 4) \\cup (6, 7) \\cup (9, 10) \\cup (12, 13) \\cup (15, 16)", False),
+    ("\\{" + ", ".join("\\sqrt{%d}" % k for k in range(2, 8)) + "\\}", False),
 ])
 def test_what_math_verify_may_judge(text, safe):
     from mlx_grpo.rewards.answers import safe_for_math_verify
@@ -168,8 +172,8 @@ def test_what_math_verify_would_expand_is_bounded_after_parsing():
 
 
 def test_math_verify_never_compares_what_would_expand_past_the_bound(monkeypatch):
-    """Answers that pass the text checks but expand past MAX_MATH_VERIFY_TERMS once parsed (15
-    factors side by side, an unevaluated sum or integral) are no match, and math-verify's
+    """Answers that pass the text checks but expand past MAX_MATH_VERIFY_TERMS once parsed (a
+    power of a 4-term sum, 5 factors side by side, an unevaluated sum or integral) are no match, and math-verify's
     comparison is not asked; within the bound it is."""
     math_verify = pytest.importorskip("math_verify", reason="math-verify is not installed (pip install -e '.[math]')")
     from mlx_grpo.rewards import answers
@@ -180,7 +184,8 @@ def test_math_verify_never_compares_what_would_expand_past_the_bound(monkeypatch
     answers.math_verify_checker.cache_clear()  # rebuilt with the spy, and again afterwards
     try:
         # (\\pi: not a rational expression, which rational.py would decide without math-verify)
-        for answer in ("\\pi" + "(x+y+z+1)" * 15, "\\sum_{k=1}^{9} k^{k}", "\\int_{0}^{1} x^{9} dx"):
+        for answer in ("\\pi(x+y+z+1)^{3}", "\\pi(x+1)(x+2)(x+3)(x+4)(x+5)", "\\sum_{k=1}^{9} k^{k}",
+                       "\\int_{0}^{1} x^{9} dx"):
             assert answers.safe_for_math_verify(answer)
             assert not answers.answers_match(answer, "2x + 1")
         assert asked == []

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 
-from .rational import rational_equal
+from .rational import rational_equal, token_count
 from .numbers import NUMBER_RE, SIMPLE_NUMBER_RE, Number, read_number
 
 __all__ = ["Number", "NUMBER_RE", "answers_match", "clean_answer", "extract_answer", "extract_boxed",
@@ -42,6 +42,10 @@ LAST_NUMBER_WINDOW = 10_000
 # 1 s here) on long or explosive input (``\\frac{1}{2}`` 25 times: 0.6 s; ``9^{9^{9}}``, ``10!!``,
 # 100 nested brackets: the whole timeout). A final answer needs none of these.
 MAX_MATH_VERIFY_CHARS = 150
+# Its parse costs about a millisecond a token once warm (2 cores, idle), whatever the shape
+# (``\\{\\sqrt{2}, \\sqrt{3}, ...\\}``, unions of intervals, tuples): at most this many tokens
+# (a number, a command, a bracket, an operator: ``rational.token_count``) keeps it near 30 ms.
+MAX_MATH_VERIFY_TOKENS = 32
 MAX_MATH_VERIFY_DEPTH = 8  # bracket nesting
 # Powers: sympy expands them when it compares, so the cost grows with the exponent and with the
 # terms of the base: ``(x+1)^{999}-(x-1)^{999}`` held math-verify for its whole timeout, and so did
@@ -315,13 +319,14 @@ def _mathy(s: str) -> bool:
 
 def safe_for_math_verify(text: str) -> bool:
     """Whether ``text`` is short and tame enough for math-verify to parse in milliseconds: at most
-    ``MAX_MATH_VERIFY_CHARS`` characters and ``MAX_MATH_VERIFY_DEPTH`` nested brackets, no
+    ``MAX_MATH_VERIFY_CHARS`` characters, ``MAX_MATH_VERIFY_TOKENS`` tokens and
+    ``MAX_MATH_VERIFY_DEPTH`` nested brackets, no
     factorial, no exponent that holds another exponent (sympy would compute ``9^{9^{9}}``), no
     exponent larger than ``MAX_MATH_VERIFY_EXPONENT`` (``MAX_MATH_VERIFY_NUMBER_EXPONENT`` on a
     plain number), no binomial or Gamma beside a number of more than
     ``MAX_MATH_VERIFY_COMBINATORIAL_DIGITS`` digits. What its parse expands to is bounded after
     parsing (``math_verify_checker``)."""
-    if len(text) > MAX_MATH_VERIFY_CHARS or "!" in text:
+    if len(text) > MAX_MATH_VERIFY_CHARS or "!" in text or token_count(text) > MAX_MATH_VERIFY_TOKENS:
         return False
     depth = 0
     for ch in text:  # at most 150 characters
@@ -412,7 +417,8 @@ _WARM_UP = (
     r"(-\infty, 2] \cup [3, \infty)", r"\{1, 2, 3\}", r"x = 5", r"y = 2x + 1", r"\sin x", r"\cos^2\theta",
     r"\log_2 8", r"e^{2}", r"10^{-3}", r"-\frac{7}{2}", r"0.25", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}",
     r"90^\circ", r"50\%", r"a+b", r"\dfrac{1}{x-1}", r"\tfrac{2}{3}", r"|x|", r"x \le 3", r"2^{10}",
-    r"\sqrt[3]{2}", r"1+2i",
+    r"\sqrt[3]{2}", r"1+2i", r"\left(\frac{1}{\pi}, \frac{2}{\pi}\right)", r"\{\sqrt{2}, \sqrt{3}\}",
+    r"(0, 1) \cup (2, 3) \cup (4, 5)", r"3\pi x^{2}+2\pi x", r"\frac{\frac{\sqrt{2}}{3}}{5}",
 )
 
 

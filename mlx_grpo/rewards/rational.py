@@ -24,7 +24,7 @@ import zlib
 from fractions import Fraction
 from typing import Callable, Dict, List, Optional, Tuple
 
-__all__ = ["MAX_BITS", "POINTS", "rational_equal"]
+__all__ = ["MAX_BITS", "POINTS", "rational_equal", "token_count"]
 
 POINTS = 3
 MAX_BITS = 20_000  # of any number made while evaluating (a 31-bit point to the 600th power: 18,600)
@@ -62,6 +62,12 @@ def _tokens(text: str) -> Optional[List[str]]:
             return None  # "1 000", "2 3": a spaced number or a product? Not decided here
         out.append(tok)
     return out
+
+
+def token_count(text: str) -> int:
+    """The tokens of ``text`` as this module reads them: numbers, commands, single characters;
+    spaces not counted (one regex pass)."""
+    return sum(1 for tok in _TOKEN_RE.findall(text) if not tok.isspace())
 
 
 def _is_number(tok: str) -> bool:
