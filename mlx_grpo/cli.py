@@ -156,9 +156,9 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
-        except click.Abort:  # Ctrl-C outside a command's own handling
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
+        except click.Abort:  # Ctrl-C in a command without its own handling (eval, generate, reward)
+            click.echo("interrupted", err=True)
+            sys.exit(130)  # as a shell reports a process SIGINT stopped, and as train does
         sys.exit(rv if isinstance(rv, int) else 0)  # --help and --version return their exit code
 
 
