@@ -24,10 +24,14 @@ The peer runs its own ``train_grpo`` loop; its per-step time comes from its per-
 (steps_per_report=1), the first iteration (warm-up) dropped, ours from our step's own clock
 after one warm-up step; both are medians. Two peer configurations: its defaults (generation
 concurrency = prompts per step, loss micro-batches of P rows) and its best batching (all P*G rows
-decode together and score in one micro-batch). A model with real weights stops at EOS (and both
-trainers at ``</answer>``), so the completions' mean length in tokens is reported next to every
-step time: equal work is checked, not assumed, and a line says when the lengths differ by more
-than 10%.
+decode together and score in one micro-batch). Both sides stop at EOS only: mlx-lm-lora stops
+at ``</answer>`` by that string's token ids alone, so a completion that writes `` </answer>``
+(another token sequence under a byte-level BPE: SmolLM2's ``[22577, 11247, 46]`` against
+``[9617, 11247, 46]``) runs on to the token limit, while ours stops at the text; with the answer
+stop on, the peer decoded 49-60 tokens a completion where ours decoded 30 (not the same work).
+A model with real weights stops at EOS, so the completions' mean length in tokens is reported
+next to every step time: equal work is checked, not assumed, and a line says when the lengths
+differ by more than 10%.
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ def ours(work: Work, steps: int) -> Tuple[Dict[str, float], List[Dict[str, Any]]
     cfg = bench_config(None, work.model, BenchSettings(prompts=work.prompts, group_size=work.group_size,
                                                        max_tokens=work.max_tokens))
     cfg.grpo.beta, cfg.train.learning_rate = work.beta, work.lr
-    cfg = replace(cfg, prompt=replace(cfg.prompt, kind=work.prompt_kind))
+    # EOS only, as both peers are run (see the module docstring): the same stopping rule
+    cfg = replace(cfg, prompt=replace(cfg.prompt, kind=work.prompt_kind), rollout=replace(cfg.rollout, stop=[]))
     sess = Session(cfg, say=common.say)
     metrics = sess.grpo_steps(steps)
     split = step_split(metrics)
@@ -160,7 +165,7 @@ def peer(work: Work, steps: int, sess, best: bool) -> Tuple[float, float]:
             gt.train_grpo(
                 model, ref, tok, optim.AdamW(learning_rate=work.lr), dataset, None,
                 reward_funcs=[r1_accuracy_reward_func, r1_strict_format_reward_func],
-                args=args, training_callback=Report(),
+                args=args, training_callback=Report(), end_answer_token="",  # EOS only, as ours here
             )
     finally:
         gt.generate_grpo, gt._grpo_value_and_grad = saved

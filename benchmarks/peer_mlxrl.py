@@ -32,9 +32,9 @@ Where it cannot match ours, and why it does not change the work measured:
   1 in value, so neither the loss nor the gradient changes, only a few element-wise operations;
 - its trainer builds Adam (ours AdamW): the same lr; the difference is one multiply-add per
   adapter weight;
-- its reward is its own (``data.rewards``: accuracy + 0.1 x format, as its CLI weighs them) and
-  stops only at EOS (ours also at ``</answer>``): the completions' mean length is reported on
-  both sides, and a line says when it differs by more than 10%.
+- its reward is its own (``data.rewards``: accuracy + 0.1 x format, as its CLI weighs them); it
+  stops only at EOS, and so does ours here (``rollout.stop`` off): the completions' mean length
+  is reported on both sides, and a line says when it differs by more than 10%.
 
 Two peer configurations (``--peer``): ``trainer``, the rollout its trainer uses
 (``rollout.naive.generate_group_rollouts``: one completion at a time, each with a fresh KV cache
