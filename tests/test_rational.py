@@ -30,13 +30,12 @@ def test_rational_equality_is_exact(answer, reference, equal):
     assert rational_equal(reference, answer) is equal
 
 
-@pytest.mark.parametrize("answer,reference,equal", PAIRS)
+# (not the 12th powers: comparing them is what math-verify's term bound refuses)
+@pytest.mark.parametrize("answer,reference,equal", [p for p in PAIRS if "^{12}" not in p[1]])
 def test_rational_equality_agrees_with_math_verify(answer, reference, equal):
     """The reference check: math-verify's own verdict on the same pair (its parse and sympy's
-    comparison), where it gives one within its bounds."""
+    comparison)."""
     math_verify = pytest.importorskip("math_verify", reason="math-verify is not installed (pip install -e '.[math]')")
-    if answer == EXPANSION_12 or reference.startswith("(x+1)^{12}"):
-        pytest.skip("math-verify's comparison of the 12th powers is what the bound refuses")
     cfg = [math_verify.LatexExtractionConfig()]
     gold = math_verify.parse(f"${reference}$", extraction_config=cfg)
     pred = math_verify.parse(f"${answer}$", extraction_config=cfg)
