@@ -22,6 +22,7 @@ from .models import adapters_disabled
 from .policy import Policy, load_policy
 from .preflight import check_decode_memory, check_rows
 from .rewards import score
+from .rewards.answers import prepare_math_verify
 from .rollout import sample_groups
 from .tasks import TASKS, columns, load_task
 from .tasks.judges import Judge, judge_answer
@@ -205,6 +206,7 @@ def evaluate_config(
     option = "--samples" if sampled > greedy else "--max-tokens"
     check_decode_memory(p.model, max(greedy, sampled), longest, tokens, option,
                         "lower --samples or --max-tokens" if samples else "lower --max-tokens")
+    prepare_math_verify(r.get("answer") for r in rows)  # before the first answer is judged
     run = lambda: evaluate_held_out(p, rows, cfg, samples, temperature)  # noqa: E731
     out = {"adapter" if adapter_dir else "model": run()}
     if compare_base and adapter_dir:

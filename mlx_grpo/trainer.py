@@ -40,7 +40,7 @@ from .microbatch import fit_micro_batch
 from .interrupts import Interrupted, stop_on_signals
 from .models import NonFiniteError, model_dir, save_adapters
 from .memory import available_memory
-from .rewards.answers import math_verify_checker, needs_math_verify
+from .rewards.answers import prepare_math_verify
 from .preflight import check_prompts, estimate_memory, is_out_of_memory, memory_report, out_of_memory
 from .policy import Policy, load_policy
 from .rundir import ADAPTERS, CONFIG, check_run_dir, log_sizes, prepare_run_dir, resume_run_dir, write_summary
@@ -141,8 +141,8 @@ def prepare(cfg: Config, say: Callable[[str], None], resume: bool) -> Run:
     policy = load_policy(cfg, say)  # the rewards first: a bad one fails before the model loads
     model = policy.model
     longest_prompt = check_prompts(policy.tokenizer, model, data, policy.prompter, cfg)
-    if needs_math_verify(r.get("answer") for r in (*data.train, *data.held_out)):
-        math_verify_checker()  # its import and warm-up (~1 s) now, not inside the first step's rewards
+    # math-verify's import and warm-up (a second or a few) now, not inside the first step's rewards
+    prepare_math_verify(r.get("answer") for r in (*data.train, *data.held_out))
     _announce(model, cfg, data, longest_prompt, say)
     opt = make_optimizer(model, cfg)
     if not resume and distributed.size() == 1:  # a resumed run keeps the micro-batching it chose

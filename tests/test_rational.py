@@ -96,6 +96,13 @@ def test_math_verify_judges_each_pair_once(monkeypatch):
         answers.math_verify_checker.cache_clear()
 
 
-def test_which_references_need_math_verify():
-    assert not answers.needs_math_verify(["7", 3, None, "1/2", "Paris", "x^2+1" * 100])
-    assert answers.needs_math_verify(["7", "\\frac{\\sqrt{3}}{2}"])
+def test_math_verify_is_prepared_on_the_references_it_would_judge(monkeypatch):
+    """Numbers, words and overlong references never reach math-verify: nothing is imported for
+    them; LaTeX references are parsed once each (distinct), at most ``most``."""
+    built = []
+    real = answers.math_verify_checker
+    monkeypatch.setattr(answers, "math_verify_checker", lambda: built.append(1) or real())
+    assert answers.prepare_math_verify(["7", 3, None, "1/2", "Paris", "x^2+1" * 100]) == 0 and not built
+    refs = ["7", "\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt{3}}{2}", "2\\pi", "3\\pi", "4\\pi"]
+    expected = 3 if real() is not None else 0  # without math-verify there is nothing to warm
+    assert answers.prepare_math_verify(refs, most=3) == expected

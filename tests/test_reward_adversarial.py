@@ -9,6 +9,7 @@ the same shape, and the ratio must stay far from 64 (quadratic). Before the stri
 
 import random
 import re
+import time
 
 import pytest
 
@@ -190,5 +191,42 @@ def test_math_verify_never_compares_what_would_expand_past_the_bound(monkeypatch
             assert not answers.answers_match(answer, "2x + 1")
         assert asked == []
         assert answers.answers_match("\\pi x^2+2\\pi x+\\pi", "\\pi(x+1)^{2}") and len(asked) == 1
+    finally:
+        answers.math_verify_checker.cache_clear()
+
+
+def test_cpu_limited_stops_a_comparison_past_its_cpu_time():
+    """The last resort: a comparison past its CPU time is stopped (None) in about that time, even
+    one that catches every Exception; a quick one returns its value; the previous SIGPROF handler
+    is back afterwards."""
+    import signal
+
+    from mlx_grpo.rewards.answers import cpu_limited
+
+    def spins() -> bool:
+        while True:
+            try:
+                sum(range(10_000))
+            except Exception:  # what math-verify and sympy do with errors: not with this one
+                pass
+
+    before = signal.getsignal(signal.SIGPROF)
+    t = time.process_time()
+    assert cpu_limited(spins, 0.05) is None
+    assert time.process_time() - t < 2  # stopped, not a timing claim: unstopped it never returns
+    assert cpu_limited(lambda a, b: a == b, 0.05, 1, 1) is True
+    assert signal.getsignal(signal.SIGPROF) == before
+
+
+def test_a_comparison_stopped_for_time_is_no_match_and_is_tried_again(monkeypatch):
+    pytest.importorskip("math_verify", reason="math-verify is not installed (pip install -e '.[math]')")
+    from mlx_grpo.rewards import answers
+
+    answers.math_verify_checker.cache_clear()
+    try:
+        monkeypatch.setattr(answers, "MATH_VERIFY_CPU_LIMIT_S", 1e-6)
+        assert not answers.answers_match("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
+        monkeypatch.setattr(answers, "MATH_VERIFY_CPU_LIMIT_S", 5.0)
+        assert answers.answers_match("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")  # not cached as no match
     finally:
         answers.math_verify_checker.cache_clear()

@@ -18,8 +18,10 @@ character is present: a model under RL may generate a megabyte of degenerate tex
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
+import signal
 import threading
 from fractions import Fraction
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional
@@ -38,8 +40,8 @@ MAX_ANSWER_CHARS = 10_000
 # The lenient reading looks for the last number in this many final characters only: the answer is
 # at the end, and a completion with tens of thousands of numbers would cost a Python step each.
 LAST_NUMBER_WINDOW = 10_000
-# What math-verify is given: its LaTeX parser and sympy spend up to its timeout (5 s by default,
-# 1 s here) on long or explosive input (``\\frac{1}{2}`` 25 times: 0.6 s; ``9^{9^{9}}``, ``10!!``,
+# What math-verify is given: its LaTeX parser and sympy spend up to its timeout (5 s by default;
+# here MATH_VERIFY_CPU_LIMIT_S instead) on long or explosive input (``\\frac{1}{2}`` 25 times: 0.6 s; ``9^{9^{9}}``, ``10!!``,
 # 100 nested brackets: the whole timeout). A final answer needs none of these.
 MAX_MATH_VERIFY_CHARS = 150
 # Its parse costs about a millisecond a token once warm (2 cores, idle), whatever the shape
@@ -63,7 +65,12 @@ MAX_MATH_VERIFY_EXPONENT = 12
 MAX_MATH_VERIFY_TERMS = 16
 # The arguments of these are computed at parsing (``\\binom{999999}{499999}``: the whole timeout).
 MAX_MATH_VERIFY_COMBINATORIAL_DIGITS = 4
-MATH_VERIFY_TIMEOUT_S = 1  # math-verify takes whole seconds (signal.alarm)
+# A last resort past every bound above: a comparison that takes more than this much CPU time
+# (its process's, so other programs' load does not count) is stopped and is no match. Not kept
+# in the per-pair cache: the parser learned from the attempt, and the next one is usually warm.
+# Warm comparisons take 0.2-25 ms of CPU; a shape the parser meets for the first time up to
+# ~200 ms, once (hence the warm-up on the run's own references: prepare_math_verify).
+MATH_VERIFY_CPU_LIMIT_S = 0.25
 MAX_RATIONAL_CHARS = 1_000  # what rational.rational_equal reads (linear; microseconds a character)
 _EXPONENT_RE = re.compile(r"\^\s*(\{)?")
 _LITERAL_RE = re.compile(r"\d+(?:\.\d+)?")
@@ -422,16 +429,24 @@ _WARM_UP = (
 )
 
 
-def needs_math_verify(references: Iterable[object]) -> bool:
-    """Whether any reference would be judged by math-verify: not a number, and mathy (a digit or
-    a LaTeX command) and within its bounds."""
+def prepare_math_verify(references: Iterable[object], most: int = 100) -> int:
+    """Import math-verify and warm its parser on the usual shapes and on up to ``most`` distinct
+    references that it would judge (not a number, mathy, within its bounds): the shapes a run's
+    answers take are the references' own, and a shape's first parse costs up to ~200 ms. Returns
+    how many references it parsed; nothing is imported when none would reach it."""
+    todo: Dict[str, None] = {}
     for ref in references:
-        if ref is None:
-            continue
-        text = str(ref)
-        if parse_number(text) is None and _mathy(text) and safe_for_math_verify(text):
-            return True
-    return False
+        text = "" if ref is None else str(ref)
+        if text and parse_number(text) is None and _mathy(text) and safe_for_math_verify(text):
+            todo[text] = None
+            if len(todo) >= most:
+                break
+    check = math_verify_checker() if todo else None
+    if check is None:
+        return 0
+    for text in todo:
+        check(text, text)
+    return len(todo)
 
 
 @functools.lru_cache(maxsize=1)
@@ -446,6 +461,8 @@ def math_verify_checker() -> Optional[Callable[[str, str], bool]]:
         from math_verify import LatexExtractionConfig, parse, verify
     except ImportError:
         return None
+    # Its own timeouts are off (cpu_limited stops a comparison instead); it warns about that.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     config = [LatexExtractionConfig()]
 
     def as_latex(s: str) -> str:
@@ -460,26 +477,66 @@ def math_verify_checker() -> Optional[Callable[[str, str], bool]]:
         except Exception:
             pass
 
-    # Groups repeat answers (a flat group is G copies of one): each pair is judged once.
-    @functools.lru_cache(maxsize=8192)
-    def check(predicted: str, reference: str) -> bool:
-        # Its timeouts use signal.alarm, which only the main thread may set.
-        main = threading.current_thread() is threading.main_thread()
-        limit: Optional[int] = MATH_VERIFY_TIMEOUT_S if main else None
-        try:
-            gold = parse(as_latex(reference), extraction_config=config, parsing_timeout=limit)
-            pred = parse(as_latex(predicted), extraction_config=config, parsing_timeout=limit)
+    def compare(predicted: str, reference: str) -> bool:
+        try:  # math-verify's own timeouts (whole seconds of signal.alarm) off: cpu_limited's instead
+            gold = parse(as_latex(reference), extraction_config=config, parsing_timeout=None)
+            pred = parse(as_latex(predicted), extraction_config=config, parsing_timeout=None)
             if not gold or not pred:
                 return False
             # What the comparison would expand (parse evaluates nothing of the kind: bounded by
             # safe_for_math_verify): over MAX_MATH_VERIFY_TERMS it is not asked, and not a match.
             if any(expansion_terms(e) > MAX_MATH_VERIFY_TERMS for e in (*gold, *pred) if not isinstance(e, str)):
                 return False
-            return bool(verify(gold, pred, timeout_seconds=limit))
+            return bool(verify(gold, pred, timeout_seconds=None))
         except Exception:  # a parser failure on model output is a wrong answer, not a crash
             return False
 
+    # Groups repeat answers (a flat group is G copies of one): each pair is judged once.
+    judged: Dict[tuple, bool] = {}
+
+    def check(predicted: str, reference: str) -> bool:
+        key = (predicted, reference)
+        if key in judged:
+            return judged[key]
+        verdict = cpu_limited(compare, MATH_VERIFY_CPU_LIMIT_S, predicted, reference)
+        if verdict is None:
+            return False
+        if len(judged) >= 8192:
+            judged.clear()
+        judged[key] = verdict
+        return verdict
+
     return check
+
+
+class _OverTime(BaseException):
+    """Raised by cpu_limited's signal handler; a BaseException, so no ``except Exception`` in
+    the code it stops (math-verify's, sympy's) swallows it."""
+
+
+def cpu_limited(fn: Callable[..., bool], seconds: float, *args: Any) -> Optional[bool]:
+    """``fn(*args)``, or None when it runs past ``seconds`` of this process's CPU time (a SIGPROF
+    timer, so it applies in the main thread only; elsewhere ``fn`` runs without a limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        return fn(*args)
+    armed = [True]
+
+    def stop(signum: int, frame: Any) -> None:
+        if armed[0]:
+            raise _OverTime
+
+    previous = signal.signal(signal.SIGPROF, stop)
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_PROF, seconds)
+            return fn(*args)
+        finally:  # the timer fires once: past this line, a late signal finds it disarmed
+            armed[0] = False
+            signal.setitimer(signal.ITIMER_PROF, 0)
+    except _OverTime:
+        return None
+    finally:
+        signal.signal(signal.SIGPROF, previous)
 
 
 EXTRACTORS: Dict[str, Callable[[str], Optional[str]]] = {
