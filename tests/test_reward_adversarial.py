@@ -219,14 +219,24 @@ def test_cpu_limited_stops_a_comparison_past_its_cpu_time():
 
 
 def test_a_comparison_stopped_for_time_is_no_match_and_is_tried_again(monkeypatch):
+    """A comparison cpu_limited stops is no match, and is not cached: the pair's next comparison
+    runs again (and matches)."""
     pytest.importorskip("math_verify", reason="math-verify is not installed (pip install -e '.[math]')")
     from mlx_grpo.rewards import answers
 
+    calls = []
+    real = answers.cpu_limited
+
+    def first_over_time(fn, seconds, *args):
+        calls.append(seconds)
+        return None if len(calls) == 1 else real(fn, seconds, *args)
+
     answers.math_verify_checker.cache_clear()
     try:
-        monkeypatch.setattr(answers, "MATH_VERIFY_CPU_LIMIT_S", 1e-6)
-        assert not answers.answers_match("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
-        monkeypatch.setattr(answers, "MATH_VERIFY_CPU_LIMIT_S", 5.0)
-        assert answers.answers_match("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")  # not cached as no match
+        monkeypatch.setattr(answers, "cpu_limited", first_over_time)
+        pair = ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
+        assert not answers.answers_match(*pair)
+        assert answers.answers_match(*pair) and answers.answers_match(*pair)
+        assert calls == [answers.MATH_VERIFY_CPU_LIMIT_S] * 2  # the third from the cache
     finally:
         answers.math_verify_checker.cache_clear()
