@@ -175,7 +175,7 @@ class RolloutConfig:
 @dataclass
 class AccuracySettings:
     extract: AnswerExtract = "tag"
-    math_verify: bool = True  # also ask math-verify (LaTeX parser only) when it is installed
+    math_verify: bool = True  # symbolic comparison: rational.py, then math-verify (LaTeX only) if installed
 
 
 @dataclass
