@@ -41,8 +41,9 @@ MAX_ANSWER_CHARS = 10_000
 # at the end, and a completion with tens of thousands of numbers would cost a Python step each.
 LAST_NUMBER_WINDOW = 10_000
 # What math-verify is given: its LaTeX parser and sympy spend up to its timeout (5 s by default;
-# here MATH_VERIFY_CPU_LIMIT_S instead) on long or explosive input (``\\frac{1}{2}`` 25 times: 0.6 s; ``9^{9^{9}}``, ``10!!``,
-# 100 nested brackets: the whole timeout). A final answer needs none of these.
+# here MATH_VERIFY_CPU_LIMIT_S instead) on long or explosive input (``\\frac{1}{2}`` 25 times:
+# 0.6 s; ``9^{9^{9}}``, ``10!!``, 100 nested brackets: the whole timeout). A final answer needs
+# none of these.
 MAX_MATH_VERIFY_CHARS = 150
 # Its parse costs about a millisecond a token once warm (2 cores, idle), whatever the shape
 # (``\\{\\sqrt{2}, \\sqrt{3}, ...\\}``, unions of intervals, tuples): at most this many tokens
@@ -296,7 +297,8 @@ def answers_match(predicted: Optional[str], reference: object, math_verify: bool
     if predicted is None or reference is None:
         return False
     ref = str(reference)
-    if not clean_answer(predicted):
+    cleaned = clean_answer(predicted)
+    if not cleaned:
         return False  # an empty answer matches nothing, not even an empty reference
     p, r = parse_number(predicted), parse_number(ref)
     if r is not None:
@@ -308,7 +310,7 @@ def answers_match(predicted: Optional[str], reference: object, math_verify: bool
     if not math_verify:
         return False
     if len(predicted) <= MAX_RATIONAL_CHARS and len(ref) <= MAX_RATIONAL_CHARS:
-        same = rational_equal(clean_answer(predicted), clean_answer(ref))
+        same = rational_equal(cleaned, clean_answer(ref))
         if same is not None:
             return same
     if all(safe_for_math_verify(s) and _mathy(s) for s in (predicted, ref)):
