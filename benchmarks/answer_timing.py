@@ -1,13 +1,15 @@
 """Symbolic answer comparison, each pair timed the first time it is seen (the goal: under 50 ms
-each on any answer; the per-pair cache makes repeats free). Not part of the test suite.
+a reward on any answer; the per-pair cache makes repeats free). Not part of the test suite.
 
     python benchmarks/answer_timing.py [--json]
 
 Times ``answers_match`` on usual answers (rational expressions, decided by ``rational.py``;
 roots, pi, intervals, sets, decided by math-verify when installed) and on the worst shapes that
-pass the bounds (the longest sums of powers, nested fractions, unions of intervals). Prints the
-one-time cost (math-verify's import and warm-up), then milliseconds per pair, and the median, 90th
-percentile and maximum of each group.
+pass the bounds (the longest sums of powers, nested fractions, unions of intervals). For each pair:
+what a reward waits (``answers_match`` as training calls it: at most ``MATH_VERIFY_WAIT_S`` for
+math-verify's verdict), whether it had the verdict by then, and when the verdict was decided (the
+next pair starts after it). Prints the one-time cost (math-verify's import and warm-up), then
+milliseconds per pair, and the median, 90th percentile and maximum of each group.
 """
 
 from __future__ import annotations
@@ -59,10 +61,15 @@ WORST = [  # the longest or deepest that pass safe_for_math_verify, then past it
 ]
 
 
-def time_pair(answer: str, reference: str) -> float:
+def time_pair(answer: str, reference: str) -> tuple:
+    """(a reward's wait in ms, its verdict, ms until the verdict was decided, that verdict)."""
     t = time.perf_counter()
-    answers.answers_match(answer, reference)
-    return time.perf_counter() - t
+    in_reward = answers.answers_match(answer, reference)
+    waited = time.perf_counter() - t
+    with answers.full_verdicts():
+        decided = answers.answers_match(answer, reference)
+    total = time.perf_counter() - t
+    return round(waited * 1e3, 2), in_reward, round(total * 1e3, 2), decided
 
 
 def main() -> None:
@@ -75,18 +82,25 @@ def main() -> None:
     groups = {"usual rational": USUAL_RATIONAL, "usual other": USUAL_OTHER, "worst within bounds": WORST}
     out = {"math_verify_installed": installed, "setup_ms": round(setup * 1e3, 1), "groups": {}}
     for name, pairs in groups.items():
-        ms = [round(time_pair(a, r) * 1e3, 2) for a, r in pairs]
-        out["groups"][name] = {"pairs": [[a, r, m] for (a, r), m in zip(pairs, ms)],
+        timed = [time_pair(a, r) for a, r in pairs]
+        ms, decided = [t[0] for t in timed], [t[2] for t in timed]
+        out["groups"][name] = {"pairs": [[a, r, *t] for (a, r), t in zip(pairs, timed)],
                                "median_ms": statistics.median(ms), "max_ms": max(ms),
-                               "p90_ms": sorted(ms)[int(0.9 * (len(ms) - 1))]}
+                               "p90_ms": sorted(ms)[int(0.9 * (len(ms) - 1))],
+                               "decided_median_ms": statistics.median(decided), "decided_max_ms": max(decided),
+                               "late_verdicts": sum(t[1] != t[3] for t in timed)}
     if args.json:
         print(json.dumps(out))
         return
     print(f"math-verify installed: {installed}; import and warm-up, once: {out['setup_ms']:.0f} ms")
+    print(f"a reward waits at most {answers.MATH_VERIFY_WAIT_S * 1e3:.0f} ms for math-verify's verdict")
     for name, g in out["groups"].items():
-        print(f"\n{name}: median {g['median_ms']:.1f} ms, p90 {g['p90_ms']:.1f}, max {g['max_ms']:.1f}")
-        for a, r, m in g["pairs"]:
-            print(f"  {m:8.2f} ms  {a[:60]!s:62} vs {r[:30]}")
+        print(f"\n{name}: a reward's wait median {g['median_ms']:.1f} ms, p90 {g['p90_ms']:.1f}, max "
+              f"{g['max_ms']:.1f}; decided median {g['decided_median_ms']:.1f}, max {g['decided_max_ms']:.1f}; "
+              f"verdicts not ready in the reward's wait that were a match: {g['late_verdicts']}")
+        for a, r, m, got, d, final in g["pairs"]:
+            late = "  (match decided later)" if got != final else ""
+            print(f"  {m:8.2f} ms  decided {d:8.2f} ms  {final!s:5}  {a[:50]!s:52} vs {r[:26]}{late}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .models import adapters_disabled
 from .policy import Policy, load_policy
 from .preflight import check_decode_memory, check_rows
 from .rewards import score
-from .rewards.answers import prepare_math_verify
+from .rewards.answers import full_verdicts, prepare_math_verify
 from .rollout import sample_groups
 from .tasks import TASKS, columns, load_task
 from .tasks.judges import Judge, judge_answer
@@ -134,30 +134,31 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        greedy = sample_responses(policy, rows, cfg, 1, 0.0, batch_size)
-        verdicts = [judge(t, r) for t, r in zip(greedy.texts, rows)]
-        out: Dict[str, Any] = {
-            "n": len(verdicts),
-            "accuracy": _mean([v["strict"] for v in verdicts]),
-            "lenient_accuracy": _mean([v["lenient"] for v in verdicts]),
-            "format_rate": _mean([v["format"] for v in verdicts]),
-            "mean_length": _mean(greedy.lengths),
-            "truncated_rate": _mean(greedy.truncated),
-        }
-        if rewards and rows:
-            cols = {**columns(list(rows)), "completion_ids": greedy.ids}
-            rw = score(greedy.prompts, greedy.texts, cols, policy.reward_fns, rewards)
-            out["reward_mean"] = float(rw.total.mean())
-            out.update({f"rewards/{k}": v for k, v in rw.means().items()})
-        if samples and rows:
-            temp = rollout.temperature if temperature is None else temperature
-            s_texts = sample_responses(policy, rows, cfg, samples, temp, batch_size).texts
-            sampled = [judge(t, rows[i // samples]) for i, t in enumerate(s_texts)]
-            out["k"] = samples
-            out["sample_temperature"] = temp
-            for prefix, kind in (("", "strict"), ("lenient_", "lenient")):
-                correct = [v[kind] for v in sampled]
-                out.update({prefix + k: v for k, v in pass_rates(correct, samples).items()})
+        with full_verdicts():  # figures that do not depend on what the parser saw before
+            greedy = sample_responses(policy, rows, cfg, 1, 0.0, batch_size)
+            verdicts = [judge(t, r) for t, r in zip(greedy.texts, rows)]
+            out: Dict[str, Any] = {
+                "n": len(verdicts),
+                "accuracy": _mean([v["strict"] for v in verdicts]),
+                "lenient_accuracy": _mean([v["lenient"] for v in verdicts]),
+                "format_rate": _mean([v["format"] for v in verdicts]),
+                "mean_length": _mean(greedy.lengths),
+                "truncated_rate": _mean(greedy.truncated),
+            }
+            if rewards and rows:
+                cols = {**columns(list(rows)), "completion_ids": greedy.ids}
+                rw = score(greedy.prompts, greedy.texts, cols, policy.reward_fns, rewards)
+                out["reward_mean"] = float(rw.total.mean())
+                out.update({f"rewards/{k}": v for k, v in rw.means().items()})
+            if samples and rows:
+                temp = rollout.temperature if temperature is None else temperature
+                s_texts = sample_responses(policy, rows, cfg, samples, temp, batch_size).texts
+                sampled = [judge(t, rows[i // samples]) for i, t in enumerate(s_texts)]
+                out["k"] = samples
+                out["sample_temperature"] = temp
+                for prefix, kind in (("", "strict"), ("lenient_", "lenient")):
+                    correct = [v[kind] for v in sampled]
+                    out.update({prefix + k: v for k, v in pass_rates(correct, samples).items()})
     finally:
         if was_training:
             model.train()

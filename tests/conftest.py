@@ -28,6 +28,17 @@ def pytest_configure(config):
 EMBEDDED = ROOT / "mlx_grpo" / "assets" / "tiny-r1"
 
 
+@pytest.fixture(autouse=True)
+def _full_verdicts():
+    """Tests judge symbolic answers as an evaluation does, waiting for math-verify's verdict: a
+    reward's bounded wait (answers.MATH_VERIFY_WAIT_S) would make a verdict depend on the machine's
+    speed and on what the parser saw before. The bounded wait has tests of its own."""
+    from mlx_grpo.rewards.answers import full_verdicts
+
+    with full_verdicts():
+        yield
+
+
 def tf32_matmuls() -> bool:
     """True where MLX runs float32 matmuls in TF32 (a 10-bit mantissa): its CUDA backend. The CPU
     backend (CI) and Metal compute them in full float32."""

@@ -195,48 +195,106 @@ def test_math_verify_never_compares_what_would_expand_past_the_bound(monkeypatch
         answers.math_verify_checker.cache_clear()
 
 
-def test_cpu_limited_stops_a_comparison_past_its_cpu_time():
-    """The last resort: a comparison past its CPU time is stopped (None) in about that time, even
-    one that catches every Exception; a quick one returns its value; the previous SIGPROF handler
-    is back afterwards."""
-    import signal
-
-    from mlx_grpo.rewards.answers import cpu_limited
-
-    def spins() -> bool:
+def _spin_or_compare(a: str, b: str) -> bool:
+    """A comparison that never ends on "spin" (and swallows every Exception, as math-verify and
+    sympy do), sleeps 0.3 s on "slow", and is equality otherwise."""
+    if a == "spin":
         while True:
             try:
                 sum(range(10_000))
-            except Exception:  # what math-verify and sympy do with errors: not with this one
+            except Exception:
                 pass
-
-    before = signal.getsignal(signal.SIGPROF)
-    t = time.process_time()
-    assert cpu_limited(spins, 0.05) is None
-    assert time.process_time() - t < 2  # stopped, not a timing claim: unstopped it never returns
-    assert cpu_limited(lambda a, b: a == b, 0.05, 1, 1) is True
-    assert signal.getsignal(signal.SIGPROF) == before
+    if a == "slow":
+        time.sleep(0.3)
+    return a == b.replace("slow-ref", "slow")
 
 
-def test_a_comparison_stopped_for_time_is_no_match_and_is_tried_again(monkeypatch):
-    """A comparison cpu_limited stops is no match, and is not cached: the pair's next comparison
-    runs again (and matches)."""
+def test_a_verdict_not_ready_in_time_is_none_and_is_kept_when_it_arrives():
+    """The caller waits at most ``wait``; the comparison goes on in the background, once, and its
+    verdict serves the pair's next sight without comparing again."""
+    from mlx_grpo.rewards.verdicts import Verifier
+
+    calls = []
+    v = Verifier(lambda a, b: calls.append(a) or _spin_or_compare(a, b), limit=5.0)
+    assert v.judge("slow", "slow-ref", wait=0.0) is None  # not decided: nobody could have yet
+    assert v.judge("slow", "slow-ref", wait=None) is True  # waited for
+    assert v.judge("slow", "slow-ref", wait=0.0) is True and calls == ["slow"]
+    assert v.judge("a", "b", wait=None) is False and v.judge("a", "a", wait=None) is True
+
+
+def test_a_comparison_past_its_limit_is_stopped_and_is_no_match():
+    """The last resort: a comparison that never ends (and catches every Exception) is stopped at
+    the limit, judged no match and kept; the thread goes on to the next pair."""
+    from mlx_grpo.rewards.verdicts import Verifier
+
+    calls = []
+    v = Verifier(lambda a, b: calls.append(a) or _spin_or_compare(a, b), limit=0.05)
+    assert v.judge("spin", "x", wait=None) is False  # unstopped, it would never return
+    assert v.judge("x", "x", wait=None) is True
+    assert v.judge("spin", "x", wait=None) is False and calls == ["spin", "x"]
+
+
+def test_a_full_queue_gives_no_verdict_without_queueing():
+    from mlx_grpo.rewards.verdicts import Verifier
+
+    v = Verifier(_spin_or_compare, limit=5.0, pending=1)
+    assert v.judge("slow", "slow-ref", wait=0.0) is None  # queued: the thread takes it
+    assert v.judge("b", "b", wait=0.0) is None  # queued behind it, or refused if it was not taken yet
+    assert v.judge("slow", "slow-ref", wait=None) is True
+
+
+def test_a_forked_child_gets_its_own_verifier():
+    """A child forked while the thread runs (a lock it holds copied) judges on a thread of its own."""
+    import os
+
+    from mlx_grpo.rewards.verdicts import Verifier
+
+    v = Verifier(_spin_or_compare, limit=5.0)
+    assert v.judge("slow", "slow-ref", wait=0.0) is None  # the thread is busy for 0.3 s
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only when it judges by itself
+        try:
+            os._exit(0 if v.judge("a", "a", wait=10) is True and v.judge("slow", "slow-ref", wait=10) else 3)
+        finally:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_math_verify_waits_a_bounded_time_in_a_reward_and_to_the_end_in_an_evaluation():
+    """A shape the parser has never seen takes it 100-250 ms: answers_match waits
+    MATH_VERIFY_WAIT_S and says no match while undecided; inside full_verdicts (the evaluation) it
+    waits for the verdict; the verdict, once decided, serves every later call."""
     pytest.importorskip("math_verify", reason="math-verify is not installed (pip install -e '.[math]')")
     from mlx_grpo.rewards import answers
 
-    calls = []
-    real = answers.cpu_limited
-
-    def first_over_time(fn, seconds, *args):
-        calls.append(seconds)
-        return None if len(calls) == 1 else real(fn, seconds, *args)
-
     answers.math_verify_checker.cache_clear()
     try:
-        monkeypatch.setattr(answers, "cpu_limited", first_over_time)
-        pair = ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
-        assert not answers.answers_match(*pair)
-        assert answers.answers_match(*pair) and answers.answers_match(*pair)
-        assert calls == [answers.MATH_VERIFY_CPU_LIMIT_S] * 2  # the third from the cache
+        pair = ("\\left(\\sqrt{12\\pi}+\\sqrt{\\sqrt{24}}, \\frac{88}{90}^{2}, 16\\right)",
+                "\\left(2\\sqrt{3\\pi}+\\sqrt[4]{24}, \\frac{1936}{2025}, 16\\right)")
+        assert answers.safe_for_math_verify(pair[0]) and answers.safe_for_math_verify(pair[1])
+        token = answers._wait.set(0.0)  # a reward that cannot wait at all: undecided, no match
+        try:
+            assert not answers.answers_match(*pair)
+        finally:
+            answers._wait.reset(token)
+        with answers.full_verdicts():
+            assert answers.answers_match(*pair)
+        assert answers.answers_match(*pair)  # decided: at once, whatever the wait
     finally:
         answers.math_verify_checker.cache_clear()
+
+
+def test_the_copies_of_an_answer_in_one_reward_call_score_alike(monkeypatch):
+    """A verdict that arrives while a call runs does not split a group: the accuracy reward judges
+    each distinct answer once a call."""
+    from mlx_grpo.config import AccuracySettings
+    from mlx_grpo.rewards import answers
+    from mlx_grpo.rewards.accuracy import make_accuracy_reward
+
+    seen = []
+    monkeypatch.setattr(answers, "math_verify_checker", lambda: (lambda p, r: seen.append(p) or len(seen) > 1))
+    reward = make_accuracy_reward(AccuracySettings())
+    c = "<think> t </think> <answer> \\sqrt{8} </answer>"
+    assert reward(["q"] * 3, [c, c, c], answer=["2\\sqrt{2}"] * 3) == [0.0, 0.0, 0.0]
+    assert reward(["q"] * 2, [c, c], answer=["2\\sqrt{2}"] * 2) == [1.0, 1.0]  # the next call: decided

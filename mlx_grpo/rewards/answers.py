@@ -17,18 +17,19 @@ character is present: a model under RL may generate a megabyte of degenerate tex
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
 import re
-import signal
-import threading
 from fractions import Fraction
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 
 from .rational import rational_equal, token_count
+from .verdicts import Verifier
 from .numbers import NUMBER_RE, SIMPLE_NUMBER_RE, Number, read_number
 
 __all__ = ["Number", "NUMBER_RE", "answers_match", "clean_answer", "extract_answer", "extract_boxed",
@@ -41,7 +42,7 @@ MAX_ANSWER_CHARS = 10_000
 # at the end, and a completion with tens of thousands of numbers would cost a Python step each.
 LAST_NUMBER_WINDOW = 10_000
 # What math-verify is given: its LaTeX parser and sympy spend up to its timeout (5 s by default;
-# here MATH_VERIFY_CPU_LIMIT_S instead) on long or explosive input (``\\frac{1}{2}`` 25 times:
+# here MATH_VERIFY_LIMIT_S instead) on long or explosive input (``\\frac{1}{2}`` 25 times:
 # 0.6 s; ``9^{9^{9}}``, ``10!!``, 100 nested brackets: the whole timeout). A final answer needs
 # none of these.
 MAX_MATH_VERIFY_CHARS = 150
@@ -66,12 +67,15 @@ MAX_MATH_VERIFY_EXPONENT = 12
 MAX_MATH_VERIFY_TERMS = 16
 # The arguments of these are computed at parsing (``\\binom{999999}{499999}``: the whole timeout).
 MAX_MATH_VERIFY_COMBINATORIAL_DIGITS = 4
-# A last resort past every bound above: a comparison that takes more than this much CPU time
-# (its process's, so other programs' load does not count) is stopped and is no match. Not kept
-# in the per-pair cache: the parser learned from the attempt, and the next one is usually warm.
-# Warm comparisons take 0.2-25 ms of CPU; a shape the parser meets for the first time up to
-# ~200 ms, once (hence the warm-up on the run's own references: prepare_math_verify).
-MATH_VERIFY_CPU_LIMIT_S = 0.25
+# A reward waits at most this long for math-verify's verdict on a pair (``verdicts.Verifier``): a
+# verdict decided later is no match this time and kept for the pair's next sight. Warm comparisons
+# take 0.2-25 ms; a shape the parser meets for the first time up to ~250 ms, once (hence the
+# warm-up on the run's own references: prepare_math_verify). The held-out evaluation waits for
+# every verdict (``full_verdicts``).
+MATH_VERIFY_WAIT_S = 0.04
+# A last resort past every bound above: a comparison still running after this long is stopped and
+# is no match (nobody waits for it in training; the evaluation waits this long at most).
+MATH_VERIFY_LIMIT_S = 1.0
 MAX_RATIONAL_CHARS = 1_000  # what rational.rational_equal reads (linear; microseconds a character)
 _EXPONENT_RE = re.compile(r"\^\s*(\{)?")
 _LITERAL_RE = re.compile(r"\d+(?:\.\d+)?")
@@ -446,8 +450,9 @@ def prepare_math_verify(references: Iterable[object], most: int = 100) -> int:
     check = math_verify_checker() if todo else None
     if check is None:
         return 0
-    for text in todo:
-        check(text, text)
+    with full_verdicts():
+        for text in todo:
+            check(text, text)
     return len(todo)
 
 
@@ -463,7 +468,7 @@ def math_verify_checker() -> Optional[Callable[[str, str], bool]]:
         from math_verify import LatexExtractionConfig, parse, verify
     except ImportError:
         return None
-    # Its own timeouts are off (cpu_limited stops a comparison instead); it warns about that.
+    # Its own timeouts are off (the Verifier stops a comparison instead); it warns about that.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     config = [LatexExtractionConfig()]
 
@@ -480,7 +485,7 @@ def math_verify_checker() -> Optional[Callable[[str, str], bool]]:
             pass
 
     def compare(predicted: str, reference: str) -> bool:
-        try:  # math-verify's own timeouts (whole seconds of signal.alarm) off: cpu_limited's instead
+        try:  # math-verify's own timeouts (whole seconds of signal.alarm, main thread only) off
             gold = parse(as_latex(reference), extraction_config=config, parsing_timeout=None)
             pred = parse(as_latex(predicted), extraction_config=config, parsing_timeout=None)
             if not gold or not pred:
@@ -494,51 +499,30 @@ def math_verify_checker() -> Optional[Callable[[str, str], bool]]:
             return False
 
     # Groups repeat answers (a flat group is G copies of one): each pair is judged once.
-    judged: Dict[tuple, bool] = {}
+    verifier = Verifier(compare, MATH_VERIFY_LIMIT_S)
 
     def check(predicted: str, reference: str) -> bool:
-        key = (predicted, reference)
-        if key in judged:
-            return judged[key]
-        verdict = cpu_limited(compare, MATH_VERIFY_CPU_LIMIT_S, predicted, reference)
-        if verdict is None:
-            return False
-        if len(judged) >= 8192:
-            judged.clear()
-        judged[key] = verdict
-        return verdict
+        """Whether they match, as far as decided within ``MATH_VERIFY_WAIT_S`` (inside
+        ``full_verdicts``: decided)."""
+        return bool(verifier.judge(predicted, reference, _wait.get()))
 
     return check
 
 
-class _OverTime(BaseException):
-    """Raised by cpu_limited's signal handler; a BaseException, so no ``except Exception`` in
-    the code it stops (math-verify's, sympy's) swallows it."""
+# How long answers_match waits for a verdict here (None: until it is decided).
+_wait: contextvars.ContextVar = contextvars.ContextVar("math_verify_wait", default=MATH_VERIFY_WAIT_S)
 
 
-def cpu_limited(fn: Callable[..., bool], seconds: float, *args: Any) -> Optional[bool]:
-    """``fn(*args)``, or None when it runs past ``seconds`` of this process's CPU time (a SIGPROF
-    timer, so it applies in the main thread only; elsewhere ``fn`` runs without a limit)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        return fn(*args)
-    armed = [True]
-
-    def stop(signum: int, frame: Any) -> None:
-        if armed[0]:
-            raise _OverTime
-
-    previous = signal.signal(signal.SIGPROF, stop)
+@contextlib.contextmanager
+def full_verdicts() -> Iterator[None]:
+    """Within it, answers_match waits for every math-verify verdict (up to MATH_VERIFY_LIMIT_S a
+    comparison) instead of MATH_VERIFY_WAIT_S: for evaluations, whose figures must not depend on
+    what the parser has seen before."""
+    token = _wait.set(None)
     try:
-        try:
-            signal.setitimer(signal.ITIMER_PROF, seconds)
-            return fn(*args)
-        finally:  # the timer fires once: past this line, a late signal finds it disarmed
-            armed[0] = False
-            signal.setitimer(signal.ITIMER_PROF, 0)
-    except _OverTime:
-        return None
+        yield
     finally:
-        signal.signal(signal.SIGPROF, previous)
+        _wait.reset(token)
 
 
 EXTRACTORS: Dict[str, Callable[[str], Optional[str]]] = {
