@@ -24,6 +24,7 @@ import numpy as np
 from .config import Config, ConfigError, reward_weight_problem
 from .errors import printable
 from .rewards import Rewards, configured_rewards, score
+from .rewards.answers import full_verdicts
 from .rundir import atomic_write
 from .tasks import DataError, iter_jsonl
 
@@ -207,7 +208,10 @@ def run(
         data = read_completions(completions_path)
     else:
         data = sample_completions(cfg, adapter, int(samples or 0), group_size)
-    rw = score(data.prompts, data.completions, data.columns, fns, weights)
+    # What each reward pays, decided: not what a training step would have had within its bounded
+    # wait for math-verify (answers.MATH_VERIFY_WAIT_S), which depends on the machine's speed.
+    with full_verdicts():
+        rw = score(data.prompts, data.completions, data.columns, fns, weights)
     if out:
         write_scores(out, data, rw)
     return summarize(rw, weights, data, top)

@@ -240,3 +240,28 @@ def test_missing_tracker_library_is_a_clear_error(small_model_dir, tmp_path):
     bad = run_cli("train", "--model", str(small_model_dir), "--output", str(out), "--steps", "1",
                   "--set", "output.log_to=[mlflow]")
     assert bad.returncode == 2 and "output.log_to[0]: must be one of tensorboard, wandb, got 'mlflow'" in bad.stderr
+
+
+def test_evaluations_wait_for_every_math_verify_verdict(embedded_model_dir, monkeypatch):
+    """A held-out evaluation judges with full verdicts even inside a context that waits none (a
+    training step's): its figures do not depend on what math-verify's parser has seen."""
+    import mlx_grpo.tasks.judges as judges
+    from mlx_grpo.config import make_config
+    from mlx_grpo.evaluate import evaluate_held_out
+    from mlx_grpo.policy import load_policy
+    from mlx_grpo.rewards import answers
+    from mlx_grpo.tasks import load_task
+
+    cfg = make_config(overrides=[("model.path", str(embedded_model_dir)), ("rollout.max_tokens", 4)])
+    policy = load_policy(cfg, training=False)
+    rows = load_task(cfg.data).held_out[:2]
+    waits = []
+    real = answers.answers_match
+    monkeypatch.setattr(judges, "answers_match", lambda *a, **k: waits.append(answers._wait.get()) or real(*a, **k))
+    token = answers._wait.set(0.0)
+    try:
+        evaluate_held_out(policy, rows, cfg)
+        assert answers._wait.get() == 0.0  # restored after the evaluation
+    finally:
+        answers._wait.reset(token)
+    assert len(waits) >= 2 and all(w is None for w in waits)  # each row's lenient verdict at least

@@ -123,6 +123,23 @@ def test_reward_command_json(completions_file, tmp_path):
     assert res["best"][0]["index"] == 3 and res["correlation"]["accuracy"]["accuracy"] == 1.0
 
 
+def test_reward_command_waits_for_every_math_verify_verdict(tmp_path):
+    """The lab reports what each reward pays once decided: a shape math-verify's parser has not
+    seen (100-300 ms, past a training reward's bounded wait) and a pair queued behind it both
+    match, where a training step would have scored them 0 that step."""
+    pytest.importorskip("math_verify", reason="math-verify is not installed (pip install -e '.[math]')")
+    cold = "\\left(\\sqrt{12\\pi}+\\sqrt{\\sqrt{24}}, \\frac{88}{90}^{2}, 16\\right)"
+    ref = "\\left(2\\sqrt{3\\pi}+\\sqrt[4]{24}, \\frac{1936}{2025}, 16\\right)"
+    rows = [{"completion": f"<think> t </think> <answer> {cold} </answer>", "answer": ref}] * 2
+    rows.append({"completion": "<think> t </think> <answer> \\frac{1}{\\sqrt{2}} </answer>",
+                 "answer": "\\frac{\\sqrt{2}}{2}"})
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli("reward", "--completions", str(path), "--rewards", "accuracy", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["rewards"]["accuracy"]["mean"] == 1.0
+
+
 def test_reward_command_table_and_task_rewards(completions_file):
     r = run_cli("reward", "--completions", str(completions_file))
     assert r.returncode == 0, r.stderr
