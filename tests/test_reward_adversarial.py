@@ -235,12 +235,17 @@ def test_a_comparison_past_its_limit_is_stopped_and_is_no_match():
 
 
 def test_a_full_queue_gives_no_verdict_without_queueing():
+    """Past ``pending`` pairs waiting (the one being compared counts), a new pair gets no verdict
+    and is not queued: it is compared only when asked again with room in the queue."""
     from mlx_grpo.rewards.verdicts import Verifier
 
     v = Verifier(_spin_or_compare, limit=5.0, pending=1)
-    assert v.judge("slow", "slow-ref", wait=0.0) is None  # queued: the thread takes it
-    assert v.judge("b", "b", wait=0.0) is None  # queued behind it, or refused if it was not taken yet
+    assert v.judge("slow", "slow-ref", wait=0.0) is None  # queued: compared for 0.3 s
+    assert v.judge("b", "b", wait=0.0) is None  # the queue is full: refused, not queued
     assert v.judge("slow", "slow-ref", wait=None) is True
+    time.sleep(0.2)  # had "b" been queued, it would be decided by now (an equality)
+    assert v.judge("b", "b", wait=0.0) is None  # asked again: queued now
+    assert v.judge("b", "b", wait=None) is True
 
 
 def test_a_forked_child_gets_its_own_verifier():
