@@ -75,7 +75,8 @@ MAX_MATH_VERIFY_COMBINATORIAL_DIGITS = 4
 # every verdict (``full_verdicts``).
 MATH_VERIFY_WAIT_S = 0.04
 # A last resort past every bound above: a comparison still running after this long is stopped and
-# is no match (nobody waits for it in training; the evaluation waits this long at most).
+# is no match (nobody waits for it in training; an evaluation waits this long at most for one
+# comparison, plus those queued before it).
 MATH_VERIFY_LIMIT_S = 1.0
 MAX_RATIONAL_CHARS = 1_000  # what rational.rational_equal reads (linear; microseconds a character)
 _EXPONENT_RE = re.compile(r"\^\s*(\{)?")

@@ -46,7 +46,13 @@ class Verifier:
         self._reset()
         # A forked child has no copy of the thread, and may have copied a lock held by it.
         me = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (lambda v: v is not None and v._reset())(me()))
+
+        def reset_in_child() -> None:
+            verifier = me()
+            if verifier is not None:
+                verifier._reset()
+
+        os.register_at_fork(after_in_child=reset_in_child)
 
     def _reset(self) -> None:
         self._cond = threading.Condition()
