@@ -131,7 +131,7 @@ class PathText(click.ParamType):
 
 A_FILE = PathText("a file")
 A_DIR = PathText("a directory")
-A_MODEL = PathText("a Hub id, a model directory or a .gguf file")
+A_MODEL = PathText("a Hub id, a model directory, a .gguf file or ollama:NAME")
 A_GGUF = PathText("a .gguf file")
 AN_ADAPTER = PathText("an adapter directory")
 
@@ -183,7 +183,7 @@ def main() -> None:
 @click.option("--output", type=str, default=None, help="Run directory [output.dir].")
 @click.option("--steps", type=int, default=None, help="GRPO steps [train.steps].")
 @click.option("--seed", type=int, default=None, help="Random seed [train.seed].")
-@click.option("--model", type=A_MODEL, default=None, help="Hub id, local model directory or .gguf file [model.path].")
+@click.option("--model", type=A_MODEL, default=None, help="Hub id, local model directory, .gguf file or ollama:NAME[:TAG] (a model Ollama pulled) [model.path].")
 @click.option("--gguf-file", type=A_GGUF, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file].")
 @click.option("--data", type=A_FILE, default=None, help="JSONL data file; sets data.task=jsonl [data.path].")
 @click.option("--task", cls=TaskOption, type=str, default=None)
@@ -307,7 +307,7 @@ def model_options(f):
     for opt in reversed([
         click.option("--config", "config_path", type=A_FILE, default=None, help="YAML config (task, prompt, rollout)."),
         click.option("--run", "run_dir", type=A_DIR, default=None, help="A run directory: its config and adapters."),
-        click.option("--model", type=A_MODEL, default=None, help="Hub id, local model directory or .gguf file [model.path]."),
+        click.option("--model", type=A_MODEL, default=None, help="Hub id, local model directory, .gguf file or ollama:NAME[:TAG] (a model Ollama pulled) [model.path]."),
         click.option("--gguf-file", type=A_GGUF, default=None, help="A GGUF file in the Hub repository --model [model.gguf_file]."),
         click.option("--adapter", type=AN_ADAPTER, default=None, help="Adapter directory (adapters.safetensors)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key."),

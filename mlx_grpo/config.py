@@ -96,7 +96,7 @@ def _task_registry() -> Mapping[str, Any]:
 
 @dataclass
 class ModelConfig:
-    path: str = EMBEDDED_MODEL  # a Hub id (e.g. mlx-community/Qwen2.5-0.5B-Instruct-4bit), a local dir or a .gguf file
+    path: str = EMBEDDED_MODEL  # a Hub id (e.g. mlx-community/Qwen2.5-0.5B-Instruct-4bit), a local dir, a .gguf file or ollama:NAME[:TAG]
     revision: Optional[str] = None
     # A GGUF file inside the Hub repository ``path`` (e.g. path: bartowski/SmolLM2-135M-Instruct-GGUF,
     # gguf_file: SmolLM2-135M-Instruct-Q8_0.gguf); converted once into an MLX directory (gguf_convert.py).

@@ -49,8 +49,15 @@ _LLAMA3_ROPE = [{"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0, "hi
 
 
 def is_gguf(path: str) -> bool:
-    """Whether a model path names a GGUF file (by its suffix, as llama.cpp and the Hub name them)."""
-    return path.lower().endswith(".gguf")
+    """Whether a model path names a GGUF file: by its suffix, as llama.cpp and the Hub name them,
+    or, for a file without it (Ollama's blobs), by the format's first four bytes."""
+    if path.lower().endswith(".gguf"):
+        return True
+    try:
+        with open(Path(path).expanduser(), "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # a Hub id, a directory, nothing there
+        return False
 
 
 def default_cache() -> Path:
@@ -209,17 +216,19 @@ def convert(header: GGUFHeader, out: Path) -> None:
     (out / "mlx_grpo_gguf.json").write_text(json.dumps(source, indent=2) + "\n")
 
 
-def converted_dir(src: Path, cache: Optional[Path] = None, say: Optional[Callable[[str], None]] = None) -> Path:
+def converted_dir(src: Path, cache: Optional[Path] = None, say: Optional[Callable[[str], None]] = None,
+                  name: Optional[str] = None) -> Path:
     """The mlx-lm directory of the GGUF file ``src``: converted on first use, reused after.
 
     The conversion is announced through ``say`` (default: standard error), whatever the command:
-    it takes seconds to minutes and writes outside the run directory."""
+    it takes seconds to minutes and writes outside the run directory. ``name`` starts the
+    directory's name in place of the file's stem (an Ollama blob's stem is its digest)."""
     src = Path(src).expanduser()
     if not src.is_file():
         raise GGUFError(f"model.path: {src} {'is not a file' if src.exists() else 'does not exist'}")
     header = read_header(src)  # a damaged file is refused before it is hashed
     root = Path(cache) if cache else default_cache()
-    out = root / f"{src.stem}-{file_digest(src)[:16]}-v{CONVERTER_VERSION}"
+    out = root / f"{name or src.stem}-{file_digest(src)[:16]}-v{CONVERTER_VERSION}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     (say or (lambda m: print(m, file=sys.stderr, flush=True)))(f"converting {src} (GGUF) into an MLX model directory, once: {out}")

@@ -171,7 +171,7 @@ def load_tensors(header: GGUFHeader, group_size: int = 32) -> Weights:
     other = sorted({t for t in types.values() if t not in NATIVE})
     if not other:
         try:
-            arrays = mx.load(str(header.path))
+            arrays = mx.load(str(header.path), format="gguf")  # Ollama's blobs have no suffix
         except Exception as e:  # the header was sound, so the data is damaged
             raise GGUFError(f"{header.path}: cannot read its tensors ({first_line(e)})") from None
         for t in header.tensors:

@@ -25,6 +25,7 @@ from .fastmath import use_fast_mlps
 from .float_base import float_base
 from .gguf_convert import is_gguf
 from .memory import available_memory
+from .ollama import is_ollama, model_file as ollama_model_file
 from .rundir import ADAPTER_CONFIG, ADAPTERS, atomic_write
 
 
@@ -80,24 +81,26 @@ def weights_problem(saved: Any, what: str, expected: Optional[Mapping[str, mx.ar
 
 def model_dir(cfg: ModelConfig, path: Optional[str] = None, say: Optional[Callable[[str], None]] = None) -> str:
     """What mlx-lm loads for ``path`` (default ``cfg.path``): a Hub id or directory as given; for a
-    GGUF file (``*.gguf``, or ``cfg.gguf_file`` in the Hub repository or folder ``path``) the MLX directory
-    it is converted into once (``gguf_convert.py``). Adapter configs name this, so mlx-lm finds
-    the model the adapters were trained on."""
+    GGUF file (``*.gguf``, an Ollama model ``ollama:NAME[:TAG]``, or ``cfg.gguf_file`` in the Hub
+    repository or folder ``path``) the MLX directory it is converted into once (``gguf_convert.py``).
+    Adapter configs name this, so mlx-lm finds the model the adapters were trained on."""
     target = path or cfg.path
     from_hub = cfg.gguf_file and not path  # a separate reference model is never the GGUF repo's file
-    if not (from_hub or is_gguf(target)):
+    if not (from_hub or is_ollama(target) or is_gguf(target)):
         return target
     key = (target, cfg.gguf_file if from_hub else None, cfg.revision, cfg.gguf_cache)
     if key not in _converted:  # once per process: each checkpoint names it, and hashing takes seconds
         from .gguf_convert import converted_dir, hub_file
 
-        local = Path(target).expanduser()
-        if from_hub and local.is_dir():  # a folder of GGUF files (a Hub repository cloned, say)
+        local, name = Path(target).expanduser(), None
+        if is_ollama(target):
+            src, name = ollama_model_file(target)
+        elif from_hub and local.is_dir():  # a folder of GGUF files (a Hub repository cloned, say)
             src = local / cfg.gguf_file
         else:
             src = hub_file(target, cfg.gguf_file, cfg.revision) if from_hub else local
         cache = Path(cfg.gguf_cache).expanduser() if cfg.gguf_cache else None
-        _converted[key] = str(converted_dir(src, cache, say))
+        _converted[key] = str(converted_dir(src, cache, say, name))
     return _converted[key]
 
 
