@@ -402,6 +402,31 @@ def generate(config_path, run_dir, model, gguf_file, adapter, sets, debug, quest
             click.echo(printable(text, keep="\n\t"))
 
 
+@main.command("export")
+@model_options
+@click.option("--out", type=PathText("a .gguf file"), default=None,
+              help="The GGUF file to write [RUN/<model>-grpo-<type>.gguf]; FILE.Modelfile for Ollama goes beside it.")
+@click.option("--type", "type_name", type=click.Choice(["f16", "q8_0", "f32"], case_sensitive=False), default="f16",
+              help="How the weight matrices are stored (norms and biases: f32).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def export_cmd(config_path, run_dir, model, gguf_file, adapter, sets, debug, out, type_name, overwrite):
+    """Fuse a run's adapters into its GGUF model and write a GGUF file (llama.cpp, Ollama)."""
+    from pathlib import Path
+
+    with reported(debug):
+        if not (run_dir or adapter):
+            raise ConfigError("export: name the run (--run RUN_DIR) or its adapters (--adapter DIR)")
+        cfg, adapter = model_config(config_path, run_dir, model, gguf_file, adapter, [], sets)
+        from .export import export_gguf, modelfile_path
+
+        path = export_gguf(cfg, adapter, Path(out) if out else None, type_name, overwrite,
+                           say=lambda m: click.echo(m, err=True), out_dir=run_dir)  # not into a checkpoint
+    modelfile = modelfile_path(path)
+    click.echo(f"wrote {path} and {modelfile}")
+    click.echo(f"  llama.cpp: llama-cli -m {path}")
+    click.echo(f"  Ollama:    cd {path.parent} && ollama create NAME -f {modelfile.name} && ollama run NAME")
+
+
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=A_DIR)
 @click.option("--out", type=A_FILE, default=None, help="PNG file [RUN_DIR/curves.png].")

@@ -12,7 +12,7 @@ each such tensor is dequantized to float32 and re-quantized by MLX (``requantize
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Tuple
 
@@ -63,6 +63,9 @@ class GGUFHeader:
     version: int
     metadata: Dict[str, Any]
     tensors: List[TensorInfo]
+    # Where each metadata entry's bytes (key, type, value) lie in the file: a GGUF file written
+    # from this one copies them as they are, so every value keeps its exact GGUF type.
+    kv_spans: Dict[str, Tuple[int, int]] = field(default_factory=dict)
 
     def arch(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
@@ -121,9 +124,12 @@ def read_header(path: Path) -> GGUFHeader:
         if n_tensors > size or n_kv > size:  # each entry takes bytes: a count beyond the size is damage
             raise GGUFError(f"{path}: damaged GGUF header ({n_tensors} tensors, {n_kv} metadata keys)")
         metadata: Dict[str, Any] = {}
+        spans: Dict[str, Tuple[int, int]] = {}
         for _ in range(n_kv):
+            at = f.tell()
             key = r.string()
             metadata[key] = r.value(r.scalar("I"))
+            spans[key] = (at, f.tell())
         raw = []
         for _ in range(n_tensors):
             name = r.string()
@@ -147,7 +153,7 @@ def read_header(path: Path) -> GGUFHeader:
             raise GGUFError(f"{path}: truncated GGUF file (tensor {name} ends at byte "
                             f"{t.offset + t.nbytes}, the file has {size})")
         tensors.append(t)
-    return GGUFHeader(path, version, metadata, tensors)
+    return GGUFHeader(path, version, metadata, tensors, spans)
 
 
 def requantize_bits(type_name: str) -> int:

@@ -90,21 +90,35 @@ def model_dir(cfg: ModelConfig, path: Optional[str] = None, say: Optional[Callab
         return target
     key = (target, cfg.gguf_file if from_hub else None, cfg.revision, cfg.gguf_cache)
     if key not in _converted:  # once per process: each checkpoint names it, and hashing takes seconds
-        from .gguf_convert import converted_dir, hub_file
+        from .gguf_convert import converted_dir
 
-        local, name = Path(target).expanduser(), None
-        if is_ollama(target):
-            src, name = ollama_model_file(target)
-        elif from_hub and local.is_dir():  # a folder of GGUF files (a Hub repository cloned, say)
-            src = local / cfg.gguf_file
-        else:
-            src = hub_file(target, cfg.gguf_file, cfg.revision) if from_hub else local
+        src, name = gguf_source(cfg, path)
         cache = Path(cfg.gguf_cache).expanduser() if cfg.gguf_cache else None
         _converted[key] = str(converted_dir(src, cache, say, name))
     return _converted[key]
 
 
 _converted: Dict[Tuple[Any, ...], str] = {}
+
+
+def gguf_source(cfg: ModelConfig, path: Optional[str] = None) -> Tuple[Path, Optional[str]]:
+    """The local GGUF file that ``path`` (default ``cfg.path``) names, downloaded from the Hub when
+    it is a repository's ``cfg.gguf_file``, and the name its conversion takes (None: the file's
+    stem). Raises ``ModelLoadError`` when the model is not a GGUF file."""
+    target = path or cfg.path
+    from_hub = cfg.gguf_file and not path
+    local = Path(target).expanduser()
+    if is_ollama(target):
+        return ollama_model_file(target)
+    if from_hub and local.is_dir():  # a folder of GGUF files (a Hub repository cloned, say)
+        return local / cfg.gguf_file, None
+    if from_hub:
+        from .gguf_convert import hub_file
+
+        return hub_file(target, cfg.gguf_file, cfg.revision), None
+    if is_gguf(target):
+        return local, None
+    raise ModelLoadError(f"model.path: {target} is not a GGUF file")
 
 
 def load_model(cfg: ModelConfig, path: Optional[str] = None,
