@@ -5,6 +5,8 @@ it with the source's metadata entries, values and types alike, and nothing is ov
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import mlx.core as mx
@@ -161,6 +163,52 @@ def test_the_modelfile_prompts_as_the_run_did(kind, template, want, absent):
     text = modelfile(make_config(None, [("prompt.kind", kind)]), Path("x.gguf"), template)
     assert text.splitlines()[2] == "FROM ./x.gguf"
     assert all(w in text for w in want) and not any(a in text for a in absent), text
+
+
+LLAMA_CPP = ROOT / "models" / "node-llama-cpp" / "node_modules"
+needs_llama_cpp = pytest.mark.skipif(
+    not (LLAMA_CPP / "node-llama-cpp").is_dir() or shutil.which("node") is None,
+    reason=f"llama.cpp not found ({LLAMA_CPP}/node-llama-cpp and node): .ci/run installs it with npm",
+)
+
+
+def llama_cpp_greedy(model: Path, prompts: list, max_tokens: int, tmp_path: Path) -> list:
+    """Greedy completions by llama.cpp itself (``tests/llama_cpp_complete.mjs``)."""
+    (tmp_path / "node_modules").symlink_to(LLAMA_CPP)  # the script's imports resolve from its folder
+    script = tmp_path / "complete.mjs"
+    shutil.copy(ROOT / "tests" / "llama_cpp_complete.mjs", script)
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    r = subprocess.run(["node", str(script), str(model), str(tmp_path / "prompts.json"), str(max_tokens)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@needs_smollm2
+@needs_llama_cpp
+def test_llama_cpp_runs_an_export_and_answers_as_the_run_does(tmp_path):
+    """SmolLM2 with adapters, exported and run by llama.cpp: greedy, it writes what our model with
+    the adapters writes greedily, under the recipe's prompt (system prompt, chat template, the
+    <think> that opens the answer)."""
+    cache = tmp_path / "cache"
+    run = trained_adapters(SMOLLM2, tmp_path / "run", cache, seed=2, std=0.005)
+    cfg = make_config(str(ROOT / "configs" / "smollm2.yaml"), [
+        ("model.path", str(SMOLLM2)), ("model.gguf_cache", str(cache)), ("rollout.max_tokens", 24)])
+    out = export_gguf(cfg, str(run), None, "F16", say=lambda _: None)
+    from mlx_grpo.generate import generate as run_generate
+    from mlx_grpo.policy import load_policy
+
+    policy = load_policy(cfg, adapter_dir=str(run), training=False)
+    questions = ["What is 23 + 38 ?", "What is the capital of France?"]
+    ours = [run_generate(policy.model, policy.prompter, q, cfg, 1, 0.0)[0] for q in questions]
+    theirs = llama_cpp_greedy(out, [policy.prompter.render(q) for q in questions], cfg.rollout.max_tokens, tmp_path)
+    prefix = policy.prompter.prefix
+    assert all(t.startswith(prefix) for t in ours)
+    ours = [t[len(prefix):] for t in ours]
+    for stop in cfg.rollout.stop or []:  # ours ends at a stop string, llama.cpp at EOS or the limit
+        theirs = [t[: t.index(stop) + len(stop)] if stop in t else t for t in theirs]
+    assert [t.split("<|im_end|>")[0].strip() for t in theirs] == [t.strip() for t in ours]
+    assert "Paris" in ours[1]  # the model answers, not two empty strings
 
 
 @needs_smollm2
