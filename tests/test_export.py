@@ -97,15 +97,22 @@ def test_the_exported_file_gives_the_logits_of_the_model_with_its_adapters(tmp_p
         assert t.tensor_type.name == ("F32" if len(t.shape) == 1 else type_name), t.name
 
 
-def test_dora_adapters_are_fused_too(tmp_path):
+@pytest.mark.parametrize("adapter_type", ["lora", "dora"])
+def test_adapters_on_a_quantized_base_are_fused_and_dequantized(tmp_path, adapter_type):
+    """model.float_base false keeps a Q8_0 base quantized, as on Metal: the adapters fuse into
+    dequantized weights, and the embedding (a quantized layer without adapters) is dequantized."""
     tok = train_bpe("smollm")
     config, weights = made("llama", tok)
-    src = write_gguf(tmp_path / "m.gguf", "llama", config, weights, tok, "Q8_0")  # a quantized base
+    src = write_gguf(tmp_path / "m.gguf", "llama", config, weights, tok, "Q8_0")
     cache = tmp_path / "cache"
-    run = trained_adapters(src, tmp_path / "run", cache, "dora")
-    cfg = make_config(None, [("model.path", str(src)), ("model.gguf_cache", str(cache))])
+    run = trained_adapters(src, tmp_path / "run", cache, adapter_type)
+    cfg = make_config(None, [("model.path", str(src)), ("model.gguf_cache", str(cache)), ("model.float_base", False)])
     out = export_gguf(cfg, str(run), tmp_path / "x.gguf", "F32", say=lambda _: None)
-    assert np.abs(logits_of(str(out), cache) - logits_of(str(src), cache, run)).max() < 1e-3
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors} == {"F32"}
+    want = logits_of(str(src), cache, run)
+    assert np.abs(want - logits_of(str(src), cache)).max() > 0.1  # the adapters matter
+    # the quantized kernels against the same weights dequantized: float rounding apart
+    assert np.abs(logits_of(str(out), cache) - want).max() < 5e-3
 
 
 def test_export_a_trained_run_through_the_cli_and_keep_what_exists(tmp_path):
