@@ -155,6 +155,13 @@ def test_export_a_trained_run_through_the_cli_and_keep_what_exists(tmp_path):
     assert (run / "m-grpo-F16.gguf").is_file() and (run / "m-grpo-F16.Modelfile").is_file()
     assert tree_hash(ckpt) == before
 
+    # the run started over keeps the exports: the run does not own them
+    r = run_cli("train", "--model", str(src), "--output", str(run), "--steps", "1", "--batch-size", "2", "-G", "2",
+                "--max-tokens", "6", "--prompt-format", "chat", "--no-progress", "--set", "output.eval_size=2",
+                "--overwrite", env=env)
+    assert r.returncode == 0, r.stderr
+    assert out.is_file() and (run / "m-grpo-Q8_0.Modelfile").is_file() and (run / "m-grpo-F16.gguf").is_file()
+
     r = run_cli("export", env=env)
     one_line_error(r, "export: name the run (--run RUN_DIR) or its adapters (--adapter DIR)")
     r = run_cli("export", "--adapter", str(run), "--model", str(ROOT / "mlx_grpo" / "assets" / "tiny-r1"), env=env)
