@@ -159,11 +159,16 @@ def export_gguf(cfg: Config, adapter_dir: Optional[str], out: Optional[Path], ty
         raise ExportError(f"model.path: {cfg.model.path} is not a GGUF file: export writes back GGUF models; for "
                           "another model, mlx_lm.fuse --dequantize, then llama.cpp's convert_hf_to_gguf.py") from None
     header = read_header(src)
+    default = f"{name or src.stem}-grpo-{type_name}.gguf"
     if out is None:
         if not (out_dir or adapter_dir):
             raise ExportError("--out: needed when no run or adapter directory is given")
-        out = Path(out_dir or adapter_dir) / f"{name or src.stem}-grpo-{type_name}.gguf"
+        out = Path(out_dir or adapter_dir) / default
     out = Path(out)
+    if out.is_dir():  # a folder: the file goes in it, under its default name
+        out = out / default
+    if not out.parent.is_dir():
+        raise ExportError(f"--out: {out.parent} is not a directory")
     model_file = modelfile_path(out)
     for path in (out, model_file):
         if path.exists() and not overwrite:

@@ -162,6 +162,13 @@ def test_export_a_trained_run_through_the_cli_and_keep_what_exists(tmp_path):
     assert r.returncode == 0, r.stderr
     assert out.is_file() and (run / "m-grpo-Q8_0.Modelfile").is_file() and (run / "m-grpo-F16.gguf").is_file()
 
+    # --out a folder: the file goes in it; a folder that does not exist: one line
+    (tmp_path / "exports").mkdir()
+    r = run_cli("export", "--run", str(run), "--out", str(tmp_path / "exports"), env=env)
+    assert r.returncode == 0 and (tmp_path / "exports" / "m-grpo-F16.gguf").is_file(), r.stderr
+    r = run_cli("export", "--run", str(run), "--out", str(tmp_path / "nowhere" / "x.gguf"), env=env)
+    one_line_error(r, f"--out: {tmp_path / 'nowhere'} is not a directory")
+
     r = run_cli("export", env=env)
     one_line_error(r, "export: name the run (--run RUN_DIR) or its adapters (--adapter DIR)")
     r = run_cli("export", "--adapter", str(run), "--model", str(ROOT / "mlx_grpo" / "assets" / "tiny-r1"), env=env)
