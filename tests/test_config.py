@@ -251,3 +251,19 @@ def test_task_of_a_wrong_type_is_named_not_a_traceback(value):
     a mapping there must still reach the type check that names the key."""
     with pytest.raises(ConfigError, match=r"data\.task: expected a string"):
         make_config(None, [("data.task", value)])
+
+
+def test_the_harder_smollm2_recipe_is_the_recipe_but_for_its_task_and_prompt():
+    """configs/smollm2-harder.yaml may differ from configs/smollm2.yaml only where its comments
+    say: the operands, the worked example in the system prompt, where and how often it evaluates."""
+    import dataclasses
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    base = dataclasses.asdict(make_config(str(root / "configs" / "smollm2.yaml")))
+    harder = dataclasses.asdict(make_config(str(root / "configs" / "smollm2-harder.yaml")))
+    differ = sorted(f"{section}.{k}" for section in base for k in base[section]
+                    if base[section][k] != harder[section][k])
+    assert differ == ["data.max_operand", "output.dir", "output.eval_size", "prompt.system_prompt"]
+    assert harder["data"]["max_operand"] == 49
+    assert harder["prompt"]["system_prompt"].endswith("e.g., <think> 20 + 7 = 27 </think> <answer> 27 </answer>.")
