@@ -31,7 +31,7 @@ from .errors import UserError
 from .gguf_convert import _BLOCK, _TOP
 from .gguf_read import GGUFHeader, read_header
 from .gguf_write import FILE_TYPES, WRITABLE, kv_u32, raw_kvs, tensor_bytes, write_gguf
-from .models import gguf_source, load_adapters, load_model
+from .models import ModelLoadError, gguf_source, load_adapters, load_model
 from .rundir import atomic_write
 from .tasks.templates import R1_SYSTEM_PROMPT, R1_ZERO_PREAMBLE
 
@@ -155,7 +155,7 @@ def export_gguf(cfg: Config, adapter_dir: Optional[str], out: Optional[Path], ty
         raise ExportError(f"--type: {type_name.lower()} is not writable (choose from {', '.join(t.lower() for t in WRITABLE)})")
     try:
         src, name = gguf_source(cfg.model)
-    except UserError:
+    except ModelLoadError:  # not a GGUF model (a failed download or an Ollama name keeps its own line)
         raise ExportError(f"model.path: {cfg.model.path} is not a GGUF file: export writes back GGUF models; for "
                           "another model, mlx_lm.fuse --dequantize, then llama.cpp's convert_hf_to_gguf.py") from None
     header = read_header(src)
