@@ -4,8 +4,8 @@ The layout, as ``gguf_read.py`` reads it and llama.cpp's ``gguf.c`` writes it: t
 version, the tensor and metadata counts; the metadata entries (key, type, value); the tensor table
 (name, dimensions innermost first, ggml type, offset into the data); then the data, every tensor
 starting on a multiple of the alignment. Metadata entries are taken as encoded bytes, so a file
-derived from another copies its entries exactly (their GGUF types included); ``kv_u32`` and
-``kv_string`` encode new ones.
+derived from another copies its entries exactly (their GGUF types included); ``kv_u32``
+encodes a new one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _TYPE_IDS = {name: i for i, (name, _, _) in TENSOR_TYPES.items()}
 # What a tensor can be written as here, and the file type (llama.cpp's llama_ftype) each gives.
 WRITABLE = ("F32", "F16", "Q8_0")
 FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7}
-_U32, _STRING = 4, 8
+_U32 = 4  # GGUF's metadata type of an unsigned 32-bit integer
 
 
 def _string(text: str) -> bytes:
@@ -34,11 +34,6 @@ def _string(text: str) -> bytes:
 def kv_u32(key: str, value: int) -> bytes:
     """A metadata entry holding an unsigned 32-bit integer (GGUF type 4)."""
     return _string(key) + struct.pack("<II", _U32, value)
-
-
-def kv_string(key: str, value: str) -> bytes:
-    """A metadata entry holding a string (GGUF type 8)."""
-    return _string(key) + struct.pack("<I", _STRING) + _string(value)
 
 
 def q8_0(a: np.ndarray) -> bytes:
@@ -75,7 +70,7 @@ def write_gguf(f: BinaryIO, kvs: Sequence[bytes],
                alignment: int = DEFAULT_ALIGNMENT) -> None:
     """Write a GGUF file to the binary stream ``f`` (positioned at its start).
 
-    ``kvs``: encoded metadata entries (copied from a read file, or from ``kv_u32``/``kv_string``);
+    ``kvs``: encoded metadata entries (copied from a read file, or from ``kv_u32``);
     a ``general.alignment`` among them must equal ``alignment``. ``tensors``: (name, row-major
     shape, ggml type name, a function giving its bytes), in the order they are stored; each
     tensor's bytes are asked for when it is written, so one tensor's are in memory at a time.

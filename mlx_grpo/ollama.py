@@ -71,7 +71,8 @@ def model_file(spec: str) -> Tuple[Path, str]:
     algorithm, _, hexdigest = str(digest).partition(":")
     # Ollama names blobs sha256-<hex>; versions before 0.1.x used the digest as written
     blobs = [store / "blobs" / f"{algorithm}-{hexdigest}", store / "blobs" / str(digest)]
-    blob = next((b for b in blobs if b.is_file()), None)
-    if blob is None or not hexdigest or "/" in digest:
+    well_formed = hexdigest and "/" not in str(digest)  # a digest never leads outside blobs/
+    blob = next((b for b in blobs if b.is_file()), None) if well_formed else None
+    if blob is None:
         raise OllamaError(f"model.path: {spec}: its model file {blobs[0]} is missing (`ollama pull {name}` again)")
     return blob, "-".join(parts[2:]).replace(":", "-")
