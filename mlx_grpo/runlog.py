@@ -113,7 +113,8 @@ def bar_line(m: Dict[str, Any]) -> str:
     columns of that name, when configured), KL, length and speed."""
     shown = "".join(f" {label} {m[k]:.3f}" for k, label in (("rewards/accuracy", "acc"), ("rewards/format", "fmt"))
                     if isinstance(m.get(k), float))
-    return (f"reward {m['reward_mean']:.3f}{shown} kl {m['kl']:.4f} len {m['completion_length']:.1f} "
+    kl = "-" if m.get("kl") is None else f"{m['kl']:.4f}"  # "-": no row in this step's loss
+    return (f"reward {m['reward_mean']:.3f}{shown} kl {kl} len {m['completion_length']:.1f} "
             f"{m['tokens_per_sec']:.0f} tok/s")
 
 

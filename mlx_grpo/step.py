@@ -224,11 +224,13 @@ def step_metrics(
         "reward_mean": float(total.mean()),
         "reward_std": float(total.std()),
         **{f"rewards/{k}": v for k, v in Rewards(cols.rewards, total).means().items()},
-        "kl": upd.get("kl", 0.0),
-        "clip_fraction": upd.get("clip_fraction", 0.0),
-        "clip_low": upd.get("clip_low", 0.0),
-        "clip_high": upd.get("clip_high", 0.0),
-        "ratio_mean": upd.get("ratio_mean", 1.0),
+        # None (null) when no row entered the loss (skip_zero_advantage on a step of flat groups):
+        # nothing was measured, and a 0 would read as "the policy sits on the reference".
+        "kl": upd.get("kl"),
+        "clip_fraction": upd.get("clip_fraction"),
+        "clip_low": upd.get("clip_low"),
+        "clip_high": upd.get("clip_high"),
+        "ratio_mean": upd.get("ratio_mean"),
         "grad_norm": upd.get("grad_norm", 0.0),
         "skipped_updates": upd.get("skipped", 0.0),
         # Mean -log p of the sampled tokens: a Monte-Carlo estimate of the per-token entropy of the

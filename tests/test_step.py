@@ -9,7 +9,8 @@ from mlx_grpo.policy import Policy
 from mlx_grpo.rewards import Rewards, load_rewards, settings_for
 from mlx_grpo.rollout import Rollouts
 from mlx_grpo.dynamic_sampling import Drawn
-from mlx_grpo.step import StageTimer, StepOutput, advantages, gather_columns, grpo_step
+from mlx_grpo.runlog import bar_line
+from mlx_grpo.step import StageTimer, StepOutput, advantages, gather_columns, grpo_step, step_metrics
 from mlx_grpo.tasks.templates import prompter
 
 G = 4
@@ -74,6 +75,22 @@ def test_advantages_stage_against_its_definition():
     np.testing.assert_allclose(sel.adv, want[4:12], rtol=1e-6, atol=1e-7)
     assert sel.keep.tolist() == [i - 4 for i in range(4, 12) if want[i] != 0]
     assert sel.norm.num_sequences == 12  # flat rows still count in the normaliser
+
+
+def test_a_step_without_rows_in_its_loss_records_no_kl_rather_than_zero():
+    """skip_zero_advantage on a step whose groups are all flat: nothing is scored or updated, so the
+    KL and the clipping are unmeasured (null), not 0, and the bar says so."""
+    d, _, _, _ = drawn([0.5] * 8, {"acc": [0.5] * 8}, [False] * 8)
+    cols = gather_columns(d)
+    times = {"generate": 1.0, "reward": 0.1, "score": 0.0, "update": 0.0, "step": 1.1}
+    m = step_metrics(cols, {}, 0, G, times, {})
+    assert m["rows_updated"] == 0 and m["loss"] == 0.0 and m["grad_norm"] == 0.0
+    assert all(m[k] is None for k in ("kl", "clip_fraction", "clip_low", "clip_high", "ratio_mean"))
+    assert " kl - " in bar_line(m)
+    upd = {"loss": 0.1, "kl": 0.02, "clip_fraction": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio_mean": 1.0,
+           "grad_norm": 0.3}
+    m = step_metrics(cols, upd, 8, G, times, {})
+    assert m["kl"] == 0.02 and " kl 0.0200 " in bar_line(m)
 
 
 def test_a_step_returns_its_samples_beside_its_metrics(small_model_dir):
