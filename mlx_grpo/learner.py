@@ -136,6 +136,7 @@ def update(
     value_and_grad = nn.value_and_grad(model, batch_loss(cfg, norm))
     grads = None
     loss_total = 0.0
+    tokens = 0.0
     stats_sum: Dict[str, float] = {}
     for start in range(0, n, size):
         mb = batch.rows(slice(start, start + size))
@@ -143,15 +144,18 @@ def update(
         grads = g if grads is None else tree_map(mx.add, grads, g)
         mx.eval(loss, grads, stats)
         loss_total += loss.item()
-        # The stats are token means: weighting each micro-batch by its tokens gives the step's.
-        w = mb.mask.sum().item() / max(norm.num_tokens, 1.0)
+        # The stats are token means of a micro-batch: weighted by its tokens and divided by the
+        # tokens of every row in the update (not the step's normaliser, which under
+        # skip_zero_advantage also counts rows nobody scored), they are the update's token means.
+        w = mb.mask.sum().item()
+        tokens += w
         for k, v in stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + w * v.item()
     if grads is None:
         grads = tree_map(mx.zeros_like, model.trainable_parameters())
     grads = distributed.sum_gradients(grads)
-    loss_total, *values = distributed.sum_values([loss_total] + [stats_sum.get(k, 0.0) for k in STATS])
-    stats_sum = dict(zip(STATS, values))
+    loss_total, tokens, *values = distributed.sum_values([loss_total, tokens] + [stats_sum.get(k, 0.0) for k in STATS])
+    stats_sum = {k: v / max(tokens, 1.0) for k, v in zip(STATS, values)}
     grad_norm = math.sqrt(sum((g.astype(mx.float32) ** 2).sum().item() for _, g in tree_flatten(grads)))
     if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
         return {"loss": loss_total, "grad_norm": grad_norm, "skipped": 1.0, **stats_sum}

@@ -76,6 +76,46 @@ def test_grad_accumulation_equals_one_batch(small_model_dir):
         assert mx.allclose(g1, g4, rtol=tol(1e-4, 1e-2), atol=tol(1e-7, 1e-5)).item(), k
 
 
+@pytest.mark.parametrize("micro", [1, 2])
+def test_update_reports_the_kl_of_the_rows_it_updated(small_model_dir, micro):
+    """skip_zero_advantage: the loss is normalised by the whole step (flat rows count), but the KL
+    the update reports is the token mean over the rows it scored, against NumPy's k3 on them, with
+    any number of micro-batches; not diluted by the rows left out."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_grpo.config import ModelConfig
+    from mlx_grpo.learner import logprobs_of, select_rows, step_normalizer, update
+    from mlx_grpo.models import adapters_disabled, attach_adapters, load_model
+    from mlx_grpo.rollout import sample_groups
+
+    cfg = make_config(None, [("rollout.group_size", 4), ("rollout.max_tokens", 8), ("rollout.stop", []),
+                             ("train.prompts_per_step", 4), ("train.grad_accumulation_steps", micro),
+                             ("grpo.beta", 0.1), ("grpo.kl_clamp", None), ("grpo.skip_zero_advantage", True)])
+    model, tok = load_model(ModelConfig(path=str(small_model_dir)))
+    mx.random.seed(0)
+    attach_adapters(model, cfg.adapter)
+    # Move the policy off the reference (LoRA's B starts at zero, where every KL is 0).
+    model.update(tree_unflatten([(k, 0.05 * mx.random.normal(v.shape)) if k.endswith("lora_b") else (k, v)
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    ro = sample_groups(model, tok, ["What is 1 + 2 ?", "3 + 4 =", "What is 5 + 5 ?", "2 +"], cfg.rollout)
+    adv = np.concatenate([np.zeros(8), np.tile([1.0, -1.0, 0.5, -0.5], 2)]).astype(np.float32)  # 2 flat groups
+    keep = np.arange(8, 16)
+    batch = select_rows(ro, adv, keep)
+    with adapters_disabled(model):
+        batch.ref_logp = logprobs_of(model, batch, 1.0, 16)
+    logp = np.array(logprobs_of(model, batch, 1.0, 16))
+    mask = np.array(batch.mask)
+    d = np.array(batch.ref_logp) - logp
+    want = float(((np.exp(d) - d - 1) * mask).sum() / mask.sum())
+    assert want > 1e-4
+    all_tokens = float(np.array(select_rows(ro, adv, np.arange(16)).mask).sum())
+    norm = step_normalizer([keep.size], all_tokens, cfg, 16)  # as the step sizes it: every row counted
+    stats = update(model, optim.SGD(learning_rate=0.0), batch, cfg, norm)
+    assert stats["kl"] == pytest.approx(want, rel=tol(1e-4, 1e-2))
+    assert stats["ratio_mean"] == pytest.approx(1.0, rel=1e-5)
+
+
 def test_grad_checkpoint_gives_same_result(small_model_dir, tmp_path):
     import subprocess
     import sys
