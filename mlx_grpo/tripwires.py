@@ -1,6 +1,6 @@
 """Tripwires: warnings, never stops, for a run that is not learning or learns the wrong thing.
 
-Four signs, each checked on the records the run writes anyway:
+Five signs, each checked on the records the run writes anyway:
 
 - a flat start: every group had equal rewards in each of the first ``START_STEPS`` steps (the
   loss is zero: nothing to learn from), said with the rewards that paid nothing, minutes before
@@ -11,7 +11,10 @@ Four signs, each checked on the records the run writes anyway:
   been zero at every step, or adapters whose values have not changed since the run (or resume)
   began;
 - reward hacking: the training reward rose while held-out accuracy fell: lenient accuracy below
-  its best evaluation's, and strict accuracy no higher than at that evaluation.
+  its best evaluation's, and strict accuracy no higher than at that evaluation;
+- a reward collapse: the training reward (mean of ``REWARD_WINDOW`` steps) fell back to within
+  ``COLLAPSE_SHARE`` of the way from its best to its start, after gaining: too large steps (a
+  learning rate too high, no KL anchor) undo what was learned; checkpoints from before hold it.
 
 Each warning is said once when its condition begins (again only after it ended and came back),
 and written to metrics.jsonl as ``{"kind": "warning", "step", "tripwire", "message"}``.
@@ -33,6 +36,10 @@ STILL_AFTER = 3  # step 1 of LoRA can have a zero gradient for some arrays; thre
 REWARD_WINDOW = 10  # training steps averaged on each side of the reward comparison
 ACCURACY_DROP = 0.05  # held-out accuracy this far below its best...
 REWARD_RISE = 0.05  # ...while the mean training reward rose this much
+# A collapse: the reward's window mean gave back more than half of what it had gained over the
+# first window's, after gaining at least COLLAPSE_GAIN x max(1, |best|) (noise on a flat curve is no gain).
+COLLAPSE_SHARE = 0.5
+COLLAPSE_GAIN = 0.05
 
 
 def fingerprint(model: nn.Module) -> np.ndarray:
@@ -57,6 +64,9 @@ class Tripwires:
         self.any_gradient = False
         self.hacking = False
         self.rewards: Dict[int, float] = {}
+        self.windows: List[float] = []  # the reward's window means over this process's steps
+        self.peak: Optional[tuple] = None  # (window mean, its last step): the best so far
+        self.collapsed = False
         self.best: Optional[Dict[str, Any]] = None  # the eval with the best lenient accuracy so far
 
     def train(self, step: int, m: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -78,6 +88,7 @@ class Tripwires:
                 f"(now {share:.0%}, mean reward {m['reward_mean']:.3f}): little learning signal; raise rollout.group_size "
                 "or rollout.temperature, or change the prompts' difficulty (all right: harder; all "
                 "wrong: easier)")))
+        out += self._collapse(step)
         self.any_gradient = self.any_gradient or float(m.get("grad_norm", 0.0)) > 0.0
         if step >= STILL_AFTER and not self.still_warned and not (self.any_gradient and self.weights is None):
             # Once a gradient was seen and the weights moved, the setup works: a zero gradient
@@ -117,6 +128,32 @@ class Tripwires:
             self.hacking = fell and rose
         if self.best is None or acc > self.best["acc"]:
             self.best = {"step": step, "acc": acc, "strict": strict}
+        return out
+
+    def _collapse(self, step: int) -> List[Dict[str, Any]]:
+        """The reward_collapse check after ``step`` (said once per onset; again only after the
+        reward came back above the line)."""
+        recent = [self.rewards[s] for s in sorted(self.rewards)[-REWARD_WINDOW:]]
+        if self.seen < REWARD_WINDOW:
+            return []
+        now = float(np.mean(recent))
+        self.windows.append(now)
+        if self.peak is None or now > self.peak[0]:
+            self.peak = (now, step)
+        start, (best, best_step) = self.windows[0], self.peak
+        gain = best - start
+        line = start + COLLAPSE_SHARE * gain
+        fell = gain > COLLAPSE_GAIN * max(1.0, abs(best)) and now <= line
+        out = []
+        if fell and not self.collapsed:
+            out.append(_warning(step, "reward_collapse", (
+                f"the training reward fell to {now:.3f} (mean of the last {REWARD_WINDOW} steps) from "
+                f"{best:.3f} (steps {best_step - REWARD_WINDOW + 1}-{best_step}), giving back "
+                f"{(best - now) / gain:.0%} of its gain since the start ({start:.3f}): the updates may be "
+                f"undoing what was learned; if it goes on falling, lower train.learning_rate or raise "
+                f"grpo.beta (and keep grpo.skip_zero_advantage off); a checkpoint of step {best_step} or "
+                f"earlier (checkpoints/, while kept) holds the better adapters")))
+        self.collapsed = fell
         return out
 
     def _reward_near(self, step: int) -> float:

@@ -13,6 +13,30 @@ from mlx_grpo.runlog import bar_line
 from mlx_grpo.trainer import train
 
 
+# The training rewards of two real runs (SmolLM2-135M-Instruct, docs/real-models.md), as recorded in
+# their metrics.jsonl: the recipe's seed 0 (run D, healthy to step 160) and a run with
+# skip_zero_advantage that lost its layout at step 34 (run XS).
+HEALTHY_D = [
+    0.246, 0.402, 0.32, 0.594, 1.027, 1.18, 1.594, 1.32, 1.215, 1.855, 1.812, 1.305, 1.41, 1.391,
+    1.656, 1.844, 1.891, 2.008, 2.297, 1.891, 2.039, 2.312, 1.938, 1.844, 2.152, 2.125, 2.219,
+    1.938, 2.121, 1.938, 2.199, 1.984, 2.406, 2.125, 2.266, 2.266, 1.703, 1.797, 1.938, 1.891,
+    1.418, 1.703, 1.938, 2.125, 2.266, 2.312, 2.203, 2.312, 2.5, 1.75, 2.172, 2.031, 2.078, 2.031,
+    2.125, 2.078, 1.984, 2.219, 2.406, 2.391, 2.219, 1.938, 2.266, 1.891, 2.125, 2.406, 1.938,
+    2.312, 2.219, 2.219, 2.406, 2.5, 2.453, 2.219, 2.004, 2.359, 2.312, 2.219, 1.984, 2.406, 1.797,
+    2.312, 2.172, 2.266, 2.406, 2.125, 2.359, 1.867, 1.965, 1.938, 1.938, 2.312, 2.266, 2.312,
+    2.031, 2.359, 2.172, 2.453, 2.172, 2.453, 2.359, 2.406, 2.172, 2.359, 2.5, 2.125, 2.5, 2.312,
+    1.984, 2.172, 2.453, 2.406, 2.172, 2.031, 1.984, 2.125, 2.172, 2.406, 1.984, 2.453, 2.266, 1.75,
+    2.078, 2.266, 2.312, 2.219, 2.219, 2.312, 1.938, 2.078, 1.891, 1.844, 2.359, 2.5, 1.984, 2.453,
+    2.266, 2.5, 2.453, 2.406, 2.312, 2.078, 2.312, 2.5, 2.031, 1.516, 2.453, 2.219, 2.125, 2.172,
+    2.266, 2.312, 1.75, 2.219, 2.5, 2.406, 2.453, 2.219, 2.219, 2.5,
+]
+COLLAPSED_XS = [
+    0.324, 0.438, 0.902, 1.328, 1.211, 1.191, 1.703, 1.469, 1.574, 1.891, 1.844, 1.516, 1.609,
+    2.078, 1.594, 1.75, 2.172, 1.703, 1.375, 1.75, 1.656, 1.938, 1.375, 1.516, 1.375, 1.375, 1.328,
+    1.355, 1.891, 1.375, 1.375, 1.094, 1.176, 0.301, 0.504, 0.637, 0.387, 0.781, 0.469, 0.562,
+]
+
+
 def rec(reward=0.5, flat=0.0, grad=1.0):
     return {"reward_mean": reward, "zero_std_groups": flat, "grad_norm": grad}
 
@@ -114,6 +138,42 @@ def test_falling_accuracy_with_a_flat_reward_is_not_hacking():
     for s in range(1, 21):
         t.train(s, rec(reward=0.5))
     assert t.evaluated(20, {"lenient_accuracy": 0.5}) == []
+
+
+def test_a_reward_collapse_is_said_once_when_half_the_gain_is_gone():
+    t = tw.Tripwires()
+    fired = {}
+    rewards = [0.2] * 10 + [1.0] * 20 + [0.3] * 15 + [1.0] * 15 + [0.2] * 15
+    for s, r in enumerate(rewards, start=1):
+        fired[s] = names(t.train(s, rec(reward=r)))
+    got = [s for s, w in fired.items() if "reward_collapse" in w]
+    # window means: start 0.2, best 1.0 (first at steps 11-20); the line is 0.6, crossed when 6 of the last
+    # 10 steps are 0.3 (step 36: 0.58); said again after the reward came back and fell to the
+    # line again (step 65: five steps of 1.0 and five of 0.2)
+    assert got == [36, 65]
+    t = tw.Tripwires()
+    out = [t.train(s, rec(reward=r)) for s, r in enumerate(rewards[:36], start=1)][-1]
+    assert "from 1.000 (steps 11-20)" in out[0]["message"] and "start (0.200)" in out[0]["message"]
+    for advice in ("train.learning_rate", "grpo.beta", "checkpoint of step 20 or earlier"):
+        assert advice in out[0]["message"]
+
+
+def test_no_collapse_without_a_gain_or_on_noise():
+    t = tw.Tripwires()
+    noisy_flat = [0.5 + 0.03 * ((-1) ** s) for s in range(1, 60)]  # a flat curve's noise is no gain
+    assert not any(t.train(s, rec(reward=r)) for s, r in enumerate(noisy_flat, start=1))
+    t = tw.Tripwires()
+    falling = [1.0 - 0.01 * s for s in range(1, 60)]  # never gained: not this wire's business
+    assert not any(t.train(s, rec(reward=r)) for s, r in enumerate(falling, start=1))
+
+
+def test_recorded_real_runs_collapse_and_health():
+    t = tw.Tripwires()
+    fired = [s for s, r in enumerate(HEALTHY_D, start=1) if "reward_collapse" in names(t.train(s, rec(reward=r)))]
+    assert fired == []
+    t = tw.Tripwires()
+    fired = [s for s, r in enumerate(COLLAPSED_XS, start=1) if "reward_collapse" in names(t.train(s, rec(reward=r)))]
+    assert fired == [32]  # two steps before the layout was gone (training format 0.88 -> 0.00 at 34)
 
 
 def test_bar_shows_this_steps_training_accuracy_and_format():
