@@ -151,8 +151,8 @@ class Tripwires:
                 f"{best:.3f} (steps {best_step - REWARD_WINDOW + 1}-{best_step}), giving back "
                 f"{(best - now) / gain:.0%} of its gain since the start ({start:.3f}): the updates may be "
                 f"undoing what was learned; if it goes on falling, lower train.learning_rate or raise "
-                f"grpo.beta (and keep grpo.skip_zero_advantage off); a checkpoint of step {best_step} or "
-                f"earlier (checkpoints/, while kept) holds the better adapters")))
+                f"grpo.beta; a checkpoint of step {best_step} or earlier (checkpoints/, while kept) "
+                f"holds the better adapters")))
         self.collapsed = fell
         return out
 
