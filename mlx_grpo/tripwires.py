@@ -64,7 +64,7 @@ class Tripwires:
         self.any_gradient = False
         self.hacking = False
         self.rewards: Dict[int, float] = {}
-        self.windows: List[float] = []  # the reward's window means over this process's steps
+        self.first_window: Optional[float] = None  # the reward's mean over this process's first steps
         self.peak: Optional[tuple] = None  # (window mean, its last step): the best so far
         self.collapsed = False
         self.best: Optional[Dict[str, Any]] = None  # the eval with the best lenient accuracy so far
@@ -133,14 +133,14 @@ class Tripwires:
     def _collapse(self, step: int) -> List[Dict[str, Any]]:
         """The reward_collapse check after ``step`` (said once per onset; again only after the
         reward came back above the line)."""
-        recent = [self.rewards[s] for s in sorted(self.rewards)[-REWARD_WINDOW:]]
         if self.seen < REWARD_WINDOW:
             return []
-        now = float(np.mean(recent))
-        self.windows.append(now)
+        now = self._reward_near(step)
+        if self.first_window is None:
+            self.first_window = now
         if self.peak is None or now > self.peak[0]:
             self.peak = (now, step)
-        start, (best, best_step) = self.windows[0], self.peak
+        start, (best, best_step) = self.first_window, self.peak
         gain = best - start
         line = start + COLLAPSE_SHARE * gain
         fell = gain > COLLAPSE_GAIN * max(1.0, abs(best)) and now <= line
