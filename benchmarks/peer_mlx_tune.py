@@ -122,7 +122,7 @@ from typing import Any, Dict, Tuple
 
 import common
 from peer_mlx_lm_lora import Work, ours, settings, unequal, work_args, work_from
-from peer_mlxrl import trainable
+from peer_mlxrl import peer_timing, trainable
 
 INSTALL = "pip install --no-deps --target /tmp/mlxtune_peer mlx-tune==0.6.0, then run with PYTHONPATH=/tmp/mlxtune_peer"
 
@@ -242,9 +242,7 @@ def mlx_tune_steps(work: Work, steps: int, sess, reward: str) -> Dict[str, Any]:
     for s in range(steps + 1):
         common.say(f"mlx-tune step {s}{' (warm-up)' if s == 0 else ''}: {times[s]:.3f} s, "
                    f"mean completion {step_lengths[s]:.1f} tokens, {step_updates[s]} of {P} updates")
-    out = {"step_s": (sum(times) - times[0]) / (len(times) - 1),
-           "completion_tokens": statistics.mean(step_lengths[1:]),
-           "prompt_tokens": statistics.mean(prompt_lengths), "trainable_parameters": trainable(model),
+    out = {**peer_timing(times, step_lengths, prompt_lengths, model),
            "updates_per_step": step_updates, "iterations_per_step": P, "step_s_each": times,
            "compiled": os.environ.get("MLX_TUNE_DISABLE_COMPILE", "") == "", "reward": reward}
     del model, wrapped, trainer

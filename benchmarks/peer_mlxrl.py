@@ -59,7 +59,7 @@ import statistics
 import time
 from dataclasses import replace
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import common
 from peer_mlx_lm_lora import Work, ours, settings, unequal, work_args, work_from
@@ -69,6 +69,15 @@ def trainable(model) -> int:
     from mlx.utils import tree_flatten
 
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def peer_timing(times: List[float], step_lengths: List[float], prompt_lengths: List[float], model) -> Dict[str, Any]:
+    """What a peer's run reports, from its per-step records (the first step the warm-up): seconds
+    per step after the warm-up, the mean completion length of those steps (the warm-up's when it
+    is the only one), the mean prompt length and the trainable parameters."""
+    return {"step_s": (sum(times) - times[0]) / (len(times) - 1),
+            "completion_tokens": statistics.mean(step_lengths[1:] or step_lengths),
+            "prompt_tokens": statistics.mean(prompt_lengths), "trainable_parameters": trainable(model)}
 
 
 def mlxrl_steps(work: Work, steps: int, sess, rollout: str, compile_decode: bool) -> Dict[str, Any]:
@@ -133,9 +142,7 @@ def mlxrl_steps(work: Work, steps: int, sess, rollout: str, compile_decode: bool
                        f"mean completion {lengths[-1]:.1f} tokens")
     finally:
         optimized._generate_prompt_set_sequentially = sequential
-    out = {"step_s": (sum(times) - times[0]) / (len(times) - 1),
-           "completion_tokens": statistics.mean(lengths[1:] or lengths),
-           "prompt_tokens": statistics.mean(prompt_lengths), "trainable_parameters": trainable(model),
+    out = {**peer_timing(times, lengths, prompt_lengths, model),
            "rollouts_one_row_at_a_time": fallbacks[0] if rollout == "batched" else None, "rollouts": len(times)}
     del model, optimizer
     gc.collect()
