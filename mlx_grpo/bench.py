@@ -45,7 +45,8 @@ from .config import EMBEDDED_MODEL, Config, make_config
 from .float_base import device_kind
 from .limits import measure_limits
 from .policy import load_policy
-from .rollout import encode_prompt, make_sampler, sample_groups, stop_token_ids
+from .rollout import encode_prompt, sample_groups, stop_token_ids
+from .sampling import make_sampler
 from .tasks import load_task
 from .rundir import METRICS, SUMMARY
 from .step import grpo_step

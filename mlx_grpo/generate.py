@@ -6,7 +6,8 @@ from typing import Any, Callable, List, Optional
 
 from .config import Config
 from .preflight import check_decode_memory, check_prompt
-from .rollout import encode_prompt, make_sampler, sample_groups
+from .rollout import encode_prompt, sample_groups
+from .sampling import make_sampler
 from .tasks.templates import Prompter
 
 

@@ -22,11 +22,16 @@ from .config import RolloutConfig
 from .decode import COMPACT_FRACTION, DecodeSetupError, EagerDecoder, StaticDecoder, normalized_logprobs
 from .forward import batch_cache, body, model_flag, output_head, plain_kv_layers, set_model_flag
 from .prefill import prefill
+from .sampling import Sampler
 
 # Queue each decode step before reading the previous token back (see _decode): None = on a GPU
 # only (on this 2-core CPU it measured 0.91-0.99x, the host's bookkeeping and MLX's worker
 # thread sharing the cores: benchmarks/decode_pipeline.py); True / False force it.
 PIPELINE: Optional[bool] = None
+
+# Draw tokens on the host, in NumPy (sampling.py): None = on the CPU backend, where MLX's exp is
+# slow; True / False force it. Host draws evaluate at once, so they never pipeline.
+HOST_SAMPLING: Optional[bool] = None
 
 # Set on a model whose static decode step failed to build: it decodes with mlx-lm's caches after.
 STATIC_FAILED = "static_failed"  # the model flag (forward.model_flag) set when compiled decoding failed
@@ -92,59 +97,6 @@ def repeat_cache(cache: List[Any], times: int) -> List[Any]:
         c.offset = mx.repeat(c.offset, times, axis=0)
         c.left_padding = mx.repeat(c.left_padding, times, axis=0)
     return cache
-
-
-def make_sampler(cfg: RolloutConfig, temperature: Optional[float] = None):
-    """mlx-lm's sampler (temperature, top-p, top-k, min-p) taking log-probabilities; it divides
-    them by ``temperature`` itself (as mlx-lm's generate loops expect)."""
-    from mlx_lm.sample_utils import make_sampler as _make
-
-    temp = cfg.temperature if temperature is None else temperature
-    return _make(temp=temp, top_p=cfg.top_p if cfg.top_p < 1.0 else 0.0, min_p=cfg.min_p, top_k=cfg.top_k)
-
-
-def row_keys(key: mx.array, n_prompts: int, group_size: int) -> mx.array:
-    """[n_prompts * group_size, 2] PRNG keys, one per row: row g of prompt p gets split g of split
-    p of ``key``. A row's key depends on (key, p, g) alone, so a row samples the same completion
-    whichever slice of the prompts is decoded together (one process or several)."""
-    per_prompt = mx.random.split(key, n_prompts)
-    return mx.vmap(lambda k: mx.random.split(k, group_size))(per_prompt).reshape(-1, 2)
-
-
-class KeyedSampler:
-    """mlx-lm's filters (top-p, min-p, top-k), then each row drawn with its own key (Gumbel-max).
-
-    Called with the temperature-scaled log-probabilities of the batch's current rows; every call
-    advances each row's key, and ``keep`` follows the rows the decode loop keeps. Equal inputs
-    give equal tokens whatever the other rows in the batch are.
-    """
-
-    def __init__(self, cfg: RolloutConfig, temperature: float, keys: mx.array):
-        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-        self.greedy = temperature == 0
-        self.keys = keys
-        self.filters = []
-        if 0 < cfg.top_p < 1.0:
-            self.filters.append(lambda x: apply_top_p(x, cfg.top_p))
-        if cfg.min_p:
-            self.filters.append(lambda x: apply_min_p(x, cfg.min_p))
-        if cfg.top_k:
-            self.filters.append(lambda x: apply_top_k(x, cfg.top_k))
-
-    def __call__(self, logprobs: mx.array) -> mx.array:
-        if self.greedy:
-            return mx.argmax(logprobs, axis=-1)
-        for f in self.filters:
-            logprobs = f(logprobs)
-        pairs = mx.vmap(lambda k: mx.random.split(k, 2))(self.keys)  # [B, 2, 2]
-        self.keys = pairs[:, 0]
-        vocab = logprobs.shape[-1]
-        noise = mx.vmap(lambda k: mx.random.gumbel(shape=(vocab,), key=k))(pairs[:, 1])
-        return mx.argmax(logprobs + noise, axis=-1)
-
-    def keep(self, idx: mx.array) -> None:
-        self.keys = self.keys[idx]
 
 
 def encode_prompt(tokenizer: Any, text: str) -> List[int]:
@@ -239,9 +191,9 @@ def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, tem
     """Sample up to ``cfg.max_tokens`` tokens for every row, from the prefilled ``logits``."""
     n_rows = logits.shape[0]
     eos_ids, stop_ids, text_stops = stop_token_ids(tokenizer, cfg.stop)
-    # The decoder hands the sampler log-probs already divided by T (what the rollout records), so
-    # mlx-lm's sampler must not divide again: it gets T = 1 (or 0 for greedy).
-    sampler = make_sampler(cfg, 1.0 if temp > 0 else 0.0) if keys is None else KeyedSampler(cfg, temp, keys)
+    # The decoder hands the sampler log-probs already divided by T (what the rollout records).
+    host = fastmath.on_cpu() if HOST_SAMPLING is None else HOST_SAMPLING
+    sampler = Sampler(cfg, temp, keys, host=host)
     inv_t = 1.0 / temp if temp > 0 else 1.0
     # Eager steps drop finished rows at once; a compiled step traces again for each batch size.
     min_dead = max(1, int(COMPACT_FRACTION * n_rows)) if isinstance(decoder, StaticDecoder) else 1
@@ -256,21 +208,18 @@ def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, tem
     active = np.arange(n_rows)  # row id of each batch slot
     live = np.ones(n_rows, dtype=bool)  # per batch slot: still generating
 
-    def draw(logprobs: mx.array):
-        y = sampler(logprobs)
-        return y, mx.take_along_axis(logprobs, y[:, None], axis=-1)[:, 0]
-
     # Pipelined like mlx-lm's generate: the next token's step is queued (async_eval) before this
     # token is read back, so the device decodes while the host keeps the books; the rows this
     # token finishes ride along once (their output is dropped; each row's own key keeps the draws
     # the same). Never where the decode step's log-softmax evaluates at once (NumPy's,
     # fastmath.evaluates): nothing would overlap there, and the last step queued would be wasted.
-    ahead = (not fastmath.on_cpu() if PIPELINE is None else PIPELINE) and not fastmath.evaluates(logits.size)
-    y, lp = draw(normalized_logprobs(logits, inv_t))
+    ahead = ((not fastmath.on_cpu() if PIPELINE is None else PIPELINE) and not fastmath.evaluates(logits.size)
+             and not host)
+    y, lp = sampler(normalized_logprobs(logits, inv_t))
     for step in range(cfg.max_tokens):
         last = step == cfg.max_tokens - 1
         if ahead and not last:
-            y_next, lp_next = draw(decoder.step(y))
+            y_next, lp_next = sampler(decoder.step(y))
             mx.async_eval(y_next, lp_next)
         mx.eval(y, lp)  # one evaluation for both (each np.array would wait for its own)
         ys, lps = np.array(y, dtype=np.int64), np.array(lp)
@@ -297,9 +246,8 @@ def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, tem
             decoder.keep(idx)
             y_next, lp_next = y_next[idx], lp_next[idx]
             active, live = active[kept], live[kept]
-            if keys is not None:
-                sampler.keep(idx)
-        y, lp = (y_next, lp_next) if ahead else draw(decoder.step(y_next))
+            sampler.keep(idx)
+        y, lp = (y_next, lp_next) if ahead else sampler(decoder.step(y_next))
 
     width = max(1, int(lengths.max()))
     tokens, logps = tokens[:, :width], logps[:, :width]

@@ -34,7 +34,8 @@ from .learner import learn, micro_size, score_batch, select_rows, step_normalize
 from .loss import Normalizer, counted_tokens, rows_in_loss
 from .policy import Policy
 from .rewards import Rewards, score
-from .rollout import Rollouts, pad_id, row_keys, sample_groups
+from .rollout import Rollouts, pad_id, sample_groups
+from .sampling import row_keys
 from .dynamic_sampling import Drawn, fill_with_spread
 from .tasks import columns
 

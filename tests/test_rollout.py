@@ -218,7 +218,7 @@ def test_the_compiled_step_follows_weight_updates(small_model_dir):
 def test_row_keys_make_samples_independent_of_how_prompts_are_split(model_tok):
     """Each row draws from its own key: decoding the prompts together or in two parts (as two
     processes do) gives the same completions and log-probabilities."""
-    from mlx_grpo.rollout import row_keys
+    from mlx_grpo.sampling import row_keys
 
     model, tok = model_tok
     cfg = RolloutConfig(group_size=4, max_tokens=10, temperature=1.0, top_p=0.95, stop=[])
@@ -237,26 +237,67 @@ def test_row_keys_make_samples_independent_of_how_prompts_are_split(model_tok):
     assert other.texts != whole.texts
 
 
-def test_keyed_sampling_follows_the_temperature_scaled_distribution():
-    """Gumbel-max with per-row keys draws token i with probability softmax(logprobs)_i."""
-    from mlx_grpo.rollout import KeyedSampler
-
-    logprobs = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
-    sampler = KeyedSampler(RolloutConfig(temperature=1.0), 1.0, mx.random.split(mx.random.key(0), 4000))
-    counts = np.bincount(np.array(sampler(logprobs)), minlength=4) / 4000
-    assert np.allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
-    # Each call advances every row's key: a second draw is not a copy of the first.
-    assert not np.array_equal(np.array(sampler(logprobs)), np.array(sampler(logprobs)))
-    greedy = KeyedSampler(RolloutConfig(temperature=0.0), 0.0, mx.random.split(mx.random.key(0), 3))
-    assert greedy(mx.log(mx.array([[0.2, 0.7, 0.1]] * 3))).tolist() == [1, 1, 1]
-
-
+@pytest.mark.parametrize("host", [False, True])
 @pytest.mark.parametrize("keyed", [False, True])
-def test_rollouts_sample_the_temperature_scaled_distribution(model_tok, keyed):
-    """End to end, both samplers: the first token's frequencies over many rows follow
-    softmax(logits / T), and the recorded logprob is log of that probability (T applied once)."""
-    from mlx_grpo.rollout import encode_prompt, row_keys
+def test_sampler_draws_from_the_softmax_of_its_logprobs(host, keyed):
+    """Both draws (Gumbel-max on the device, the inverse CDF on the host), with per-row keys or
+    the global PRNG, draw token i with probability softmax(logprobs)_i, and return each drawn
+    token's log-probability."""
+    from mlx_grpo.sampling import Sampler
 
+    n = 4000
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logprobs = mx.log(mx.array([probs.tolist()] * n))
+    keys = mx.random.split(mx.random.key(0), n) if keyed else None
+    mx.random.seed(1)
+    sampler = Sampler(RolloutConfig(temperature=1.0), 1.0, keys, host=host)
+    y, lp = sampler(logprobs)
+    counts = np.bincount(np.array(y), minlength=4) / n
+    assert np.allclose(counts, probs, atol=0.03)
+    np.testing.assert_allclose(np.array(lp), np.log(probs)[np.array(y)], atol=1e-6)
+    # Each call advances every row's key: a second draw is not a copy of the first.
+    assert not np.array_equal(np.array(sampler(logprobs)[0]), np.array(sampler(logprobs)[0]))
+    greedy = Sampler(RolloutConfig(temperature=0.0), 0.0, mx.random.split(mx.random.key(0), 3), host=host)
+    assert greedy(mx.log(mx.array([[0.2, 0.7, 0.1]] * 3)))[0].tolist() == [1, 1, 1]
+
+
+def test_inverse_cdf_matches_numpy_over_a_large_vocabulary_and_never_draws_a_zero():
+    """The host's two-level search returns what a plain cumulative sum and searchsorted give,
+    over a vocabulary that is not a multiple of the block, at the ends of [0, 1) and with
+    filtered (-inf) tokens, which it never draws."""
+    from mlx_grpo.sampling import inverse_cdf
+
+    rng = np.random.default_rng(0)
+    V = 49152 + 37
+    logits = rng.normal(0, 3, (6, V)).astype(np.float32)
+    logits[:, ::3] = -np.inf  # filtered out
+    logits[5, :-1], logits[5, -1] = -np.inf, 0.0  # only the last token has mass
+    lp = logits - np.log(np.exp(logits.astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
+    for u in (np.zeros(6), np.full(6, 1 - 2.0**-24), rng.random(6)):
+        got = inverse_cdf(lp, u, block=256)
+        c = np.cumsum(np.exp(lp.astype(np.float64)), axis=1)
+        want = [np.searchsorted(c[r], u[r] * c[r, -1], side="right") for r in range(6)]
+        assert np.isfinite(lp[np.arange(6), got]).all()  # never a filtered token
+        assert (np.abs(got - np.minimum(want, V - 1)) <= 1).all()  # rounding: at most a neighbour with mass
+        assert got[5] == V - 1
+    draws = inverse_cdf(np.repeat(lp[:1], 2000, axis=0), rng.random(2000))
+    p = np.exp(lp[0].astype(np.float64))
+    top = np.argsort(p)[-3:]
+    for t in top:  # the most likely tokens come up as often as their probability says
+        assert abs((draws == t).mean() - p[t]) < 4 * np.sqrt(p[t] * (1 - p[t]) / 2000) + 1e-3
+
+
+@pytest.mark.parametrize("host", [False, True])
+@pytest.mark.parametrize("keyed", [False, True])
+def test_rollouts_sample_the_temperature_scaled_distribution(model_tok, keyed, host, monkeypatch):
+    """End to end, with or without per-row keys, drawn on the device or the host: the first
+    token's frequencies over many rows follow softmax(logits / T), and the recorded logprob is
+    log of that probability (T applied once)."""
+    from mlx_grpo import rollout
+    from mlx_grpo.rollout import encode_prompt
+    from mlx_grpo.sampling import row_keys
+
+    monkeypatch.setattr(rollout, "HOST_SAMPLING", host)
     model, tok = model_tok
     T, n = 2.0, 3000
     prompt = "What is 3 + 4 ? Assistant: <think>"
@@ -284,10 +325,11 @@ def test_pipelined_decoding_draws_what_the_step_by_step_loop_draws(model_tok, mo
     stops, while rows finish at different steps and are compacted away (static buffer) or
     dropped at once (mlx-lm's caches)."""
     from mlx_grpo import rollout
-    from mlx_grpo.rollout import row_keys
+    from mlx_grpo.sampling import row_keys
 
     model, tok = model_tok
     monkeypatch.setattr(rollout, "plain_kv_layers", lambda m: static)
+    monkeypatch.setattr(rollout, "HOST_SAMPLING", False)  # the device's draws, as on a GPU
     cfg = RolloutConfig(group_size=6, max_tokens=16, temperature=1.0, stop=["+"])
     keys = row_keys(mx.random.key(9), len(PROMPTS), 6)
     out = {}
@@ -301,18 +343,24 @@ def test_pipelined_decoding_draws_what_the_step_by_step_loop_draws(model_tok, mo
 
 
 def test_pipelining_is_off_where_the_log_softmax_evaluates_at_once(model_tok, monkeypatch):
-    """Where the decode step's log-softmax runs through NumPy (it evaluates its input, so nothing
-    would overlap), the loop never queues a step ahead, even when asked to."""
+    """Where the decode step's log-softmax runs through NumPy or tokens are drawn on the host
+    (both evaluate at once, so nothing would overlap), the loop never queues a step ahead, even
+    when asked to."""
     from mlx_grpo import fastmath, rollout
 
     model, tok = model_tok
     queued = []
     monkeypatch.setattr(rollout.mx, "async_eval", lambda *a: queued.append(1))
     monkeypatch.setattr(rollout, "PIPELINE", True)
+    monkeypatch.setattr(rollout, "HOST_SAMPLING", False)
     cfg = RolloutConfig(group_size=2, max_tokens=6, temperature=1.0, stop=[])
     sample_groups(model, tok, PROMPTS, cfg)
     assert queued  # asked for and possible: it queues
     queued.clear()
+    monkeypatch.setattr(rollout, "HOST_SAMPLING", True)  # host draws evaluate at once too
+    sample_groups(model, tok, PROMPTS, cfg)
+    assert not queued
+    monkeypatch.setattr(rollout, "HOST_SAMPLING", False)
     monkeypatch.setattr(fastmath, "evaluates", lambda n: True)
     sample_groups(model, tok, PROMPTS, cfg)
     assert not queued
@@ -323,7 +371,7 @@ def test_a_buffer_grown_block_by_block_decodes_what_one_whole_buffer_does(model_
     compiled step again): tiny blocks, crossed many times, give the tokens and log-probabilities
     of one buffer sized for the whole rollout, with rows compacted away in between."""
     from mlx_grpo import decode, rollout
-    from mlx_grpo.rollout import row_keys
+    from mlx_grpo.sampling import row_keys
 
     model, tok = model_tok
     cfg = RolloutConfig(group_size=4, max_tokens=20, temperature=1.0, stop=["+"])
