@@ -21,6 +21,7 @@ from . import fastmath
 from .config import RolloutConfig
 from .decode import COMPACT_FRACTION, DecodeSetupError, EagerDecoder, StaticDecoder, normalized_logprobs
 from .forward import batch_cache, body, model_flag, output_head, plain_kv_layers, set_model_flag
+from .models import adapters_folded
 from .prefill import prefill
 from .sampling import Sampler
 
@@ -140,7 +141,8 @@ def sample_groups(
     ([P*G, 2], see ``row_keys``) gives each row its own random stream; without them the rows draw
     from MLX's global PRNG, so a row's sample depends on the rest of the batch.
     """
-    with fastmath.eager():  # nothing is differentiated in a rollout (see fastmath.logsumexp)
+    # Nothing is differentiated in a rollout (see fastmath.logsumexp), so adapters can be folded.
+    with fastmath.eager(), adapters_folded(model):
         return _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys)
 
 

@@ -422,3 +422,57 @@ def test_a_decode_step_writes_its_keys_into_the_buffers_in_place(model_tok, monk
             mx.eval(y, dec.kv)
             grew = mx.get_peak_memory() - before
     assert grew < 0.25 * buffers, (grew, buffers)
+
+
+def test_folded_adapters_decode_what_the_lora_layers_decode(small_model_dir, monkeypatch):
+    """A rollout folds each LoRA layer over a float base into one Linear (W + scale (A B)^T) and
+    puts the LoRA layers back after: the same tokens and log-probabilities as the LoRA layers
+    decoding themselves (trained adapters, not zeros), the same modules afterwards, also when the
+    rollout fails, and nothing folded when the copies would not fit the memory share."""
+    from mlx.utils import tree_flatten, tree_map
+
+    from mlx_grpo import models, rollout
+    from mlx_grpo.config import AdapterConfig
+    from mlx_grpo.sampling import row_keys
+
+    model, tok = load_model(ModelConfig(path=str(small_model_dir)))
+    models.attach_adapters(model, AdapterConfig(rank=4, keys=None))
+    model.eval()
+    mx.random.seed(3)
+    model.update(tree_map(lambda p: p + 0.2 * mx.random.normal(p.shape), model.trainable_parameters()))
+    layers = [m for _, m in models._adapter_modules(model)]
+    assert layers
+    cfg = RolloutConfig(group_size=4, max_tokens=12, temperature=1.0, stop=["+"])
+    keys = row_keys(mx.random.key(2), len(PROMPTS), 4)
+
+    folded_during = []
+    real = rollout._sample_groups
+
+    def spy(m, *a, **k):
+        folded_during.append(len(models._adapter_modules(m)))  # LoRA layers left during the rollout
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(rollout, "_sample_groups", spy)
+    folded = sample_groups(model, tok, PROMPTS, cfg, keys=keys)
+    monkeypatch.setattr(models, "FOLD_SHARE", 0.0)  # no room: the LoRA layers decode
+    as_lora = sample_groups(model, tok, PROMPTS, cfg, keys=keys)
+    assert folded_during == [0, len(layers)]  # folded: every LoRA layer was one Linear
+    assert_same_rollouts(folded, as_lora)
+    assert [m for _, m in models._adapter_modules(model)] == layers  # the same modules, restored
+    # The trainable parameters are the LoRA layers' own, untouched.
+    assert all(k.endswith(("lora_a", "lora_b")) for k, _ in tree_flatten(model.trainable_parameters()))
+
+    monkeypatch.setattr(models, "FOLD_SHARE", 0.1)
+
+    def boom(*a, **k):
+        raise RuntimeError("decode failed")
+
+    monkeypatch.setattr(rollout, "_sample_groups", boom)
+    with pytest.raises(RuntimeError):
+        sample_groups(model, tok, PROMPTS, cfg, keys=keys)
+    assert [m for _, m in models._adapter_modules(model)] == layers
+    with models.adapters_folded(model, budget=1.0) as n:  # 1 byte: nothing fits
+        assert n == 0
+    model.train()
+    with models.adapters_folded(model) as n:  # dropout may be on: never folded in train mode
+        assert n == 0
