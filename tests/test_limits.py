@@ -28,6 +28,30 @@ def test_probes_return_positive_finite_numbers_at_tiny_sizes():
     assert set(lim) == {"bandwidth_gbs", "matmul_gflops"} and all(map(_finite_positive, lim.values()))
 
 
+def test_bandwidth_on_the_cpu_counts_the_faster_of_mlx_and_numpy_sums(monkeypatch):
+    """MLX's CPU sum is one thread without vector loads: NumPy's sum of the same buffer counts
+    when it is faster, MLX's when NumPy's is slower."""
+    import mlx.core as mx
+
+    from mlx_grpo import limits
+
+    if mx.default_device().type != mx.cpu:
+        pytest.skip("the host sum is compared on the CPU backend only")
+    seen = []
+
+    def host(run, reps, min_seconds):
+        seen.append(float(run()))  # NumPy sums MLX's own buffer: 1.0 per element
+        return host.seconds
+
+    monkeypatch.setattr(limits, "_host_seconds", host)
+    host.seconds = 1e-9
+    fast = measure_bandwidth(megabytes=1, reps=1, min_seconds=0)
+    assert seen == [250000.0] and math.isclose(fast, 1e6 / 1e-9 / 1e9, rel_tol=1e-6)
+    host.seconds = 1e3
+    slow = measure_bandwidth(megabytes=1, reps=1, min_seconds=0)
+    assert 1e6 / 1e3 / 1e9 < slow < fast
+
+
 # A 2-layer llama: hidden 64, 4 query heads and 2 KV heads of 16, FFN 128, vocabulary 50.
 H, FFN, VOCAB, LAYERS, KV = 64, 128, 50, 2, 2 * 16
 PER_LAYER_MATMUL = H * H + H * KV + H * KV + H * H + 3 * H * FFN  # q, k, v, o; gate, up, down
