@@ -134,7 +134,7 @@ class Sampler:
         keys = self._noise_keys(B)
         u = mx.random.uniform(shape=(B,)) if keys is None else mx.vmap(lambda k: mx.random.uniform(key=k))(keys)
         mx.eval(logprobs, u)
-        lp = np.array(logprobs.astype(mx.float32), copy=False)
+        lp = np.asarray(logprobs.astype(mx.float32))  # a view of the evaluated buffer
         return mx.array(inverse_cdf(lp, np.array(u)).astype(np.int32))
 
     def keep(self, idx: mx.array) -> None:
