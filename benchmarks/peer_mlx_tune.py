@@ -105,7 +105,6 @@ the steps after the warm-up step, N = ``--steps`` + 1; ours once before the peer
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import importlib
@@ -121,8 +120,8 @@ from dataclasses import replace
 from typing import Any, Dict, Tuple
 
 import common
-from peer_mlx_lm_lora import Work, ours, settings, unequal, work_args, work_from
-from peer_mlxrl import peer_timing, trainable
+from peer_mlx_lm_lora import Work, settings, unequal, work_from
+from peer_mlxrl import ours_around, ours_row, parse_steps, peer_parser, peer_timing
 
 INSTALL = "pip install --no-deps --target /tmp/mlxtune_peer mlx-tune==0.6.0, then run with PYTHONPATH=/tmp/mlxtune_peer"
 
@@ -251,21 +250,15 @@ def mlx_tune_steps(work: Work, steps: int, sess, reward: str) -> Dict[str, Any]:
 
 
 def main() -> None:
-    common.fast_blas()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    work_args(ap)
+    ap = peer_parser(__doc__)
     ap.add_argument("--no-compile", action="store_true",
                     help="its step uncompiled (its own switch, MLX_TUNE_DISABLE_COMPILE=1)")
     ap.add_argument("--reward", choices=("distinct", "default"), default="distinct",
                     help="its default reward with in-group ties broken (every update runs, as ours), or unchanged")
-    a = ap.parse_args()
-    if a.steps < 1:
-        ap.error("--steps: at least 1 (one more step runs first, as the warm-up)")
+    a = parse_steps(ap)
     if a.no_compile:
         os.environ["MLX_TUNE_DISABLE_COMPILE"] = "1"
     from importlib.metadata import PackageNotFoundError, version
-
-    from mlx_grpo.rollout import encode_prompt
 
     try:
         peer_version = version("mlx-tune")
@@ -276,24 +269,16 @@ def main() -> None:
     except ImportError as e:
         raise SystemExit(f"mlx-tune {peer_version}: cannot import its GRPO trainer: {e}") from None
     work = work_from(a)
-    mine, ours_metrics, sess = ours(work, a.steps)
-    ours_step = statistics.mean(m["step_time"] for m in ours_metrics)
-    ours_trainable = trainable(sess.model)
-    ours_prompt = statistics.mean(len(encode_prompt(sess.tokenizer, p)) for p in sess.prompts)
-    sess.model = None  # keep one model in memory at a time
-    peer = mlx_tune_steps(work, a.steps, sess, a.reward)
-    again, again_metrics, _ = ours(work, a.steps)  # load drift shows up as a difference
-    ours_again = statistics.mean(m["step_time"] for m in again_metrics)
+    ours_fields, peer, sess = ours_around(work, a.steps, lambda sess: mlx_tune_steps(work, a.steps, sess, a.reward))
+    ours_trainable, ours_prompt = ours_fields["ours_trainable_parameters"], ours_fields["ours_prompt_tokens"]
     res = {
         "mlx_tune_version": peer_version,
         "model": work.model or "embedded", "settings": settings(work, sess), "steps_timed": a.steps,
-        "ours_step_s": [ours_step, ours_again], "ours_split": mine,
-        "ours_completion_tokens": [mine["completion_length"], again["completion_length"]],
-        "ours_prompt_tokens": ours_prompt, "ours_trainable_parameters": ours_trainable,
+        **ours_fields,
         "mlx_tune": peer,
-        "speedup_vs_mlx_tune": peer["step_s"] / min(ours_step, ours_again),
+        "speedup_vs_mlx_tune": peer["step_s"] / min(ours_fields["ours_step_s"]),
     }
-    notes = [unequal({"mlx-grpo": mine["completion_length"], "mlx-tune": peer["completion_tokens"]})]
+    notes = [unequal({"mlx-grpo": ours_fields["ours_split"]["completion_length"], "mlx-tune": peer["completion_tokens"]})]
     if peer["trainable_parameters"] != ours_trainable:
         notes.append(f"note: trainable parameters differ: ours {ours_trainable}, "
                      f"mlx-tune {peer['trainable_parameters']}")
@@ -310,8 +295,7 @@ def main() -> None:
     print(f"mlx-tune {res['mlx_tune_version']}, model {res['model']}, {res['settings']}; {common.blas_line()}")
     print(f"per step: mean of {a.steps} steps after a warm-up step\n")
     print("| trainer | seconds per GRPO step | mean completion tokens |\n|---|---|---|")
-    print(f"| mlx-grpo | {ours_step:.3f} (again after the peer: {ours_again:.3f}) | "
-          f"{mine['completion_length']:.1f} ({again['completion_length']:.1f}) |")
+    print(ours_row(ours_fields))
     print(f"| mlx-tune GRPOTrainer ({work.prompts} iterations of 1 prompt x {work.group_size}, one completion "
           f"at a time; step {'compiled' if peer['compiled'] else 'uncompiled'}; its default reward"
           f"{', ties broken' if a.reward == 'distinct' else ''}) | {peer['step_s']:.3f} | "

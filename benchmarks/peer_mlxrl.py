@@ -59,10 +59,12 @@ import statistics
 import time
 from dataclasses import replace
 from functools import partial
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Tuple, TypeVar
 
 import common
 from peer_mlx_lm_lora import Work, ours, settings, unequal, work_args, work_from
+
+T = TypeVar("T")
 
 
 def trainable(model) -> int:
@@ -78,6 +80,47 @@ def peer_timing(times: List[float], step_lengths: List[float], prompt_lengths: L
     return {"step_s": (sum(times) - times[0]) / (len(times) - 1),
             "completion_tokens": statistics.mean(step_lengths[1:] or step_lengths),
             "prompt_tokens": statistics.mean(prompt_lengths), "trainable_parameters": trainable(model)}
+
+
+def peer_parser(doc: str) -> argparse.ArgumentParser:
+    """The fast BLAS (a restart), then a parser with the work's arguments; each script adds its own."""
+    common.fast_blas()
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    work_args(ap)
+    return ap
+
+
+def parse_steps(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    a = ap.parse_args()
+    if a.steps < 1:
+        ap.error("--steps: at least 1 (one more step runs first, as the warm-up)")
+    return a
+
+
+def ours_around(work: Work, steps: int, peer: Callable[[Any], T]) -> Tuple[Dict[str, Any], T, Any]:
+    """Our steps, then ``peer(sess)`` with our model let go (one model in memory at a time), then
+    ours again (load drift shows up as a difference). Returns the result's fields about our side
+    (``ours_step_s``: the mean step before and after), the peer's result and our session."""
+    from mlx_grpo.rollout import encode_prompt
+
+    mine, ours_metrics, sess = ours(work, steps)
+    before = statistics.mean(m["step_time"] for m in ours_metrics)
+    ours_trainable = trainable(sess.model)
+    ours_prompt = statistics.mean(len(encode_prompt(sess.tokenizer, p)) for p in sess.prompts)
+    sess.model = None
+    result = peer(sess)
+    again, again_metrics, _ = ours(work, steps)
+    after = statistics.mean(m["step_time"] for m in again_metrics)
+    fields = {"ours_step_s": [before, after], "ours_split": mine,
+              "ours_completion_tokens": [mine["completion_length"], again["completion_length"]],
+              "ours_prompt_tokens": ours_prompt, "ours_trainable_parameters": ours_trainable}
+    return fields, result, sess
+
+
+def ours_row(fields: Dict[str, Any]) -> str:
+    """Our line of the printed table, from ``ours_around``'s fields."""
+    (before, after), (length, length_again) = fields["ours_step_s"], fields["ours_completion_tokens"]
+    return f"| mlx-grpo | {before:.3f} (again after the peer: {after:.3f}) | {length:.1f} ({length_again:.1f}) |"
 
 
 def mlxrl_steps(work: Work, steps: int, sess, rollout: str, compile_decode: bool) -> Dict[str, Any]:
@@ -150,40 +193,27 @@ def mlxrl_steps(work: Work, steps: int, sess, rollout: str, compile_decode: bool
 
 
 def main() -> None:
-    common.fast_blas()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    work_args(ap)
+    ap = peer_parser(__doc__)
     ap.add_argument("--peer", choices=("both", "trainer", "batched"), default="both",
                     help="mlxrl's rollout: its trainer's (one row at a time), its batched one, or both")
     ap.add_argument("--no-compile", action="store_true", help="the batched rollout's decode step uncompiled")
-    a = ap.parse_args()
-    if a.steps < 1:
-        ap.error("--steps: at least 1 (one more step runs first, as the warm-up)")
+    a = parse_steps(ap)
     from importlib.metadata import version
 
-    from mlx_grpo.rollout import encode_prompt
-
     work = work_from(a)
-    mine, ours_metrics, sess = ours(work, a.steps)
-    ours_step = statistics.mean(m["step_time"] for m in ours_metrics)
-    ours_trainable = trainable(sess.model)
-    ours_prompt = statistics.mean(len(encode_prompt(sess.tokenizer, p)) for p in sess.prompts)
-    sess.model = None  # keep one model in memory at a time
-    runs = {name: mlxrl_steps(work, a.steps, sess, name, not a.no_compile)
-            for name in ("trainer", "batched") if a.peer in ("both", name)}
-    again, again_metrics, _ = ours(work, a.steps)  # load drift shows up as a difference
-    ours_again = statistics.mean(m["step_time"] for m in again_metrics)
+    ours_fields, runs, sess = ours_around(work, a.steps, lambda sess: {
+        name: mlxrl_steps(work, a.steps, sess, name, not a.no_compile)
+        for name in ("trainer", "batched") if a.peer in ("both", name)})
+    ours_trainable, ours_prompt = ours_fields["ours_trainable_parameters"], ours_fields["ours_prompt_tokens"]
     best = min(r["step_s"] for r in runs.values())
     res = {
         "mlxrl_version": version("inductive-mlxrl"),
         "model": work.model or "embedded", "settings": settings(work, sess), "steps_timed": a.steps,
-        "ours_step_s": [ours_step, ours_again], "ours_split": mine,
-        "ours_completion_tokens": [mine["completion_length"], again["completion_length"]],
-        "ours_prompt_tokens": ours_prompt, "ours_trainable_parameters": ours_trainable,
+        **ours_fields,
         "mlxrl": runs,
-        "speedup_vs_mlxrl_best": best / min(ours_step, ours_again),
+        "speedup_vs_mlxrl_best": best / min(ours_fields["ours_step_s"]),
     }
-    notes = [unequal({"mlx-grpo": mine["completion_length"],
+    notes = [unequal({"mlx-grpo": ours_fields["ours_split"]["completion_length"],
                       **{f"mlxrl {k}": r["completion_tokens"] for k, r in runs.items()}})]
     if any(r["trainable_parameters"] != ours_trainable for r in runs.values()):
         notes.append(f"note: trainable parameters differ: ours {ours_trainable}, mlxrl "
@@ -199,8 +229,7 @@ def main() -> None:
           f"{common.blas_line()}")
     print(f"per step: mean of {a.steps} steps after a warm-up step\n")
     print("| trainer | seconds per GRPO step | mean completion tokens |\n|---|---|---|")
-    print(f"| mlx-grpo | {ours_step:.3f} (again after the peer: {ours_again:.3f}) | "
-          f"{mine['completion_length']:.1f} ({again['completion_length']:.1f}) |")
+    print(ours_row(ours_fields))
     for name, r in runs.items():
         label = ("mlxrl, its trainer's rollout (one row at a time)" if name == "trainer" else
                  f"mlxrl, batched rollout ({'uncompiled' if a.no_compile else 'compiled'}; "

@@ -63,23 +63,8 @@ def measure_bandwidth(megabytes: float = 256.0, reps: int = 3, min_seconds: floa
     mx.eval(a)
     seconds = best_seconds(lambda: a.sum(), reps, min_seconds)
     if mx.default_device().type == mx.cpu:
-        seconds = min(seconds, _host_seconds(np.array(a, copy=False).sum, reps, min_seconds))
+        seconds = min(seconds, best_seconds(np.asarray(a).sum, reps, min_seconds))  # mx.eval lets a NumPy result pass
     return a.nbytes / seconds / 1e9
-
-
-def _host_seconds(run: Callable[[], object], reps: int, min_seconds: float) -> float:
-    """``best_seconds`` for a host (NumPy) computation."""
-    run()
-    t = time.perf_counter()
-    run()
-    inner = max(1, math.ceil(min_seconds / max(time.perf_counter() - t, 1e-9)))
-    best = math.inf
-    for _ in range(max(1, reps)):
-        t = time.perf_counter()
-        for _ in range(inner):
-            run()
-        best = min(best, (time.perf_counter() - t) / inner)
-    return best
 
 
 def measure_matmul(n: int = 2048, reps: int = 3, min_seconds: float = 0.05) -> float:

@@ -100,7 +100,7 @@ class Sampler:
         if cfg.top_k:
             self.filters.append(lambda x: apply_top_k(x, cfg.top_k))
 
-    def _noise_keys(self, n: int) -> Optional[mx.array]:
+    def _noise_keys(self) -> Optional[mx.array]:
         """This draw's key per row (advancing each row's stream), or None: the global PRNG."""
         if self.keys is None:
             return None
@@ -122,7 +122,7 @@ class Sampler:
 
     def _gumbel_max(self, logprobs: mx.array) -> mx.array:
         B, vocab = logprobs.shape
-        keys = self._noise_keys(B)
+        keys = self._noise_keys()
         if keys is None:
             noise = mx.random.gumbel(shape=(B, vocab))
         else:
@@ -131,7 +131,7 @@ class Sampler:
 
     def _host_draw(self, logprobs: mx.array) -> mx.array:
         B = logprobs.shape[0]
-        keys = self._noise_keys(B)
+        keys = self._noise_keys()
         u = mx.random.uniform(shape=(B,)) if keys is None else mx.vmap(lambda k: mx.random.uniform(key=k))(keys)
         mx.eval(logprobs, u)
         lp = np.asarray(logprobs.astype(mx.float32))  # a view of the evaluated buffer
