@@ -7,7 +7,9 @@ token). Here exp(y ln 2) = 2^n * 2^f (n an integer, |f| <= 1/2): 2^n is built fr
 element-wise kernels of multiplies and adds (measured: docs/performance.md):
 
 - ``swiglu``: ``silu(gate) * x`` of the gated MLPs of mlx-lm's llama, qwen2, qwen3, mistral and
-  about fifty more architectures, with its gradient written out;
+  about fifty more architectures, where nothing is differentiated (blocks marked ``eager()``:
+  rollouts and reference scoring); a gradient trace runs compiled functions op by op, so the
+  update keeps MLX's ``silu``;
 - ``use_fast_mlps(model)``: gives a loaded model's gated MLPs that ``swiglu`` (each module's
   class swapped for a subclass with the same parameters, after a one-off check that it computes
   what the original does), so the adapters and saved files do not change;
@@ -101,8 +103,14 @@ def _swiglu_vjp(primals, cotangent, output):
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """``nn.silu(gate) * x`` (mlx-lm's ``swiglu``); on the CPU backend without MLX's ``exp``."""
-    if not on_cpu():
+    """``nn.silu(gate) * x`` (mlx-lm's ``swiglu``); on the CPU backend inside ``eager()`` blocks
+    (and the compiled decode step they run) without MLX's ``exp``.
+
+    Outside them MLX's own: a pass that is differentiated traces its function, and MLX runs a
+    compiled function whose inputs are tracers op by op (``mlx/compile.cpp``), so there the
+    polynomial's two dozen element-wise passes cost more than MLX's one ``exp`` (SmolLM2's
+    update, 1,472 positions x 1,536: forward + backward 63.5 ms against 46.7 a layer)."""
+    if not on_cpu() or not in_eager():
         return nn.silu(gate) * x
     return _swiglu(gate, x)
 
@@ -228,6 +236,11 @@ def eager() -> Iterator[None]:
         _eager_depth -= 1
 
 
+def in_eager() -> bool:
+    """Inside an ``eager()`` block?"""
+    return _eager_depth > 0
+
+
 # Below this many logits the hand-over (an evaluation that ends MLX's lazy pipelining, a copy
 # back) costs more than MLX's exp: the embedded model's decode step (128 rows x 167 logits) ran
 # 0.81x as fast through NumPy, a Qwen step (8 x 151,936) 6x faster.
@@ -237,7 +250,7 @@ NUMPY_MIN_LOGITS = 1 << 18
 def evaluates(n_logits: int) -> bool:
     """Would ``logsumexp`` over ``n_logits`` logits here take the NumPy path, which evaluates its
     input at once (so a caller gains nothing by queueing work ahead of it)?"""
-    return bool(_eager_depth and n_logits >= NUMPY_MIN_LOGITS and on_cpu())
+    return bool(in_eager() and n_logits >= NUMPY_MIN_LOGITS and on_cpu())
 
 
 def logsumexp(x: mx.array) -> mx.array:

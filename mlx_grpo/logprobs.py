@@ -11,7 +11,9 @@ completions were drawn from.
 Hub models have vocabularies of 150k: a float32 [rows, length, vocab] logits tensor for 64 rows of
 512 tokens would be 20 GB. So the transformer body runs once, and the output head + log-softmax +
 gather run over chunks of positions (``LOGITS_BUDGET`` logits at a time), each chunk under
-``mx.checkpoint`` so the backward pass recomputes its logits instead of keeping them all.
+``mx.checkpoint`` so the backward pass recomputes its logits instead of keeping them all. A
+differentiated pass whose probabilities fit ``KEEP_BUDGET`` (SmolLM2's update) instead runs the
+head once and keeps its softmax for the backward pass (``kept_logprobs``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import fastmath
 from .forward import OutputHead, body as body_of, output_head
@@ -28,6 +31,9 @@ from .prefill import prefill
 
 # The most float32 logits (rows x positions x vocab) that exist at once while scoring: 2^25 = 128 MB.
 LOGITS_BUDGET = 1 << 25
+# The most float32 probabilities a differentiated pass keeps from its forward pass for its
+# backward pass (``kept_logprobs``): 2^26 = 256 MB.
+KEEP_BUDGET = 1 << 26
 # A length group must save this share of a pass's completion positions to be worth its own pass.
 MIN_GROUP_SAVING = 0.1
 
@@ -76,11 +82,14 @@ def completion_logprobs(
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
+def _scaled(logits: mx.array, temperature: float) -> mx.array:
+    logits = logits.astype(mx.float32)
+    return logits / temperature if temperature > 0 and temperature != 1.0 else logits
+
+
 def gather_logprobs(logits: mx.array, targets: mx.array, temperature: float) -> mx.array:
     """log softmax(logits / T)[target] in float32: [..., V], [...] -> [...]."""
-    logits = logits.astype(mx.float32)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
+    logits = _scaled(logits, temperature)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - fastmath.logsumexp(logits)
 
@@ -95,8 +104,12 @@ def chunked_logprobs(
     ``budget // (B * vocab)``; each chunk is checkpointed, so its logits are recomputed in the
     backward pass instead of stored. Gradients flow to ``hidden`` and to the module's trainable
     parameters, which go into the checkpoint as inputs (it treats closed-over arrays as constants).
+    Outside ``fastmath.eager()`` (a pass that may be differentiated) with at most ``KEEP_BUDGET``
+    logits in all: ``kept_logprobs``, in one piece.
     """
     B, L = targets.shape
+    if B * L * vocab <= KEEP_BUDGET and not fastmath.in_eager():
+        return kept_logprobs(module, head, hidden, targets, temperature)
     step = max(1, budget // max(1, B * vocab))
     if step >= L:
         return gather_logprobs(head(module, hidden), targets, temperature)
@@ -114,6 +127,45 @@ def chunked_logprobs(
         [piece(targets[:, s : s + step])(params, hidden[:, s : s + step]) for s in range(0, L, step)],
         axis=1,
     )
+
+
+def kept_logprobs(module: nn.Module, head: Callable, hidden: mx.array, targets: mx.array,
+                  temperature: float) -> mx.array:
+    """``gather_logprobs(head(module, hidden), targets)`` for a pass that is differentiated, its
+    forward keeping the softmax for the backward pass: d logp / d logits = onehot - softmax, so
+    the backward neither recomputes the logits (as a checkpointed chunk does) nor takes another
+    ``exp`` over them (as the gradient of ``logsumexp`` does). Its memory, rows x positions x
+    vocab floats held from the forward pass to the backward, is what ``KEEP_BUDGET`` bounds.
+    Measured on SmolLM2's update head (16 x 64 positions x 49,152, forward + backward): 1.6-2.0 s
+    against 2.35 s through checkpointed chunks, on the CPU backend where ``exp`` costs ~14 ns.
+    Gradients flow to ``hidden`` and to the module's trainable parameters."""
+    flat = tree_flatten(module.trainable_parameters())
+    names = [k for k, _ in flat]
+
+    def logits_of(h: mx.array, *params: mx.array) -> mx.array:
+        module.update(tree_unflatten(list(zip(names, params))))
+        return _scaled(head(module, h), temperature)
+
+    @mx.custom_function
+    def run(h, *params):
+        z = logits_of(h, *params)
+        m = mx.stop_gradient(z.max(axis=-1, keepdims=True))
+        e = mx.exp(z - m)
+        s = e.sum(axis=-1, keepdims=True)
+        picked = mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+        return picked - (m + mx.log(s))[..., 0], e / s
+
+    @run.vjp
+    def run_vjp(primals, cotangents, outputs):
+        primals = list(primals) if isinstance(primals, (list, tuple)) else [primals]
+        c = cotangents[0][..., None]
+        at = targets[..., None]
+        d = outputs[1] * -c
+        d = mx.put_along_axis(d, at, mx.take_along_axis(d, at, axis=-1) + c, axis=-1)
+        grads = mx.vjp(logits_of, primals, [d])[1]
+        return tuple(grads) if len(grads) > 1 else grads[0]
+
+    return run(hidden, *[v for _, v in flat])[0]
 
 
 def length_groups(lengths: np.ndarray, min_saving: float = MIN_GROUP_SAVING) -> List[np.ndarray]:

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 from .config import Config, ConfigError
 from .rollout import encode_prompt
-from .logprobs import LOGITS_BUDGET
+from .logprobs import KEEP_BUDGET, LOGITS_BUDGET
 from .tasks import DataError, TaskData
 from .tasks.templates import Prompter
 from .errors import RunFault, first_line
@@ -162,6 +162,10 @@ def _activation_bytes(model: nn.Module) -> int:
 # Float32 logits alive at once per chunk of the scoring head (logits, their exponentials, the
 # log-softmax and the gradients of the backward pass), measured on the Qwen2.5-0.5B shape.
 LOGITS_COPIES = 6
+# The same for a pass whose head keeps its softmax for the backward pass (logprobs.KEEP_BUDGET):
+# logits, their exponentials, the softmax kept, its gradient and the target's update, over all
+# positions at once (SmolLM2's update: +0.17 GB at the peak against checkpointed chunks).
+KEPT_COPIES = 5
 # Fitted to two measured peaks on the Qwen2.5-0.5B shape that load them differently: 2 prompts x
 # G 4 x 64 tokens (the body's activations dominate) and 1 x 4 x 1024 tokens (the attention scores,
 # quadratic in length, dominate): the scores are kept twice (before and after the softmax), the
@@ -193,7 +197,8 @@ def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[s
                  recomputed. Coefficients measured per layer (by difference between depths) on
                  the Qwen2.5-0.5B shape and on small llamas.
                  And the scoring head: ``LOGITS_COPIES`` x one chunk of float32 logits (at most
-                 ``scoring.LOGITS_BUDGET`` of them).
+                 ``logprobs.LOGITS_BUDGET`` of them), or ``KEPT_COPIES`` x all of them when
+                 they fit ``logprobs.KEEP_BUDGET`` (the head keeps its softmax).
     Measured against ``mx.get_peak_memory`` on the Qwen2.5-0.5B shape and the embedded model
     (docs/results/); tested within +-25% on a small model (tests/test_preflight.py).
     """
@@ -215,7 +220,8 @@ def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[s
         layer_acts = per_layer + d["layers"] * (positions * d["hidden"] + 4 * keys + 2 * scores) * b
     else:
         layer_acts = d["layers"] * per_layer
-    logits = LOGITS_COPIES * min(LOGITS_BUDGET, micro * Tc * d["vocab"]) * 4
+    n_logits = micro * Tc * d["vocab"]
+    logits = (KEPT_COPIES * n_logits if n_logits <= KEEP_BUDGET else LOGITS_COPIES * min(LOGITS_BUDGET, n_logits)) * 4
     return {
         "weights": float(weights),
         "training": float(4 * trainable),

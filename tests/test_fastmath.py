@@ -39,7 +39,8 @@ def np_swiglu(g: np.ndarray, x: np.ndarray):
     return g * s * x, x * s * (1 + g * (1 - s)), g * s  # value, d/dgate, d/dx
 
 
-def test_swiglu_values_and_gradients_match_numpy():
+def test_swiglu_values_and_gradients_match_numpy(monkeypatch):
+    monkeypatch.setattr(fastmath, "_eager_depth", 1)  # the polynomial's path (rollouts, scoring)
     rng = np.random.default_rng(3)
     g = np.concatenate([rng.standard_normal(5000) * 6, [-200.0, -90.0, 0.0, 90.0, 200.0]]).astype(np.float32)
     x = rng.standard_normal(g.size).astype(np.float32)
@@ -55,11 +56,37 @@ def test_swiglu_values_and_gradients_match_numpy():
     assert float(mx.max(mx.abs(got - stock))) <= 1e-6 * float(mx.max(mx.abs(stock)))
 
 
-def test_swiglu_keeps_half_precision_dtypes():
+def test_swiglu_keeps_half_precision_dtypes(monkeypatch):
+    monkeypatch.setattr(fastmath, "_eager_depth", 1)
     g, x = mx.array([0.5, -2.0], dtype=mx.bfloat16), mx.array([1.0, 3.0], dtype=mx.bfloat16)
     assert fastmath.swiglu(g, x).dtype == mx.bfloat16
     dg, dx = mx.grad(lambda a, b: fastmath.swiglu(a, b).astype(mx.float32).sum(), argnums=(0, 1))(g, x)
     assert dg.dtype == dx.dtype == mx.bfloat16
+
+
+def test_swiglu_outside_eager_blocks_is_mlxs_own():
+    """A differentiated pass (outside ``eager()``) gets MLX's silu: under a gradient trace MLX
+    runs a compiled function op by op, re-running its Python body on every call (shown here by a
+    counter), so the polynomial would run as two dozen separate element-wise passes."""
+    rng = np.random.default_rng(4)
+    g, x = (mx.array(rng.standard_normal(64).astype(np.float32)) for _ in range(2))
+    assert not fastmath.in_eager()
+    assert mx.array_equal(fastmath.swiglu(g, x), nn.silu(g) * x)
+    with fastmath.eager():
+        assert fastmath.in_eager()
+        assert not mx.array_equal(fastmath.swiglu(g, x), nn.silu(g) * x)  # the polynomial's rounding
+    traced = []
+
+    @mx.compile
+    def double(a):
+        traced.append(1)
+        return a * 2
+
+    mx.eval(double(g), double(g))
+    assert len(traced) == 1  # compiled once, then reused
+    for _ in range(3):
+        mx.eval(mx.grad(lambda a: double(a).sum())(g))
+    assert len(traced) == 4  # every gradient trace ran the Python body again
 
 
 def _logits_and_lora_grad(model):
@@ -70,7 +97,8 @@ def _logits_and_lora_grad(model):
     return logits, dict(tree_flatten(grads))
 
 
-def test_fast_mlps_on_the_embedded_model_same_logits_and_lora_gradients():
+def test_fast_mlps_on_the_embedded_model_same_logits_and_lora_gradients(monkeypatch):
+    monkeypatch.setattr(fastmath, "_eager_depth", 1)  # the polynomial's path, gradients included
     stock, _ = load_model(ModelConfig(fast_mlp=False))
     fast, _ = load_model(ModelConfig())
     n = sum(1 for _, m in fast.named_modules() if getattr(type(m), "_mlx_grpo_fast", False))

@@ -73,8 +73,10 @@ def test_shared_prompt_pass_equals_one_pass_per_row(model_tok):
     assert mx.abs(chunked - lp1).max().item() < tol(1e-5, 1e-2)
 
 
-def test_chunked_head_equals_whole_logits_values_and_grads(model_tok):
-    """Chunking the head + log-softmax over positions changes neither values nor gradients."""
+def test_chunked_head_equals_whole_logits_values_and_grads(model_tok, monkeypatch):
+    """Chunking the head + log-softmax over positions, or keeping its softmax for the backward
+    pass (``kept_logprobs``), changes neither values nor gradients."""
+    from mlx_grpo import logprobs as logprobs_module
     from mlx_grpo.forward import output_head
     from mlx_grpo.logprobs import chunked_logprobs, gather_logprobs
 
@@ -103,6 +105,8 @@ def test_chunked_head_equals_whole_logits_values_and_grads(model_tok):
     f_whole = lambda m: (completion_logprobs(m, prompts, pad, comp, 0.8, row_prompt) * weights).sum()
     f_ref = lambda m: (reference(m) * weights).sum()
     try:
+        vk, gk = nn.value_and_grad(model, f_whole)(model)  # within KEEP_BUDGET: kept_logprobs
+        monkeypatch.setattr(logprobs_module, "KEEP_BUDGET", 0)
         v1, g1 = nn.value_and_grad(model, f_chunk)(model)
         v2, g2 = nn.value_and_grad(model, f_whole)(model)
         v3, g3 = nn.value_and_grad(model, f_ref)(model)
@@ -110,23 +114,65 @@ def test_chunked_head_equals_whole_logits_values_and_grads(model_tok):
         module.freeze()
     assert "model.embed_tokens.weight" in dict(tree_flatten(g1))
     rel = tol(1e-4, 1e-2)
-    assert abs(v1.item() - v3.item()) < rel * abs(v3.item()) + 1e-5
-    assert abs(v2.item() - v3.item()) < rel * abs(v3.item()) + 1e-5
-    for (k, a), (_, b), (_, c) in zip(tree_flatten(g1), tree_flatten(g2), tree_flatten(g3)):
+    for v in (v1, v2, vk):
+        assert abs(v.item() - v3.item()) < rel * abs(v3.item()) + 1e-5
+    for (k, a), (_, b), (_, c), (_, d) in zip(tree_flatten(g1), tree_flatten(g2), tree_flatten(g3), tree_flatten(gk)):
         scale = mx.abs(c).max().item()
         assert scale > 0, k
         assert mx.abs(a - c).max().item() <= rel * scale + 1e-7, k
         assert mx.abs(b - c).max().item() <= rel * scale + 1e-7, k
+        assert mx.abs(d - c).max().item() <= rel * scale + 1e-7, k
 
-    # chunked_logprobs against NumPy on random hidden states and a random head.
+
+def test_head_paths_against_numpy_values_and_gradients(monkeypatch):
+    """Chunked (checkpointed), NumPy's log-sum-exp (eager) and kept-softmax heads against the
+    formula in float64: log softmax(h W^T / T)[t] and its gradients for h and W,
+    d/dz = c (onehot(t) - softmax(z)) / T."""
+    from mlx_grpo import fastmath, logprobs as logprobs_module
+    from mlx_grpo.logprobs import chunked_logprobs
+
+    rng = np.random.default_rng(7)
     h = mx.array(rng.normal(size=(3, 7, 5)).astype(np.float32))
-    w = mx.array(rng.normal(size=(11, 5)).astype(np.float32))
+    w0 = mx.array(rng.normal(size=(11, 5)).astype(np.float32))
     t = mx.array(rng.integers(0, 11, size=(3, 7)).astype(np.int32))
-    got = chunked_logprobs(nn.Module(), lambda m, x: x @ w.T, h, t, 0.5, 11, budget=3 * 11 * 3)
-    z = (np.array(h) @ np.array(w).T) / 0.5
-    z = z - z.max(-1, keepdims=True)
-    want = np.take_along_axis(z, np.array(t)[..., None], -1)[..., 0] - np.log(np.exp(z).sum(-1))
-    assert np.abs(np.array(got) - want).max() < tol(1e-4, 1e-2)
+    c = rng.normal(size=(3, 7))
+    T = 0.5
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = w0
+
+    z = (np.array(h, np.float64) @ np.array(w0, np.float64).T) / T
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.take_along_axis(np.log(p), np.array(t)[..., None], -1)[..., 0]
+    dz = -p * c[..., None]
+    np.put_along_axis(dz, np.array(t)[..., None], np.take_along_axis(dz, np.array(t)[..., None], -1) + c[..., None], -1)
+    dz /= T
+    want_dh, want_dw = dz @ np.array(w0, np.float64), np.einsum("blv,blh->vh", dz, np.array(h, np.float64))
+
+    calls = []
+    real_kept = logprobs_module.kept_logprobs
+    monkeypatch.setattr(logprobs_module, "kept_logprobs", lambda *a: calls.append(1) or real_kept(*a))
+
+    def run(eager: bool, keep: int):
+        monkeypatch.setattr(logprobs_module, "KEEP_BUDGET", keep)
+        monkeypatch.setattr(fastmath, "_eager_depth", int(eager))
+        m = Head()
+        f = lambda m, h: (chunked_logprobs(m, lambda m, x: x @ m.w.T, h, t, T, 11, budget=3 * 11 * 3)
+                          * mx.array(c.astype(np.float32))).sum()
+        (value, dh), dm = mx.value_and_grad(lambda h: f(m, h))(h), nn.value_and_grad(m, lambda mm: f(mm, h))(m)[1]
+        got = chunked_logprobs(m, lambda m, x: x @ m.w.T, h, t, T, 11, budget=3 * 11 * 3)
+        return np.array(got), np.array(dh), np.array(dm["w"])
+
+    for eager, keep, kept in ((False, 3 * 7 * 11, True), (False, 3 * 7 * 11 - 1, False), (True, 1 << 30, False)):
+        calls.clear()
+        got, dh, dw = run(eager, keep)
+        assert bool(calls) == kept, (eager, keep)  # kept only when differentiable and within budget
+        assert np.abs(got - want).max() < tol(1e-5, 1e-2)
+        assert np.abs(dh - want_dh).max() < tol(1e-4, 1e-2) * np.abs(want_dh).max()
+        assert np.abs(dw - want_dw).max() < tol(1e-4, 1e-2) * np.abs(want_dw).max()
 
 
 def test_models_with_extra_output_work_fall_back_to_whole_logits(model_tok):
