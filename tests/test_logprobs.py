@@ -162,7 +162,7 @@ def test_head_paths_against_numpy_values_and_gradients(monkeypatch):
         m = Head()
         f = lambda m, h: (chunked_logprobs(m, lambda m, x: x @ m.w.T, h, t, T, 11, budget=3 * 11 * 3)
                           * mx.array(c.astype(np.float32))).sum()
-        (value, dh), dm = mx.value_and_grad(lambda h: f(m, h))(h), nn.value_and_grad(m, lambda mm: f(mm, h))(m)[1]
+        dh, dm = mx.grad(lambda h: f(m, h))(h), nn.value_and_grad(m, lambda mm: f(mm, h))(m)[1]
         got = chunked_logprobs(m, lambda m, x: x @ m.w.T, h, t, T, 11, budget=3 * 11 * 3)
         return np.array(got), np.array(dh), np.array(dm["w"])
 
