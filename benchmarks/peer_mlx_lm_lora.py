@@ -16,7 +16,7 @@ every linear of every block, beta 0.1 (mlx-lm-lora keeps a second copy of the mo
 reference, as its CLI does), epsilon 0.2, one update per batch, lr 7e-4. ``--model PATH`` runs a
 local model directory or a ``.gguf`` file instead (``models.load_model`` converts a GGUF file once
 into an ordinary mlx-lm directory; both trainers get the model from that loader, on the CPU with
-the float32 base, and the peer with mlx-lm's own MLP); ``--chat`` puts the prompts through the
+the float32 base, and the peer with mlx-lm's own MLP and attention); ``--chat`` puts the prompts through the
 tokenizer's chat template; ``--shape NAME`` runs a release's shape (``mlx_grpo/shapes.py``) in
 float32 with P=2 x G=4 x 64 new tokens. ``-P``, ``-G``, ``--max-tokens`` change the sizes.
 
@@ -129,7 +129,7 @@ def peer(work: Work, steps: int, sess, best: bool) -> Tuple[float, float]:
     from mlx_grpo.rollout import encode_prompt
 
     cfg = sess.cfg
-    stock = replace(cfg.model, fast_mlp=False)  # the peer runs mlx-lm's model as mlx-lm loads it
+    stock = replace(cfg.model, fast_mlp=False, fast_attention=False)  # the peer runs mlx-lm's model as mlx-lm loads it
     model, tok = load_model(stock)
     mx.random.seed(cfg.train.seed)
     attach_adapters(model, cfg.adapter)  # the same mlx-lm LoRA layers as ours

@@ -61,7 +61,7 @@ arithmetic prompts in the R1-Zero template x G=8 completions, 20 new tokens, tem
 top-p/top-k, LoRA rank 8 on every linear of every block, beta 0.1, lr 7e-4; ``--model`` a model
 directory or ``.gguf`` file, ``--chat``, ``--shape``, ``-P``, ``-G``, ``--max-tokens``). mlx-tune
 gets the model from our loader (``models.load_model``: on the CPU the float32 base, mlx-lm's own
-MLP) in its ``MLXModelWrapper``, with its LoRA configured by its
+MLP and attention) in its ``MLXModelWrapper``, with its LoRA configured by its
 ``FastLanguageModel.get_peft_model`` (our rank; ``lora_alpha`` = our scale x rank, as it converts
 alpha to scale, model.py:575-578; ``target_modules`` = the paths of the linears mlx-lm gives
 adapters to in every block, so the same mlx-lm LoRA layers on the same linears: the script checks
@@ -175,7 +175,7 @@ def mlx_tune_steps(work: Work, steps: int, sess, reward: str) -> Dict[str, Any]:
 
     rl, mt_model, perf = import_mlx_tune()
     cfg = sess.cfg
-    model, tok = load_model(replace(cfg.model, fast_mlp=False))
+    model, tok = load_model(replace(cfg.model, fast_mlp=False, fast_attention=False))
     mx.random.seed(cfg.train.seed)
     wrapped = mt_model.MLXModelWrapper(model, tok)
     rank = cfg.adapter.rank

@@ -17,7 +17,7 @@ The work is that of ``peer_mlx_lm_lora.py`` (same arguments and defaults: the em
 arithmetic prompts in the R1-Zero template x G=8 completions, 20 new tokens, temperature 1, no
 top-p/top-k, LoRA rank 8 on every linear of every block, beta 0.1, lr 7e-4; ``--model`` a model
 directory or ``.gguf`` file, ``--chat``, ``--shape``, ``-P``, ``-G``, ``--max-tokens``). mlxrl gets
-the model from our loader (``models.load_model``: on the CPU the float32 base, mlx-lm's own MLP),
+the model from our loader (``models.load_model``: on the CPU the float32 base, mlx-lm's own MLP and attention),
 and its LoRA layers from its own ``inject_lora_adapters`` with our rank, scale and dropout (the
 same mlx-lm LoRA layers on the same linears; the script checks the trainable parameter counts
 are equal). Its step is the body of its trainer's loop (``mlxrl.cli``'s ``_phase1_gsm8k``, which
@@ -140,7 +140,7 @@ def mlxrl_steps(work: Work, steps: int, sess, rollout: str, compile_decode: bool
     from mlx_grpo.models import load_model
 
     cfg = sess.cfg
-    model, tok = load_model(replace(cfg.model, fast_mlp=False))
+    model, tok = load_model(replace(cfg.model, fast_mlp=False, fast_attention=False))
     mx.random.seed(cfg.train.seed)
     lora = LoRAConfig(rank=cfg.adapter.rank, scale=cfg.adapter.effective_scale(), dropout=cfg.adapter.dropout)
     inject_lora_adapters(model, lora)  # as its load_policy_with_lora does after mlx-lm's load

@@ -42,6 +42,7 @@ from . import step as step_module
 from .assets.make_tiny_model import build_model
 from .bounds import Rows, bound_lines, bounds_report, limits_line, model_cost, step_phases
 from .config import EMBEDDED_MODEL, Config, make_config
+from .fastmath import stock_attention
 from .float_base import device_kind
 from .limits import measure_limits
 from .policy import load_policy
@@ -130,11 +131,12 @@ class Session:
 
         G = self.cfg.rollout.group_size if group_size is None else group_size
         rows = [encode_prompt(self.tokenizer, p) for p in self.prompts for _ in range(G)]
-        return batch_generate(
-            self.model, self.tokenizer, rows, max_tokens=self.cfg.rollout.max_tokens,
-            sampler=make_sampler(self.cfg.rollout, temperature), completion_batch_size=len(rows),
-            prefill_batch_size=len(rows), return_token_ids=True,
-        )
+        with stock_attention(self.model):  # mlx-lm's generation as mlx-lm runs it
+            return batch_generate(
+                self.model, self.tokenizer, rows, max_tokens=self.cfg.rollout.max_tokens,
+                sampler=make_sampler(self.cfg.rollout, temperature), completion_batch_size=len(rows),
+                prefill_batch_size=len(rows), return_token_ids=True,
+            )
 
     def rollout_throughput(self, reps: int) -> Dict[str, float]:
         def ours(compiled=True):

@@ -1,4 +1,5 @@
-"""The SiLU of gated MLPs on MLX's CPU backend without MLX's slow CPU ``exp``.
+"""The SiLU of gated MLPs, attention's softmax and the vocabulary's log-sum-exp on MLX's CPU
+backend without MLX's slow CPU ``exp``.
 
 On x86-64 MLX's CPU backend evaluates ``exp`` and ``sigmoid`` element by element at 20-50 ns
 (an add: under 1 ns); every gated MLP pays it in its SiLU (Qwen2.5-0.5B: 116,736 sigmoids per
@@ -13,6 +14,9 @@ element-wise kernels of multiplies and adds (measured: docs/performance.md):
 - ``use_fast_mlps(model)``: gives a loaded model's gated MLPs that ``swiglu`` (each module's
   class swapped for a subclass with the same parameters, after a one-off check that it computes
   what the original does), so the adapters and saved files do not change;
+- ``attention``: MLX's attention with the heads that share a key head stacked into one product
+  and, inside ``eager()`` blocks, the softmax through the polynomial; ``use_fast_attention``
+  routes mlx-lm's ``scaled_dot_product_attention`` there on the CPU backend;
 - ``logsumexp``: the vocabulary's log-sum-exp where nothing is differentiated (every decode
   step, the reference and old-policy passes: blocks marked ``eager()``) through NumPy, whose
   ``exp`` is vectorised: 78M logits (8 rows x 64 positions x Qwen's 151,936) take 0.26 s
@@ -26,7 +30,8 @@ The polynomial was tried for the vocabulary first: MLX does not fuse the kernels
 view, so each intermediate was materialised, and over a scoring chunk of 2^25 logits that cost
 1.2 GB more at the peak (measured) for 1.5x per element.
 
-Metal and CUDA have fast ``exp``; there ``swiglu`` is MLX's own and nothing is swapped.
+Metal and CUDA have fast ``exp`` and attention kernels; there ``swiglu`` and attention are MLX's
+own and nothing is swapped.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Dict, Iterator, Tuple
+import sys
+from typing import Any, Callable, Dict, Iterator, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -166,6 +172,143 @@ def _same_output(m: nn.Module, fast: type) -> bool:
         return bool(mx.max(mx.abs(got - want)).item() <= 1e-4 * scale)
     except Exception:  # an unusual signature or layout: keep the original
         return False
+
+
+# --------------------------------------------------------------------------- attention
+
+# What MLX's attention puts in the slots a boolean mask hides (not -inf: a row with every slot
+# hidden then averages its values instead of giving NaN).
+_MASKED = float(np.finfo(np.float32).min)
+
+
+@mx.compile
+def _softmax_forward(s: mx.array) -> mx.array:
+    e = _exp2((s - mx.max(s, axis=-1, keepdims=True)) * LOG2E)
+    return e * (1.0 / mx.sum(e, axis=-1, keepdims=True))
+
+
+@mx.custom_function
+def _softmax(s: mx.array) -> mx.array:
+    return _softmax_forward(s)
+
+
+@_softmax.vjp
+def _softmax_vjp(primals, cotangent, output):
+    return output * (cotangent - mx.sum(output * cotangent, axis=-1, keepdims=True))
+
+
+def _mask_scores(scores: mx.array, mask: Any) -> mx.array:
+    """``scores`` [B, H, L, S] with ``mask`` applied as MLX's attention applies it: a boolean
+    array hides slots, any other array is added, "causal" aligns the queries with the last keys."""
+    if mask is None:
+        return scores
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown attention mask {mask!r}")
+        L, S = scores.shape[-2:]
+        mask = (mx.arange(L)[:, None] + (S - L)) >= mx.arange(S)[None, :]
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, _MASKED)
+    return scores + mask.astype(scores.dtype)
+
+
+def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: Any = None) -> mx.array:
+    """``mx.fast.scaled_dot_product_attention`` (grouped heads; boolean, additive or "causal"
+    masks) as MLX's CPU backend computes it, with two changes: the heads that share a key head
+    are stacked as the rows of one product per (batch, key head) instead of a broadcast product
+    per head (forward + backward of one SmolLM2 update layer: 43-46 ms against 48-60), and inside
+    ``eager()`` blocks the softmax's ``exp`` is the polynomial (SmolLM2's reference pass 2.62 ->
+    2.39 s, docs/performance.md).
+
+    queries [B, H, L, D], keys and values [B, KV, S, D] with KV dividing H (query head h reads
+    key head h // (H / KV), as MLX's does). The scores are float32 whatever the inputs' dtype.
+    """
+    B, H, L, D = queries.shape
+    KV, S = keys.shape[1], keys.shape[2]
+    q = (queries * scale).reshape(B, KV, (H // KV) * L, D)
+    scores = _mask_scores((q @ keys.swapaxes(-1, -2)).astype(mx.float32).reshape(B, H, L, S), mask)
+    # Compiled kernels run op by op under a gradient trace (see swiglu): MLX's softmax there.
+    p = _softmax(scores) if in_eager() else mx.softmax(scores, axis=-1, precise=True)
+    return (p.astype(values.dtype).reshape(B, KV, (H // KV) * L, S) @ values).reshape(B, H, L, values.shape[-1])
+
+
+_attention_depth = 0  # inside a block of a model that opted in (use_fast_attention)
+
+
+def _sdpa_with_fast_path(original: Callable) -> Callable:
+    """mlx-lm's ``scaled_dot_product_attention`` that takes ``attention`` on the CPU backend
+    inside the blocks of a model that opted in (plain caches, no attention sinks) and
+    ``original`` everywhere else."""
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
+        if _attention_depth and sinks is None and not hasattr(cache, "bits") and on_cpu():
+            return attention(queries, keys, values, scale, mask)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+    scaled_dot_product_attention._mlx_grpo_fast = True
+    return scaled_dot_product_attention
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_class(block: type) -> type:
+    """``block`` whose calls take the fast attention path (one subclass per class)."""
+    original = block.__call__
+
+    def call(self, *args, **kwargs):
+        global _attention_depth
+        _attention_depth += 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _attention_depth -= 1
+
+    return type(block.__name__, (block,), {"__call__": call, "_mlx_grpo_fast_attention": True, "_mlx_grpo_stock": block})
+
+
+def use_fast_attention(model: nn.Module) -> int:
+    """On the CPU backend, run the attention of ``model``'s transformer blocks through
+    ``attention``; returns how many blocks now do.
+
+    mlx-lm's architectures call ``scaled_dot_product_attention`` from ``mlx_lm.models.base``
+    through their own module's global name. That global gets a dispatcher which takes
+    ``attention`` only while a block of a model that opted in runs (each block's class swapped
+    for a subclass that says so; parameters and their names stay): another model of the same
+    architecture in the process, and quantized caches and attention sinks, keep mlx-lm's own.
+    """
+    if not on_cpu():
+        return 0
+    try:
+        from mlx_lm.models import base
+    except ImportError:
+        return 0
+    patched = False
+    for name in {c.__module__ for _, m in model.named_modules() for c in type(m).__mro__}:
+        module = sys.modules.get(name)
+        current = getattr(module, "scaled_dot_product_attention", None)
+        if current is base.scaled_dot_product_attention:
+            module.scaled_dot_product_attention = _sdpa_with_fast_path(current)
+        patched |= getattr(getattr(module, "scaled_dot_product_attention", None), "_mlx_grpo_fast", False)
+    blocks = list(getattr(model, "layers", None) or [])
+    if not patched:
+        return 0
+    for block in blocks:
+        if not getattr(type(block), "_mlx_grpo_fast_attention", False):
+            block.__class__ = _attention_class(type(block))
+    return len(blocks)
+
+
+@contextlib.contextmanager
+def stock_attention(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s blocks run mlx-lm's own attention (a peer's code timed on
+    the same model object computes as its authors wrote it)."""
+    swapped = [(b, type(b)) for b in getattr(model, "layers", None) or [] if "_mlx_grpo_stock" in vars(type(b))]
+    for block, cls in swapped:
+        block.__class__ = cls._mlx_grpo_stock
+    try:
+        yield
+    finally:
+        for block, cls in swapped:
+            block.__class__ = cls
 
 
 # --------------------------------------------------------------------------- log-sum-exp

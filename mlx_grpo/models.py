@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import hub
 from .config import AdapterConfig, ConfigError, ModelConfig
 from .errors import RunFault, UserError, first_line
-from .fastmath import use_fast_mlps
+from .fastmath import use_fast_attention, use_fast_mlps
 from .float_base import float_base
 from .gguf_convert import is_gguf
 from .memory import available_memory
@@ -152,6 +152,8 @@ def load_model(cfg: ModelConfig, path: Optional[str] = None,
     float_base(model, cfg.float_base, available_memory(), say or (lambda _: None))
     if cfg.fast_mlp:
         use_fast_mlps(model)
+    if cfg.fast_attention:
+        use_fast_attention(model)
     return model, tokenizer
 
 
