@@ -176,15 +176,11 @@ def _same_output(m: nn.Module, fast: type) -> bool:
 
 # --------------------------------------------------------------------------- attention
 
-# What MLX's attention puts in the slots a boolean mask hides (not -inf: a row with every slot
-# hidden then averages its values instead of giving NaN).
-_MASKED = float(np.finfo(np.float32).min)
-
-
 @mx.compile
 def _softmax_forward(s: mx.array) -> mx.array:
-    e = _exp2((s - mx.max(s, axis=-1, keepdims=True)) * LOG2E)
-    return e * (1.0 / mx.sum(e, axis=-1, keepdims=True))
+    x = s.astype(mx.float32)  # in float32 whatever the scores' dtype, as MLX's precise softmax
+    e = _exp2((x - mx.max(x, axis=-1, keepdims=True)) * LOG2E)
+    return (e * (1.0 / mx.sum(e, axis=-1, keepdims=True))).astype(s.dtype)
 
 
 @mx.custom_function
@@ -208,7 +204,9 @@ def _mask_scores(scores: mx.array, mask: Any) -> mx.array:
         L, S = scores.shape[-2:]
         mask = (mx.arange(L)[:, None] + (S - L)) >= mx.arange(S)[None, :]
     if mask.dtype == mx.bool_:
-        return mx.where(mask, scores, _MASKED)
+        # The dtype's lowest value, as MLX's attention (not -inf: a row with every slot hidden
+        # then averages its values instead of giving NaN).
+        return mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
     return scores + mask.astype(scores.dtype)
 
 
@@ -221,15 +219,16 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
     2.39 s, docs/performance.md).
 
     queries [B, H, L, D], keys and values [B, KV, S, D] with KV dividing H (query head h reads
-    key head h // (H / KV), as MLX's does). The scores are float32 whatever the inputs' dtype.
+    key head h // (H / KV), as MLX's does). The scores keep the inputs' dtype and the softmax is
+    computed in float32, as MLX's attention does.
     """
     B, H, L, D = queries.shape
     KV, S = keys.shape[1], keys.shape[2]
     q = (queries * scale).reshape(B, KV, (H // KV) * L, D)
-    scores = _mask_scores((q @ keys.swapaxes(-1, -2)).astype(mx.float32).reshape(B, H, L, S), mask)
+    scores = _mask_scores((q @ keys.swapaxes(-1, -2)).reshape(B, H, L, S), mask)
     # Compiled kernels run op by op under a gradient trace (see swiglu): MLX's softmax there.
     p = _softmax(scores) if in_eager() else mx.softmax(scores, axis=-1, precise=True)
-    return (p.astype(values.dtype).reshape(B, KV, (H // KV) * L, S) @ values).reshape(B, H, L, values.shape[-1])
+    return (p.reshape(B, KV, (H // KV) * L, S) @ values).reshape(B, H, L, values.shape[-1])
 
 
 _attention_depth = 0  # inside a block of a model that opted in (use_fast_attention)

@@ -85,14 +85,19 @@ def test_attention_gradients_match_mlxs_kernel(monkeypatch, eager):
             assert float(mx.max(mx.abs(a - b))) <= 1e-5 * (1 + float(mx.max(mx.abs(b))))
 
 
-def test_attention_keeps_half_precision_outputs(monkeypatch):
-    monkeypatch.setattr(fastmath, "_eager_depth", 1)
-    q, k, v = (mx.random.normal(s, key=mx.random.key(i)).astype(mx.bfloat16)
-               for i, s in enumerate([(1, 4, 3, 8), (1, 2, 5, 8), (1, 2, 5, 8)]))
-    got = fastmath.attention(q, k, v, 0.5, "causal")
-    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask="causal")
-    assert got.dtype == mx.bfloat16
-    assert float(mx.max(mx.abs(got.astype(mx.float32) - want.astype(mx.float32)))) < 2e-2
+@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_attention_keeps_half_precision_dtypes_and_hidden_rows(monkeypatch, dtype, eager):
+    monkeypatch.setattr(fastmath, "_eager_depth", int(eager))
+    q, k, v = (mx.random.normal(s, key=mx.random.key(i)).astype(dtype)
+               for i, s in enumerate([(2, 4, 3, 8), (2, 2, 5, 8), (2, 2, 5, 8)]))
+    hidden = mx.array([[True, True, False, True, False]] * 2 + [[False] * 5]).reshape(1, 1, 3, 5)
+    for mask in ["causal", hidden]:
+        got = fastmath.attention(q, k, v, 0.5, mask)
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask=mask)
+        assert got.dtype == dtype
+        assert not bool(mx.any(mx.isnan(got)))  # a row with every slot hidden averages, as MLX's
+        assert float(mx.max(mx.abs(got.astype(mx.float32) - want.astype(mx.float32)))) < 2e-2
 
 
 def _logits_and_lora_grad(model, eager: bool):
