@@ -37,6 +37,16 @@ def blas_line() -> str:
     return blas.describe(dict(os.environ))
 
 
+def load_stock_model(model_cfg: Any):
+    """``models.load_model`` as a peer gets it: the same float32 base on the CPU, with mlx-lm's own
+    MLP and attention (none of ``fastmath``'s), so a peer runs the model as mlx-lm loads it."""
+    from dataclasses import replace
+
+    from mlx_grpo.models import load_model
+
+    return load_model(replace(model_cfg, fast_mlp=False, fast_attention=False))
+
+
 def say(line: str) -> None:
     """Progress on stderr, so that stdout keeps only the result."""
     print(line, file=sys.stderr, flush=True)

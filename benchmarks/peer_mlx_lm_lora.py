@@ -125,15 +125,14 @@ def peer(work: Work, steps: int, sess, best: bool) -> Tuple[float, float]:
     import mlx_lm_lora.trainer.grpo_trainer as gt
     from mlx_lm_lora.trainer.grpo_reward_functions import r1_accuracy_reward_func, r1_strict_format_reward_func
 
-    from mlx_grpo.models import attach_adapters, load_model
+    from mlx_grpo.models import attach_adapters
     from mlx_grpo.rollout import encode_prompt
 
     cfg = sess.cfg
-    stock = replace(cfg.model, fast_mlp=False, fast_attention=False)  # the peer runs mlx-lm's model as mlx-lm loads it
-    model, tok = load_model(stock)
+    model, tok = common.load_stock_model(cfg.model)
     mx.random.seed(cfg.train.seed)
     attach_adapters(model, cfg.adapter)  # the same mlx-lm LoRA layers as ours
-    ref, _ = load_model(stock)
+    ref, _ = common.load_stock_model(cfg.model)
     ref.freeze()
     # the prompt ids ours decodes from (no second BOS after a chat template's)
     dataset = [(encode_prompt(tok, p), tok.encode(str(r["answer"])), p, str(r["answer"]))

@@ -116,7 +116,6 @@ import sys
 import tempfile
 import time
 import types
-from dataclasses import replace
 from typing import Any, Dict, Tuple
 
 import common
@@ -171,11 +170,9 @@ def mlx_tune_steps(work: Work, steps: int, sess, reward: str) -> Dict[str, Any]:
     loaded model: per-step time after the first, mean completion and prompt tokens, updates run."""
     import mlx.core as mx
 
-    from mlx_grpo.models import load_model
-
     rl, mt_model, perf = import_mlx_tune()
     cfg = sess.cfg
-    model, tok = load_model(replace(cfg.model, fast_mlp=False, fast_attention=False))
+    model, tok = common.load_stock_model(cfg.model)
     mx.random.seed(cfg.train.seed)
     wrapped = mt_model.MLXModelWrapper(model, tok)
     rank = cfg.adapter.rank

@@ -57,7 +57,6 @@ import gc
 import json
 import statistics
 import time
-from dataclasses import replace
 from functools import partial
 from typing import Any, Callable, Dict, List, Tuple, TypeVar
 
@@ -137,10 +136,8 @@ def mlxrl_steps(work: Work, steps: int, sess, rollout: str, compile_decode: bool
     from mlxrl.rollout.naive import SamplingConfig, generate_group_rollouts
     from mlxrl.train.grpo import batch_from_rollouts, optimizer_step
 
-    from mlx_grpo.models import load_model
-
     cfg = sess.cfg
-    model, tok = load_model(replace(cfg.model, fast_mlp=False, fast_attention=False))
+    model, tok = common.load_stock_model(cfg.model)
     mx.random.seed(cfg.train.seed)
     lora = LoRAConfig(rank=cfg.adapter.rank, scale=cfg.adapter.effective_scale(), dropout=cfg.adapter.dropout)
     inject_lora_adapters(model, lora)  # as its load_policy_with_lora does after mlx-lm's load

@@ -285,11 +285,11 @@ def use_fast_attention(model: nn.Module) -> int:
         module = sys.modules.get(name)
         current = getattr(module, "scaled_dot_product_attention", None)
         if current is base.scaled_dot_product_attention:
-            module.scaled_dot_product_attention = _sdpa_with_fast_path(current)
-        patched |= getattr(getattr(module, "scaled_dot_product_attention", None), "_mlx_grpo_fast", False)
-    blocks = list(getattr(model, "layers", None) or [])
+            current = module.scaled_dot_product_attention = _sdpa_with_fast_path(current)
+        patched |= getattr(current, "_mlx_grpo_fast", False)
     if not patched:
         return 0
+    blocks = list(getattr(model, "layers", None) or [])
     for block in blocks:
         if not getattr(type(block), "_mlx_grpo_fast_attention", False):
             block.__class__ = _attention_class(type(block))
