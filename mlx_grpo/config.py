@@ -112,8 +112,8 @@ class ModelConfig:
     # MLX's CPU backend only: the SiLU of gated MLPs (llama, qwen2/3, mistral, ...) without MLX's
     # slow CPU exp (fastmath.py; same outputs to float32 rounding); Metal and CUDA keep theirs.
     fast_mlp: bool = True
-    # MLX's CPU backend only: attention with grouped heads stacked into one product and, where
-    # nothing is differentiated, its softmax without MLX's slow CPU exp (fastmath.attention).
+    # MLX's CPU backend only: attention with grouped heads stacked into one product and its
+    # softmax without MLX's slow CPU exp (fastmath.attention).
     fast_attention: bool = True
 
 

@@ -1,34 +1,36 @@
 """The SiLU of gated MLPs, attention's softmax and the vocabulary's log-sum-exp on MLX's CPU
 backend without MLX's slow CPU ``exp``.
 
-On x86-64 MLX's CPU backend evaluates ``exp`` and ``sigmoid`` element by element at 20-50 ns
+On x86-64 MLX's CPU backend evaluates ``exp`` and ``sigmoid`` element by element at 13-16 ns
 (an add: under 1 ns); every gated MLP pays it in its SiLU (Qwen2.5-0.5B: 116,736 sigmoids per
-token). Here exp(y ln 2) = 2^n * 2^f (n an integer, |f| <= 1/2): 2^n is built from its bits and
-2^f by a degree-7 polynomial (relative error ~5e-9, below float32's rounding), in compiled
-element-wise kernels of multiplies and adds (measured: docs/performance.md):
+token) and attention in its softmax. Its ``power`` is the C library's, about 3x faster, so here
+``exp(x) = 2^(x log2 e)`` (measured over 4M floats: 4.6 ns per element against ``exp``'s 12.7 and
+``sigmoid``'s 15.8; the relative error of rounding x log2 e to float32 first, ~|x| x 6e-8, is the
+one MLX's own ``exp`` makes). One primitive and a multiply, so it is as fast inside a gradient
+trace (where MLX runs compiled functions op by op, ``mlx/compile.cpp``) as outside one:
 
 - ``swiglu``: ``silu(gate) * x`` of the gated MLPs of mlx-lm's llama, qwen2, qwen3, mistral and
-  about fifty more architectures, where nothing is differentiated (blocks marked ``eager()``:
-  rollouts and reference scoring); a gradient trace runs compiled functions op by op, so the
-  update keeps MLX's ``silu``;
+  about fifty more architectures, with its own gradient (SmolLM2's update, 1,472 positions x
+  1,536 a layer: forward 36 -> 15 ms, backward 26 -> 20 ms);
 - ``use_fast_mlps(model)``: gives a loaded model's gated MLPs that ``swiglu`` (each module's
   class swapped for a subclass with the same parameters, after a one-off check that it computes
   what the original does), so the adapters and saved files do not change;
 - ``attention``: MLX's attention with the heads that share a key head stacked into one product
-  and, inside ``eager()`` blocks, the softmax through the polynomial; ``use_fast_attention``
-  routes mlx-lm's ``scaled_dot_product_attention`` there on the CPU backend;
+  and the softmax through ``exp``; ``use_fast_attention`` routes mlx-lm's
+  ``scaled_dot_product_attention`` there on the CPU backend;
 - ``logsumexp``: the vocabulary's log-sum-exp where nothing is differentiated (every decode
   step, the reference and old-policy passes: blocks marked ``eager()``) through NumPy, whose
   ``exp`` is vectorised: 78M logits (8 rows x 64 positions x Qwen's 151,936) take 0.26 s
   against MLX's 2.15 s here. It evaluates its input where it is called, so it cannot run inside
   ``mx.compile`` (the decode step calls it after the compiled graph), and not inside a gradient
   trace: there an evaluation keeps every intermediate of the traced graph alive (measured on
-  the 0.5B update: 15.7 GB instead of 4.1), so the update keeps MLX's. Its gradient (softmax x
-  cotangent, NumPy's too) serves callers that differentiate a block marked ``eager()``.
+  the 0.5B update: 15.7 GB instead of 4.1), so a differentiated pass takes ``exp``. Its
+  gradient (softmax x cotangent, NumPy's too) serves callers that differentiate a block marked
+  ``eager()``.
 
-The polynomial was tried for the vocabulary first: MLX does not fuse the kernels across the bit
-view, so each intermediate was materialised, and over a scoring chunk of 2^25 logits that cost
-1.2 GB more at the peak (measured) for 1.5x per element.
+A polynomial for 2^f in compiled kernels of multiplies and adds came first; MLX's CPU kernels
+run it at ~10 ns per element (the compiled loop is not vectorised) and, under a gradient trace,
+op by op at two dozen passes: ``power`` beats it in every pass (docs/performance.md).
 
 Metal and CUDA have fast ``exp`` and attention kernels; there ``swiglu`` and attention are MLX's
 own and nothing is swapped.
@@ -49,8 +51,6 @@ import numpy as np
 from .float_base import device_kind
 
 LOG2E = math.log2(math.e)
-# Taylor coefficients of 2^f = exp(f ln 2) up to f^7: relative error <= (ln2 / 2)^8 / 8! ~ 5e-9.
-_COEFFS = [math.log(2.0) ** k / math.factorial(k) for k in range(8)]
 
 
 def on_cpu() -> bool:
@@ -58,40 +58,34 @@ def on_cpu() -> bool:
     return device_kind() == "cpu"
 
 
-# y + 1.5 * 2^23 - 1.5 * 2^23 rounds a float32 |y| < 2^22 to the nearest integer (one add each
-# way, where floor costs more than the whole polynomial in MLX's CPU kernels).
-_ROUND = 12582912.0
-
-
-def _exp2(y: mx.array) -> mx.array:
-    """2^y in float32 from multiplies, adds and the exponent's bits (see the module docstring)."""
-    n = (mx.clip(y, -126.0, 127.0) + _ROUND) - _ROUND  # |f| <= 1/2 except above 2^127.5 (f < 1)
-    f = y - n
-    p = f * _COEFFS[7] + _COEFFS[6]
-    for c in reversed(_COEFFS[:6]):
-        p = p * f + c
-    scale = mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)
-    # Below 2^-126 (float32's normal range) the answer is 0, above 2^128 it is inf; NaN stays NaN.
-    return mx.where(y < -126.0, 0.0, mx.where(y >= 128.0, math.inf, p * scale))
+def exp(x: mx.array) -> mx.array:
+    """e^x in float32; on the CPU backend as 2^(x log2 e) through MLX's ``power`` (~3x faster
+    than its ``exp`` there; see the module docstring), elsewhere MLX's ``exp``. e^-inf is 0,
+    e^inf is inf, NaN stays NaN."""
+    x = x.astype(mx.float32)
+    return mx.power(2.0, x * LOG2E) if on_cpu() else mx.exp(x)
 
 
 # --------------------------------------------------------------------------- SwiGLU
 
 
-# Compiled per shape: MLX's shapeless CPU kernels were several times slower on large arrays
-# (measured: 20 multiply-adds over 2.5M floats, 22 vs 2.4 ns per element), and a kernel's code
-# does not depend on the shape, so a new shape costs a trace, not a compilation.
+def _sigmoid(g: mx.array) -> mx.array:
+    """sigmoid(g) for float32 ``g`` through ``exp`` (0 below about -88, 1 above about 17)."""
+    return 1.0 / (1.0 + exp(-g))
+
+
+# Compiled per shape for the rollouts' and the reference pass's large arrays (one kernel instead
+# of five passes; a new shape costs a trace, not a compilation); a gradient trace runs it op by op.
 @mx.compile
 def _swiglu_forward(gate: mx.array, x: mx.array) -> mx.array:
     g = gate.astype(mx.float32)
-    silu = g / (1.0 + _exp2(g * -LOG2E))
-    return (silu * x.astype(mx.float32)).astype(x.dtype)
+    return (g * _sigmoid(g) * x.astype(mx.float32)).astype(x.dtype)
 
 
 @mx.compile
 def _swiglu_backward(gate: mx.array, x: mx.array, cotangent: mx.array) -> Tuple[mx.array, mx.array]:
     g = gate.astype(mx.float32)
-    s = 1.0 / (1.0 + _exp2(g * -LOG2E))  # sigmoid(gate)
+    s = _sigmoid(g)
     c = cotangent.astype(mx.float32)
     d_gate = c * x.astype(mx.float32) * s * (1.0 + g * (1.0 - s))  # d silu / d g = s + g s (1 - s)
     return d_gate.astype(gate.dtype), (c * g * s).astype(x.dtype)
@@ -109,14 +103,10 @@ def _swiglu_vjp(primals, cotangent, output):
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """``nn.silu(gate) * x`` (mlx-lm's ``swiglu``); on the CPU backend inside ``eager()`` blocks
-    (and the compiled decode step they run) without MLX's ``exp``.
-
-    Outside them MLX's own: a pass that is differentiated traces its function, and MLX runs a
-    compiled function whose inputs are tracers op by op (``mlx/compile.cpp``), so there the
-    polynomial's two dozen element-wise passes cost more than MLX's one ``exp`` (SmolLM2's
-    update, 1,472 positions x 1,536: forward + backward 63.5 ms against 46.7 a layer)."""
-    if not on_cpu() or not in_eager():
+    """``nn.silu(gate) * x`` (mlx-lm's ``swiglu``); on the CPU backend through ``exp``, with its
+    own gradient (the backward recomputes the sigmoid from ``gate`` instead of keeping it), in
+    every pass: rollouts, scoring and the update."""
+    if not on_cpu():
         return nn.silu(gate) * x
     return _swiglu(gate, x)
 
@@ -179,7 +169,7 @@ def _same_output(m: nn.Module, fast: type) -> bool:
 @mx.compile
 def _softmax_forward(s: mx.array) -> mx.array:
     x = s.astype(mx.float32)  # in float32 whatever the scores' dtype, as MLX's precise softmax
-    e = _exp2((x - mx.max(x, axis=-1, keepdims=True)) * LOG2E)
+    e = exp(x - mx.max(x, axis=-1, keepdims=True))
     return (e * (1.0 / mx.sum(e, axis=-1, keepdims=True))).astype(s.dtype)
 
 
@@ -214,9 +204,9 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
     """``mx.fast.scaled_dot_product_attention`` (grouped heads; boolean, additive or "causal"
     masks) as MLX's CPU backend computes it, with two changes: the heads that share a key head
     are stacked as the rows of one product per (batch, key head) instead of a broadcast product
-    per head (forward + backward of one SmolLM2 update layer: 43-46 ms against 48-60), and inside
-    ``eager()`` blocks the softmax's ``exp`` is the polynomial (SmolLM2's reference pass 2.62 ->
-    2.39 s, docs/performance.md).
+    per head (forward + backward of one SmolLM2 update layer: 43-46 ms against 48-60), and the
+    softmax takes ``exp`` with its own gradient (from the softmax kept, as MLX's; 16 x 9 x 64
+    queries over 176 keys, forward + backward: 15 ms against MLX's softmax's 24).
 
     queries [B, H, L, D], keys and values [B, KV, S, D] with KV dividing H (query head h reads
     key head h // (H / KV), as MLX's does). The scores keep the inputs' dtype and the softmax is
@@ -226,8 +216,7 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
     KV, S = keys.shape[1], keys.shape[2]
     q = (queries * scale).reshape(B, KV, (H // KV) * L, D)
     scores = _mask_scores((q @ keys.swapaxes(-1, -2)).reshape(B, H, L, S), mask)
-    # Compiled kernels run op by op under a gradient trace (see swiglu): MLX's softmax there.
-    p = _softmax(scores) if in_eager() else mx.softmax(scores, axis=-1, precise=True)
+    p = _softmax(scores)
     return (p.reshape(B, KV, (H // KV) * L, S) @ values).reshape(B, H, L, values.shape[-1])
 
 
@@ -395,11 +384,27 @@ def evaluates(n_logits: int) -> bool:
     return bool(in_eager() and n_logits >= NUMPY_MIN_LOGITS and on_cpu())
 
 
+@mx.custom_function
+def _lse_exp(x: mx.array) -> mx.array:
+    m = mx.max(x, axis=-1, keepdims=True)
+    m = mx.where(mx.isinf(m) | mx.isnan(m), 0.0, m)  # as _np_logsumexp: inf and NaN pass through
+    return (mx.log(mx.sum(exp(x - m), axis=-1, keepdims=True)) + m)[..., 0]
+
+
+@_lse_exp.vjp
+def _lse_exp_vjp(primals, cotangent, output):
+    x = primals[0] if isinstance(primals, (tuple, list)) else primals
+    return exp(x - output[..., None]) * cotangent[..., None].astype(mx.float32)  # softmax x cotangent
+
+
 def logsumexp(x: mx.array) -> mx.array:
-    """``mx.logsumexp(x, axis=-1)`` in float32; within ``eager()`` on the CPU backend and from
-    ``NUMPY_MIN_LOGITS`` logits on, through NumPy (see the module docstring), with its gradient.
-    Not inside ``mx.compile``."""
+    """``mx.logsumexp(x, axis=-1)`` in float32, with its gradient; on the CPU backend within
+    ``eager()`` and from ``NUMPY_MIN_LOGITS`` logits on through NumPy (see the module docstring),
+    elsewhere on the CPU through ``exp`` (below ``NUMPY_MIN_LOGITS`` logits MLX's own, one
+    kernel where ``exp`` is a handful). Not inside ``mx.compile``."""
     x = x.astype(mx.float32)
-    if not evaluates(x.size):
-        return mx.logsumexp(x, axis=-1)
-    return _lse_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
+    if evaluates(x.size):
+        return _lse_rows(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
+    if on_cpu() and x.size >= NUMPY_MIN_LOGITS:
+        return _lse_exp(x)
+    return mx.logsumexp(x, axis=-1)

@@ -1,5 +1,5 @@
-"""fastmath.attention: MLX's attention with grouped heads stacked and, where nothing is
-differentiated, the polynomial softmax, checked against NumPy in float64 and against MLX's
+"""fastmath.attention: MLX's attention with grouped heads stacked and the softmax through
+``fastmath.exp`` (with its own gradient), checked against NumPy in float64 and against MLX's
 kernel (values and gradients, every mask kind); and the opt-in on a real model (same logits and
 LoRA gradients, another model of the same architecture left on mlx-lm's own)."""
 
@@ -51,10 +51,8 @@ def masks(B, H, L, S, key):
     }
 
 
-@pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_attention_matches_numpy_and_mlx_for_every_mask(monkeypatch, shape, eager):
-    monkeypatch.setattr(fastmath, "_eager_depth", int(eager))  # eager: the polynomial softmax
+def test_attention_matches_numpy_and_mlx_for_every_mask(shape):
     B, H, KV, L, S, D = shape
     kq, kk, kv, km = mx.random.split(mx.random.key(sum(shape)), 4)
     q, k, v = mx.random.normal((B, H, L, D), key=kq), mx.random.normal((B, KV, S, D), key=kk), mx.random.normal((B, KV, S, D), key=kv)
@@ -67,9 +65,7 @@ def test_attention_matches_numpy_and_mlx_for_every_mask(monkeypatch, shape, eage
         assert float(mx.max(mx.abs(got - mlx))) <= 1e-5, name
 
 
-@pytest.mark.parametrize("eager", [False, True])
-def test_attention_gradients_match_mlxs_kernel(monkeypatch, eager):
-    monkeypatch.setattr(fastmath, "_eager_depth", int(eager))  # eager: the softmax's custom gradient
+def test_attention_gradients_match_mlxs_kernel():
     B, H, KV, L, S, D = 2, 6, 2, 4, 9, 8
     kq, kk, kv, kc, km = mx.random.split(mx.random.key(5), 5)
     q, k, v = mx.random.normal((B, H, L, D), key=kq), mx.random.normal((B, KV, S, D), key=kk), mx.random.normal((B, KV, S, D), key=kv)
@@ -85,10 +81,8 @@ def test_attention_gradients_match_mlxs_kernel(monkeypatch, eager):
             assert float(mx.max(mx.abs(a - b))) <= 1e-5 * (1 + float(mx.max(mx.abs(b))))
 
 
-@pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_attention_keeps_half_precision_dtypes_and_hidden_rows(monkeypatch, dtype, eager):
-    monkeypatch.setattr(fastmath, "_eager_depth", int(eager))
+def test_attention_keeps_half_precision_dtypes_and_hidden_rows(dtype):
     q, k, v = (mx.random.normal(s, key=mx.random.key(i)).astype(dtype)
                for i, s in enumerate([(2, 4, 3, 8), (2, 2, 5, 8), (2, 2, 5, 8)]))
     hidden = mx.array([[True, True, False, True, False]] * 2 + [[False] * 5]).reshape(1, 1, 3, 5)

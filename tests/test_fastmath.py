@@ -2,6 +2,7 @@
 and the gated-MLP swap on a real model (same logits, same LoRA gradients, same saved keys)."""
 
 
+import pytest
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -12,10 +13,10 @@ from mlx_grpo.config import AdapterConfig, ModelConfig
 from mlx_grpo.models import attach_adapters, load_model
 
 
-exp = mx.compile(lambda x: fastmath._exp2(x.astype(mx.float32) * fastmath.LOG2E))  # exp(x), as swiglu uses it
-
-
-def test_exp_matches_numpy_over_float32s_range():
+@pytest.mark.parametrize("compiled", [False, True], ids=["op-by-op", "compiled"])
+def test_exp_matches_numpy_over_float32s_range(compiled):
+    exp = mx.compile(fastmath.exp) if compiled else fastmath.exp
+    assert fastmath.on_cpu()  # the power path (the suite runs on MLX's CPU backend)
     x = np.concatenate([np.linspace(-104, 89, 200_001), [0.0, -0.0, 1e-30, -87.3, 88.7]]).astype(np.float32)
     got = np.array(exp(mx.array(x))).astype(np.float64)
     want = np.exp(x.astype(np.float64))
@@ -39,8 +40,10 @@ def np_swiglu(g: np.ndarray, x: np.ndarray):
     return g * s * x, x * s * (1 + g * (1 - s)), g * s  # value, d/dgate, d/dx
 
 
-def test_swiglu_values_and_gradients_match_numpy(monkeypatch):
-    monkeypatch.setattr(fastmath, "_eager_depth", 1)  # the polynomial's path (rollouts, scoring)
+@pytest.mark.parametrize("eager", [False, True], ids=["update", "eager"])
+def test_swiglu_values_and_gradients_match_numpy(monkeypatch, eager):
+    monkeypatch.setattr(fastmath, "_eager_depth", int(eager))  # the same path either way
+    monkeypatch.setattr(fastmath.nn, "silu", None)  # MLX's silu (its slow exp) is not called
     rng = np.random.default_rng(3)
     g = np.concatenate([rng.standard_normal(5000) * 6, [-200.0, -90.0, 0.0, 90.0, 200.0]]).astype(np.float32)
     x = rng.standard_normal(g.size).astype(np.float32)
@@ -52,29 +55,31 @@ def test_swiglu_values_and_gradients_match_numpy(monkeypatch):
     np.testing.assert_allclose(np.array(grads[0]), c * dg, rtol=2e-5, atol=1e-12)
     np.testing.assert_allclose(np.array(grads[1]), c * dx, rtol=2e-6, atol=1e-30)
     # and what mlx-lm computes, to its own rounding
+    monkeypatch.undo()
     stock = nn.silu(mx.array(g)) * mx.array(x)
     assert float(mx.max(mx.abs(got - stock))) <= 1e-6 * float(mx.max(mx.abs(stock)))
 
 
-def test_swiglu_keeps_half_precision_dtypes(monkeypatch):
-    monkeypatch.setattr(fastmath, "_eager_depth", 1)
+def test_swiglu_keeps_half_precision_dtypes():
     g, x = mx.array([0.5, -2.0], dtype=mx.bfloat16), mx.array([1.0, 3.0], dtype=mx.bfloat16)
     assert fastmath.swiglu(g, x).dtype == mx.bfloat16
     dg, dx = mx.grad(lambda a, b: fastmath.swiglu(a, b).astype(mx.float32).sum(), argnums=(0, 1))(g, x)
     assert dg.dtype == dx.dtype == mx.bfloat16
 
 
-def test_swiglu_outside_eager_blocks_is_mlxs_own():
-    """A differentiated pass (outside ``eager()``) gets MLX's silu: under a gradient trace MLX
-    runs a compiled function op by op, re-running its Python body on every call (shown here by a
-    counter), so the polynomial would run as two dozen separate element-wise passes."""
+def test_swiglu_is_mlxs_own_off_the_cpu(monkeypatch):
     rng = np.random.default_rng(4)
     g, x = (mx.array(rng.standard_normal(64).astype(np.float32)) for _ in range(2))
-    assert not fastmath.in_eager()
+    assert not mx.array_equal(fastmath.swiglu(g, x), nn.silu(g) * x)  # the power's rounding
+    monkeypatch.setattr(fastmath, "on_cpu", lambda: False)
     assert mx.array_equal(fastmath.swiglu(g, x), nn.silu(g) * x)
-    with fastmath.eager():
-        assert fastmath.in_eager()
-        assert not mx.array_equal(fastmath.swiglu(g, x), nn.silu(g) * x)  # the polynomial's rounding
+    assert mx.array_equal(fastmath.exp(g), mx.exp(g))
+
+
+def test_a_gradient_trace_runs_compiled_functions_op_by_op():
+    """Why ``exp`` is one primitive rather than a compiled kernel: under a gradient trace MLX runs
+    a compiled function op by op, re-running its Python body on every call (a counter shows it)."""
+    g = mx.arange(8, dtype=mx.float32)
     traced = []
 
     @mx.compile
@@ -97,8 +102,7 @@ def _logits_and_lora_grad(model):
     return logits, dict(tree_flatten(grads))
 
 
-def test_fast_mlps_on_the_embedded_model_same_logits_and_lora_gradients(monkeypatch):
-    monkeypatch.setattr(fastmath, "_eager_depth", 1)  # the polynomial's path, gradients included
+def test_fast_mlps_on_the_embedded_model_same_logits_and_lora_gradients():
     stock, _ = load_model(ModelConfig(fast_mlp=False))
     fast, _ = load_model(ModelConfig())
     n = sum(1 for _, m in fast.named_modules() if getattr(type(m), "_mlx_grpo_fast", False))
@@ -154,9 +158,11 @@ def np_logsumexp(x: np.ndarray) -> np.ndarray:
     return (np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True)) + m)[..., 0]
 
 
-def test_logsumexp_and_its_gradient_match_numpy_in_float64(monkeypatch):
-    monkeypatch.setattr(fastmath, "on_cpu", lambda: True)  # the NumPy path, on any backend
-    monkeypatch.setattr(fastmath, "_eager_depth", 1)
+@pytest.mark.parametrize("eager", [True, False], ids=["numpy", "power"])
+def test_logsumexp_and_its_gradient_match_numpy_in_float64(monkeypatch, eager):
+    monkeypatch.setattr(fastmath, "on_cpu", lambda: True)  # the CPU's paths, on any backend
+    monkeypatch.setattr(fastmath, "_eager_depth", int(eager))  # eager: NumPy; else fastmath.exp
+    monkeypatch.setattr(fastmath, "_np_logsumexp", None if not eager else fastmath._np_logsumexp)
     monkeypatch.setattr(fastmath, "NUMPY_MIN_LOGITS", 0)
     monkeypatch.setattr(fastmath, "_BLOCK", 1000)  # several blocks per call
     rng = np.random.default_rng(0)
@@ -176,9 +182,10 @@ def test_logsumexp_and_its_gradient_match_numpy_in_float64(monkeypatch):
                                np_logsumexp(np.array(b.astype(mx.float32))), rtol=1e-6, atol=1e-5)
 
 
-def test_logsumexp_edge_rows_and_checkpoint_agree_with_mlx(monkeypatch):
+@pytest.mark.parametrize("eager", [True, False], ids=["numpy", "power"])
+def test_logsumexp_edge_rows_and_checkpoint_agree_with_mlx(monkeypatch, eager):
     monkeypatch.setattr(fastmath, "on_cpu", lambda: True)
-    monkeypatch.setattr(fastmath, "_eager_depth", 1)
+    monkeypatch.setattr(fastmath, "_eager_depth", int(eager))
     monkeypatch.setattr(fastmath, "NUMPY_MIN_LOGITS", 0)
     rows = mx.array([[-np.inf] * 4, [0.0, -np.inf, 1.0, 2.0], [0.0, np.inf, 1.0, 2.0], [0.0, np.nan, 1.0, 2.0]])
     got, want = np.array(fastmath.logsumexp(rows)), np.array(mx.logsumexp(rows, axis=-1))
