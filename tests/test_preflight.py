@@ -47,6 +47,24 @@ def test_kv_cache_estimate_matches_a_real_cache(small_model_dir):
     assert fewer["activations"] < est["activations"] and fewer["kv_cache"] == est["kv_cache"]
 
 
+def test_fast_mlps_save_one_ffn_value_per_position_in_the_estimate(embedded_model_dir, monkeypatch):
+    from mlx_grpo import fastmath
+    from mlx_grpo.config import ModelConfig
+    from mlx_grpo.preflight import FAST_MLP_SAVES
+
+    cfg = make_config(None, [("model.path", str(embedded_model_dir)), ("train.prompts_per_step", 2),
+                             ("rollout.group_size", 4), ("rollout.max_tokens", 16)])
+    fast, _ = load_model(cfg.model)
+    stock, _ = load_model(ModelConfig(path=str(embedded_model_dir), fast_mlp=False))
+    a = fast.args
+    positions = 2 * 30 + 8 * 16  # each prompt once, every completion
+    saved = estimate_memory(stock, cfg, 30)["activations"] - estimate_memory(fast, cfg, 30)["activations"]
+    want = a.num_hidden_layers * positions * FAST_MLP_SAVES * a.intermediate_size * 4
+    assert saved == pytest.approx(want) and want > 0
+    monkeypatch.setattr(fastmath, "on_cpu", lambda: False)  # Metal/CUDA: MLX's silu, no saving
+    assert estimate_memory(fast, cfg, 30) == estimate_memory(stock, cfg, 30)
+
+
 def test_memory_warning_names_the_settings_to_lower(small_model_dir):
     cfg, model, _ = loaded(small_model_dir, ("train.micro_batch", "fixed"))  # auto fits it instead
     est = estimate_memory(model, cfg, 50)
