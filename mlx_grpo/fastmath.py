@@ -76,10 +76,16 @@ def _sigmoid(g: mx.array) -> mx.array:
 
 # Compiled per shape for the rollouts' and the reference pass's large arrays (one kernel instead
 # of five passes; a new shape costs a trace, not a compilation); a gradient trace runs it op by op.
+def _swiglu_and_sigmoid(gate: mx.array, x: mx.array) -> Tuple[mx.array, mx.array]:
+    """``silu(gate) * x`` in ``x``'s dtype, and the float32 sigmoid of ``gate`` it used."""
+    g = gate.astype(mx.float32)
+    s = _sigmoid(g)
+    return (g * s * x.astype(mx.float32)).astype(x.dtype), s
+
+
 @mx.compile
 def _swiglu_forward(gate: mx.array, x: mx.array) -> mx.array:
-    g = gate.astype(mx.float32)
-    return (g * _sigmoid(g) * x.astype(mx.float32)).astype(x.dtype)
+    return _swiglu_and_sigmoid(gate, x)[0]
 
 
 @mx.compile
@@ -103,9 +109,7 @@ def _swiglu_vjp(primals, cotangent, output):
 
 @mx.custom_function
 def _swiglu_kept(gate: mx.array, x: mx.array) -> Tuple[mx.array, mx.array]:
-    g = gate.astype(mx.float32)
-    s = _sigmoid(g)
-    return (g * s * x.astype(mx.float32)).astype(x.dtype), s
+    return _swiglu_and_sigmoid(gate, x)
 
 
 @_swiglu_kept.vjp
@@ -133,6 +137,12 @@ def _gated_mlp_call(self, x: mx.array) -> mx.array:
 def _fast_class(cls: type) -> type:
     """``cls`` with ``_gated_mlp_call`` as its ``__call__`` (one subclass per class)."""
     return type(cls.__name__, (cls,), {"__call__": _gated_mlp_call, "_mlx_grpo_fast": True})
+
+
+def runs_fast_mlps(model: nn.Module) -> bool:
+    """Do ``model``'s gated MLPs run through ``swiglu`` here (swapped by ``use_fast_mlps``, and
+    MLX computing on its CPU backend)?"""
+    return on_cpu() and any(getattr(type(m), "_mlx_grpo_fast", False) for _, m in model.named_modules())
 
 
 def _is_gated_mlp(m: nn.Module) -> bool:

@@ -24,6 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import Config, ConfigError
+from .fastmath import runs_fast_mlps
 from .rollout import encode_prompt
 from .logprobs import KEEP_BUDGET, LOGITS_BUDGET
 from .tasks import DataError, TaskData
@@ -178,13 +179,6 @@ SCORE_COPIES = 2
 FAST_MLP_SAVES = 1
 
 
-def _fast_mlps(model: nn.Module) -> bool:
-    """Does the update run ``model``'s gated MLPs through ``fastmath.swiglu`` (CPU backend)?"""
-    from .fastmath import on_cpu
-
-    return on_cpu() and any(getattr(type(m), "_mlx_grpo_fast", False) for _, m in model.named_modules())
-
-
 def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[str, float]:
     """An estimate, in bytes, of what one step holds at its peak, by part (``estimate_total``
     adds them up: the rollout's KV cache and the update's activations never coexist).
@@ -227,7 +221,7 @@ def estimate_memory(model: nn.Module, cfg: Config, prompt_tokens: int) -> Dict[s
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     keys = micro * T * kv  # each row's keys (or values) over the prompt and its completion
     scores = d["heads"] * micro * Tc * T  # attention scores of the completion positions
-    ffn_kept = BODY * 2 * d["ffn"] - (FAST_MLP_SAVES * d["ffn"] if _fast_mlps(model) else 0)
+    ffn_kept = BODY * 2 * d["ffn"] - (FAST_MLP_SAVES * d["ffn"] if runs_fast_mlps(model) else 0)
     per_layer = (positions * (BODY * 8 * d["hidden"] + ffn_kept) + 4 * keys + SCORE_COPIES * scores) * b
     if cfg.train.grad_checkpoint:
         layer_acts = per_layer + d["layers"] * (positions * d["hidden"] + 4 * keys + 2 * scores) * b
