@@ -160,22 +160,37 @@ def maybe_reexec(argv: List[str], env: Dict[str, str]) -> None:
     os.execve(sys.executable, [sys.executable] + argv, new_env)
 
 
+def _handle(env: Dict[str, str]) -> Optional[ctypes.CDLL]:
+    """The preloaded BLAS library, opened (None when none is preloaded or it cannot be opened)."""
+    lib = preloaded(env)
+    if lib is None:
+        return None
+    try:
+        return ctypes.CDLL(lib)
+    except OSError:
+        return None
+
+
 def limit_threads(n: int, env: Dict[str, str]) -> bool:
     """Cap the preloaded BLAS at ``n`` threads (processes sharing a machine would otherwise each
     start one per core, and their spinning threads starve each other); True when it applied."""
-    lib = preloaded(env)
-    if lib is None:
-        return False
-    try:
-        handle = ctypes.CDLL(lib)
-    except OSError:
-        return False
+    handle = _handle(env)
     for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads", "bli_thread_set_num_threads"):
-        fn = getattr(handle, name, None)
+        fn = getattr(handle, name, None) if handle is not None else None
         if fn is not None:
             fn(ctypes.c_int(n))
             return True
     return False
+
+
+def threads(env: Dict[str, str]) -> Optional[int]:
+    """The threads the preloaded BLAS uses now (None when none is preloaded or it does not say)."""
+    handle = _handle(env)
+    for name in ("openblas_get_num_threads", "MKL_Get_Max_Threads", "bli_thread_get_num_threads"):
+        fn = getattr(handle, name, None) if handle is not None else None
+        if fn is not None:
+            return int(fn())
+    return None
 
 
 def describe(env: Dict[str, str]) -> str:

@@ -250,6 +250,10 @@ class TrainConfig:
     # auto: before the first step a measured dry micro-batch raises grad_accumulation_steps (and
     # sets grad_checkpoint) until a step fits in memory (microbatch.py); fixed: as configured.
     micro_batch: MicroBatch = "auto"
+    # On the CPU backend, the rows of the scoring and update passes run in this many parts side
+    # by side, one per core (MLX runs element-wise work on one thread per stream; lanes.py);
+    # 1: one pass. More lanes than the BLAS's threads or than rows are not used.
+    cpu_lanes: int = 2
     seed: int = 0
     # Steps in a row whose every update had a non-finite loss or gradient (each one skipped)
     # before the run stops; 0: never stop.
@@ -433,6 +437,7 @@ def validate(cfg: Config) -> Config:
         ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
         ("train.max_grad_norm", cfg.train.max_grad_norm >= 0, "must be >= 0"),
         ("train.grad_accumulation_steps", cfg.train.grad_accumulation_steps >= 1, "must be at least 1"),
+        ("train.cpu_lanes", cfg.train.cpu_lanes >= 1, "must be at least 1 (1: one pass)"),
         ("adapter.rank", cfg.adapter.rank >= 1, "must be at least 1"),
         ("adapter.dropout", 0 <= cfg.adapter.dropout < 1, "must be in [0, 1)"),
         ("adapter.num_layers", cfg.adapter.num_layers == -1 or cfg.adapter.num_layers >= 1, "must be -1 (all) or at least 1"),

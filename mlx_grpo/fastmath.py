@@ -377,18 +377,23 @@ def _lse_rows_vjp(primals, cotangent, output):
 
 
 _eager_depth = 0
+_lazy_depth = 0
 
 
 @contextlib.contextmanager
-def eager() -> Iterator[None]:
+def eager(evaluate: bool = True) -> Iterator[None]:
     """Marks a block where no gradient is traced (rollouts, reference scoring): ``logsumexp``
-    may evaluate its input there, and takes the NumPy path on the CPU backend."""
-    global _eager_depth
+    may evaluate its input there, and takes the NumPy path on the CPU backend. ``evaluate=False``:
+    nothing is evaluated before the caller evaluates the whole graph (lanes.py's halves run side
+    by side only when queued together), so ``logsumexp`` stays in MLX."""
+    global _eager_depth, _lazy_depth
     _eager_depth += 1
+    _lazy_depth += not evaluate
     try:
         yield
     finally:
         _eager_depth -= 1
+        _lazy_depth -= not evaluate
 
 
 def in_eager() -> bool:
@@ -405,7 +410,7 @@ NUMPY_MIN_LOGITS = 1 << 18
 def evaluates(n_logits: int) -> bool:
     """Would ``logsumexp`` over ``n_logits`` logits here take the NumPy path, which evaluates its
     input at once (so a caller gains nothing by queueing work ahead of it)?"""
-    return bool(in_eager() and n_logits >= NUMPY_MIN_LOGITS and on_cpu())
+    return bool(in_eager() and not _lazy_depth and n_logits >= NUMPY_MIN_LOGITS and on_cpu())
 
 
 @mx.custom_function

@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import distributed, fastmath
+from . import distributed, fastmath, lanes
 from .config import Config, TrainConfig
 from .loss import Normalizer, grpo_loss
 from .models import adapters_disabled
@@ -77,10 +77,51 @@ def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
     )
 
 
-def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int) -> mx.array:
-    """``b``'s completion logprobs under ``model``, as constants (scored ``micro`` rows at a time)."""
-    with fastmath.eager():  # nothing is differentiated here (see fastmath.logsumexp)
-        return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
+def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int, n_lanes: int = 1) -> mx.array:
+    """``b``'s completion logprobs under ``model``, as constants (scored ``micro`` rows at a time),
+    its rows in ``n_lanes`` lanes (lanes.py)."""
+    if n_lanes <= 1:
+        with fastmath.eager():  # nothing is differentiated here (see fastmath.logsumexp)
+            return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
+    parts = []
+    with fastmath.eager(evaluate=False):  # the lanes run side by side when evaluated together
+        for rows, stream in zip(lanes.split(b.row_prompt, n_lanes), lanes.streams(n_lanes)):
+            with mx.stream(stream):
+                parts.append(b.rows(rows).logprobs(model, temperature, chunk=micro))
+    return mx.stop_gradient(mx.concatenate(parts, axis=0))
+
+
+def pass_lanes(cfg: Config, rows: int) -> int:
+    """The lanes a scoring or update pass over ``rows`` rows takes (``train.cpu_lanes``, where
+    lanes.py allows them). bnpo normalises each micro-batch by its own tokens, so its update
+    keeps one lane: lanes are not micro-batches."""
+    if cfg.grpo.loss_type == "bnpo":
+        return 1
+    return lanes.count(rows, cfg.train.cpu_lanes)
+
+
+def lane_value_and_grad(
+    value_and_grad: Callable, model: nn.Module, mb: StepBatch, n_lanes: int
+) -> Tuple[mx.array, Dict[str, mx.array], Dict]:
+    """(loss, stats, gradient) of the micro-batch ``mb``, its rows in ``n_lanes`` lanes (lanes.py):
+    each lane's forward and backward pass built on its own stream, the losses and gradients
+    summed (every loss but bnpo's is normalised by the whole step's sizes, so the lanes' sum is
+    the micro-batch's loss) and the stats, token means, weighted by each lane's tokens."""
+    if n_lanes <= 1:
+        (loss, stats), grads = value_and_grad(model, mb)
+        return loss, stats, grads
+    losses, weights, stat_parts, grads = [], [], [], None
+    for rows, stream in zip(lanes.split(mb.row_prompt, n_lanes), lanes.streams(n_lanes)):
+        sub = mb.rows(rows)
+        with mx.stream(stream):
+            (loss, stats), g = value_and_grad(model, sub)
+        losses.append(loss)
+        weights.append(sub.mask.sum())
+        stat_parts.append(stats)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+    total = mx.maximum(sum(weights), 1.0)
+    stats = {k: sum(w * p[k] for w, p in zip(weights, stat_parts)) / total for k in stat_parts[0]}
+    return sum(losses), stats, grads
 
 
 STATS = ("kl", "clip_fraction", "clip_low", "clip_high", "ratio_mean")  # grpo_loss's diagnostics
@@ -134,23 +175,25 @@ def update(
     n = 0 if batch is None else batch.tokens.shape[0]
     size = micro_size(norm.rows, cfg.train)
     value_and_grad = nn.value_and_grad(model, batch_loss(cfg, norm))
+    n_lanes = pass_lanes(cfg, min(size, n))
     grads = None
     loss_total = 0.0
     tokens = 0.0
     stats_sum: Dict[str, float] = {}
-    for start in range(0, n, size):
-        mb = batch.rows(slice(start, start + size))
-        (loss, stats), g = value_and_grad(model, mb)
-        grads = g if grads is None else tree_map(mx.add, grads, g)
-        mx.eval(loss, grads, stats)
-        loss_total += loss.item()
-        # The stats are token means of a micro-batch: weighted by its tokens and divided by the
-        # tokens of every row in the update (not the step's normaliser, which under
-        # skip_zero_advantage also counts rows nobody scored), they are the update's token means.
-        w = mb.mask.sum().item()
-        tokens += w
-        for k, v in stats.items():
-            stats_sum[k] = stats_sum.get(k, 0.0) + w * v.item()
+    with lanes.single_blas(n_lanes > 1):
+        for start in range(0, n, size):
+            mb = batch.rows(slice(start, start + size))
+            loss, stats, g = lane_value_and_grad(value_and_grad, model, mb, n_lanes)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(loss, grads, stats)
+            loss_total += loss.item()
+            # The stats are token means of a micro-batch: weighted by its tokens and divided by
+            # the tokens of every row in the update (not the step's normaliser, which under
+            # skip_zero_advantage also counts rows nobody scored), they are the update's token means.
+            w = mb.mask.sum().item()
+            tokens += w
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + w * v.item()
     if grads is None:
         grads = tree_map(mx.zeros_like, model.trainable_parameters())
     grads = distributed.sum_gradients(grads)
@@ -174,15 +217,17 @@ def score_batch(
     scored ``micro`` rows at a time. The KL reference is ``ref_model``, or else the policy with its
     adapters switched off."""
     temperature = cfg.rollout.temperature
-    if cfg.grpo.beta > 0:
-        if ref_model is not None:
-            batch.ref_logp = logprobs_of(ref_model, batch, temperature, micro)
-        else:
-            with adapters_disabled(model):
-                batch.ref_logp = logprobs_of(model, batch, temperature, micro)
-    if cfg.grpo.num_iterations > 1:
-        batch.old_logp = logprobs_of(model, batch, temperature, micro)
-    mx.eval(batch.ref_logp, batch.old_logp)
+    n_lanes = lanes.count(batch.tokens.shape[0], cfg.train.cpu_lanes)
+    with lanes.single_blas(n_lanes > 1):
+        if cfg.grpo.beta > 0:
+            if ref_model is not None:
+                batch.ref_logp = logprobs_of(ref_model, batch, temperature, micro, n_lanes)
+            else:
+                with adapters_disabled(model):
+                    batch.ref_logp = logprobs_of(model, batch, temperature, micro, n_lanes)
+        if cfg.grpo.num_iterations > 1:
+            batch.old_logp = logprobs_of(model, batch, temperature, micro, n_lanes)
+        mx.eval(batch.ref_logp, batch.old_logp)
 
 
 def learn(

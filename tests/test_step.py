@@ -3,6 +3,7 @@ stage against its NumPy definition, and a real step returns its samples beside i
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from mlx_grpo.config import Config, ModelConfig, make_config
 from mlx_grpo.policy import Policy
@@ -131,10 +132,13 @@ def test_the_stage_timer_adds_up_each_stage():
     assert set(timer.finish()) == {"generate", "score", "step"} and timer["step"] >= timer["score"]
 
 
-def test_numpy_logsumexp_serves_rollout_and_reference_never_the_traced_update(small_model_dir, monkeypatch):
+@pytest.mark.parametrize("cpu_lanes", [1, 2])
+def test_numpy_logsumexp_serves_rollout_and_reference_never_the_traced_update(small_model_dir, monkeypatch, cpu_lanes):
     """fastmath.logsumexp evaluates its input: inside the update's gradient trace that would keep
     every intermediate alive (15.7 GB instead of 4.1 on the 0.5B shape), so only the blocks
-    marked eager (rollout, reference pass) may take it."""
+    marked eager (rollout, reference pass) may take it; a reference pass in two lanes does not
+    either (an evaluation before both lanes are queued would run them one after the other)."""
+    from mlx_grpo import lanes
     import mlx.nn as nn
     import mlx.optimizers as optim
 
@@ -165,13 +169,16 @@ def test_numpy_logsumexp_serves_rollout_and_reference_never_the_traced_update(sm
 
     monkeypatch.setattr(fastmath, "_lse_rows", spy)
     monkeypatch.setattr(learner.nn, "value_and_grad", traced_value_and_grad)
+    monkeypatch.setattr(lanes, "count", lambda rows, wanted=2: min(rows, wanted))  # on any machine
     cfg = make_config(None, [("model.path", str(small_model_dir)), ("rollout.group_size", G),
                              ("rollout.max_tokens", 4), ("train.prompts_per_step", 2), ("data.max_operand", 9),
-                             ("data.eval_size", 10), ("grpo.beta", 0.1), ("grpo.skip_zero_advantage", False)])
+                             ("data.eval_size", 10), ("grpo.beta", 0.1), ("grpo.skip_zero_advantage", False),
+                             ("train.cpu_lanes", cpu_lanes)])
     model, tok = load_model(ModelConfig(path=str(small_model_dir)))
     attach_adapters(model, cfg.adapter)
     rows = load_task(cfg.data).train[:2]
     m, _ = grpo_step(policy(model, tok, cfg), optim.AdamW(learning_rate=1e-3), rows, cfg)
     assert m["rows_updated"] == 8 and np.isfinite(m["loss"])
-    assert calls["eager"] >= 4 + 1  # the rollout's prefill and decode steps, the reference pass
+    # the rollout's prefill and decode steps (4 new tokens), and the reference pass in one lane
+    assert calls["eager"] == 4 + (cpu_lanes == 1)
     assert calls["traced"] == 0
