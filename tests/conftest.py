@@ -39,6 +39,27 @@ def _full_verdicts():
         yield
 
 
+ARITHMETIC_PROMPTS = ["What is 1 + 2 ?", "3 + 4 =", "What is 5 + 5 ?", "2 +"]
+
+
+def off_reference_rollouts(model_dir, cfg):
+    """The small model with adapters whose B moved off zero (LoRA's B starts at zero, where every
+    KL and A's gradient is 0), and its rollouts of four arithmetic prompts: (model, rollouts)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_grpo.config import ModelConfig
+    from mlx_grpo.models import attach_adapters, load_model
+    from mlx_grpo.rollout import sample_groups
+
+    model, tok = load_model(ModelConfig(path=str(model_dir)))
+    mx.random.seed(0)
+    attach_adapters(model, cfg.adapter)
+    model.update(tree_unflatten([(k, 0.05 * mx.random.normal(v.shape)) if k.endswith("lora_b") else (k, v)
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    return model, sample_groups(model, tok, ARITHMETIC_PROMPTS, cfg.rollout)
+
+
 def tf32_matmuls() -> bool:
     """True where MLX runs float32 matmuls in TF32 (a 10-bit mantissa): its CUDA backend. The CPU
     backend (CI) and Metal compute them in full float32."""

@@ -11,17 +11,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from mlx_grpo import lanes
-from mlx_grpo.config import ModelConfig, make_config
+from mlx_grpo.config import make_config
 from mlx_grpo.learner import (
     batch_loss, lane_value_and_grad, logprobs_of, pass_lanes, select_rows, step_normalizer,
 )
-from mlx_grpo.models import adapters_disabled, attach_adapters, load_model
-from mlx_grpo.rollout import sample_groups
+from mlx_grpo.models import adapters_disabled
 
-from conftest import ROOT, tol
+from conftest import ROOT, off_reference_rollouts, tol
 
 
 def test_split_cuts_where_the_prompt_changes_nearest_the_middle():
@@ -48,16 +47,9 @@ def _batch(model_dir, loss_type="grpo"):
     cfg = make_config(None, [("rollout.group_size", 4), ("rollout.max_tokens", 8), ("rollout.stop", []),
                              ("train.prompts_per_step", 4), ("grpo.beta", 0.1), ("grpo.kl_clamp", None),
                              ("grpo.loss_type", loss_type)])
-    model, tok = load_model(ModelConfig(path=str(model_dir)))
-    mx.random.seed(0)
-    attach_adapters(model, cfg.adapter)
-    # Move the policy off the reference (LoRA's B starts at zero, where every KL and A's gradient is 0).
-    model.update(tree_unflatten([(k, 0.05 * mx.random.normal(v.shape)) if k.endswith("lora_b") else (k, v)
-                                 for k, v in tree_flatten(model.trainable_parameters())]))
-    ro = sample_groups(model, tok, ["What is 1 + 2 ?", "3 + 4 =", "What is 5 + 5 ?", "2 +"], cfg.rollout)
+    model, ro = off_reference_rollouts(model_dir, cfg)
     adv = np.tile(np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32), 4)
-    batch = select_rows(ro, adv, np.arange(16))
-    return cfg, model, batch
+    return cfg, model, select_rows(ro, adv, np.arange(16))
 
 
 @pytest.mark.parametrize("n_lanes", [2, 3])

@@ -10,7 +10,7 @@ import pytest
 from mlx_grpo.config import make_config
 from mlx_grpo.trainer import make_schedule, prompt_batches, train
 
-from conftest import tol
+from conftest import off_reference_rollouts, tol
 
 
 def run(small_model_dir, tmp_path, name, *overrides, reward="length"):
@@ -82,23 +82,14 @@ def test_update_reports_the_kl_of_the_rows_it_updated(small_model_dir, micro):
     the update reports is the token mean over the rows it scored, against NumPy's k3 on them, with
     any number of micro-batches; not diluted by the rows left out."""
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten, tree_unflatten
 
-    from mlx_grpo.config import ModelConfig
     from mlx_grpo.learner import logprobs_of, select_rows, step_normalizer, update
-    from mlx_grpo.models import adapters_disabled, attach_adapters, load_model
-    from mlx_grpo.rollout import sample_groups
+    from mlx_grpo.models import adapters_disabled
 
     cfg = make_config(None, [("rollout.group_size", 4), ("rollout.max_tokens", 8), ("rollout.stop", []),
                              ("train.prompts_per_step", 4), ("train.grad_accumulation_steps", micro),
                              ("grpo.beta", 0.1), ("grpo.kl_clamp", None), ("grpo.skip_zero_advantage", True)])
-    model, tok = load_model(ModelConfig(path=str(small_model_dir)))
-    mx.random.seed(0)
-    attach_adapters(model, cfg.adapter)
-    # Move the policy off the reference (LoRA's B starts at zero, where every KL is 0).
-    model.update(tree_unflatten([(k, 0.05 * mx.random.normal(v.shape)) if k.endswith("lora_b") else (k, v)
-                                 for k, v in tree_flatten(model.trainable_parameters())]))
-    ro = sample_groups(model, tok, ["What is 1 + 2 ?", "3 + 4 =", "What is 5 + 5 ?", "2 +"], cfg.rollout)
+    model, ro = off_reference_rollouts(small_model_dir, cfg)
     adv = np.concatenate([np.zeros(8), np.tile([1.0, -1.0, 0.5, -0.5], 2)]).astype(np.float32)  # 2 flat groups
     keep = np.arange(8, 16)
     batch = select_rows(ro, adv, keep)
