@@ -92,9 +92,9 @@ def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int, 
 
 
 def pass_lanes(cfg: Config, rows: int) -> int:
-    """The lanes a scoring or update pass over ``rows`` rows takes (``train.cpu_lanes``, where
+    """The lanes an update micro-batch of ``rows`` rows takes (``train.cpu_lanes``, where
     lanes.py allows them). bnpo normalises each micro-batch by its own tokens, so its update
-    keeps one lane: lanes are not micro-batches."""
+    keeps one lane: lanes are not micro-batches (its reference pass may take them)."""
     if cfg.grpo.loss_type == "bnpo":
         return 1
     return lanes.count(rows, cfg.train.cpu_lanes)
