@@ -243,10 +243,13 @@ def train(config_path: Optional[str], sets: Tuple[str, ...], overwrite: bool, re
 
                 cfg = config_from_dict(distributed.broadcast(cfg.to_dict() if cfg is not None else None))
             from . import blas
+            from .learner import pass_lanes
             from .trainer import train as run_training
 
             if distributed.is_main():
-                click.echo(f"mlx-grpo: {blas.describe(dict(os.environ))}")
+                n = pass_lanes(cfg, cfg.train.prompts_per_step * cfg.rollout.group_size)
+                lanes = f"; scoring and update in {n} lanes (train.cpu_lanes)" if n > 1 else ""
+                click.echo(f"mlx-grpo: {blas.describe(dict(os.environ))}{lanes}")
             run_training(cfg, resume=resume_dir is not None)
     except Interrupted as e:
         if distributed.is_main():  # rank 0 saved the checkpoint and says how to resume

@@ -58,6 +58,13 @@ def test_cli_names_its_blas_on_the_first_line(tmp_path):
     env = dict(os.environ)
     if blas.preloaded(env) or blas.reexec_env(env) is not None:
         assert "(fast)" in first
+        # two cores and nothing set against it: the line says the passes run in two lanes
+        if first.startswith("mlx-grpo: device cpu") and (os.cpu_count() or 1) >= 2 and "OPENBLAS_NUM_THREADS" not in env:
+            assert first.endswith("; scoring and update in 2 lanes (train.cpu_lanes)"), first
+        r1 = run_cli("train", "--steps", "0", "--output", str(tmp_path / "o1"), "--set", "output.eval_size=2",
+                     "--no-progress", "--set", "train.cpu_lanes=1")
+        assert r1.returncode == 0, r1.stderr
+        assert "lanes" not in r1.stdout.splitlines()[0]
     elif first.startswith("mlx-grpo: device cpu"):
         assert "reference BLAS" in first and "libopenblas0-pthread" in first
 
