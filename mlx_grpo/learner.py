@@ -15,7 +15,7 @@ over every process, so each process's gradient is its share of the step's (distr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -93,20 +93,21 @@ def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int, 
 
 def pass_lanes(cfg: Config, rows: int) -> int:
     """The lanes an update micro-batch of ``rows`` rows takes (``train.cpu_lanes``, where
-    lanes.py allows them). bnpo normalises each micro-batch by its own tokens, so its update
-    keeps one lane: lanes are not micro-batches (its reference pass may take them)."""
-    if cfg.grpo.loss_type == "bnpo":
-        return 1
+    lanes.py allows them)."""
     return lanes.count(rows, cfg.train.cpu_lanes)
 
 
 def lane_value_and_grad(
-    value_and_grad: Callable, model: nn.Module, mb: StepBatch, n_lanes: int
+    model: nn.Module, mb: StepBatch, cfg: Config, norm: Normalizer, n_lanes: int
 ) -> Tuple[mx.array, Dict[str, mx.array], Dict]:
     """(loss, stats, gradient) of the micro-batch ``mb``, its rows in ``n_lanes`` lanes (lanes.py):
     each lane's forward and backward pass built on its own stream, the losses and gradients
-    summed (every loss but bnpo's is normalised by the whole step's sizes, so the lanes' sum is
-    the micro-batch's loss) and the stats, token means, weighted by each lane's tokens."""
+    summed (the losses are normalised by the whole step's sizes, and bnpo's by the whole
+    micro-batch's tokens, so the lanes' sum is the micro-batch's loss) and the stats, token
+    means, weighted by each lane's tokens."""
+    if n_lanes > 1 and cfg.grpo.loss_type == "bnpo":
+        norm = replace(norm, micro_tokens=max(float(mb.mask.sum().item()), 1.0))
+    value_and_grad = nn.value_and_grad(model, batch_loss(cfg, norm))
     if n_lanes <= 1:
         (loss, stats), grads = value_and_grad(model, mb)
         return loss, stats, grads
@@ -174,7 +175,6 @@ def update(
         norm = step_normalizer([batch.tokens.shape[0]], batch.mask.sum().item(), cfg)
     n = 0 if batch is None else batch.tokens.shape[0]
     size = micro_size(norm.rows, cfg.train)
-    value_and_grad = nn.value_and_grad(model, batch_loss(cfg, norm))
     n_lanes = pass_lanes(cfg, min(size, n))
     grads = None
     loss_total = 0.0
@@ -183,7 +183,7 @@ def update(
     with lanes.single_blas(n_lanes > 1):
         for start in range(0, n, size):
             mb = batch.rows(slice(start, start + size))
-            loss, stats, g = lane_value_and_grad(value_and_grad, model, mb, n_lanes)
+            loss, stats, g = lane_value_and_grad(model, mb, cfg, norm, n_lanes)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, grads, stats)
             loss_total += loss.item()

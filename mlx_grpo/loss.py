@@ -40,7 +40,9 @@ class Normalizer:
     zero-advantage rows included); max_len: the configured maximum completion length (Dr. GRPO's
     constant); num_micro: micro-batches (bnpo normalises each micro-batch by its own tokens and
     averages them, as TRL's local batch does); update_rows: the rows that go through the update
-    over all processes, which sets the micro-batch size (0: num_sequences).
+    over all processes, which sets the micro-batch size (0: num_sequences); micro_tokens: bnpo's
+    denominator where a micro-batch runs in parts (lanes.py): the whole micro-batch's tokens (0:
+    the tokens of the rows the loss is given).
     """
 
     num_sequences: float
@@ -48,6 +50,7 @@ class Normalizer:
     max_len: int
     num_micro: int = 1
     update_rows: float = 0.0
+    micro_tokens: float = 0.0
 
     @staticmethod
     def of(mask: mx.array, max_len: int) -> "Normalizer":
@@ -98,7 +101,8 @@ def reduce_loss(per_token: mx.array, mask: mx.array, loss_type: str, norm: Norma
         per_seq = masked.sum(axis=1) / mx.maximum(mask.sum(axis=1), 1.0)
         return per_seq.sum() / norm.num_sequences
     if loss_type == "bnpo":  # token-level over the local (micro-)batch
-        return masked.sum() / mx.maximum(mask.sum(), 1.0) / norm.num_micro
+        tokens = norm.micro_tokens if norm.micro_tokens > 0 else mx.maximum(mask.sum(), 1.0)
+        return masked.sum() / tokens / norm.num_micro
     if loss_type == "dr_grpo":  # constant normaliser G * L_max
         return masked.sum() / (norm.num_sequences * norm.max_len)
     if loss_type == "dapo":  # token-level over the whole step's batch

@@ -29,7 +29,7 @@ from . import lanes
 from .checkpoint import restore_rng_key, rng_key
 from .config import Config, ConfigError
 from .forward import enable_grad_checkpoint
-from .learner import StepBatch, batch_loss, lane_value_and_grad, pass_lanes
+from .learner import StepBatch, lane_value_and_grad, pass_lanes
 from .loss import Normalizer
 from .memory import GB, MARGIN, memory_budget
 from .preflight import estimate_memory, estimate_total, lower_settings
@@ -101,7 +101,7 @@ def dry_step_peak(model: nn.Module, cfg: Config, prompt_tokens: int, rows: int) 
         mx.reset_peak_memory()
         n_lanes = pass_lanes(cfg, rows)  # as the update runs it: lanes hold both halves at once
         with lanes.single_blas(n_lanes > 1):
-            loss, _, grads = lane_value_and_grad(nn.value_and_grad(model, batch_loss(cfg, norm)), model, b, n_lanes)
+            loss, _, grads = lane_value_and_grad(model, b, cfg, norm, n_lanes)
             mx.eval(loss, grads)
         peak = mx.get_peak_memory() + sum(g.nbytes for _, g in tree_flatten(grads))
     finally:

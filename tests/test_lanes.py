@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -16,7 +15,7 @@ from mlx.utils import tree_flatten
 from mlx_grpo import lanes
 from mlx_grpo.config import make_config
 from mlx_grpo.learner import (
-    batch_loss, lane_value_and_grad, logprobs_of, pass_lanes, select_rows, step_normalizer,
+    lane_value_and_grad, logprobs_of, pass_lanes, select_rows, step_normalizer,
 )
 from mlx_grpo.models import adapters_disabled
 
@@ -63,16 +62,16 @@ def test_reference_logprobs_in_lanes_equal_one_pass(small_model_dir, n_lanes):
     np.testing.assert_allclose(split[mask], one[mask], rtol=tol(1e-5, 1e-2), atol=tol(1e-5, 1e-3))
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_loss_stats_and_gradient_in_lanes_equal_one_pass(small_model_dir, loss_type):
+    """bnpo included: it normalises by the micro-batch's own tokens, which its lanes are given."""
     cfg, model, batch = _batch(small_model_dir, loss_type)
     with adapters_disabled(model):
         batch.ref_logp = logprobs_of(model, batch, 1.0, 16)
     norm = step_normalizer([16], batch.mask.sum().item(), cfg)
-    vg = nn.value_and_grad(model, batch_loss(cfg, norm))
     out = {}
     for n in (1, 2):
-        loss, stats, grads = lane_value_and_grad(vg, model, batch, n)
+        loss, stats, grads = lane_value_and_grad(model, batch, cfg, norm, n)
         mx.eval(loss, stats, grads)
         out[n] = (loss.item(), {k: v.item() for k, v in stats.items()}, dict(tree_flatten(grads)))
     (l1, s1, g1), (l2, s2, g2) = out[1], out[2]
@@ -87,14 +86,13 @@ def test_loss_stats_and_gradient_in_lanes_equal_one_pass(small_model_dir, loss_t
     assert moved == len(g1)  # every LoRA matrix gets a gradient
 
 
-def test_bnpo_and_settings_keep_one_lane(small_model_dir, monkeypatch):
+def test_settings_that_keep_one_lane(small_model_dir, monkeypatch):
     monkeypatch.setattr(lanes, "_ready", True)
     monkeypatch.setattr(lanes, "_blas_threads", lambda: 2)
     cfg = make_config(None, [])
     if mx.default_device() == mx.cpu:
         assert pass_lanes(cfg, 16) == 2
         assert lanes.count(16, 4) == 2  # no more lanes than the BLAS's threads
-    assert pass_lanes(make_config(None, [("grpo.loss_type", "bnpo")]), 16) == 1
     assert pass_lanes(make_config(None, [("train.cpu_lanes", 1)]), 16) == 1
     assert lanes.count(1) == 1
     monkeypatch.setattr(lanes, "_blas_threads", lambda: 1)  # OPENBLAS_NUM_THREADS=1 beside other runs
