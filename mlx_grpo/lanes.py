@@ -81,16 +81,23 @@ def split(row_prompt: np.ndarray, lanes: int) -> List[slice]:
     n = len(row_prompt)
     lanes = max(1, min(lanes, n))
     changes = [i for i in range(1, n) if row_prompt[i] != row_prompt[i - 1]]
-    cuts: List[int] = []
+    cuts = [0]
     for k in range(1, lanes):
         target = round(k * n / lanes)
-        near = [c for c in changes if abs(c - target) <= n / (2 * lanes) and (not cuts or c > cuts[-1])]
+        near = [c for c in changes if c > cuts[-1] and abs(c - target) <= n / (2 * lanes)]
         cut = min(near, key=lambda c: abs(c - target)) if near else target
-        if cut <= (cuts[-1] if cuts else 0) or cut >= n:
-            continue
-        cuts.append(cut)
-    bounds = [0] + cuts + [n]
+        if cuts[-1] < cut < n:
+            cuts.append(cut)
+    bounds = cuts + [n]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def each(row_prompt: np.ndarray, lanes: int) -> Iterator[slice]:
+    """The rows of each lane (``split``), each yielded while its own stream is the default, so
+    what the caller builds for those rows runs on that lane's stream."""
+    for rows, stream in zip(split(row_prompt, lanes), streams(lanes)):
+        with mx.stream(stream):
+            yield rows
 
 
 def streams(lanes: int) -> List[mx.Stream]:

@@ -83,17 +83,14 @@ def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int, 
     if n_lanes <= 1:
         with fastmath.eager():  # nothing is differentiated here (see fastmath.logsumexp)
             return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
-    parts = []
     with fastmath.eager(evaluate=False):  # the lanes run side by side when evaluated together
-        for rows, stream in zip(lanes.split(b.row_prompt, n_lanes), lanes.streams(n_lanes)):
-            with mx.stream(stream):
-                parts.append(b.rows(rows).logprobs(model, temperature, chunk=micro))
+        parts = [b.rows(rows).logprobs(model, temperature, chunk=micro) for rows in lanes.each(b.row_prompt, n_lanes)]
     return mx.stop_gradient(mx.concatenate(parts, axis=0))
 
 
 def pass_lanes(cfg: Config, rows: int) -> int:
-    """The lanes an update micro-batch of ``rows`` rows takes (``train.cpu_lanes``, where
-    lanes.py allows them)."""
+    """The lanes a scoring pass or an update micro-batch over ``rows`` rows takes
+    (``train.cpu_lanes``, where lanes.py allows them)."""
     return lanes.count(rows, cfg.train.cpu_lanes)
 
 
@@ -112,10 +109,9 @@ def lane_value_and_grad(
         (loss, stats), grads = value_and_grad(model, mb)
         return loss, stats, grads
     losses, weights, stat_parts, grads = [], [], [], None
-    for rows, stream in zip(lanes.split(mb.row_prompt, n_lanes), lanes.streams(n_lanes)):
+    for rows in lanes.each(mb.row_prompt, n_lanes):
         sub = mb.rows(rows)
-        with mx.stream(stream):
-            (loss, stats), g = value_and_grad(model, sub)
+        (loss, stats), g = value_and_grad(model, sub)
         losses.append(loss)
         weights.append(sub.mask.sum())
         stat_parts.append(stats)
@@ -217,7 +213,7 @@ def score_batch(
     scored ``micro`` rows at a time. The KL reference is ``ref_model``, or else the policy with its
     adapters switched off."""
     temperature = cfg.rollout.temperature
-    n_lanes = lanes.count(batch.tokens.shape[0], cfg.train.cpu_lanes)
+    n_lanes = pass_lanes(cfg, batch.tokens.shape[0])
     with lanes.single_blas(n_lanes > 1):
         if cfg.grpo.beta > 0:
             if ref_model is not None:

@@ -147,3 +147,12 @@ def test_single_blas_gives_the_threads_back():
     assert _import_lanes(code, env) == "2 1 2"
     env["OPENBLAS_NUM_THREADS"] = "1"
     assert _import_lanes(code, env) == "1 1 1"
+
+
+def test_each_lane_is_built_on_its_own_stream():
+    """What a caller builds for a lane's rows goes to that lane's stream; the default comes back."""
+    before = mx.default_stream(mx.cpu)
+    seen = [(rows, mx.default_stream(mx.cpu)) for rows in lanes.each(np.repeat([0, 1], 2), 2)]
+    assert [r for r, _ in seen] == [slice(0, 2), slice(2, 4)]
+    assert [s for _, s in seen] == lanes.streams(2) and seen[0][1] != seen[1][1]
+    assert before not in [s for _, s in seen] and mx.default_stream(mx.cpu) == before
