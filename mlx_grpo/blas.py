@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from . import malloc
+
 # Candidates in order of preference; each exports plain (unprefixed) cblas_sgemm.
 CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -132,7 +134,8 @@ def cpu_backend_in_use() -> bool:
 
 
 def reexec_env(env: Dict[str, str]) -> Optional[Dict[str, str]]:
-    """The environment to restart with (a fast BLAS preloaded), or None when no restart helps."""
+    """The environment to restart with (a fast BLAS preloaded, and tcmalloc where installed:
+    malloc.py), or None when no restart helps."""
     if env.get(MARKER) or env.get("MLX_GRPO_NO_FAST_BLAS"):
         return None
     if not cpu_backend_in_use():
@@ -140,13 +143,21 @@ def reexec_env(env: Dict[str, str]) -> Optional[Dict[str, str]]:
     lib = preloaded(env)
     if lib is not None:  # preloaded by the user: restart only to give OpenBLAS its kernels
         core = _coretype_env(lib, env)
-        return {**env, **core, MARKER: lib} if core else None
+        return _with_preloads(env, None, {**core, MARKER: lib}) if core else None
     lib = find_fast_blas(env)
     if lib is None:
         return None
-    new_env = {**env, **_coretype_env(lib, env)}
-    new_env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
-    new_env[MARKER] = lib
+    return _with_preloads(env, lib, {**_coretype_env(lib, env), MARKER: lib})
+
+
+def _with_preloads(env: Dict[str, str], lib: Optional[str], extra: Dict[str, str]) -> Dict[str, str]:
+    """``env`` with ``extra`` set and the allocator (malloc.py) and ``lib`` put before whatever
+    LD_PRELOAD already held."""
+    alloc = malloc.restart_env(env)
+    first = [p for p in (alloc.pop("LD_PRELOAD", None), lib) if p]
+    new_env = {**env, **alloc, **extra}
+    if first:
+        new_env["LD_PRELOAD"] = ":".join(first + [p for p in (env.get("LD_PRELOAD", ""),) if p])
     return new_env
 
 
@@ -205,7 +216,7 @@ def describe(env: Dict[str, str]) -> str:
     if lib:
         core = openblas_core(lib)
         kernels = f", {core} kernels" + (f" ({CORETYPE})" if env.get(CORETYPE) else "") if core else ""
-        return f"device cpu, BLAS {os.path.basename(lib)}{kernels} (fast)"
+        return f"device cpu, BLAS {os.path.basename(lib)}{kernels} (fast){malloc.describe(env)}"
     return f"device cpu, bundled reference BLAS -- {HINT}"
 
 

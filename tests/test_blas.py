@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_grpo import blas
+from mlx_grpo import blas, malloc
 
 
 def test_explicit_library_wins(tmp_path):
@@ -20,7 +20,7 @@ def test_explicit_library_wins(tmp_path):
 def test_restart_happens_at_most_once_and_can_be_disabled(tmp_path):
     lib = tmp_path / "libopenblas.so.0"
     lib.write_bytes(b"")
-    env = {"MLX_GRPO_BLAS_LIB": str(lib), "LD_PRELOAD": "/x/other.so"}
+    env = {"MLX_GRPO_BLAS_LIB": str(lib), "LD_PRELOAD": "/x/other.so", "MLX_GRPO_NO_TCMALLOC": "1"}
     new = blas.reexec_env(env)
     assert new is not None
     assert new["LD_PRELOAD"] == f"{lib}:/x/other.so"
@@ -58,6 +58,8 @@ def test_cli_names_its_blas_on_the_first_line(tmp_path):
     env = dict(os.environ)
     if blas.preloaded(env) or blas.reexec_env(env) is not None:
         assert "(fast)" in first
+        if malloc.preloaded(env) or malloc.find(env):  # the allocator rides on the same restart
+            assert ", malloc " in first, first
         # two cores and nothing set against it: the line says the passes run in two lanes
         if first.startswith("mlx-grpo: device cpu") and (os.cpu_count() or 1) >= 2 and "OPENBLAS_NUM_THREADS" not in env:
             assert first.endswith("; scoring and update in 2 lanes (train.cpu_lanes)"), first
@@ -95,6 +97,7 @@ def test_coretype_is_set_on_restart_and_a_users_own_setting_wins(monkeypatch, tm
     monkeypatch.setattr(blas, "openblas_core", lambda path: "prescott")
     monkeypatch.setattr(blas, "cpu_flags", lambda: AVX512)
     monkeypatch.setattr(blas, "cpu_backend_in_use", lambda: True)
+    monkeypatch.setattr(malloc, "find", lambda env: None)  # the BLAS alone (tcmalloc: test_malloc.py)
     new = blas.reexec_env({"MLX_GRPO_BLAS_LIB": str(lib)})
     assert new["OPENBLAS_CORETYPE"] == "SkylakeX" and new["LD_PRELOAD"] == str(lib)
     assert blas.reexec_env({"MLX_GRPO_BLAS_LIB": str(lib), "OPENBLAS_CORETYPE": "Haswell"}).get(
@@ -121,7 +124,7 @@ def test_a_restarted_process_runs_the_core_type_chosen_for_it():
                            "print(json.dumps(blas.reexec_env(dict(os.environ))))"],
                           env=clean, capture_output=True, text=True, check=True)
     new = json.loads(plan.stdout)
-    assert new is not None and new["LD_PRELOAD"].startswith(lib)
+    assert new is not None and lib in new["LD_PRELOAD"].split(":")
     code = f"import mlx.core as mx; from mlx_grpo import blas; print(blas.openblas_core({lib!r}))"
     out = subprocess.run([sys.executable, "-c", code], env=new, capture_output=True, text=True, check=True)
     chosen = new.get("OPENBLAS_CORETYPE")
