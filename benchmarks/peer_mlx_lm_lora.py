@@ -190,6 +190,7 @@ def main():
     mine = min(split["step_time"], split2["step_time"])
     res = {
         "mlx_lm_lora_version": mlx_lm_lora.__version__,
+        "backend": common.blas_line(),  # both trainers run in this process: the same BLAS and malloc
         "model": work.model or "embedded", "prompt_kind": work.prompt_kind,
         "settings": settings(work, sess),
         "ours_step_s": [split["step_time"], split2["step_time"]],
@@ -207,7 +208,7 @@ def main():
     if a.json:
         print(json.dumps(res))
         return
-    print(f"mlx-lm-lora {res['mlx_lm_lora_version']}, model {res['model']}, {res['settings']}")
+    print(f"mlx-lm-lora {res['mlx_lm_lora_version']}, model {res['model']}, {res['settings']}; {res['backend']}")
     print("| trainer | seconds per GRPO step | mean completion tokens |\n|---|---|---|")
     print(f"| mlx-grpo | {split['step_time']:.3f} (again after the peer: {split2['step_time']:.3f}) | "
           f"{split['completion_length']:.1f} ({split2['completion_length']:.1f}) |")
