@@ -31,8 +31,9 @@ CANDIDATES = [
 ALLOCATORS = ("libtcmalloc", "libjemalloc", "libmimalloc")  # library names that replace malloc
 OFF = "MLX_GRPO_NO_TCMALLOC"
 EXPLICIT = "MLX_GRPO_MALLOC_LIB"
-# tcmalloc writes a line with a stack trace to stderr for every allocation above this many bytes
-# (1 GB by default): a large model's weights would print them. Raised unless the user set it.
+# Some tcmalloc builds write a stack trace to stderr for every allocation above this many bytes
+# (1 GB by default), which a large model's weights would print (Debian 12's 2.10 does not). Raised
+# unless the user set it.
 REPORT = "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"
 NEVER = str(1 << 62)
 

@@ -53,24 +53,37 @@ def test_the_bundled_blas_probe_keeps_the_allocator(tmp_path):
     assert out["LD_PRELOAD"] == alloc  # the BLAS comparison compares BLASes only
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or malloc.find(dict(os.environ)) is None
-                    or blas.find_fast_blas(dict(os.environ)) is None or not blas.cpu_backend_in_use(),
-                    reason="needs Linux's CPU backend with a fast BLAS and tcmalloc installed")
-def test_a_restarted_process_runs_on_tcmalloc_and_computes_the_same():
-    code = ("import sys; sys.path.insert(0, {root!r}); from mlx_grpo import blas; import os; "
-            "blas.maybe_reexec(['-c', sys.argv[1]], dict(os.environ)) if len(sys.argv) > 1 else None; ")
-    probe = ("import mlx.core as mx, numpy as np; mx.random.seed(0); a = mx.random.normal((96, 64)); "
-             "print(any('libtcmalloc' in l for l in open('/proc/self/maps')), "
-             "float((a @ a.T).sum()))")
+NEEDS_TCMALLOC = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or malloc.find(dict(os.environ)) is None
+    or blas.find_fast_blas(dict(os.environ)) is None or not blas.cpu_backend_in_use(),
+    reason="needs Linux's CPU backend with a fast BLAS and tcmalloc installed")
+# As a user's shell starts it: nothing preloaded yet, so the process restarts itself.
+FRESH = {"LD_PRELOAD": "", blas.MARKER: "", malloc.OFF: ""}
+
+
+@NEEDS_TCMALLOC
+def test_a_restarted_process_runs_on_tcmalloc():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.MARKER, malloc.OFF)}
-    script = code.format(root=root) + probe
-    on = subprocess.run([sys.executable, "-c", script, script], env=env, capture_output=True, text=True)
-    off = subprocess.run([sys.executable, "-c", script, script], env={**env, malloc.OFF: "1"},
-                         capture_output=True, text=True)
-    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
-    on_tc, on_sum = on.stdout.split()
-    off_tc, off_sum = off.stdout.split()
-    assert (on_tc, off_tc) == ("True", "False")
-    assert on_sum == off_sum  # the allocator changes no result
-    assert "tcmalloc: large alloc" not in on.stderr
+    script = (f"import sys, os; sys.path.insert(0, {root!r}); from mlx_grpo import blas; "
+              "len(sys.argv) > 1 and blas.maybe_reexec(['-c', sys.argv[1]], dict(os.environ)); "
+              "import mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64))); "
+              "print(any('libtcmalloc' in line for line in open('/proc/self/maps')))")
+    for off, mapped in (("", "True"), ("1", "False")):
+        r = subprocess.run([sys.executable, "-c", script, script], capture_output=True, text=True,
+                           env={**os.environ, **FRESH, malloc.OFF: off})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [mapped]
+
+
+@NEEDS_TCMALLOC
+def test_training_on_tcmalloc_writes_the_same_adapters_bit_for_bit(tmp_path):
+    from conftest import run_cli
+
+    adapters = {}
+    for name, off in (("tcmalloc", ""), ("glibc", "1")):
+        r = run_cli("train", "--steps", "3", "--output", str(tmp_path / name), "--set", "output.eval_size=2",
+                    "--no-progress", env={**FRESH, malloc.OFF: off})
+        assert r.returncode == 0, r.stderr
+        assert ("malloc libtcmalloc" in r.stdout.splitlines()[0]) == (name == "tcmalloc")
+        adapters[name] = (tmp_path / name / "adapters.safetensors").read_bytes()
+    assert adapters["tcmalloc"] == adapters["glibc"]
