@@ -154,10 +154,10 @@ def _with_preloads(env: Dict[str, str], lib: Optional[str], extra: Dict[str, str
     """``env`` with ``extra`` set and the allocator (malloc.py) and ``lib`` put before whatever
     LD_PRELOAD already held."""
     alloc = malloc.restart_env(env)
-    first = [p for p in (alloc.pop("LD_PRELOAD", None), lib) if p]
+    preloads = [p for p in (alloc.pop("LD_PRELOAD", None), lib, env.get("LD_PRELOAD")) if p]
     new_env = {**env, **alloc, **extra}
-    if first:
-        new_env["LD_PRELOAD"] = ":".join(first + [p for p in (env.get("LD_PRELOAD", ""),) if p])
+    if preloads:
+        new_env["LD_PRELOAD"] = ":".join(preloads)
     return new_env
 
 
