@@ -37,7 +37,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import blas
+from . import blas, malloc
 from . import step as step_module
 from .assets.make_tiny_model import build_model
 from .bounds import Rows, bound_lines, bounds_report, limits_line, model_cost, step_phases
@@ -272,7 +272,7 @@ def bundled_env(env: Dict[str, str]) -> Dict[str, str]:
     """This environment without the preloaded fast BLAS, and told not to load one."""
     out = dict(env)
     lib = blas.preloaded(env)
-    rest = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != lib]
+    rest = [p for p in malloc.preloads(env) if p != lib]
     if rest:
         out["LD_PRELOAD"] = ":".join(rest)
     else:

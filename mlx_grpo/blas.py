@@ -69,11 +69,8 @@ def find_fast_blas(env: Dict[str, str]) -> Optional[str]:
 
 def preloaded(env: Dict[str, str]) -> Optional[str]:
     """The fast BLAS already in LD_PRELOAD, if any."""
-    for item in env.get("LD_PRELOAD", "").replace(" ", ":").split(":"):
-        name = os.path.basename(item)
-        if name.startswith(("libopenblas", "libmkl_rt", "libblis")):
-            return item
-    return None
+    names = ("libopenblas", "libmkl_rt", "libblis")
+    return next((p for p in malloc.preloads(env) if os.path.basename(p).startswith(names)), None)
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> set:

@@ -20,7 +20,7 @@ already in ``LD_PRELOAD`` is left as it is.
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -38,12 +38,14 @@ REPORT = "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"
 NEVER = str(1 << 62)
 
 
+def preloads(env: Dict[str, str]) -> List[str]:
+    """The libraries in LD_PRELOAD, in order (the loader takes colons and spaces between them)."""
+    return [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+
+
 def preloaded(env: Dict[str, str]) -> Optional[str]:
     """The allocator already in LD_PRELOAD, if any."""
-    for item in env.get("LD_PRELOAD", "").replace(" ", ":").split(":"):
-        if os.path.basename(item).startswith(ALLOCATORS):
-            return item
-    return None
+    return next((p for p in preloads(env) if os.path.basename(p).startswith(ALLOCATORS)), None)
 
 
 def find(env: Dict[str, str]) -> Optional[str]:
