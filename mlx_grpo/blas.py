@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import malloc
+from . import malloc, skinny
 
 # Candidates in order of preference; each exports plain (unprefixed) cblas_sgemm.
 CANDIDATES = [
@@ -131,8 +131,9 @@ def cpu_backend_in_use() -> bool:
 
 
 def reexec_env(env: Dict[str, str]) -> Optional[Dict[str, str]]:
-    """The environment to restart with (a fast BLAS preloaded, and tcmalloc where installed:
-    malloc.py), or None when no restart helps."""
+    """The environment to restart with (a fast BLAS preloaded, tcmalloc where installed:
+    malloc.py, and the few-row product where a C compiler builds it: skinny.py), or None when no
+    restart helps."""
     if env.get(MARKER) or env.get("MLX_GRPO_NO_FAST_BLAS"):
         return None
     if not cpu_backend_in_use():
@@ -148,10 +149,12 @@ def reexec_env(env: Dict[str, str]) -> Optional[Dict[str, str]]:
 
 
 def _with_preloads(env: Dict[str, str], lib: Optional[str], extra: Dict[str, str]) -> Dict[str, str]:
-    """``env`` with ``extra`` set and the allocator (malloc.py) and ``lib`` put before whatever
-    LD_PRELOAD already held."""
+    """``env`` with ``extra`` set and the allocator (malloc.py), the few-row product (skinny.py) and
+    ``lib`` put before whatever LD_PRELOAD already held: the product hands every other call on to
+    the next ``cblas_sgemm``, so it must come before the BLAS."""
     alloc = malloc.restart_env(env)
-    preloads = [p for p in (alloc.pop("LD_PRELOAD", None), lib, env.get("LD_PRELOAD")) if p]
+    shim = skinny.restart_preload(env)
+    preloads = [p for p in (alloc.pop("LD_PRELOAD", None), shim, lib, env.get("LD_PRELOAD")) if p]
     new_env = {**env, **alloc, **extra}
     if preloads:
         new_env["LD_PRELOAD"] = ":".join(preloads)
@@ -213,7 +216,7 @@ def describe(env: Dict[str, str]) -> str:
     if lib:
         core = openblas_core(lib)
         kernels = f", {core} kernels" + (f" ({CORETYPE})" if env.get(CORETYPE) else "") if core else ""
-        return f"device cpu, BLAS {os.path.basename(lib)}{kernels} (fast){malloc.describe(env)}"
+        return f"device cpu, BLAS {os.path.basename(lib)}{kernels} (fast){malloc.describe(env)}{skinny.describe(env)}"
     return f"device cpu, bundled reference BLAS -- {HINT}"
 
 

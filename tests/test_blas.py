@@ -7,7 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_grpo import blas, malloc
+from mlx_grpo import blas, malloc, skinny
+
+@pytest.fixture(autouse=True)
+def _no_skinny_product(monkeypatch):
+    """These tests are about the BLAS and the allocator; where the few-row product goes in the
+    restart is test_skinny.py's."""
+    monkeypatch.setattr(skinny, "restart_preload", lambda env: None)
+
 
 
 def test_explicit_library_wins(tmp_path):

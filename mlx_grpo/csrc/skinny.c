@@ -1,0 +1,148 @@
+/* cblas_sgemm for the few-row products of decoding, preloaded in front of the BLAS.
+ *
+ * A decode step multiplies a handful of rows (one per completion) by every weight matrix:
+ * x[M,K] @ W[N,K]^T with M around 16. Such a product is bound by reading W, and OpenBLAS spends
+ * much of it packing W into panels first. Here each thread streams its share of W's rows once,
+ * four at a time, and takes four rows of x against them in registers (16 accumulators of 16
+ * floats). Anything else -- another layout, more than MAX_ROWS rows, a small W -- goes on to the
+ * next cblas_sgemm in the process (the BLAS preloaded after this library). Threads: as many as
+ * that BLAS is set to use now (openblas_get_num_threads), so a caller that limits the BLAS
+ * limits this too (MKL's count where OpenBLAS is absent; one thread where neither answers).
+ *
+ * Built on the user's machine by mlx_grpo/skinny.py with -O3 -march=native -fopenmp; the vector
+ * type is GCC's, which compiles to AVX-512, AVX2 or NEON as the machine has.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define MAX_ROWS 24          /* at 32 rows OpenBLAS is as fast (measured, SmolLM2 and Qwen shapes) */
+#define MIN_WEIGHTS 65536    /* N * K below this: nothing to stream, leave it to the BLAS */
+#define ROW_MAJOR 101
+#define NO_TRANS 111
+#define TRANS 112
+#define NR 4                 /* rows of W per tile */
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
+                         float, float *, int);
+
+static sgemm_fn next_sgemm;
+static int (*blas_threads)(void);
+static int threads_looked_up;
+static long calls;
+static int enabled = 1;
+
+static inline float hsum(v16 v) {
+  float s = 0;
+  for (int i = 0; i < 16; i++) s += v[i];
+  return s;
+}
+
+/* MR rows of x against NR rows of W over the first K16 columns: a[i][j] holds 16 partial sums. */
+#define TILE(MR)                                                                                  \
+  static void tile##MR(int K16, const float *x, int ldx, const float *const *w, v16 a[4][NR]) {    \
+    for (int i = 0; i < MR; i++)                                                                  \
+      for (int j = 0; j < NR; j++) a[i][j] = (v16){0};                                            \
+    for (int k = 0; k < K16; k += 16) {                                                           \
+      v16 wv[NR];                                                                                 \
+      for (int j = 0; j < NR; j++) wv[j] = *(const v16 *)(w[j] + k);                              \
+      for (int i = 0; i < MR; i++) {                                                              \
+        v16 xv = *(const v16 *)(x + (size_t)i * ldx + k);                                         \
+        for (int j = 0; j < NR; j++) a[i][j] += xv * wv[j];                                       \
+      }                                                                                           \
+    }                                                                                             \
+  }
+TILE(1)
+TILE(2)
+TILE(3)
+TILE(4)
+
+static inline void put(float *o, float s, float alpha, float beta) {
+  *o = beta == 0.0f ? alpha * s : alpha * s + beta * *o; /* beta 0: C is not read (BLAS rule) */
+}
+
+static void rows(int M, int n0, int n1, int K, const float *x, int ldx, const float *W, int ldw,
+                 float *out, int ldo, float alpha, float beta) {
+  int K16 = K & ~15;
+  int n = n0;
+  for (; n + NR <= n1; n += NR) {
+    const float *w[NR];
+    for (int j = 0; j < NR; j++) w[j] = W + (size_t)(n + j) * ldw;
+    for (int m0 = 0; m0 < M; m0 += 4) {
+      int mr = M - m0 < 4 ? M - m0 : 4;
+      const float *xm = x + (size_t)m0 * ldx;
+      v16 a[4][NR];
+      switch (mr) {
+        case 4: tile4(K16, xm, ldx, w, a); break;
+        case 3: tile3(K16, xm, ldx, w, a); break;
+        case 2: tile2(K16, xm, ldx, w, a); break;
+        default: tile1(K16, xm, ldx, w, a);
+      }
+      for (int i = 0; i < mr; i++) {
+        const float *xr = xm + (size_t)i * ldx;
+        for (int j = 0; j < NR; j++) {
+          float s = hsum(a[i][j]);
+          for (int k = K16; k < K; k++) s += xr[k] * w[j][k];
+          put(out + (size_t)(m0 + i) * ldo + n + j, s, alpha, beta);
+        }
+      }
+    }
+  }
+  for (; n < n1; n++) { /* the last rows of W, fewer than NR */
+    const float *wr = W + (size_t)n * ldw;
+    for (int m = 0; m < M; m++) {
+      const float *xr = x + (size_t)m * ldx;
+      float s = 0;
+      for (int k = 0; k < K; k++) s += xr[k] * wr[k];
+      put(out + (size_t)m * ldo + n, s, alpha, beta);
+    }
+  }
+}
+
+static void skinny(int M, int N, int K, const float *x, int ldx, const float *W, int ldw, float *out,
+                   int ldo, float alpha, float beta, int threads) {
+  if (threads <= 1) {
+    rows(M, 0, N, K, x, ldx, W, ldw, out, ldo, alpha, beta);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    extern int omp_get_thread_num(void), omp_get_num_threads(void);
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int per = ((N + T - 1) / T + NR - 1) / NR * NR;
+    int a = t * per, b = a + per < N ? a + per : N;
+    if (a < b) rows(M, a, b, K, x, ldx, W, ldw, out, ldo, alpha, beta);
+  }
+}
+
+void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc) {
+  if (__atomic_load_n(&enabled, __ATOMIC_RELAXED) && order == ROW_MAJOR && ta == NO_TRANS && tb == TRANS && M >= 2 && M <= MAX_ROWS && K >= 16 &&
+      (long)N * K >= MIN_WEIGHTS && lda >= K && ldb >= K && ldc >= N) {
+    if (!__atomic_load_n(&threads_looked_up, __ATOMIC_ACQUIRE)) {
+      blas_threads = (int (*)(void))dlsym(RTLD_DEFAULT, "openblas_get_num_threads");
+      if (!blas_threads) blas_threads = (int (*)(void))dlsym(RTLD_DEFAULT, "MKL_Get_Max_Threads");
+      __atomic_store_n(&threads_looked_up, 1, __ATOMIC_RELEASE);
+    }
+    __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED);
+    skinny(M, N, K, A, lda, B, ldb, C, ldc, alpha, beta, blas_threads ? blas_threads() : 1);
+    return;
+  }
+  if (!next_sgemm) {
+    next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
+    if (!next_sgemm) {
+      fprintf(stderr, "mlx-grpo skinny.so: no cblas_sgemm after it in the process\n");
+      abort();
+    }
+  }
+  next_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* How many products this library computed itself (for tests and the benchmark). */
+long mlx_grpo_skinny_calls(void) { return __atomic_load_n(&calls, __ATOMIC_RELAXED); }
+
+/* 0: every call goes on to the BLAS (a peer timed in the same process); 1: back on. */
+void mlx_grpo_skinny_enable(int on) { __atomic_store_n(&enabled, on, __ATOMIC_RELAXED); }
