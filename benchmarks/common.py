@@ -11,10 +11,11 @@ release's shape and the step's size, with each script's own defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -35,6 +36,22 @@ def blas_line() -> str:
     from mlx_grpo import blas
 
     return blas.describe(dict(os.environ))
+
+
+@contextlib.contextmanager
+def peer_side() -> Iterator[None]:
+    """Within the block a peer trainer runs as in a process of its own: mlx-grpo's few-row product
+    (``mlx_grpo/skinny.py``), preloaded for the whole process by the restart, hands every product
+    to the BLAS. (The BLAS and the allocator stay: both sides run on those, as the result's
+    ``backend`` says.)"""
+    from mlx_grpo import skinny
+
+    was_on = skinny.set_enabled(False)
+    try:
+        yield
+    finally:
+        if was_on:
+            skinny.set_enabled(True)
 
 
 def load_stock_model(model_cfg: Any):

@@ -184,13 +184,15 @@ def main():
     split, _, sess = ours(work, a.steps)
     sess.model = None  # the peer loads its own two copies; keep one model in memory at a time
     nan = (float("nan"), float("nan"))
-    peer_default = peer(work, a.steps, sess, best=False) if a.peer in ("both", "default") else nan
-    peer_best = peer(work, a.steps, sess, best=True) if a.peer in ("both", "best") else nan
+    with common.peer_side():
+        peer_default = peer(work, a.steps, sess, best=False) if a.peer in ("both", "default") else nan
+        peer_best = peer(work, a.steps, sess, best=True) if a.peer in ("both", "best") else nan
     split2, _, _ = ours(work, a.steps)  # again, after the peer: load drift shows up as a difference
     mine = min(split["step_time"], split2["step_time"])
     res = {
         "mlx_lm_lora_version": mlx_lm_lora.__version__,
         "backend": common.blas_line(),  # both trainers run in this process: the same BLAS and malloc
+        "peer_few_row_kernel": False,  # ours only (common.peer_side)
         "model": work.model or "embedded", "prompt_kind": work.prompt_kind,
         "settings": settings(work, sess),
         "ours_step_s": [split["step_time"], split2["step_time"]],

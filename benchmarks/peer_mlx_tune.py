@@ -271,6 +271,7 @@ def main() -> None:
     res = {
         "mlx_tune_version": peer_version,
         "backend": common.blas_line(),  # both trainers run in this process: the same BLAS and malloc
+        "peer_few_row_kernel": False,  # ours only (common.peer_side)
         "model": work.model or "embedded", "settings": settings(work, sess), "steps_timed": a.steps,
         **ours_fields,
         "mlx_tune": peer,

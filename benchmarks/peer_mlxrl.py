@@ -107,7 +107,8 @@ def ours_around(work: Work, steps: int, peer: Callable[[Any], T]) -> Tuple[Dict[
     ours_trainable = trainable(sess.model)
     ours_prompt = statistics.mean(len(encode_prompt(sess.tokenizer, p)) for p in sess.prompts)
     sess.model = None
-    result = peer(sess)
+    with common.peer_side():
+        result = peer(sess)
     again, again_metrics, _ = ours(work, steps)
     after = statistics.mean(m["step_time"] for m in again_metrics)
     fields = {"ours_step_s": [before, after], "ours_split": mine,
@@ -206,6 +207,7 @@ def main() -> None:
     res = {
         "mlxrl_version": version("inductive-mlxrl"),
         "backend": common.blas_line(),  # both trainers run in this process: the same BLAS and malloc
+        "peer_few_row_kernel": False,  # ours only (common.peer_side)
         "model": work.model or "embedded", "settings": settings(work, sess), "steps_timed": a.steps,
         **ours_fields,
         "mlxrl": runs,
