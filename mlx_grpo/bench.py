@@ -37,7 +37,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import blas, malloc
+from . import blas, malloc, skinny
 from . import step as step_module
 from .assets.make_tiny_model import build_model
 from .bounds import Rows, bound_lines, bounds_report, limits_line, model_cost, step_phases
@@ -269,10 +269,11 @@ def blas_applies() -> Optional[str]:
 
 
 def bundled_env(env: Dict[str, str]) -> Dict[str, str]:
-    """This environment without the preloaded fast BLAS, and told not to load one."""
+    """This environment without the preloaded fast BLAS (nor the few-row kernel, skinny.py, which
+    is part of the fast path), and told not to load one."""
     out = dict(env)
-    lib = blas.preloaded(env)
-    rest = [p for p in malloc.preloads(env) if p != lib]
+    drop = {blas.preloaded(env), skinny.preloaded(env)}
+    rest = [p for p in malloc.preloads(env) if p not in drop]
     if rest:
         out["LD_PRELOAD"] = ":".join(rest)
     else:

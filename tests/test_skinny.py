@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from mlx_grpo import blas, malloc, skinny
+from mlx_grpo.bench import bundled_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE = (sys.platform.startswith("linux") and shutil.which(os.environ.get("CC") or "cc") is not None
@@ -24,21 +25,38 @@ def _built(tmp_path):
     return lib
 
 
-def _run(script, lib, tmp_path, **env):
-    """``script`` in a fresh Python with the library preloaded in front of the fast BLAS."""
-    preload = f"{lib}:{blas.find_fast_blas(dict(os.environ))}"
+def _run(script, lib, tmp_path, alone=False):
+    """``script`` in a fresh Python with the library preloaded in front of the fast BLAS (``alone``:
+    with no BLAS after it); its last line of output as JSON, and its stderr."""
+    preload = lib if alone else f"{lib}:{blas.find_fast_blas(dict(os.environ))}"
     path = tmp_path / "script.py"
     path.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + textwrap.dedent(script))
     r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                       env={**os.environ, "LD_PRELOAD": preload, blas.MARKER: "1", **env})
+                       env={**os.environ, "LD_PRELOAD": preload, blas.MARKER: "1", "MLX_GRPO_NO_FAST_BLAS": "1"})
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
 
 
 @NEEDS
 def test_every_product_it_takes_or_hands_on_matches_numpy(tmp_path):
     lib = _built(tmp_path)
-    out = _run("""
+    out, _ = _run(PRODUCTS, lib, tmp_path)
+    taken = [r for r in out if r[8]]
+    assert len(taken) == 7 * 4 + 2 and all(r[8] == 1 for r in taken)
+    assert all(r[3] <= 24 and r[0] == 101 and r[1] == 111 and r[2] == 112 for r in taken)
+    assert len(out) - len(taken) == 8  # the handed-on cases, counted by nobody here
+    for r in out:
+        assert r[9] < 2e-6, r  # float32 rounding of sums of up to 1,537 products
+
+
+@NEEDS
+def test_with_no_blas_after_it_every_product_is_still_right(tmp_path):
+    out, err = _run(PRODUCTS, _built(tmp_path), tmp_path, alone=True)
+    assert len(out) == 38 and max(r[9] for r in out) < 2e-6
+    assert err.count("without a BLAS after it") == 1  # said once, not per product
+
+
+PRODUCTS = """
         import ctypes, json
         import numpy as np
         g = ctypes.CDLL(None)
@@ -51,7 +69,8 @@ def test_every_product_it_takes_or_hands_on_matches_numpy(tmp_path):
         report = []
 
         def case(order, ta, tb, M, N, K, alpha, beta, pad=0, threads=2):
-            g.openblas_set_num_threads(threads)
+            if hasattr(g, "openblas_set_num_threads"):  # absent when no BLAS is preloaded
+                g.openblas_set_num_threads(threads)
             ka, kb = K + pad, K + pad  # leading dimensions wider than the rows
             A = rng.standard_normal((M, ka) if ta == 111 else (K, M + pad), dtype=np.float32)
             B = rng.standard_normal((N, kb) if tb == 112 else (K, N + pad), dtype=np.float32)
@@ -91,19 +110,13 @@ def test_every_product_it_takes_or_hands_on_matches_numpy(tmp_path):
         case(101, 111, 112, 16, 2048, 640, 1.0, 0.0)
         g.mlx_grpo_skinny_enable(1)
         print(json.dumps(report))
-    """, lib, tmp_path)
-    taken = [r for r in out if r[8]]
-    assert len(taken) == 7 * 4 + 2 and all(r[8] == 1 for r in taken)
-    assert all(r[3] <= 24 and r[0] == 101 and r[1] == 111 and r[2] == 112 for r in taken)
-    assert len(out) - len(taken) == 8  # the handed-on cases, counted by nobody here
-    for r in out:
-        assert r[9] < 2e-6, r  # float32 rounding of sums of up to 1,537 products
+"""
 
 
 @NEEDS
 def test_mlx_products_at_decode_shapes_go_through_it(tmp_path):
     lib = _built(tmp_path)
-    out = _run("""
+    out, _ = _run("""
         import json
         import numpy as np
         import mlx.core as mx
@@ -161,6 +174,8 @@ def test_the_restart_puts_it_between_the_allocator_and_the_blas(tmp_path, monkey
     mine = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0", malloc.OFF: "1"}
     assert skinny.restart_preload(mine) == str(shim)
     assert skinny.restart_preload({"LD_PRELOAD": str(shim)}) is None  # never twice
+    # the bundled-BLAS probe drops it with the fast BLAS: it is part of the fast path
+    assert bundled_env({"LD_PRELOAD": f"{alloc}:{shim}:{lib_blas}"})["LD_PRELOAD"] == str(alloc)
     monkeypatch.setattr(skinny, "build", lambda env: None)  # no compiler: the BLAS does it all
     assert blas.reexec_env(env)["LD_PRELOAD"] == f"{alloc}:{lib_blas}:/x/other.so"
 

@@ -5,7 +5,8 @@
  * much of it packing W into panels first. Here each thread streams its share of W's rows once,
  * four at a time, and takes four rows of x against them in registers (16 accumulators of 16
  * floats). Anything else -- another layout, more than MAX_ROWS rows, a small W -- goes on to the
- * next cblas_sgemm in the process (the BLAS preloaded after this library). Threads: as many as
+ * next cblas_sgemm in the process (the BLAS preloaded after this library; plain loops if there is
+ * none, with a warning). Threads: as many as
  * that BLAS is set to use now (openblas_get_num_threads), so a caller that limits the BLAS
  * limits this too (MKL's count where OpenBLAS is absent; one thread where neither answers).
  *
@@ -16,7 +17,6 @@
 #include <dlfcn.h>
 #include <stddef.h>
 #include <stdio.h>
-#include <stdlib.h>
 
 #define MAX_ROWS 24          /* at 32 rows OpenBLAS is as fast (measured, SmolLM2 and Qwen shapes) */
 #define MIN_WEIGHTS 65536    /* N * K below this: nothing to stream, leave it to the BLAS */
@@ -118,6 +118,25 @@ static void skinny(int M, int N, int K, const float *x, int ldx, const float *W,
   }
 }
 
+/* Any cblas_sgemm call, by the definition: for the case with no BLAS to hand it to. */
+static void reference(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A,
+                      int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+  for (int i = 0; i < M; i++)
+    for (int j = 0; j < N; j++) {
+      float s = 0;
+      for (int k = 0; k < K; k++) {
+        /* element (i,k) of op(A) and (k,j) of op(B), in either storage order */
+        int a_row = (ta == NO_TRANS) ? i : k, a_col = (ta == NO_TRANS) ? k : i;
+        int b_row = (tb == NO_TRANS) ? k : j, b_col = (tb == NO_TRANS) ? j : k;
+        float a = order == ROW_MAJOR ? A[(size_t)a_row * lda + a_col] : A[(size_t)a_col * lda + a_row];
+        float b = order == ROW_MAJOR ? B[(size_t)b_row * ldb + b_col] : B[(size_t)b_col * ldb + b_row];
+        s += a * b;
+      }
+      float *o = order == ROW_MAJOR ? C + (size_t)i * ldc + j : C + (size_t)j * ldc + i;
+      put(o, s, alpha, beta);
+    }
+}
+
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
   if (__atomic_load_n(&enabled, __ATOMIC_RELAXED) && order == ROW_MAJOR && ta == NO_TRANS && tb == TRANS && M >= 2 && M <= MAX_ROWS && K >= 16 &&
@@ -131,14 +150,17 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
     skinny(M, N, K, A, lda, B, ldb, C, ldc, alpha, beta, blas_threads ? blas_threads() : 1);
     return;
   }
-  if (!next_sgemm) {
-    next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
-    if (!next_sgemm) {
-      fprintf(stderr, "mlx-grpo skinny.so: no cblas_sgemm after it in the process\n");
-      abort();
-    }
+  if (!next_sgemm) next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
+  if (next_sgemm) {
+    next_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
   }
-  next_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  /* No BLAS after this library (preloaded without one): slow, but never a wrong result or a crash. */
+  static int warned;
+  if (!__atomic_exchange_n(&warned, 1, __ATOMIC_RELAXED))
+    fprintf(stderr, "mlx-grpo: %s preloaded without a BLAS after it; products computed by plain loops\n",
+            "the few-row kernel");
+  reference(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 /* How many products this library computed itself (for tests and the benchmark). */
