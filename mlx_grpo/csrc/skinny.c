@@ -35,16 +35,31 @@ static int threads_looked_up;
 static long calls;
 static int enabled = 1;
 
-static inline float hsum(v16 v) {
-  float s = 0;
-  for (int i = 0; i < 16; i++) s += v[i];
-  return s;
+#define SHUF(x, y, ...) __builtin_shuffle(x, y, (vi16){__VA_ARGS__})
+typedef int vi16 __attribute__((vector_size(64)));
+
+/* The sums of 16 vectors (NR = 4 rows of 4), as the 16 lanes of one: a tree of 15 adds and 30 shuffles, where
+ * summing each vector's lanes one by one took longer than the products at K = 576. */
+static inline v16 hsum16(v16 acc[4][NR]) {
+  const v16 *a = &acc[0][0]; /* the 16 in a row */
+  v16 b[8], c[4], d[2];
+  for (int p = 0; p < 8; p++) /* lanes: 8 of a[2p], then 8 of a[2p+1] */
+    b[p] = SHUF(a[2 * p], a[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUF(a[2 * p], a[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int p = 0; p < 4; p++) /* 4 lanes each of a[4p] .. a[4p+3] */
+    c[p] = SHUF(b[2 * p], b[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           SHUF(b[2 * p], b[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int p = 0; p < 2; p++) /* 2 lanes each of a[8p] .. a[8p+7] */
+    d[p] = SHUF(c[2 * p], c[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           SHUF(c[2 * p], c[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return SHUF(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         SHUF(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 /* MR rows of x against NR rows of W over the first K16 columns: a[i][j] holds 16 partial sums. */
 #define TILE(MR)                                                                                  \
   static void tile##MR(int K16, const float *x, int ldx, const float *const *w, v16 a[4][NR]) {    \
-    for (int i = 0; i < MR; i++)                                                                  \
+    for (int i = 0; i < 4; i++)                                                                   \
       for (int j = 0; j < NR; j++) a[i][j] = (v16){0};                                            \
     for (int k = 0; k < K16; k += 16) {                                                           \
       v16 wv[NR];                                                                                 \
@@ -81,10 +96,11 @@ static void rows(int M, int n0, int n1, int K, const float *x, int ldx, const fl
         case 2: tile2(K16, xm, ldx, w, a); break;
         default: tile1(K16, xm, ldx, w, a);
       }
+      v16 sums = hsum16(a); /* lane 4i + j: row i of x against row j of W */
       for (int i = 0; i < mr; i++) {
         const float *xr = xm + (size_t)i * ldx;
         for (int j = 0; j < NR; j++) {
-          float s = hsum(a[i][j]);
+          float s = sums[4 * i + j];
           for (int k = K16; k < K; k++) s += xr[k] * w[j][k];
           put(out + (size_t)(m0 + i) * ldo + n + j, s, alpha, beta);
         }
