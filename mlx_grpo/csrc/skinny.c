@@ -58,12 +58,14 @@ static inline v16 hsum16(v16 acc[4][NR]) {
 
 /* MR rows of x against NR rows of W over the first K16 columns: a[i][j] holds 16 partial sums. */
 #define TILE(MR)                                                                                  \
-  static void tile##MR(int K16, const float *x, int ldx, const float *const *w, v16 a[4][NR]) {    \
+  static void tile##MR(int K16, const float *x, int ldx, const float *const *w, v16 a[4][NR], const float *pf, int step) {    \
     for (int i = 0; i < 4; i++)                                                                   \
       for (int j = 0; j < NR; j++) a[i][j] = (v16){0};                                            \
     for (int k = 0; k < K16; k += 16) {                                                           \
       v16 wv[NR];                                                                                 \
       for (int j = 0; j < NR; j++) wv[j] = *(const v16 *)(w[j] + k);                              \
+      if (pf)                                                                                     \
+        for (int p = 0; p < step; p += 16) __builtin_prefetch(pf + (size_t)k / 16 * step + p, 0, 3); \
       for (int i = 0; i < MR; i++) {                                                              \
         v16 xv = *(const v16 *)(x + (size_t)i * ldx + k);                                         \
         for (int j = 0; j < NR; j++) a[i][j] += xv * wv[j];                                       \
@@ -89,12 +91,21 @@ static void rows(int M, int n0, int n1, int K, const float *x, int ldx, const fl
     for (int m0 = 0; m0 < M; m0 += 4) {
       int mr = M - m0 < 4 ? M - m0 : 4;
       const float *xm = x + (size_t)m0 * ldx;
+      /* while this tile computes from cache, fetch the next one: its NR * K floats (contiguous
+         when ldw == K) split over the chunks of x and the iterations of each */
+      const float *pf = 0;
+      int step = 0;
+      if (ldw == K && n + 2 * NR <= n1 && K16 >= 16) {
+        int chunks = (M + 3) / 4, span = (NR * K + chunks - 1) / chunks, iters = K16 / 16;
+        step = ((span + iters - 1) / iters + 15) & ~15;
+        pf = W + (size_t)(n + NR) * ldw + (size_t)(m0 / 4) * span;
+      }
       v16 a[4][NR];
       switch (mr) {
-        case 4: tile4(K16, xm, ldx, w, a); break;
-        case 3: tile3(K16, xm, ldx, w, a); break;
-        case 2: tile2(K16, xm, ldx, w, a); break;
-        default: tile1(K16, xm, ldx, w, a);
+        case 4: tile4(K16, xm, ldx, w, a, pf, step); break;
+        case 3: tile3(K16, xm, ldx, w, a, pf, step); break;
+        case 2: tile2(K16, xm, ldx, w, a, pf, step); break;
+        default: tile1(K16, xm, ldx, w, a, pf, step);
       }
       v16 sums = hsum16(a); /* lane 4i + j: row i of x against row j of W */
       for (int i = 0; i < mr; i++) {
