@@ -3,12 +3,13 @@
 A decode step multiplies one row per completion (16 for 4 prompts x G 4) by every weight of the
 model, so it is bound by reading the weights. OpenBLAS packs each weight matrix into panels before
 multiplying, and at 16 rows that packing is most of the product: SmolLM2's 211 products of one
-step take 70 ms through OpenBLAS (two threads) where streaming each weight once takes 45
-(``csrc/skinny.c``: four weight rows against four input rows in registers). The library defines
-``cblas_sgemm``, computes x[M,K] @ W[N,K]^T itself for 2-24 rows over a weight of at least 65,536
-values, and hands every other call to the BLAS preloaded after it, so MLX's products go through it
-unchanged (results equal to float32 rounding). Measured on SmolLM2 (16 rows, 64 tokens): a
-decode step 111 -> 89-91 ms, a rollout 7.6 -> 6.2-6.4 s.
+step take 70 ms through OpenBLAS (two threads) where ``csrc/skinny.c`` takes 36 (each thread
+streams its share of the weight rows, four against four input rows in registers, and prefetches
+the next four while these compute from cache). The library defines ``cblas_sgemm``, computes
+x[M,K] @ W[N,K]^T itself for 2-24 rows over a weight of at least 65,536 values, and hands every
+other call to the BLAS preloaded after it, so MLX's products go through it unchanged (results
+equal to float32 rounding). Measured on SmolLM2 (16 rows, 64 tokens): a decode step 111 -> 75-79
+ms, a rollout 7.6 -> 5.4-5.6 s.
 
 It is C, so it is compiled on the user's machine, once, with the system's C compiler (``cc`` or
 ``$CC``; ``-O3 -march=native -fopenmp``) into ``$MLX_GRPO_CACHE`` (default
