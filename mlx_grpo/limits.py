@@ -1,7 +1,8 @@
 """This machine's two limits, measured on the device MLX runs on (``mx.default_device()``).
 
 - ``measure_bandwidth``: memory bandwidth, GB/s: a large float32 array summed (read once, nothing
-  written), bytes read / time (on the CPU backend, the faster of MLX's sum and NumPy's);
+  written), bytes read / time (on the CPU backend, the faster of MLX's sum and NumPy's, NumPy's
+  over as many threads as the step's products use: one core alone reads about half of what two do);
 - ``measure_matmul``: float32 matmul throughput, GFLOP/s: an n x n x n product, 2 n^3 / time.
 
 Each is the best of a few timings after a warm-up: the best is the nearest to what the hardware
@@ -14,7 +15,9 @@ stage of a GRPO step could take.
 from __future__ import annotations
 
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict
 
 import mlx.core as mx
@@ -56,15 +59,40 @@ def measure_bandwidth(megabytes: float = 256.0, reps: int = 3, min_seconds: floa
     CPU backend the same buffer is also summed by NumPy and the faster sum counts: MLX's CPU
     reduction runs on one thread without vector loads and measured the reduction, not the memory
     (4.7 GB/s here, where NumPy reads the same buffer at 25.8 GB/s and BLAS streams a 2-thread
-    matrix-vector product's weights at 9.2).
+    matrix-vector product's weights at 9.2). NumPy sums an array of its own in ``cpu_threads()``
+    slices at once: one thread read 16.4 GB/s on a 2-core machine where two read 32.2, and the
+    decode's products run on both. Its own, because NumPy asks Linux for huge pages for large
+    arrays and MLX's allocations stay on 4 KB pages, whose reads by plain sums run at half the rate
+    (two threads: 14.9 against 30.2 GB/s here); the memory's rate is what bounds a stage, and the
+    decode kernel (``skinny.py``) streams MLX's weights faster than those sums (a 113 MB head at
+    20 GB/s).
     """
     n = max(1, int(megabytes * 1e6) // 4)
     a = mx.ones((n,), dtype=mx.float32)
     mx.eval(a)
     seconds = best_seconds(lambda: a.sum(), reps, min_seconds)
     if mx.default_device().type == mx.cpu:
-        seconds = min(seconds, best_seconds(np.asarray(a).sum, reps, min_seconds))  # mx.eval lets a NumPy result pass
+        parts = np.array_split(np.ones(n, dtype=np.float32), cpu_threads())
+        with ThreadPoolExecutor(len(parts)) as pool:  # NumPy lets go of the GIL while it sums
+            def host_sum() -> float:
+                return float(sum(pool.map(np.sum, parts)))
+
+            seconds = min(seconds, best_seconds(host_sum, reps, min_seconds))  # mx.eval lets a float pass
     return a.nbytes / seconds / 1e9
+
+
+def cpu_threads() -> int:
+    """The threads the step's products run on: the preloaded BLAS's (the matmul probe's and the
+    decode kernel's), else the cores this process may use."""
+    from . import blas
+
+    n = blas.threads(dict(os.environ))
+    if n is None:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = os.cpu_count() or 1
+    return max(1, n)
 
 
 def measure_matmul(n: int = 2048, reps: int = 3, min_seconds: float = 0.05) -> float:

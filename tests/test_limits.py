@@ -3,13 +3,15 @@
 only have to return sane numbers; what they measure is read from the bench, not asserted."""
 
 import math
+import os
 
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx_lm.models import llama
 from mlx_lm.tuner.lora import LoRALinear
 
-from mlx_grpo import step
+from mlx_grpo import limits, step
 from mlx_grpo.bench import step_work
 from mlx_grpo.bounds import (ModelCost, Phase, Rows, bounds_report, continuations, model_cost, positions,
                              step_phases)
@@ -29,7 +31,7 @@ def test_probes_return_positive_finite_numbers_at_tiny_sizes():
 
 
 def test_bandwidth_on_the_cpu_counts_the_faster_of_mlx_and_numpy_sums(monkeypatch):
-    """MLX's CPU sum is one thread without vector loads: NumPy's sum of the same buffer counts
+    """MLX's CPU sum is one thread without vector loads: NumPy's sum of as large a buffer counts
     when it is faster, MLX's when NumPy's is slower."""
     import mlx.core as mx
 
@@ -44,7 +46,7 @@ def test_bandwidth_on_the_cpu_counts_the_faster_of_mlx_and_numpy_sums(monkeypatc
         out = run()
         if isinstance(out, mx.array):  # MLX's sum: timed for real
             return timed(run, reps, min_seconds)
-        seen.append(float(out))  # NumPy sums MLX's own buffer: 1.0 per element
+        seen.append(float(out))  # NumPy sums its own array of ones: 1.0 per element
         return host.seconds
 
     monkeypatch.setattr(limits, "best_seconds", host)
@@ -162,3 +164,18 @@ def test_step_work_puts_the_step_functions_back():
             assert step.roll_out is not roll_out
             raise RuntimeError
     assert (step.roll_out, step.select_rows) == (roll_out, select_rows)
+
+
+def test_the_bandwidth_probe_reads_on_as_many_threads_as_the_products_use(monkeypatch):
+    from mlx_grpo import blas
+
+    monkeypatch.setattr(blas, "threads", lambda env: 1)  # OPENBLAS_NUM_THREADS=1 beside other runs
+    assert limits.cpu_threads() == 1
+    monkeypatch.setattr(blas, "threads", lambda env: None)  # no BLAS preloaded: the cores allowed
+    assert limits.cpu_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(limits, "cpu_threads", lambda: 3)
+    sizes = []
+    split = np.array_split
+    monkeypatch.setattr(np, "array_split", lambda a, k: sizes.append((a.size, k)) or split(a, k))
+    assert _finite_positive(measure_bandwidth(megabytes=1, reps=1, min_seconds=0))
+    assert sizes == [(250000, 3)]  # the whole array, in three slices read at once
