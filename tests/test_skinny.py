@@ -42,8 +42,8 @@ def test_every_product_it_takes_or_hands_on_matches_numpy(tmp_path):
     lib = _built(tmp_path)
     out, _ = _run(PRODUCTS, lib, tmp_path)
     taken = [r for r in out if r[8]]
-    assert len(taken) == 7 * 4 + 2 and all(r[8] == 1 for r in taken)
-    assert all(r[3] <= 24 and r[0] == 101 and r[1] == 111 and r[2] == 112 for r in taken)
+    assert len(taken) == 9 * 4 + 2 and all(r[8] == 1 for r in taken)
+    assert all(r[3] <= 48 and r[0] == 101 and r[1] == 111 and r[2] == 112 for r in taken)
     assert len(out) - len(taken) == 8  # the handed-on cases, counted by nobody here
     for r in out:
         assert r[9] < 2e-6, r  # float32 rounding of sums of up to 1,537 products
@@ -52,7 +52,7 @@ def test_every_product_it_takes_or_hands_on_matches_numpy(tmp_path):
 @NEEDS
 def test_with_no_blas_after_it_every_product_is_still_right(tmp_path):
     out, err = _run(PRODUCTS, _built(tmp_path), tmp_path, alone=True)
-    assert len(out) == 38 and max(r[9] for r in out) < 2e-6
+    assert len(out) == 46 and max(r[9] for r in out) < 2e-6
     assert err.count("without a BLAS after it") == 1  # said once, not per product
 
 
@@ -95,13 +95,13 @@ PRODUCTS = """
             err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
             report.append([order, ta, tb, M, N, K, pad, threads, g.mlx_grpo_skinny_calls() - before, err])
 
-        for M in (2, 3, 4, 5, 7, 16, 24):
+        for M in (2, 3, 4, 5, 7, 16, 24, 33, 48):
             for N, K in ((4100, 16), (1537, 100), (257, 576), (64, 1537)):
                 case(101, 111, 112, M, N, K, 1.0, 0.0)
         case(101, 111, 112, 16, 1539, 577, 0.5, 2.0, pad=3)  # strides, alpha, beta, every tail
         case(101, 111, 112, 9, 2048, 640, 1.0, 1.0, threads=1)
-        # handed on: one row, 25 rows, a small weight, short rows, other layouts
-        for M, N, K in ((1, 4096, 64), (25, 4096, 64), (16, 255, 256), (16, 8192, 8)):
+        # handed on: one row, 49 rows, a small weight, short rows, other layouts
+        for M, N, K in ((1, 4096, 64), (49, 4096, 64), (16, 255, 256), (16, 8192, 8)):
             case(101, 111, 112, M, N, K, 1.0, 0.0)
         case(101, 111, 111, 8, 2048, 640, 1.0, 0.0)
         case(101, 112, 112, 8, 2048, 640, 1.0, 0.0)
