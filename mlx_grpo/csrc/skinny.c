@@ -3,12 +3,14 @@
  * A decode step multiplies a handful of rows (one per completion) by every weight matrix:
  * x[M,K] @ W[N,K]^T with M around 16. Such a product is bound by reading W, and OpenBLAS spends
  * much of it packing W into panels first. Here each thread streams its share of W's rows once,
- * four at a time, and takes four rows of x against them in registers (16 accumulators of 16
- * floats). Anything else -- another layout, more than MAX_ROWS rows, a small W -- goes on to the
- * next cblas_sgemm in the process (the BLAS preloaded after this library; plain loops if there is
- * none, with a warning). Threads: as many as
- * that BLAS is set to use now (openblas_get_num_threads), so a caller that limits the BLAS
- * limits this too (MKL's count where OpenBLAS is absent; one thread where neither answers).
+ * four at a time (a tile), and takes four rows of x at a time against them in registers (16
+ * accumulators of 16 floats, summed at the end in one tree of shuffles); the tile stays in the
+ * L1 cache for the next four rows of x, and while it does, the next tile is prefetched, so that
+ * memory is read all along instead of in bursts. Anything else -- another layout, more than
+ * MAX_ROWS rows, a small W -- goes on to the next cblas_sgemm in the process (the BLAS preloaded
+ * after this library; plain loops, with a warning, if there is none). Threads: as many as that
+ * BLAS is set to use now (openblas_get_num_threads; MKL's count where OpenBLAS is absent; one
+ * where neither answers), so a caller that limits the BLAS limits this too.
  *
  * Built on the user's machine by mlx_grpo/skinny.py with -O3 -march=native -fopenmp; the vector
  * type is GCC's, which compiles to AVX-512, AVX2 or NEON as the machine has.
@@ -56,9 +58,11 @@ static inline v16 hsum16(v16 acc[4][NR]) {
          SHUF(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-/* MR rows of x against NR rows of W over the first K16 columns: a[i][j] holds 16 partial sums. */
+/* MR rows of x against the tile's NR rows of W over the first K16 columns (a[i][j]: 16 partial
+ * sums), prefetching `step` floats from `pf` on for every 16 columns when `pf` is set. */
 #define TILE(MR)                                                                                  \
-  static void tile##MR(int K16, const float *x, int ldx, const float *const *w, v16 a[4][NR], const float *pf, int step) {    \
+  static void tile##MR(int K16, const float *x, int ldx, const float *const *w, v16 a[4][NR],      \
+                       const float *pf, int step) {                                               \
     for (int i = 0; i < 4; i++)                                                                   \
       for (int j = 0; j < NR; j++) a[i][j] = (v16){0};                                            \
     for (int k = 0; k < K16; k += 16) {                                                           \
