@@ -37,7 +37,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import blas, malloc, skinny
+from . import blas, cachedir, malloc, skinny
 from . import step as step_module
 from .assets.make_tiny_model import build_model
 from .bounds import Rows, bound_lines, bounds_report, limits_line, model_cost, step_phases
@@ -73,7 +73,7 @@ QUICK = BenchSettings(prompts=2, group_size=4, max_tokens=8, reps=1, steps=1, bl
 def large_model_dir(cache_root: Optional[Path] = None) -> Path:
     """Build (once, cached) a random ~100M-parameter model in the HF layout; returns its dir."""
 
-    root = cache_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-grpo"
+    root = cache_root or cachedir.cache_root()
     tag = "-".join(f"{k}{v}" for k, v in LARGE.items())
     out = root / f"bench-large-{tag}"
     if (out / "model.safetensors").exists():

@@ -30,7 +30,7 @@ from . import hub
 from .errors import first_line
 from .gguf_read import GGUFError, GGUFHeader, load_tensors, read_header
 from .gguf_tokenizer import write_tokenizer
-from .shapes import cache_root
+from .cachedir import cache_root
 
 # Bump when the conversion's output changes: old cached directories are then not reused.
 CONVERTER_VERSION = 1

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .cachedir import cache_root
 from .errors import UserError
 from .config import EMBEDDED_MODEL
 
@@ -55,12 +56,6 @@ SHAPES: Dict[str, Dict[str, Any]] = {
 
 class ShapeError(UserError, ValueError):
     """An unknown shape name or bit width; the message lists the known ones."""
-
-
-def cache_root() -> Path:
-    """Where built models are kept: ``$XDG_CACHE_HOME/mlx-grpo`` (an empty value counts as unset,
-    as the XDG spec says), else ``~/.cache/mlx-grpo``."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-grpo"
 
 
 def shape_config(name: str, layers: Optional[int] = None, dtype: str = "float32") -> Dict[str, Any]:

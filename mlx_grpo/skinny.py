@@ -12,7 +12,7 @@ equal to float32 rounding). Measured on SmolLM2 (16 rows, 64 tokens): a decode s
 ms, a rollout 7.6 -> 5.4-5.6 s.
 
 It is C, so it is compiled on the user's machine, once, with the system's C compiler (``cc`` or
-``$CC``; ``-O3 -march=native -fopenmp``) into ``$MLX_GRPO_CACHE`` (default
+``$CC``; ``-O3 -march=native -fopenmp``) into the cache folder (``cachedir.py``:
 ``~/.cache/mlx-grpo``), keyed by the source, the compiler and the CPU; with no compiler the BLAS
 does every product as before. ``MLX_GRPO_NO_SKINNY=1`` turns it off.
 """
@@ -31,21 +31,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from . import malloc
+from .cachedir import cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "skinny.c"
 OFF = "MLX_GRPO_NO_SKINNY"
-CACHE = "MLX_GRPO_CACHE"
 NAME = "mlx_grpo_skinny"  # the library's file name starts with it
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-
-
-def cache_dir(env: Dict[str, str]) -> Path:
-    """Where built libraries are kept: ``$MLX_GRPO_CACHE``, else ``$XDG_CACHE_HOME/mlx-grpo``,
-    else ``~/.cache/mlx-grpo``."""
-    if env.get(CACHE):
-        return Path(env[CACHE])
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlx-grpo"
 
 
 def _cpu_id() -> str:
@@ -94,7 +85,7 @@ def build(env: Dict[str, str]) -> Optional[str]:
     cc, version = compiler
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
-    target = cache_dir(env) / f"{NAME}-{key.hexdigest()[:16]}.so"
+    target = cache_root(env) / f"{NAME}-{key.hexdigest()[:16]}.so"
     if target.exists() and _loads(target):
         return str(target)
     try:

@@ -20,7 +20,7 @@ NEEDS = pytest.mark.skipif(not HAVE, reason="needs Linux's CPU backend, a fast B
 
 
 def _built(tmp_path):
-    lib = skinny.build({**os.environ, skinny.CACHE: str(tmp_path / "cache")})
+    lib = skinny.build({**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert lib is not None and os.path.basename(lib).startswith(skinny.NAME)
     return lib
 
@@ -144,7 +144,7 @@ def test_the_cache_builds_once_and_replaces_a_damaged_library(tmp_path):
     cc = tmp_path / "cc"
     cc.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nexec {shutil.which(os.environ.get('CC') or 'cc')} \"$@\"\n")
     cc.chmod(0o755)
-    env = {**os.environ, "CC": str(cc), skinny.CACHE: str(tmp_path / "cache")}
+    env = {**os.environ, "CC": str(cc), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     lib = skinny.build(env)
     assert lib is not None and skinny.build(env) == lib
     compiles = [line for line in log.read_text().splitlines() if "skinny.c" in line]
@@ -153,7 +153,7 @@ def test_the_cache_builds_once_and_replaces_a_damaged_library(tmp_path):
         f.truncate(100)
     assert skinny.build(env) == lib and os.path.getsize(lib) > 100
     assert len([line for line in log.read_text().splitlines() if "skinny.c" in line]) == 2
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [os.path.basename(lib)]  # no temporaries left
+    assert [p.name for p in (tmp_path / "xdg" / "mlx-grpo").iterdir()] == [os.path.basename(lib)]  # no temporaries left
 
 
 def test_the_restart_puts_it_between_the_allocator_and_the_blas(tmp_path, monkeypatch):
@@ -181,10 +181,10 @@ def test_the_restart_puts_it_between_the_allocator_and_the_blas(tmp_path, monkey
 
 
 def test_no_compiler_means_no_library(tmp_path):
-    env = {"CC": str(tmp_path / "no-such-cc"), skinny.CACHE: str(tmp_path / "cache")}
+    env = {"CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     assert skinny.build(env) is None
     assert skinny.build({**env, "CC": "false"}) is None  # a compiler that fails
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert not (tmp_path / "xdg").exists() or not any((tmp_path / "xdg" / "mlx-grpo").iterdir())
 
 
 @NEEDS
@@ -210,7 +210,7 @@ def test_a_rollout_decodes_through_it_with_the_same_tokens(tmp_path):
     path.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + textwrap.dedent(script))
     runs = {}
     for off in ("", "1"):
-        fresh = {"LD_PRELOAD": "", blas.MARKER: "", skinny.OFF: off, skinny.CACHE: str(tmp_path / "cache")}
+        fresh = {"LD_PRELOAD": "", blas.MARKER: "", skinny.OFF: off, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
         r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env={**os.environ, **fresh})
         assert r.returncode == 0, r.stderr
         runs[off] = json.loads(r.stdout.strip().splitlines()[-1])
