@@ -204,6 +204,18 @@ def threads(env: Dict[str, str]) -> Optional[int]:
     return None
 
 
+def threads_or_cores(env: Dict[str, str]) -> int:
+    """The threads the products run on now: the preloaded BLAS's (``threads``; the decode kernel
+    follows it too), else the cores this process may use."""
+    n = threads(env)
+    if n is not None:
+        return max(1, n)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def describe(env: Dict[str, str]) -> str:
     """One line: which device and BLAS this run computes with."""
     import mlx.core as mx

@@ -127,10 +127,4 @@ def single_blas(active: bool) -> Iterator[None]:
 def _blas_threads() -> int:
     """The threads the BLAS may use now (the cores this process may use when no BLAS is
     preloaded): a run limited to one (OPENBLAS_NUM_THREADS=1 beside other runs) keeps one lane."""
-    n = blas.threads(dict(os.environ))
-    if n is not None:
-        return n
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return blas.threads_or_cores(dict(os.environ))

@@ -82,17 +82,11 @@ def measure_bandwidth(megabytes: float = 256.0, reps: int = 3, min_seconds: floa
 
 
 def cpu_threads() -> int:
-    """The threads the step's products run on: the preloaded BLAS's (the matmul probe's and the
-    decode kernel's), else the cores this process may use."""
+    """The threads the step's products run on (``blas.threads_or_cores``): the preloaded BLAS's,
+    as the matmul probe and the decode kernel use, else the cores this process may use."""
     from . import blas
 
-    n = blas.threads(dict(os.environ))
-    if n is None:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            n = os.cpu_count() or 1
-    return max(1, n)
+    return blas.threads_or_cores(dict(os.environ))
 
 
 def measure_matmul(n: int = 2048, reps: int = 3, min_seconds: float = 0.05) -> float:
