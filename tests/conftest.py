@@ -79,6 +79,16 @@ def tol(cpu: float, tf32: float) -> float:
     return tf32 if tf32_matmuls() else cpu
 
 
+@pytest.fixture
+def no_skinny_product(monkeypatch):
+    """The restart leaves the few-row product out: for tests of the BLAS and the allocator, whose
+    LD_PRELOAD orders would otherwise depend on a C compiler being here (test_skinny.py tests
+    where the product goes)."""
+    from mlx_grpo import skinny
+
+    monkeypatch.setattr(skinny, "restart_preload", lambda env: None)
+
+
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory) -> Path:
     """A 2-layer model pre-trained for a few steps: real weights, real tokenizer, built in seconds."""

@@ -7,14 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_grpo import blas, malloc, skinny
+from mlx_grpo import blas, malloc
 
-@pytest.fixture(autouse=True)
-def _no_skinny_product(monkeypatch):
-    """These tests are about the BLAS and the allocator; where the few-row product goes in the
-    restart is test_skinny.py's."""
-    monkeypatch.setattr(skinny, "restart_preload", lambda env: None)
-
+pytestmark = pytest.mark.usefixtures("no_skinny_product")  # the BLAS and allocator order only
 
 
 def test_explicit_library_wins(tmp_path):

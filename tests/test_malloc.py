@@ -6,15 +6,10 @@ import sys
 
 import pytest
 
-from mlx_grpo import blas, malloc, skinny
+from mlx_grpo import blas, malloc
 from mlx_grpo.bench import bundled_env
 
-@pytest.fixture(autouse=True)
-def _no_skinny_product(monkeypatch):
-    """These tests are about the BLAS and the allocator; where the few-row product goes in the
-    restart is test_skinny.py's."""
-    monkeypatch.setattr(skinny, "restart_preload", lambda env: None)
-
+pytestmark = pytest.mark.usefixtures("no_skinny_product")  # the BLAS and allocator order only
 
 
 def _libs(tmp_path):
