@@ -54,6 +54,12 @@ def peer_side() -> Iterator[None]:
             skinny.set_enabled(True)
 
 
+def backend_fields() -> dict:
+    """What a peer benchmark's result says about the native code both trainers ran on: the BLAS and
+    allocator (shared, in one process) and that the few-row kernel was ours only (``peer_side``)."""
+    return {"backend": blas_line(), "peer_few_row_kernel": False}
+
+
 def load_stock_model(model_cfg: Any):
     """``models.load_model`` as a peer gets it: the same float32 base on the CPU, with mlx-lm's own
     MLP and attention (none of ``fastmath``'s), so a peer runs the model as mlx-lm loads it."""

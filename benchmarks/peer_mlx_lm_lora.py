@@ -191,8 +191,7 @@ def main():
     mine = min(split["step_time"], split2["step_time"])
     res = {
         "mlx_lm_lora_version": mlx_lm_lora.__version__,
-        "backend": common.blas_line(),  # both trainers run in this process: the same BLAS and malloc
-        "peer_few_row_kernel": False,  # ours only (common.peer_side)
+        **common.backend_fields(),
         "model": work.model or "embedded", "prompt_kind": work.prompt_kind,
         "settings": settings(work, sess),
         "ours_step_s": [split["step_time"], split2["step_time"]],

@@ -270,8 +270,7 @@ def main() -> None:
     ours_trainable, ours_prompt = ours_fields["ours_trainable_parameters"], ours_fields["ours_prompt_tokens"]
     res = {
         "mlx_tune_version": peer_version,
-        "backend": common.blas_line(),  # both trainers run in this process: the same BLAS and malloc
-        "peer_few_row_kernel": False,  # ours only (common.peer_side)
+        **common.backend_fields(),
         "model": work.model or "embedded", "settings": settings(work, sess), "steps_timed": a.steps,
         **ours_fields,
         "mlx_tune": peer,

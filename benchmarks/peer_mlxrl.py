@@ -206,8 +206,7 @@ def main() -> None:
     best = min(r["step_s"] for r in runs.values())
     res = {
         "mlxrl_version": version("inductive-mlxrl"),
-        "backend": common.blas_line(),  # both trainers run in this process: the same BLAS and malloc
-        "peer_few_row_kernel": False,  # ours only (common.peer_side)
+        **common.backend_fields(),
         "model": work.model or "embedded", "settings": settings(work, sess), "steps_timed": a.steps,
         **ours_fields,
         "mlxrl": runs,
