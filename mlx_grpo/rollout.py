@@ -9,6 +9,7 @@ step is compiled (``decode.py``); the bookkeeping per token is a few NumPy opera
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Set
@@ -17,11 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import fastmath
+from . import fastmath, native_decode
 from .config import RolloutConfig
 from .decode import COMPACT_FRACTION, DecodeSetupError, EagerDecoder, StaticDecoder, normalized_logprobs
 from .forward import batch_cache, body, model_flag, output_head, plain_kv_layers, set_model_flag
-from .models import adapters_folded
+from .models import FOLD_SHARE, adapters_folded
 from .prefill import prefill
 from .sampling import Sampler
 
@@ -33,6 +34,10 @@ PIPELINE: Optional[bool] = None
 # Draw tokens on the host, in NumPy (sampling.py): None = on the CPU backend, where MLX's exp is
 # slow; True / False force it. Host draws evaluate at once, so they never pipeline.
 HOST_SAMPLING: Optional[bool] = None
+
+# Decode in C (native_decode.py) where the model and backend allow: None = whenever they do;
+# False = always through MLX (the benchmark's A/B).
+NATIVE: Optional[bool] = None
 
 # Set on a model whose static decode step failed to build: it decodes with mlx-lm's caches after.
 STATIC_FAILED = "static_failed"  # the model flag (forward.model_flag) set when compiled decoding failed
@@ -141,17 +146,25 @@ def sample_groups(
     ([P*G, 2], see ``row_keys``) gives each row its own random stream; without them the rows draw
     from MLX's global PRNG, so a row's sample depends on the rest of the batch.
     """
-    # Nothing is differentiated in a rollout (see fastmath.logsumexp), so adapters can be folded.
-    with fastmath.eager(), adapters_folded(model):
-        return _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys)
+    # Nothing is differentiated in a rollout (see fastmath.logsumexp), so adapters can be folded:
+    # into the C decoder's copy of the weights, else into the model's layers.
+    rows = len(prompts) * (cfg.group_size if group_size is None else group_size)
+    native = (compiled and (NATIVE if NATIVE is not None else True) and rows <= native_decode.MAX_ROWS
+              and plain_kv_layers(model) and native_decode.unsupported(model) is None
+              and native_decode.fits_memory(model, FOLD_SHARE))
+    with fastmath.eager(), contextlib.nullcontext() if native else adapters_folded(model):
+        return _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys, native)
 
 
-def _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys) -> Rollouts:
+def _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys, native) -> Rollouts:
     G = cfg.group_size if group_size is None else group_size
     temp = cfg.temperature if temperature is None else temperature
     inv_t = 1.0 / temp if temp > 0 else 1.0
     pad = pad_id(tokenizer)
     prompt_tokens, left_padding = left_pad([encode_prompt(tokenizer, p) for p in prompts], pad)
+    if native:
+        logits, decoder = _start_native(model, prompt_tokens, left_padding, G, cfg.max_tokens, inv_t)
+        return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad, keys)
     if plain_kv_layers(model) and not model_flag(model, STATIC_FAILED, lambda: False):
         try:
             logits, decoder = _start_static(model, prompt_tokens, left_padding, G, cfg.max_tokens, inv_t, compiled)
@@ -164,16 +177,30 @@ def _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, comp
     return _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, temp, pad, keys)
 
 
-def _start_static(model, prompt_tokens, left_padding, G, max_new, inv_t, compiled):
-    """Prefill (shared prefix once, each prompt once), repeat each prompt's cache for its G rows,
-    and a static-buffer decoder over it."""
+def _prefill_prompts(model, prompt_tokens, left_padding):
+    """Prefill (shared prefix once, each prompt once): each prompt's next-token logits [U, vocab]
+    and its per-layer cache."""
     head = output_head(model)
     last, cache = prefill(model, body(model, head), prompt_tokens, left_padding)
-    logits = (head.logits(last) if head is not None else last)[:, -1, :]
+    return (head.logits(last) if head is not None else last)[:, -1, :], cache
+
+
+def _start_static(model, prompt_tokens, left_padding, G, max_new, inv_t, compiled):
+    """Prefill, repeat each prompt's cache for its G rows, and a static-buffer decoder over it."""
+    logits, cache = _prefill_prompts(model, prompt_tokens, left_padding)
     rows = mx.repeat(mx.arange(prompt_tokens.shape[0]), G)
     for c in cache:
         c.take_rows(rows)
     return logits[rows], StaticDecoder(model, cache, max_new, inv_t, compiled)
+
+
+def _start_native(model, prompt_tokens, left_padding, G, max_new, inv_t):
+    """Prefill, and the C decoder over each prompt's cache (shared by its G rows) and a copy of
+    the weights with the adapters folded in."""
+    logits, cache = _prefill_prompts(model, prompt_tokens, left_padding)
+    mx.eval(logits, [(c.keys, c.values) for c in cache])
+    decoder = native_decode.NativeDecoder(native_decode.NativeWeights(model), cache, G, max_new, inv_t)
+    return mx.repeat(logits, G, axis=0), decoder
 
 
 def _start_eager(model, prompt_tokens, left_padding, G, inv_t):
@@ -197,8 +224,11 @@ def _decode(logits, decoder, tokenizer, prompt_tokens, left_padding, cfg, G, tem
     host = fastmath.on_cpu() if HOST_SAMPLING is None else HOST_SAMPLING
     sampler = Sampler(cfg, temp, keys, host=host)
     inv_t = 1.0 / temp if temp > 0 else 1.0
-    # Eager steps drop finished rows at once; a compiled step traces again for each batch size.
-    min_dead = max(1, int(COMPACT_FRACTION * n_rows)) if isinstance(decoder, StaticDecoder) else 1
+    # Eager steps drop finished rows at once; a compiled step traces again for each batch size, and
+    # the C step's products read the weights once whatever the rows (dropping rows copies their
+    # keys and values): both wait for a quarter of the batch.
+    batched = isinstance(decoder, (StaticDecoder, native_decode.NativeDecoder))
+    min_dead = max(1, int(COMPACT_FRACTION * n_rows)) if batched else 1
 
     # Per-row bookkeeping in NumPy arrays, indexed by the batch's row ids: no per-row Python per
     # token (except decoding text for multi-token stop strings).

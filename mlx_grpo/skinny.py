@@ -33,7 +33,8 @@ from typing import Dict, List, Optional, Tuple
 from . import malloc
 from .cachedir import cache_root
 
-SOURCE = Path(__file__).parent / "csrc" / "skinny.c"
+# The kernel, and the whole decode step built on it (native_decode.py), in one library.
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("skinny.c", "decode.c")]
 OFF = "MLX_GRPO_NO_SKINNY"
 NAME = "mlx_grpo_skinny"  # the library's file name starts with it
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -83,8 +84,7 @@ def build(env: Dict[str, str]) -> Optional[str]:
     if compiler is None:
         return None
     cc, version = compiler
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
     target = cache_root(env) / f"{NAME}-{key.hexdigest()[:16]}.so"
     if target.exists() and _loads(target):
         return str(target)
@@ -95,7 +95,7 @@ def build(env: Dict[str, str]) -> Optional[str]:
     except OSError:
         return None
     try:
-        done = subprocess.run(cc + FLAGS + [str(SOURCE), "-o", tmp], capture_output=True, timeout=300)
+        done = subprocess.run(cc + FLAGS + [str(p) for p in SOURCES] + ["-o", tmp], capture_output=True, timeout=300)
         if done.returncode != 0 or not _loads(Path(tmp)):
             return None
         os.replace(tmp, target)

@@ -8,39 +8,15 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from mlx_grpo import blas, malloc, skinny
 from mlx_grpo.bench import bundled_env
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE = (sys.platform.startswith("linux") and shutil.which(os.environ.get("CC") or "cc") is not None
-        and blas.find_fast_blas(dict(os.environ)) is not None and blas.cpu_backend_in_use())
-NEEDS = pytest.mark.skipif(not HAVE, reason="needs Linux's CPU backend, a fast BLAS and a C compiler")
-
-
-def _built(tmp_path):
-    lib = skinny.build({**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")})
-    assert lib is not None and os.path.basename(lib).startswith(skinny.NAME)
-    return lib
-
-
-def _run(script, lib, tmp_path, alone=False):
-    """``script`` in a fresh Python with the library preloaded in front of the fast BLAS (``alone``:
-    with no BLAS after it); its last line of output as JSON, and its stderr."""
-    preload = lib if alone else f"{lib}:{blas.find_fast_blas(dict(os.environ))}"
-    path = tmp_path / "script.py"
-    path.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + textwrap.dedent(script))
-    r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                       env={**os.environ, "LD_PRELOAD": preload, blas.MARKER: "1", "MLX_GRPO_NO_FAST_BLAS": "1"})
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
-
+from preloaded import NEEDS, ROOT, built, run_preloaded
 
 @NEEDS
 def test_every_product_it_takes_or_hands_on_matches_numpy(tmp_path):
-    lib = _built(tmp_path)
-    out, _ = _run(PRODUCTS, lib, tmp_path)
+    lib = built(tmp_path)
+    out, _ = run_preloaded(PRODUCTS, lib, tmp_path)
     taken = [r for r in out if r[8]]
     assert len(taken) == 9 * 4 + 2 and all(r[8] == 1 for r in taken)
     assert all(r[3] <= 48 and r[0] == 101 and r[1] == 111 and r[2] == 112 for r in taken)
@@ -51,7 +27,7 @@ def test_every_product_it_takes_or_hands_on_matches_numpy(tmp_path):
 
 @NEEDS
 def test_with_no_blas_after_it_every_product_is_still_right(tmp_path):
-    out, err = _run(PRODUCTS, _built(tmp_path), tmp_path, alone=True)
+    out, err = run_preloaded(PRODUCTS, built(tmp_path), tmp_path, alone=True)
     assert len(out) == 46 and max(r[9] for r in out) < 2e-6
     assert err.count("without a BLAS after it") == 1  # said once, not per product
 
@@ -115,8 +91,8 @@ PRODUCTS = """
 
 @NEEDS
 def test_mlx_products_at_decode_shapes_go_through_it(tmp_path):
-    lib = _built(tmp_path)
-    out, _ = _run("""
+    lib = built(tmp_path)
+    out, _ = run_preloaded("""
         import json
         import numpy as np
         import mlx.core as mx
@@ -195,8 +171,9 @@ def test_a_rollout_decodes_through_it_with_the_same_tokens(tmp_path):
         blas.maybe_reexec([__file__], dict(os.environ))
         import mlx.core as mx
         import numpy as np
-        from mlx_grpo import skinny
+        from mlx_grpo import rollout, skinny
         from mlx_grpo.bench import BenchSettings, Session, bench_config
+        rollout.NATIVE = False  # MLX's decode step, whose products go through the library
         cfg = bench_config(None, None, BenchSettings(prompts=2, group_size=4, max_tokens=12))
         sess = Session(cfg)
         before = skinny.calls()

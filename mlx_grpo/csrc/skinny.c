@@ -27,7 +27,8 @@
 #define TRANS 112
 #define NR 4                 /* rows of W per tile */
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#include "vec.h"
+
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
 
@@ -36,27 +37,6 @@ static int (*blas_threads)(void);
 static int threads_looked_up;
 static long calls;
 static int enabled = 1;
-
-#define SHUF(x, y, ...) __builtin_shuffle(x, y, (vi16){__VA_ARGS__})
-typedef int vi16 __attribute__((vector_size(64)));
-
-/* The sums of 16 vectors (NR = 4 rows of 4), as the 16 lanes of one: a tree of 15 adds and 30 shuffles, where
- * summing each vector's lanes one by one took longer than the products at K = 576. */
-static inline v16 hsum16(v16 acc[4][NR]) {
-  const v16 *a = &acc[0][0]; /* the 16 in a row */
-  v16 b[8], c[4], d[2];
-  for (int p = 0; p < 8; p++) /* lanes: 8 of a[2p], then 8 of a[2p+1] */
-    b[p] = SHUF(a[2 * p], a[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           SHUF(a[2 * p], a[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int p = 0; p < 4; p++) /* 4 lanes each of a[4p] .. a[4p+3] */
-    c[p] = SHUF(b[2 * p], b[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           SHUF(b[2 * p], b[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  for (int p = 0; p < 2; p++) /* 2 lanes each of a[8p] .. a[8p+7] */
-    d[p] = SHUF(c[2 * p], c[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           SHUF(c[2 * p], c[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return SHUF(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         SHUF(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
 
 /* MR rows of x against the tile's NR rows of W over the first K16 columns (a[i][j]: 16 partial
  * sums), prefetching `step` floats from `pf` on for every 16 columns when `pf` is set. */
@@ -133,6 +113,16 @@ static void rows(int M, int n0, int n1, int K, const float *x, int ldx, const fl
   }
 }
 
+/* Thread t of T: its share of W's rows (out's columns), in whole tiles; the columns it wrote go
+ * to range. */
+static void share(int M, int N, int K, const float *x, int ldx, const float *W, int ldw, float *out, int ldo,
+                  float alpha, float beta, int t, int T, int range[2]) {
+  int per = ((N + T - 1) / T + NR - 1) / NR * NR;
+  int a = t * per < N ? t * per : N, b = a + per < N ? a + per : N;
+  if (a < b) rows(M, a, b, K, x, ldx, W, ldw, out, ldo, alpha, beta);
+  range[0] = a, range[1] = b;
+}
+
 static void skinny(int M, int N, int K, const float *x, int ldx, const float *W, int ldw, float *out,
                    int ldo, float alpha, float beta, int threads) {
   if (threads <= 1) {
@@ -142,11 +132,26 @@ static void skinny(int M, int N, int K, const float *x, int ldx, const float *W,
 #pragma omp parallel num_threads(threads)
   {
     extern int omp_get_thread_num(void), omp_get_num_threads(void);
-    int t = omp_get_thread_num(), T = omp_get_num_threads();
-    int per = ((N + T - 1) / T + NR - 1) / NR * NR;
-    int a = t * per, b = a + per < N ? a + per : N;
-    if (a < b) rows(M, a, b, K, x, ldx, W, ldw, out, ldo, alpha, beta);
+    int range[2];
+    share(M, N, K, x, ldx, W, ldw, out, ldo, alpha, beta, omp_get_thread_num(), omp_get_num_threads(), range);
   }
+}
+
+/* The threads the BLAS is set to use now (one where it does not say). */
+__attribute__((visibility("hidden"))) int mlx_grpo_blas_threads(void) {
+  if (!__atomic_load_n(&threads_looked_up, __ATOMIC_ACQUIRE)) {
+    blas_threads = (int (*)(void))dlsym(RTLD_DEFAULT, "openblas_get_num_threads");
+    if (!blas_threads) blas_threads = (int (*)(void))dlsym(RTLD_DEFAULT, "MKL_Get_Max_Threads");
+    __atomic_store_n(&threads_looked_up, 1, __ATOMIC_RELEASE);
+  }
+  return blas_threads ? blas_threads() : 1;
+}
+
+/* For decode.c, whatever the switch says (its products are its own): thread t of T computes its
+ * share of out[M,N] = x[M,K] @ W[N,K]^T, contiguous, the share skinny() gives it. */
+__attribute__((visibility("hidden"))) void mlx_grpo_rows_share(int M, int N, int K, const float *x, const float *W,
+                                                               float *out, int t, int T, int range[2]) {
+  share(M, N, K, x, K, W, K, out, N, 1.0f, 0.0f, t, T, range);
 }
 
 /* Any cblas_sgemm call, by the definition: for the case with no BLAS to hand it to. */
@@ -172,13 +177,8 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
                  const float *B, int ldb, float beta, float *C, int ldc) {
   if (__atomic_load_n(&enabled, __ATOMIC_RELAXED) && order == ROW_MAJOR && ta == NO_TRANS && tb == TRANS && M >= 2 && M <= MAX_ROWS && K >= 16 &&
       (long)N * K >= MIN_WEIGHTS && lda >= K && ldb >= K && ldc >= N) {
-    if (!__atomic_load_n(&threads_looked_up, __ATOMIC_ACQUIRE)) {
-      blas_threads = (int (*)(void))dlsym(RTLD_DEFAULT, "openblas_get_num_threads");
-      if (!blas_threads) blas_threads = (int (*)(void))dlsym(RTLD_DEFAULT, "MKL_Get_Max_Threads");
-      __atomic_store_n(&threads_looked_up, 1, __ATOMIC_RELEASE);
-    }
     __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED);
-    skinny(M, N, K, A, lda, B, ldb, C, ldc, alpha, beta, blas_threads ? blas_threads() : 1);
+    skinny(M, N, K, A, lda, B, ldb, C, ldc, alpha, beta, mlx_grpo_blas_threads());
     return;
   }
   if (!next_sgemm) next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");

@@ -1,0 +1,322 @@
+/* One decode step of a llama-shaped model (llama, qwen2, mistral), all in C, for the CPU backend.
+ *
+ * Through MLX a decode step of SmolLM2 at 16 rows is ~75 ms, of which the weight products (the
+ * kernel in skinny.c) are ~36: the rest is MLX running some 2,500 small graph nodes on one thread
+ * while the second core waits, and attention reading every row's own copy of its prompt's keys
+ * and values. Here a step is one call: the products go to the same kernel, attention and the
+ * element-wise work are split over the same threads, and the prompt's keys and values are held
+ * once per prompt, which every row of its group reads.
+ *
+ * Layout (float32, row-major, all contiguous; the caller owns every buffer):
+ *   weights: per layer the input norm, q|k|v stacked [H*Dh + 2*KV*Dh, d] (+ bias), o [d, H*Dh],
+ *            the post-attention norm, gate|up stacked [2F, d], down [d, F]; folded adapters are
+ *            already in them.
+ *   prompt keys/values [L][U][KV][Tp][Dh] with visibility [U][Tp] (padding hidden);
+ *   completion keys/values [L][B][KV][Tc][Dh]: row b's slot s is its s-th generated token.
+ * Row b belongs to prompt row_prompt[b]; its slot s sits at RoPE position row_pos0[b] + s.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+
+void mlx_grpo_rows_share(int M, int N, int K, const float *x, const float *W, float *out, int t, int T,
+                         int range[2]);
+int mlx_grpo_blas_threads(void);
+extern int omp_get_thread_num(void), omp_get_num_threads(void), omp_get_num_procs(void);
+
+enum { D_LAYERS, D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FFN, D_VOCAB, D_ROPE_DIMS, D_ROPE_TRADITIONAL,
+       D_THREADS, D_COUNT };
+enum { F_EPS, F_ROPE_BASE, F_ROPE_SCALE, F_ATTN_SCALE, F_INV_TEMPERATURE, F_COUNT };
+enum { W_EMBED, W_HEAD, W_NORM, W_GLOBAL };
+enum { L_IN_NORM, L_QKV, L_QKV_BIAS, L_O, L_O_BIAS, L_POST_NORM, L_GATE_UP, L_GATE_UP_BIAS, L_DOWN, L_DOWN_BIAS,
+       L_COUNT };
+
+#include "vec.h"
+
+/* e^x on 16 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^7 (relative
+ * error ~5e-9 before rounding), 2^n through the exponent bits. x is clamped to where e^x is a
+ * normal float; below that the result is ~1e-38 instead of smaller, which no sum here can tell. */
+static inline v16 vexp(v16 x) {
+  const v16 hi = (v16){0} + 88.3762626647949f, lo = (v16){0} + -87.3365447504019f;
+  vi16 above = x > hi, below = x < lo;
+  x = (v16)(((vi16)x & ~above) | ((vi16)hi & above));
+  x = (v16)(((vi16)x & ~below) | ((vi16)lo & below));
+  const v16 magic = (v16){0} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+  v16 n = (x * 1.44269504088896341f + magic) - magic;
+  v16 r = x - n * 0.693359375f - n * -2.12194440e-4f; /* ln 2 in two parts */
+  v16 p = (v16){0} + (1.0f / 5040);
+  p = p * r + (1.0f / 720);
+  p = p * r + (1.0f / 120);
+  p = p * r + (1.0f / 24);
+  p = p * r + (1.0f / 6);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
+  return p * (v16)e;
+}
+
+static inline float sexp(float x) {
+  v16 v = (v16){0} + x;
+  return vexp(v)[0];
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+  v16 acc = (v16){0};
+  int k = 0;
+  for (; k + 16 <= n; k += 16) acc += *(const v16 *)(a + k) * *(const v16 *)(b + k);
+  float s = 0;
+  for (int i = 0; i < 16; i++) s += acc[i];
+  for (; k < n; k++) s += a[k] * b[k];
+  return s;
+}
+
+/* Spin until all T threads of the step arrive. The step's phases are short (tens of microseconds),
+ * and libgomp's own barriers put a waiting thread to sleep at once when more of its threads exist
+ * than cores (MLX's thread keeps a team of its own for skinny.c), which cost a SmolLM2 step ~10 ms. */
+typedef struct {
+  int count, sense;
+} barrier_t;
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+static void barrier(barrier_t *bar, int T, int *mine) {
+  if (T <= 1) return;
+  int want = !*mine;
+  *mine = want;
+  if (__atomic_add_fetch(&bar->count, 1, __ATOMIC_ACQ_REL) == T) {
+    __atomic_store_n(&bar->count, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&bar->sense, want, __ATOMIC_RELEASE);
+  } else {
+    while (__atomic_load_n(&bar->sense, __ATOMIC_ACQUIRE) != want) relax();
+  }
+}
+
+/* Thread t of T's contiguous share [*a, *b) of n items. */
+static void split(int n, int t, int T, int *a, int *b) {
+  int per = (n + T - 1) / T;
+  *a = t * per < n ? t * per : n;
+  *b = *a + per < n ? *a + per : n;
+}
+
+/* Thread t's share of out[M,N] = x[M,K] @ W[N,K]^T (+ bias), by the few-row kernel. */
+static void linear(int M, int N, int K, const float *x, const float *W, const float *bias, float *out, int t, int T) {
+  int range[2];
+  mlx_grpo_rows_share(M, N, K, x, W, out, t, T, range);
+  if (bias)
+    for (int m = 0; m < M; m++)
+      for (int n = range[0]; n < range[1]; n++) out[(size_t)m * N + n] += bias[n];
+}
+
+/* MLX's RMSNorm: x / sqrt(mean(x^2) + eps) * w. */
+static void rms_norm(int B, int d, const float *x, const float *w, float eps, float *out) {
+  for (int b = 0; b < B; b++) {
+    const float *xr = x + (size_t)b * d;
+    float ss = dot(xr, xr, d);
+    float inv = 1.0f / sqrtf(ss / d + eps);
+    for (int i = 0; i < d; i++) out[(size_t)b * d + i] = xr[i] * inv * w[i];
+  }
+}
+
+/* MLX's RoPE on one head vector at position pos (cos/sin of pos * inv_freq precomputed per row). */
+static void rope(float *v, int dims, int traditional, const float *cs, const float *sn) {
+  int half = dims / 2;
+  for (int i = 0; i < half; i++) {
+    int a = traditional ? 2 * i : i, b = traditional ? 2 * i + 1 : i + half;
+    float x1 = v[a], x2 = v[b];
+    v[a] = x1 * cs[i] - x2 * sn[i];
+    v[b] = x1 * sn[i] + x2 * cs[i];
+  }
+}
+
+/* out[t] = scale * q . k[t] for n keys Dh apart: 16 keys at a time, their 16 sums in one tree. */
+static void scores_of(const float *q, const float *k, int n, int Dh, float scale, float *out) {
+  int D16 = Dh & ~15, t = 0;
+  for (; t + 16 <= n; t += 16) {
+    v16 acc[4][4];
+    for (int j = 0; j < 16; j++) {
+      const float *kr = k + (size_t)(t + j) * Dh;
+      v16 a = (v16){0};
+      for (int d = 0; d < D16; d += 16) a += *(const v16 *)(q + d) * *(const v16 *)(kr + d);
+      acc[j / 4][j % 4] = a;
+    }
+    v16 sums = hsum16(acc);
+    for (int j = 0; j < 16; j++) {
+      float s = sums[j];
+      for (int d = D16; d < Dh; d++) s += q[d] * k[(size_t)(t + j) * Dh + d];
+      out[t + j] = s * scale;
+    }
+  }
+  for (; t < n; t++) out[t] = dot(q, k + (size_t)t * Dh, Dh) * scale;
+}
+
+/* In place: e^(x - max) over n scores, zero where hidden (vis[t] == 0 for t < n_vis); returns
+ * their sum. */
+static float exp_shifted(float *x, int n, const uint8_t *vis, int n_vis) {
+  float mx = -INFINITY;
+  for (int t = 0; t < n; t++)
+    if ((t >= n_vis || vis[t]) && x[t] > mx) mx = x[t];
+  int t = 0;
+  for (; t + 16 <= n; t += 16) *(v16 *)(x + t) = vexp(*(v16 *)(x + t) - mx);
+  for (; t < n; t++) x[t] = sexp(x[t] - mx);
+  for (t = 0; t < n_vis; t++)
+    if (!vis[t]) x[t] = 0;
+  float sum = 0;
+  for (t = 0; t < n; t++) sum += x[t];
+  return sum;
+}
+
+/* out += sum_t p[t] v[t] over n values Dh apart (zero weights skipped: hidden slots). */
+static void weighted_values(const float *p, const float *v, int n, int Dh, float *out) {
+  for (int t = 0; t < n; t++) {
+    float w = p[t];
+    if (w == 0.0f) continue;
+    const float *vr = v + (size_t)t * Dh;
+    for (int d = 0; d < Dh; d++) out[d] += w * vr[d];
+  }
+}
+
+/* Softmax-weighted values of one query over the visible prompt slots and completion slots 0..s. */
+static void attend(const float *q, int Dh, float scale, const float *pk, const float *pv, const uint8_t *vis,
+                   int Tp, const float *ck, const float *cv, int s, float *scores, float *out) {
+  int n = Tp + s + 1;
+  scores_of(q, pk, Tp, Dh, scale, scores);
+  scores_of(q, ck, s + 1, Dh, scale, scores + Tp);
+  float inv = 1.0f / exp_shifted(scores, n, vis, Tp);
+  for (int t = 0; t < n; t++) scores[t] *= inv;
+  for (int d = 0; d < Dh; d++) out[d] = 0;
+  weighted_values(scores, pv, Tp, Dh, out);
+  weighted_values(scores + Tp, cv, s + 1, Dh, out);
+}
+
+/* In place, each of B rows of n: x - log(sum(e^x)). */
+static void log_softmax_rows(float *x, int B, int n) {
+  for (int b = 0; b < B; b++) {
+    float *row = x + (size_t)b * n, mx = -INFINITY;
+    for (int i = 0; i < n; i++) mx = row[i] > mx ? row[i] : mx;
+    v16 acc = (v16){0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc += vexp(*(v16 *)(row + i) - mx);
+    float sum = 0;
+    for (int j = 0; j < 16; j++) sum += acc[j];
+    for (; i < n; i++) sum += sexp(row[i] - mx);
+    float shift = mx + logf(sum);
+    for (i = 0; i < n; i++) row[i] -= shift;
+  }
+}
+
+/* One step for B rows: feeds tokens[b], writes each row's keys and values into completion slot s,
+ * and leaves log softmax(logits / temperature) in logprobs[B, vocab]. Returns 0, or -1 when memory
+ * ran out. One parallel region: the products split W's rows between the threads, attention splits
+ * (row, key head) pairs, the element-wise work splits rows. */
+int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *w, int B, const int32_t *tokens,
+                         const float *pk, const float *pv, const uint8_t *pvis, int U, int Tp, float *ck, float *cv,
+                         int Tc, int s, const int32_t *row_prompt, const int32_t *row_pos0, float *logprobs) {
+  const int L = dims[D_LAYERS], d = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV_HEADS],
+            Dh = dims[D_HEAD_DIM], F = dims[D_FFN], V = dims[D_VOCAB], rd = dims[D_ROPE_DIMS],
+            trad = dims[D_ROPE_TRADITIONAL];
+  int T = dims[D_THREADS] > 0 ? dims[D_THREADS] : mlx_grpo_blas_threads();
+  if (T > omp_get_num_procs()) T = omp_get_num_procs(); /* spinning threads must each have a core */
+  if (T < 1) T = 1;
+  const float eps = fp[F_EPS], scale = fp[F_ATTN_SCALE], inv_t = fp[F_INV_TEMPERATURE];
+  const int QD = H * Dh, KD = KV * Dh, QKV = QD + 2 * KD, rep = H / KV, half = rd / 2;
+  const int slots = Tp + Tc;
+
+  float *x = malloc(sizeof(float) * (size_t)B * d), *xn = malloc(sizeof(float) * (size_t)B * d),
+        *qkv = malloc(sizeof(float) * (size_t)B * QKV), *att = malloc(sizeof(float) * (size_t)B * QD),
+        *gu = malloc(sizeof(float) * (size_t)B * 2 * F), *act = malloc(sizeof(float) * (size_t)B * F),
+        *tmp = malloc(sizeof(float) * (size_t)B * d), *cs = malloc(sizeof(float) * ((size_t)B * half + 1)),
+        *sn = malloc(sizeof(float) * ((size_t)B * half + 1)),
+        *scores = malloc(sizeof(float) * (size_t)T * (slots + 16));
+  int ok = x && xn && qkv && att && gu && act && tmp && cs && sn && scores;
+  if (!ok) goto done;
+
+  const float *embed = (const float *)w[W_EMBED];
+  for (int b = 0; b < B; b++) memcpy(x + (size_t)b * d, embed + (size_t)tokens[b] * d, sizeof(float) * d);
+  /* MLX's fast RoPE: angle = position * scale * base^(-i / half), i < half */
+  for (int b = 0; b < B; b++) {
+    float pos = (float)(row_pos0[b] + s) * fp[F_ROPE_SCALE];
+    for (int i = 0; i < half; i++) {
+      float a = pos * expf(-(float)i * (logf(fp[F_ROPE_BASE]) / half));
+      cs[(size_t)b * half + i] = cosf(a);
+      sn[(size_t)b * half + i] = sinf(a);
+    }
+  }
+
+  barrier_t bar = {0, 0};
+#pragma omp parallel num_threads(T)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int mine = 0, r0, r1, p0, p1;
+    split(B, t, nt, &r0, &r1);
+    split(B * KV, t, nt, &p0, &p1);
+    float *sc = scores + (size_t)t * (slots + 16);
+    for (int l = 0; l < L; l++) {
+      const uintptr_t *lw = w + W_GLOBAL + (size_t)l * L_COUNT;
+      rms_norm(r1 - r0, d, x + (size_t)r0 * d, (const float *)lw[L_IN_NORM], eps, xn + (size_t)r0 * d);
+      barrier(&bar, nt, &mine);
+      linear(B, QKV, d, xn, (const float *)lw[L_QKV], (const float *)lw[L_QKV_BIAS], qkv, t, nt);
+      barrier(&bar, nt, &mine);
+      for (int b = r0; b < r1; b++) {
+        float *row = qkv + (size_t)b * QKV;
+        for (int h = 0; h < H + KV; h++) rope(row + (size_t)h * Dh, rd, trad, cs + (size_t)b * half, sn + (size_t)b * half);
+        for (int h = 0; h < KV; h++) {
+          size_t at = (((size_t)l * B + b) * KV + h) * Tc * Dh + (size_t)s * Dh;
+          memcpy(ck + at, row + QD + (size_t)h * Dh, sizeof(float) * Dh);
+          memcpy(cv + at, row + QD + KD + (size_t)h * Dh, sizeof(float) * Dh);
+        }
+      }
+      barrier(&bar, nt, &mine);
+      for (int pair = p0; pair < p1; pair++) {
+        int b = pair / KV, h = pair % KV, u = row_prompt[b];
+        size_t p_at = (((size_t)l * U + u) * KV + h) * Tp * Dh, c_at = (((size_t)l * B + b) * KV + h) * Tc * Dh;
+        for (int r = 0; r < rep; r++) {
+          int head = h * rep + r;
+          attend(qkv + (size_t)b * QKV + (size_t)head * Dh, Dh, scale, pk + p_at, pv + p_at, pvis + (size_t)u * Tp,
+                 Tp, ck + c_at, cv + c_at, s, sc, att + (size_t)b * QD + (size_t)head * Dh);
+        }
+      }
+      barrier(&bar, nt, &mine);
+      linear(B, d, QD, att, (const float *)lw[L_O], (const float *)lw[L_O_BIAS], tmp, t, nt);
+      barrier(&bar, nt, &mine);
+      for (size_t i = (size_t)r0 * d; i < (size_t)r1 * d; i++) x[i] += tmp[i];
+      rms_norm(r1 - r0, d, x + (size_t)r0 * d, (const float *)lw[L_POST_NORM], eps, xn + (size_t)r0 * d);
+      barrier(&bar, nt, &mine);
+      linear(B, 2 * F, d, xn, (const float *)lw[L_GATE_UP], (const float *)lw[L_GATE_UP_BIAS], gu, t, nt);
+      barrier(&bar, nt, &mine);
+      for (int b = r0; b < r1; b++) {
+        const float *g = gu + (size_t)b * 2 * F, *up = g + F;
+        float *a = act + (size_t)b * F;
+        int i = 0;
+        for (; i + 16 <= F; i += 16) {
+          v16 gv = *(const v16 *)(g + i);
+          *(v16 *)(a + i) = gv / (1.0f + vexp(-gv)) * *(const v16 *)(up + i);
+        }
+        for (; i < F; i++) a[i] = g[i] / (1.0f + sexp(-g[i])) * up[i];
+      }
+      barrier(&bar, nt, &mine);
+      linear(B, d, F, act, (const float *)lw[L_DOWN], (const float *)lw[L_DOWN_BIAS], tmp, t, nt);
+      barrier(&bar, nt, &mine);
+      for (size_t i = (size_t)r0 * d; i < (size_t)r1 * d; i++) x[i] += tmp[i];
+    }
+    rms_norm(r1 - r0, d, x + (size_t)r0 * d, (const float *)w[W_NORM], eps, xn + (size_t)r0 * d);
+    barrier(&bar, nt, &mine);
+    linear(B, V, d, xn, (const float *)w[W_HEAD], 0, logprobs, t, nt);
+    barrier(&bar, nt, &mine);
+    if (inv_t != 1.0f)
+      for (size_t i = (size_t)r0 * V; i < (size_t)r1 * V; i++) logprobs[i] *= inv_t;
+    log_softmax_rows(logprobs + (size_t)r0 * V, r1 - r0, V);
+  }
+
+done:
+  free(x), free(xn), free(qkv), free(att), free(gu), free(act), free(tmp), free(cs), free(sn), free(scores);
+  return ok ? 0 : -1;
+}

@@ -1,0 +1,224 @@
+"""The rollout's decode steps in C on the CPU backend, for llama-shaped models (``csrc/decode.c``).
+
+Through MLX, a SmolLM2 decode step of 16 rows takes ~75 ms on a 2-core CPU, of which the weight
+products are ~36: the rest is MLX running ~2,500 small graph nodes on one thread (the second core
+waits) and attention reading each row's own copy of its prompt's keys and values. ``decode.c``
+runs the whole step in one call: the same few-row kernel for the products (``skinny.c``; the
+two share one library, built and preloaded by ``skinny.py``), attention and the element-wise work
+split over the BLAS's threads, and each prompt's keys and values held once for its whole group.
+
+It serves models whose every layer is llama's (llama, qwen2, mistral: RMSNorm, RoPE as MLX's
+``nn.RoPE``, grouped-query attention over a plain KV cache, a gated SiLU MLP) with float32 weights,
+in eval mode, when the library is loaded; anything else decodes through MLX as before
+(``unsupported`` says why). The prompts are prefilled by MLX (``prefill.py``); adapters are folded
+into a copy of the weights once per rollout (the bytes ``models.adapters_folded`` would take), in
+one NumPy allocation, which Linux backs with huge pages. Same interface as ``decode.StaticDecoder``:
+``step(y)`` returns the next token's log-probabilities [B, vocab], ``keep(index)`` drops rows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import fastmath, skinny
+from .memory import available_memory
+
+ARCHITECTURES = ("llama", "qwen2", "mistral")
+# The few-row kernel's limit (skinny.c): past it the BLAS multiplies faster than one pass over the
+# weights, so bigger batches decode through MLX.
+MAX_ROWS = 48
+D_COUNT, F_COUNT, L_COUNT = 10, 5, 10  # the enums of decode.c
+
+
+def _library() -> Optional[ctypes.CDLL]:
+    handle = skinny._loaded()
+    if handle is None or not hasattr(handle, "mlx_grpo_decode_step"):
+        return None
+    fn = handle.mlx_grpo_decode_step
+    fn.restype = ctypes.c_int
+    return handle
+
+
+def _linear_weight(m: nn.Module) -> Optional[Tuple[mx.array, Optional[mx.array]]]:
+    """(weight, bias) a plain or LoRA-over-plain Linear computes in eval mode, or None."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    if type(m) is LoRALinear and type(m.linear) is nn.Linear:
+        lin = m.linear
+        w = lin.weight + ((m.scale * m.lora_b.T) @ m.lora_a.T).astype(lin.weight.dtype)
+    elif type(m) is nn.Linear:
+        lin, w = m, m.weight
+    else:
+        return None
+    return w, (lin.bias if "bias" in lin else None)
+
+
+def _layers(model: nn.Module) -> List[nn.Module]:
+    inner = getattr(model, "model", None)
+    return list(getattr(inner, "layers", None) or [])
+
+
+def unsupported(model: nn.Module) -> Optional[str]:
+    """Why this model cannot decode in C here, or None when it can."""
+    if not fastmath.on_cpu():
+        return "not on the CPU backend"
+    if _library() is None:
+        return "mlx-grpo's kernel library is not loaded"
+    return model_unsupported(model)
+
+
+def model_unsupported(model: nn.Module) -> Optional[str]:
+    """Why ``decode.c`` cannot run this model (whatever the backend), or None when it can."""
+    if getattr(model, "model_type", None) not in ARCHITECTURES:
+        return f"model type {getattr(model, 'model_type', None)!r} is not one of {', '.join(ARCHITECTURES)}"
+    if model.training:
+        return "the model is in training mode"
+    inner, layers = model.model, _layers(model)
+    if not layers or getattr(inner, "swa_idx", None) is not None:
+        return "sliding-window layers"
+    embed = getattr(inner, "embed_tokens", None)
+    if type(embed) is not nn.Embedding or embed.weight.dtype != mx.float32:
+        return "the embedding is not a float32 nn.Embedding"
+    if not model.args.tie_word_embeddings and _linear_weight(model.lm_head) is None:
+        return "the output head is not a plain Linear"
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or getattr(layer, "use_sliding", False):
+            return "a layer that is not llama's"
+        if type(getattr(attn, "rope", None)) is not nn.RoPE or any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
+            return "a RoPE or attention variant"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if type(norm) is not nn.RMSNorm:
+                return "a norm that is not RMSNorm"
+        names = [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        names += [(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        for parent, n in names:
+            m = getattr(parent, n, None)
+            got = None if m is None else _linear_weight(m)
+            if got is None or got[0].dtype != mx.float32:
+                return f"{n} is not a float32 Linear (or LoRA over one)"
+    return None
+
+
+class NativeWeights:
+    """Every weight of the model, adapters folded in, in one float32 NumPy buffer laid out as
+    ``decode.c`` reads it (q|k|v and gate|up stacked), and the pointer table into it."""
+
+    def __init__(self, model: nn.Module):
+        inner, layers = model.model, _layers(model)
+        attn0 = layers[0].self_attn
+        self.heads, self.kv_heads = attn0.n_heads, attn0.n_kv_heads
+        q = attn0.q_proj
+        self.head_dim = (q.linear if hasattr(q, "linear") else q).weight.shape[0] // self.heads
+        self.layers = len(layers)
+        embed = inner.embed_tokens.weight
+        self.vocab, self.hidden = embed.shape
+        # Each slot: the arrays stacked there (folded lazily: evaluated one at a time below), or None.
+        glob: List[Any] = [[embed], None if model.args.tie_word_embeddings else [_linear_weight(model.lm_head)[0]],
+                           [inner.norm.weight]]
+        per_layer = []
+        for layer in layers:
+            a, f = layer.self_attn, layer.mlp
+            qkv = [_linear_weight(getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj")]
+            o, g, u, dn = (_linear_weight(m) for m in (a.o_proj, f.gate_proj, f.up_proj, f.down_proj))
+            bias = lambda group: None if all(b is None for _, b in group) else [
+                b if b is not None else mx.zeros((w.shape[0],), dtype=mx.float32) for w, b in group]
+            per_layer.append([[layer.input_layernorm.weight], [w for w, _ in qkv], bias(qkv), [o[0]], bias([o]),
+                              [layer.post_attention_layernorm.weight], [g[0], u[0]], bias([g, u]), [dn[0]], bias([dn])])
+        self.ffn = per_layer[0][6][0].shape[0]
+        rope = attn0.rope
+        self.rope_dims, self.rope_traditional = rope.dims, int(rope.traditional)
+        self.rope_base, self.rope_scale = float(rope.base), float(rope.scale)
+        self.attn_scale = float(attn0.scale)
+        self.eps = float(layers[0].input_layernorm.eps)
+
+        slots = glob + [s for layer in per_layer for s in layer]
+        sizes = [sum(int(a.size) for a in s) if s is not None else 0 for s in slots]
+        self.buffer = np.empty(sum(sizes), dtype=np.float32)
+        self.nbytes = self.buffer.nbytes
+        pointers, at = [], 0
+        for s, n in zip(slots, sizes):
+            if s is None:
+                pointers.append(0)
+                continue
+            pointers.append(self.buffer.ctypes.data + 4 * at)
+            for a in s:  # one folded weight at a time: the only whole copy is this buffer
+                mx.eval(a)
+                self.buffer[at: at + a.size] = np.asarray(a.astype(mx.float32)).reshape(-1)
+                at += a.size
+        if pointers[1] == 0:  # tied: the head is the embedding
+            pointers[1] = pointers[0]
+        self.pointers = np.array(pointers, dtype=np.uintp)
+        self.dims = np.array([self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim, self.ffn,
+                              self.vocab, self.rope_dims, self.rope_traditional, 0], dtype=np.int64)
+
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes of ``NativeWeights``'s copy: the base's parameters in float32."""
+    from mlx.utils import tree_flatten
+
+    return 4 * sum(int(v.size) for k, v in tree_flatten(model.parameters()) if "lora_" not in k)
+
+
+def fits_memory(model: nn.Module, share: float) -> bool:
+    """True when the copy of the weights takes at most ``share`` of the memory free now (the rule
+    ``models.adapters_folded`` applies to its own copies)."""
+    room = available_memory()
+    return room is not None and weight_bytes(model) <= share * room
+
+
+class NativeDecoder:
+    """Decode steps in C over prompts prefilled by MLX (one ``RowsCache`` per layer, one row per
+    prompt), each prompt's keys and values shared by its ``G`` rows."""
+
+    def __init__(self, weights: NativeWeights, cache: List[Any], group_size: int, max_new: int,
+                 inv_temperature: float):
+        self.lib = _library()
+        self.w = weights
+        U, Tp = cache[0].keys.shape[0], cache[0].keys.shape[2]
+        self.prompt_keys = np.ascontiguousarray(np.stack([np.asarray(c.keys.astype(mx.float32)) for c in cache]))
+        self.prompt_values = np.ascontiguousarray(np.stack([np.asarray(c.values.astype(mx.float32)) for c in cache]))
+        vis = cache[0].visible
+        self.visible = (np.ones((U, Tp), dtype=np.uint8) if vis is None
+                        else np.ascontiguousarray(np.asarray(vis).astype(np.uint8)))
+        self.U, self.Tp, self.Tc = U, Tp, max_new
+        self.row_prompt = np.repeat(np.arange(U, dtype=np.int32), group_size)
+        self.row_pos0 = np.repeat(np.asarray(cache[0].offset).astype(np.int32).reshape(-1), group_size)
+        B = U * group_size
+        shape = (weights.layers, B, weights.kv_heads, max_new, weights.head_dim)
+        self.keys, self.values = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+        self.fp = np.array([weights.eps, weights.rope_base, weights.rope_scale, weights.attn_scale, inv_temperature],
+                           dtype=np.float32)
+        self.s = 0
+
+    def step(self, y: mx.array) -> mx.array:
+        tokens = np.ascontiguousarray(np.array(y, dtype=np.int32).reshape(-1))
+        B = tokens.shape[0]
+        if self.s >= self.Tc:
+            raise ValueError(f"decoded past the {self.Tc} slots this decoder was made for")
+        logprobs = np.empty((B, self.w.vocab), dtype=np.float32)
+        def p(a: np.ndarray) -> ctypes.c_void_p:  # decode.c reads every buffer as C-contiguous
+            assert a.flags.c_contiguous, "a buffer for decode.c is not C-contiguous"
+            return ctypes.c_void_p(a.ctypes.data)
+
+        rc = self.lib.mlx_grpo_decode_step(
+            p(self.w.dims), p(self.fp), p(self.w.pointers), ctypes.c_int(B), p(tokens),
+            p(self.prompt_keys), p(self.prompt_values), p(self.visible), ctypes.c_int(self.U), ctypes.c_int(self.Tp),
+            p(self.keys), p(self.values), ctypes.c_int(self.Tc), ctypes.c_int(self.s),
+            p(self.row_prompt), p(self.row_pos0), p(logprobs))
+        if rc != 0:
+            raise MemoryError("the C decode step could not allocate its scratch memory")
+        self.s += 1
+        return mx.array(logprobs)
+
+    def keep(self, index: mx.array) -> None:
+        idx = np.array(index, dtype=np.int64)
+        # np.take, not keys[:, idx]: fancy indexing on a later axis may hand back a strided view
+        self.keys, self.values = np.take(self.keys, idx, axis=1), np.take(self.values, idx, axis=1)
+        self.row_prompt, self.row_pos0 = self.row_prompt[idx], self.row_pos0[idx]

@@ -1,0 +1,142 @@
+"""The decode step in C (native_decode.py, csrc/decode.c): the same log-probabilities as MLX's
+static decode step, step after step, on models built here with every shape it must handle (grouped
+key heads, biases, head and hidden sizes off the vector width, padding inside the prompts, LoRA
+adapters folded in, rows dropped mid-way, an untied head), the same rollouts, and MLX's path
+wherever it does not apply."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_grpo import native_decode
+from preloaded import NEEDS, built, run_preloaded
+
+# Prefill both ways from the same prompts, then feed both decoders the same tokens (MLX's argmax,
+# a temperature of 0.7 on both) and compare every step's log-probabilities over the whole
+# vocabulary; drop two rows at step 5.
+COMPARE = """
+    import json
+    import mlx.core as mx, mlx.nn as nn, numpy as np
+    from mlx_lm.models import llama, qwen2
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx.utils import tree_map
+    from mlx_grpo import fastmath, native_decode, rollout
+    from mlx_grpo.models import adapters_folded
+
+    def build(kind, **kw):
+        mx.random.seed(3)
+        mod = {"llama": llama, "qwen2": qwen2}[kind]
+        args = mod.ModelArgs(model_type=kind, hidden_size=72, num_hidden_layers=3, intermediate_size=100,
+                             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=301,
+                             rope_theta=500.0, **kw)
+        model = mod.Model(args)
+        linear_to_lora_layers(model, 3, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+        # adapters that move the outputs: B is zero when LoRA starts
+        model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
+        model.eval()
+        mx.eval(model.parameters())
+        return model
+
+    out = {}
+    for name, kind, kw in [("llama-gqa-tied", "llama", {"tie_word_embeddings": True}),
+                           ("llama-untied", "llama", {"tie_word_embeddings": False}),
+                           ("qwen2-bias", "qwen2", {"tie_word_embeddings": False})]:
+        model = build(kind, **kw)
+        reason = native_decode.unsupported(model)
+        prefix = list(range(5, 25))  # a shared prefix of 20 tokens: padding lands inside the prompts
+        prompts = [prefix + [40, 41, 42], prefix + [50, 51, 52, 53, 54, 55, 56], prefix + [60]]
+        tokens, pads = rollout.left_pad(prompts, 0)
+        G, T = 2, 12
+        with fastmath.eager():
+            l_native, nat = rollout._start_native(model, tokens, pads, G, T, 1 / 0.7)
+            with adapters_folded(model):
+                l_mlx, ref = rollout._start_static(model, tokens, pads, G, T, 1 / 0.7, True)
+                y = mx.argmax(l_mlx, axis=-1)
+                worst, same = float(mx.abs(l_native - l_mlx).max()), True
+                for s in range(T):
+                    a, b = ref.step(y), nat.step(y)
+                    worst = max(worst, float(mx.abs(a - b).max()))
+                    same = same and bool((mx.argmax(a, -1) == mx.argmax(b, -1)).all())
+                    y = mx.argmax(a, axis=-1)
+                    if s == 5:
+                        keep = mx.array([0, 3, 4, 5])
+                        ref.keep(keep), nat.keep(keep)
+                        y = y[keep]
+        out[name] = {"unsupported": reason, "worst": worst, "same_argmax": same, "rows": int(y.shape[0])}
+    print(json.dumps(out))
+"""
+
+
+@NEEDS
+def test_every_step_matches_mlx(tmp_path):
+    out, _ = run_preloaded(COMPARE, built(tmp_path), tmp_path)
+    for name, r in out.items():
+        assert r["unsupported"] is None, name
+        assert r["rows"] == 4
+        assert r["same_argmax"], name
+        assert r["worst"] < 2e-4, (name, r["worst"])
+
+
+ROLLOUT = """
+    import json, os
+    import numpy as np
+    from mlx_grpo import native_decode, rollout
+    from mlx_grpo.bench import BenchSettings, Session, bench_config
+    steps = []
+    step = native_decode.NativeDecoder.step
+    native_decode.NativeDecoder.step = lambda self, y: steps.append(1) or step(self, y)
+    cfg = bench_config(None, None, BenchSettings(prompts=2, group_size=4, max_tokens=12))
+    sess = Session(cfg)
+    runs = {}
+    for native in (True, False):
+        rollout.NATIVE = native
+        ro = sess.ours(temperature=0.0)
+        runs[str(native)] = {"tokens": np.asarray(ro.tokens).tolist(), "logprobs": np.asarray(ro.sample_logprobs).tolist()}
+    wide = len(steps)
+    rollout.NATIVE = None
+    sess16 = Session(bench_config(None, None, BenchSettings(prompts=16, group_size=4, max_tokens=4)))
+    sess16.ours(temperature=0.0)  # 64 rows: past the kernel's limit, through MLX
+    print(json.dumps({"runs": runs, "native_steps": wide, "steps_after": len(steps) - wide}))
+"""
+
+
+@NEEDS
+def test_a_rollout_decodes_in_c_with_the_same_tokens(tmp_path):
+    out, _ = run_preloaded(ROLLOUT, built(tmp_path), tmp_path)
+    import numpy as np
+
+    c, m = out["runs"]["True"], out["runs"]["False"]
+    assert out["native_steps"] > 0 and out["steps_after"] == 0
+    assert c["tokens"] == m["tokens"]
+    assert np.allclose(np.array(c["logprobs"]), np.array(m["logprobs"]), atol=1e-4)
+
+
+def _llama(**kw):
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=128,
+                           **kw)
+    model = llama.Model(args)
+    model.eval()
+    return model
+
+
+def test_what_it_does_not_take_decodes_through_mlx():
+    assert native_decode.model_unsupported(_llama()) is None
+    assert "training mode" in native_decode.model_unsupported(_llama().train())
+    quantized = _llama()
+    nn.quantize(quantized, group_size=32, bits=4)
+    assert "not a float32" in native_decode.model_unsupported(quantized)
+    scaled = _llama(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    assert "RoPE" in native_decode.model_unsupported(scaled)
+    half = _llama()
+    half.set_dtype(mx.bfloat16)
+    assert native_decode.model_unsupported(half) is not None
+    other = _llama()
+    other.model_type = "gemma"
+    assert "not one of" in native_decode.model_unsupported(other)
+    if native_decode._library() is None:  # pytest's own process: nothing preloaded
+        assert "not loaded" in native_decode.unsupported(_llama())
+    # more rows than the kernel takes: the rollout decodes through MLX (checked in a real rollout above)
+    assert native_decode.MAX_ROWS == 48
