@@ -4,7 +4,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_grpo import rollout
 from mlx_grpo.config import ModelConfig, RolloutConfig
 from mlx_grpo.models import load_model
 from mlx_grpo.rollout import sample_groups, stop_token_ids
@@ -175,7 +174,7 @@ def test_compiled_uncompiled_and_mlx_lm_caches_agree(model_tok, monkeypatch):
 def test_a_failing_compiled_step_falls_back_once_with_a_warning(small_model_dir, capfd, monkeypatch):
     """If the static step cannot be traced for a model, the rollout warns once (one line), decodes
     with mlx-lm's caches instead, and the next rollout goes there directly."""
-    monkeypatch.setattr(rollout, "NATIVE", False)  # the MLX decode step is what this tests
+    monkeypatch.setattr("mlx_grpo.rollout.NATIVE", False)  # the MLX decode step is what this tests
     from mlx_grpo import decode
 
     model, tok = load_model(ModelConfig(path=str(small_model_dir)))
@@ -372,7 +371,7 @@ def test_a_buffer_grown_block_by_block_decodes_what_one_whole_buffer_does(model_
     """The static decoder's key/value buffers grow by ``decode.GROW`` slots (each growth traces the
     compiled step again): tiny blocks, crossed many times, give the tokens and log-probabilities
     of one buffer sized for the whole rollout, with rows compacted away in between."""
-    monkeypatch.setattr(rollout, "NATIVE", False)  # the MLX decode step is what this tests
+    monkeypatch.setattr("mlx_grpo.rollout.NATIVE", False)  # the MLX decode step is what this tests
     from mlx_grpo import decode, rollout
     from mlx_grpo.sampling import row_keys
 
@@ -432,7 +431,7 @@ def test_folded_adapters_decode_what_the_lora_layers_decode(small_model_dir, mon
     puts the LoRA layers back after: the same tokens and log-probabilities as the LoRA layers
     decoding themselves (trained adapters, not zeros), the same modules afterwards, also when the
     rollout fails, and nothing folded when the copies would not fit the memory share."""
-    monkeypatch.setattr(rollout, "NATIVE", False)  # the MLX decode step is what this tests
+    monkeypatch.setattr("mlx_grpo.rollout.NATIVE", False)  # the MLX decode step is what this tests
     from mlx.utils import tree_flatten, tree_map
 
     from mlx_grpo import models, rollout
