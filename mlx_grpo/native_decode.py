@@ -44,18 +44,16 @@ def _library() -> Optional[ctypes.CDLL]:
     return handle
 
 
-def _linear_weight(m: nn.Module) -> Optional[Tuple[mx.array, Optional[mx.array]]]:
-    """(weight, bias) a plain or LoRA-over-plain Linear computes in eval mode, or None."""
+def _linear_parts(m: nn.Module):
+    """(base weight, bias, (scale * B^T, A^T) or None) of a plain or LoRA-over-plain Linear."""
     from mlx_lm.tuner.lora import LoRALinear
 
     if type(m) is LoRALinear and type(m.linear) is nn.Linear:
         lin = m.linear
-        w = lin.weight + ((m.scale * m.lora_b.T) @ m.lora_a.T).astype(lin.weight.dtype)
-    elif type(m) is nn.Linear:
-        lin, w = m, m.weight
-    else:
-        return None
-    return w, (lin.bias if "bias" in lin else None)
+        return lin.weight, (lin.bias if "bias" in lin else None), (m.scale * m.lora_b.T, m.lora_a.T)
+    if type(m) is nn.Linear:
+        return m.weight, (m.bias if "bias" in m else None), None
+    return None
 
 
 def _layers(model: nn.Module) -> List[nn.Module]:
@@ -84,7 +82,7 @@ def model_unsupported(model: nn.Module) -> Optional[str]:
     embed = getattr(inner, "embed_tokens", None)
     if type(embed) is not nn.Embedding or embed.weight.dtype != mx.float32:
         return "the embedding is not a float32 nn.Embedding"
-    if not model.args.tie_word_embeddings and _linear_weight(model.lm_head) is None:
+    if not model.args.tie_word_embeddings and _linear_parts(model.lm_head) is None:
         return "the output head is not a plain Linear"
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -99,7 +97,7 @@ def model_unsupported(model: nn.Module) -> Optional[str]:
         names += [(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
         for parent, n in names:
             m = getattr(parent, n, None)
-            got = None if m is None else _linear_weight(m)
+            got = None if m is None else _linear_parts(m)
             if got is None or got[0].dtype != mx.float32:
                 return f"{n} is not a float32 Linear (or LoRA over one)"
     return None
@@ -109,54 +107,72 @@ class NativeWeights:
     """Every weight of the model, adapters folded in, in one float32 NumPy buffer laid out as
     ``decode.c`` reads it (q|k|v and gate|up stacked), and the pointer table into it."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL):
         inner, layers = model.model, _layers(model)
         attn0 = layers[0].self_attn
         self.heads, self.kv_heads = attn0.n_heads, attn0.n_kv_heads
-        q = attn0.q_proj
-        self.head_dim = (q.linear if hasattr(q, "linear") else q).weight.shape[0] // self.heads
+        self.head_dim = _linear_parts(attn0.q_proj)[0].shape[0] // self.heads
         self.layers = len(layers)
-        embed = inner.embed_tokens.weight
-        self.vocab, self.hidden = embed.shape
-        # Each slot: the arrays stacked there (folded lazily: evaluated one at a time below), or None.
-        glob: List[Any] = [[embed], None if model.args.tie_word_embeddings else [_linear_weight(model.lm_head)[0]],
-                           [inner.norm.weight]]
-        per_layer = []
-        for layer in layers:
-            a, f = layer.self_attn, layer.mlp
-            qkv = [_linear_weight(getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj")]
-            o, g, u, dn = (_linear_weight(m) for m in (a.o_proj, f.gate_proj, f.up_proj, f.down_proj))
-            bias = lambda group: None if all(b is None for _, b in group) else [
-                b if b is not None else mx.zeros((w.shape[0],), dtype=mx.float32) for w, b in group]
-            per_layer.append([[layer.input_layernorm.weight], [w for w, _ in qkv], bias(qkv), [o[0]], bias([o]),
-                              [layer.post_attention_layernorm.weight], [g[0], u[0]], bias([g, u]), [dn[0]], bias([dn])])
-        self.ffn = per_layer[0][6][0].shape[0]
+        self.vocab, self.hidden = inner.embed_tokens.weight.shape
+        self.ffn = _linear_parts(layers[0].mlp.gate_proj)[0].shape[0]
         rope = attn0.rope
         self.rope_dims, self.rope_traditional = rope.dims, int(rope.traditional)
         self.rope_base, self.rope_scale = float(rope.base), float(rope.scale)
         self.attn_scale = float(attn0.scale)
         self.eps = float(layers[0].input_layernorm.eps)
 
-        slots = glob + [s for layer in per_layer for s in layer]
-        sizes = [sum(int(a.size) for a in s) if s is not None else 0 for s in slots]
+        # Each slot: the pieces stacked there, (weight, (scale B^T, A^T) or None) each, or None.
+        def linears(*ms):
+            return [(w, lora) for w, _, lora in map(_linear_parts, ms)]
+
+        def biases(*ms):
+            got = [_linear_parts(m) for m in ms]
+            if all(b is None for _, b, _ in got):
+                return None
+            return [(b if b is not None else mx.zeros((w.shape[0],)), None) for w, b, _ in got]
+
+        tied = model.args.tie_word_embeddings
+        slots: List[Any] = [[(inner.embed_tokens.weight, None)], None if tied else linears(model.lm_head),
+                            [(inner.norm.weight, None)]]
+        for layer in layers:
+            a, f = layer.self_attn, layer.mlp
+            slots += [[(layer.input_layernorm.weight, None)], linears(a.q_proj, a.k_proj, a.v_proj),
+                      biases(a.q_proj, a.k_proj, a.v_proj), linears(a.o_proj), biases(a.o_proj),
+                      [(layer.post_attention_layernorm.weight, None)], linears(f.gate_proj, f.up_proj),
+                      biases(f.gate_proj, f.up_proj), linears(f.down_proj), biases(f.down_proj)]
+
+        sizes = [sum(int(w.size) for w, _ in s) if s is not None else 0 for s in slots]
         self.buffer = np.empty(sum(sizes), dtype=np.float32)
         self.nbytes = self.buffer.nbytes
         pointers, at = [], 0
-        for s, n in zip(slots, sizes):
-            if s is None:
-                pointers.append(0)
-                continue
-            pointers.append(self.buffer.ctypes.data + 4 * at)
-            for a in s:  # one folded weight at a time: the only whole copy is this buffer
-                mx.eval(a)
-                self.buffer[at: at + a.size] = np.asarray(a.astype(mx.float32)).reshape(-1)
-                at += a.size
-        if pointers[1] == 0:  # tied: the head is the embedding
+        for s in slots:
+            pointers.append(0 if s is None else self.buffer.ctypes.data + 4 * at)
+            for w, lora in s or []:
+                _fold(lib, w, lora, self.buffer[at: at + w.size])
+                at += w.size
+        if tied:  # the head is the embedding
             pointers[1] = pointers[0]
         self.pointers = np.array(pointers, dtype=np.uintp)
+        self.lib = lib
         self.dims = np.array([self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim, self.ffn,
                               self.vocab, self.rope_dims, self.rope_traditional, 0], dtype=np.int64)
 
+
+def _host(x: mx.array) -> np.ndarray:
+    """x as a C-contiguous float32 NumPy array (a view of MLX's buffer where it already is one)."""
+    return np.ascontiguousarray(np.asarray(x if x.dtype == mx.float32 else x.astype(mx.float32)))
+
+
+def _fold(lib: ctypes.CDLL, w: mx.array, lora: Optional[Tuple[mx.array, mx.array]], out: np.ndarray) -> None:
+    """out (flat, float32) = w + (scale B^T) @ A^T, in one pass over w (``mlx_grpo_fold``)."""
+    w = _host(w)
+    if lora is None:
+        out[:] = w.reshape(-1)
+        return
+    bs, a = (_host(x) for x in lora)
+    N, K = w.shape
+    lib.mlx_grpo_fold(ctypes.c_int(N), ctypes.c_int(K), ctypes.c_int(a.shape[0]), ctypes.c_void_p(w.ctypes.data),
+                      ctypes.c_void_p(bs.ctypes.data), ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(out.ctypes.data))
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -179,7 +195,7 @@ class NativeDecoder:
 
     def __init__(self, weights: NativeWeights, cache: List[Any], group_size: int, max_new: int,
                  inv_temperature: float):
-        self.lib = _library()
+        self.lib = weights.lib
         self.w = weights
         U, Tp = cache[0].keys.shape[0], cache[0].keys.shape[2]
         self.prompt_keys = np.ascontiguousarray(np.stack([np.asarray(c.keys.astype(mx.float32)) for c in cache]))
