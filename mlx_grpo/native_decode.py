@@ -29,6 +29,7 @@ from . import fastmath, skinny
 from .memory import available_memory
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
+OFF = "MLX_GRPO_NO_NATIVE_DECODE"  # set: decode through MLX even where this would serve
 # The few-row kernel's limit (skinny.c): past it the BLAS multiplies faster than one pass over the
 # weights, so bigger batches decode through MLX.
 MAX_ROWS = 48

@@ -10,6 +10,7 @@ step is compiled (``decode.py``); the bookkeeping per token is a few NumPy opera
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Set
@@ -35,8 +36,8 @@ PIPELINE: Optional[bool] = None
 # slow; True / False force it. Host draws evaluate at once, so they never pipeline.
 HOST_SAMPLING: Optional[bool] = None
 
-# Decode in C (native_decode.py) where the model and backend allow: None = whenever they do;
-# False = always through MLX (the benchmark's A/B).
+# Decode in C (native_decode.py) where the model and backend allow: None = whenever they do
+# (unless MLX_GRPO_NO_NATIVE_DECODE is set); False = always through MLX (the benchmark's A/B).
 NATIVE: Optional[bool] = None
 
 # Set on a model whose static decode step failed to build: it decodes with mlx-lm's caches after.
@@ -149,7 +150,8 @@ def sample_groups(
     # Nothing is differentiated in a rollout (see fastmath.logsumexp), so adapters can be folded:
     # into the C decoder's copy of the weights, else into the model's layers.
     rows = len(prompts) * (cfg.group_size if group_size is None else group_size)
-    native = (compiled and (NATIVE if NATIVE is not None else True) and rows <= native_decode.MAX_ROWS
+    wanted = NATIVE if NATIVE is not None else not os.environ.get(native_decode.OFF)
+    native = (compiled and wanted and rows <= native_decode.MAX_ROWS
               and plain_kv_layers(model) and native_decode.unsupported(model) is None
               and native_decode.fits_memory(model, FOLD_SHARE))
     with fastmath.eager(), contextlib.nullcontext() if native else adapters_folded(model):

@@ -140,3 +140,22 @@ def test_what_it_does_not_take_decodes_through_mlx():
         assert "not loaded" in native_decode.unsupported(_llama())
     # more rows than the kernel takes: the rollout decodes through MLX (checked in a real rollout above)
     assert native_decode.MAX_ROWS == 48
+
+
+def test_the_switch_sends_every_rollout_through_mlx(embedded_model_dir, monkeypatch):
+    from mlx_grpo import rollout
+    from mlx_grpo.config import ModelConfig, RolloutConfig
+    from mlx_grpo.models import load_model
+
+    model, tok = load_model(ModelConfig(path=str(embedded_model_dir)))
+    steps = []
+    real = native_decode.NativeDecoder.step
+    monkeypatch.setattr(native_decode.NativeDecoder, "step", lambda self, y: steps.append(1) or real(self, y))
+    cfg = RolloutConfig(group_size=2, max_tokens=4, temperature=0.0, stop=[])
+    first = rollout.sample_groups(model, tok, ["1+1=", "2+2="], cfg)
+    used = len(steps)
+    assert used > 0 or native_decode.unsupported(model) is not None  # pytest's process preloads it where it can
+    monkeypatch.setenv(native_decode.OFF, "1")
+    second = rollout.sample_groups(model, tok, ["1+1=", "2+2="], cfg)
+    assert len(steps) == used
+    assert first.tokens.tolist() == second.tokens.tolist()

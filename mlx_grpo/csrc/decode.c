@@ -174,8 +174,24 @@ static float exp_shifted(float *x, int n, const uint8_t *vis, int n_vis) {
   return sum;
 }
 
-/* out += sum_t p[t] v[t] over n values Dh apart (zero weights skipped: hidden slots). */
+/* out += sum_t p[t] v[t] over n values Dh apart (zero weights skipped: hidden slots); 64 columns
+ * at a time in registers where Dh is a multiple of 16 (each value row read once for Dh <= 64). */
 static void weighted_values(const float *p, const float *v, int n, int Dh, float *out) {
+  if (Dh % 16 == 0) {
+    for (int c = 0; c < Dh; c += 64) {
+      int m = Dh - c < 64 ? (Dh - c) / 16 : 4;
+      v16 acc[4] = {(v16){0}, (v16){0}, (v16){0}, (v16){0}};
+      for (int t = 0; t < n; t++) {
+        float w = p[t];
+        if (w == 0.0f) continue;
+        const float *vr = v + (size_t)t * Dh + c;
+        for (int i = 0; i < 4; i++)
+          if (i < m) acc[i] += w * *(const v16 *)(vr + 16 * i);
+      }
+      for (int i = 0; i < m; i++) *(v16 *)(out + c + 16 * i) += acc[i];
+    }
+    return;
+  }
   for (int t = 0; t < n; t++) {
     float w = p[t];
     if (w == 0.0f) continue;
@@ -257,7 +273,7 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     int mine = 0, r0, r1, p0, p1;
     split(B, t, nt, &r0, &r1);
-    split(B * KV, t, nt, &p0, &p1);
+    p0 = r0 * KV, p1 = r1 * KV; /* this thread's rows' pairs: attention follows their RoPE unsynchronised */
     float *sc = scores + (size_t)t * (slots + 16);
     for (int l = 0; l < L; l++) {
       const uintptr_t *lw = w + W_GLOBAL + (size_t)l * L_COUNT;
@@ -274,7 +290,6 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
           memcpy(cv + at, row + QD + KD + (size_t)h * Dh, sizeof(float) * Dh);
         }
       }
-      barrier(&bar, nt, &mine);
       for (int pair = p0; pair < p1; pair++) {
         int b = pair / KV, h = pair % KV, u = row_prompt[b];
         size_t p_at = (((size_t)l * U + u) * KV + h) * Tp * Dh, c_at = (((size_t)l * B + b) * KV + h) * Tc * Dh;
