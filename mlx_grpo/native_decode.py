@@ -1,11 +1,12 @@
 """The rollout's decode steps in C on the CPU backend, for llama-shaped models (``csrc/decode.c``).
 
-Through MLX, a SmolLM2 decode step of 16 rows takes ~75 ms on a 2-core CPU, of which the weight
-products are ~36: the rest is MLX running ~2,500 small graph nodes on one thread (the second core
-waits) and attention reading each row's own copy of its prompt's keys and values. ``decode.c``
-runs the whole step in one call: the same few-row kernel for the products (``skinny.c``; the
-two share one library, built and preloaded by ``skinny.py``), attention and the element-wise work
-split over the BLAS's threads, and each prompt's keys and values held once for its whole group.
+Through MLX, a SmolLM2 decode step of 16 rows took 75-79 ms on a 2-core CPU, of which the weight
+products were ~36: the rest was MLX running ~2,500 small graph nodes on one thread (the second
+core waiting) and attention reading each row's own copy of its prompt's keys and values.
+``decode.c`` runs the whole step in one call: the same few-row kernel for the products
+(``skinny.c``; the two share one library, built and preloaded by ``skinny.py``), attention and the
+element-wise work split over the BLAS's threads, and each prompt's keys and values held once for
+its whole group: 38-41 ms (docs/performance.md, "Decoding in C on the CPU").
 
 It serves models whose every layer is llama's (llama, qwen2, mistral: RMSNorm, RoPE as MLX's
 ``nn.RoPE``, grouped-query attention over a plain KV cache, a gated SiLU MLP) with float32 weights,
@@ -33,10 +34,10 @@ OFF = "MLX_GRPO_NO_NATIVE_DECODE"  # set: decode through MLX even where this wou
 # The few-row kernel's limit (skinny.c): past it the BLAS multiplies faster than one pass over the
 # weights, so bigger batches decode through MLX.
 MAX_ROWS = 48
-D_COUNT, F_COUNT, L_COUNT = 10, 5, 10  # the enums of decode.c
 
 
-def _library() -> Optional[ctypes.CDLL]:
+def library() -> Optional[ctypes.CDLL]:
+    """The preloaded kernel library when it holds the decode step, else None."""
     handle = skinny._loaded()
     if handle is None or not hasattr(handle, "mlx_grpo_decode_step"):
         return None
@@ -66,7 +67,7 @@ def unsupported(model: nn.Module) -> Optional[str]:
     """Why this model cannot decode in C here, or None when it can."""
     if not fastmath.on_cpu():
         return "not on the CPU backend"
-    if _library() is None:
+    if library() is None:
         return "mlx-grpo's kernel library is not loaded"
     return model_unsupported(model)
 

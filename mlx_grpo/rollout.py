@@ -201,7 +201,7 @@ def _start_native(model, prompt_tokens, left_padding, G, max_new, inv_t):
     the weights with the adapters folded in."""
     logits, cache = _prefill_prompts(model, prompt_tokens, left_padding)
     mx.eval(logits, [(c.keys, c.values) for c in cache])
-    decoder = native_decode.NativeDecoder(native_decode.NativeWeights(model, native_decode._library()), cache, G, max_new, inv_t)
+    decoder = native_decode.NativeDecoder(native_decode.NativeWeights(model, native_decode.library()), cache, G, max_new, inv_t)
     return mx.repeat(logits, G, axis=0), decoder
 
 

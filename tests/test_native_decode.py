@@ -136,7 +136,7 @@ def test_what_it_does_not_take_decodes_through_mlx():
     other = _llama()
     other.model_type = "gemma"
     assert "not one of" in native_decode.model_unsupported(other)
-    if native_decode._library() is None:  # pytest's own process: nothing preloaded
+    if native_decode.library() is None:  # pytest's own process: nothing preloaded
         assert "not loaded" in native_decode.unsupported(_llama())
     # more rows than the kernel takes: the rollout decodes through MLX (checked in a real rollout above)
     assert native_decode.MAX_ROWS == 48
