@@ -107,13 +107,24 @@ static void split(int n, int t, int T, int *a, int *b) {
   *b = *a + per < n ? *a + per : n;
 }
 
-/* Thread t's share of out[M,N] = x[M,K] @ W[N,K]^T (+ bias), by the few-row kernel. */
-static void linear(int M, int N, int K, const float *x, const float *W, const float *bias, float *out, int t, int T) {
+/* One thread of the step's team: its number, the team's size, and its side of the barrier. */
+typedef struct {
+  barrier_t *bar;
+  int t, T, sense;
+} team_t;
+
+static void sync_team(team_t *tm) { barrier(tm->bar, tm->T, &tm->sense); }
+
+/* out[M,N] = x[M,K] @ W[N,K]^T (+ bias) by the whole team, each thread its share of W's rows (the
+ * few-row kernel), between two barriers: x complete before, out complete after. */
+static void linear(team_t *tm, int M, int N, int K, const float *x, const float *W, const float *bias, float *out) {
   int range[2];
-  mlx_grpo_rows_share(M, N, K, x, W, out, t, T, range);
+  sync_team(tm);
+  mlx_grpo_rows_share(M, N, K, x, W, out, tm->t, tm->T, range);
   if (bias)
     for (int m = 0; m < M; m++)
       for (int n = range[0]; n < range[1]; n++) out[(size_t)m * N + n] += bias[n];
+  sync_team(tm);
 }
 
 /* MLX's RMSNorm: x / sqrt(mean(x^2) + eps) * w. */
@@ -271,16 +282,15 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int mine = 0, r0, r1, p0, p1;
+    team_t tm = {&bar, t, nt, 0};
+    int r0, r1, p0, p1;
     split(B, t, nt, &r0, &r1);
     p0 = r0 * KV, p1 = r1 * KV; /* this thread's rows' pairs: attention follows their RoPE unsynchronised */
     float *sc = scores + (size_t)t * (slots + 16);
     for (int l = 0; l < L; l++) {
       const uintptr_t *lw = w + W_GLOBAL + (size_t)l * L_COUNT;
       rms_norm(r1 - r0, d, x + (size_t)r0 * d, (const float *)lw[L_IN_NORM], eps, xn + (size_t)r0 * d);
-      barrier(&bar, nt, &mine);
-      linear(B, QKV, d, xn, (const float *)lw[L_QKV], (const float *)lw[L_QKV_BIAS], qkv, t, nt);
-      barrier(&bar, nt, &mine);
+      linear(&tm, B, QKV, d, xn, (const float *)lw[L_QKV], (const float *)lw[L_QKV_BIAS], qkv);
       for (int b = r0; b < r1; b++) {
         float *row = qkv + (size_t)b * QKV;
         for (int h = 0; h < H + KV; h++) rope(row + (size_t)h * Dh, rd, trad, cs + (size_t)b * half, sn + (size_t)b * half);
@@ -299,14 +309,10 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
                  Tp, ck + c_at, cv + c_at, s, sc, att + (size_t)b * QD + (size_t)head * Dh);
         }
       }
-      barrier(&bar, nt, &mine);
-      linear(B, d, QD, att, (const float *)lw[L_O], (const float *)lw[L_O_BIAS], tmp, t, nt);
-      barrier(&bar, nt, &mine);
+      linear(&tm, B, d, QD, att, (const float *)lw[L_O], (const float *)lw[L_O_BIAS], tmp);
       for (size_t i = (size_t)r0 * d; i < (size_t)r1 * d; i++) x[i] += tmp[i];
       rms_norm(r1 - r0, d, x + (size_t)r0 * d, (const float *)lw[L_POST_NORM], eps, xn + (size_t)r0 * d);
-      barrier(&bar, nt, &mine);
-      linear(B, 2 * F, d, xn, (const float *)lw[L_GATE_UP], (const float *)lw[L_GATE_UP_BIAS], gu, t, nt);
-      barrier(&bar, nt, &mine);
+      linear(&tm, B, 2 * F, d, xn, (const float *)lw[L_GATE_UP], (const float *)lw[L_GATE_UP_BIAS], gu);
       for (int b = r0; b < r1; b++) {
         const float *g = gu + (size_t)b * 2 * F, *up = g + F;
         float *a = act + (size_t)b * F;
@@ -317,15 +323,11 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
         }
         for (; i < F; i++) a[i] = g[i] / (1.0f + sexp(-g[i])) * up[i];
       }
-      barrier(&bar, nt, &mine);
-      linear(B, d, F, act, (const float *)lw[L_DOWN], (const float *)lw[L_DOWN_BIAS], tmp, t, nt);
-      barrier(&bar, nt, &mine);
+      linear(&tm, B, d, F, act, (const float *)lw[L_DOWN], (const float *)lw[L_DOWN_BIAS], tmp);
       for (size_t i = (size_t)r0 * d; i < (size_t)r1 * d; i++) x[i] += tmp[i];
     }
     rms_norm(r1 - r0, d, x + (size_t)r0 * d, (const float *)w[W_NORM], eps, xn + (size_t)r0 * d);
-    barrier(&bar, nt, &mine);
-    linear(B, V, d, xn, (const float *)w[W_HEAD], 0, logprobs, t, nt);
-    barrier(&bar, nt, &mine);
+    linear(&tm, B, V, d, xn, (const float *)w[W_HEAD], 0, logprobs);
     if (inv_t != 1.0f)
       for (size_t i = (size_t)r0 * V; i < (size_t)r1 * V; i++) logprobs[i] *= inv_t;
     log_softmax_rows(logprobs + (size_t)r0 * V, r1 - r0, V);
