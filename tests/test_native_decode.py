@@ -1,6 +1,6 @@
 """The decode step in C (native_decode.py, csrc/decode.c): the same log-probabilities as MLX's
 static decode step, step after step, on models built here with every shape it must handle (grouped
-key heads, biases, head and hidden sizes off the vector width, padding inside the prompts, LoRA
+key heads, biases, head and hidden sizes off the vector width, padding inside or before the prompts, LoRA
 adapters folded in, rows dropped mid-way, an untied head), the same rollouts, and MLX's path
 wherever it does not apply."""
 
@@ -37,13 +37,15 @@ COMPARE = """
         return model
 
     out = {}
-    for name, kind, kw in [("llama-gqa-tied", "llama", {"tie_word_embeddings": True}),
-                           ("llama-untied", "llama", {"tie_word_embeddings": False}),
-                           ("qwen2-bias", "qwen2", {"tie_word_embeddings": False})]:
+    prefix = list(range(5, 25))  # a shared prefix of 20 tokens: padding lands inside the prompts
+    shared = [prefix + [40, 41, 42], prefix + [50, 51, 52, 53, 54, 55, 56], prefix + [60]]
+    apart = [[7, 8, 9], [30, 31, 32, 33, 34, 35, 36, 37], [60, 61, 62, 63, 64]]  # no common prefix: left padding
+    for name, kind, kw, prompts in [("llama-gqa-tied", "llama", {"tie_word_embeddings": True}, shared),
+                                    ("llama-left-padded", "llama", {"tie_word_embeddings": True}, apart),
+                                    ("llama-untied", "llama", {"tie_word_embeddings": False}, shared),
+                                    ("qwen2-bias", "qwen2", {"tie_word_embeddings": False}, shared)]:
         model = build(kind, **kw)
         reason = native_decode.unsupported(model)
-        prefix = list(range(5, 25))  # a shared prefix of 20 tokens: padding lands inside the prompts
-        prompts = [prefix + [40, 41, 42], prefix + [50, 51, 52, 53, 54, 55, 56], prefix + [60]]
         tokens, pads = rollout.left_pad(prompts, 0)
         G, T = 2, 12
         with fastmath.eager():
