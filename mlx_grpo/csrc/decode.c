@@ -3,9 +3,9 @@
  * Through MLX a decode step of SmolLM2 at 16 rows is ~75 ms, of which the weight products (the
  * kernel in skinny.c) are ~36: the rest is MLX running some 2,500 small graph nodes on one thread
  * while the second core waits, and attention reading every row's own copy of its prompt's keys
- * and values. Here a step is one call: the products go to the same kernel, attention and the
- * element-wise work are split over the same threads, and the prompt's keys and values are held
- * once per prompt, which every row of its group reads.
+ * and values. Here a step is one call (38-41 ms): the products go to the same kernel, attention
+ * and the element-wise work are split over the same threads, which meet at barriers they spin at,
+ * and the prompt's keys and values are held once per prompt, which every row of its group reads.
  *
  * Layout (float32, row-major, all contiguous; the caller owns every buffer):
  *   weights: per layer the input norm, q|k|v stacked [H*Dh + 2*KV*Dh, d] (+ bias), o [d, H*Dh],
@@ -14,12 +14,13 @@
  *   prompt keys/values [L][U][KV][Tp][Dh] with visibility [U][Tp] (padding hidden);
  *   completion keys/values [L][B][KV][Tc][Dh]: row b's slot s is its s-th generated token.
  * Row b belongs to prompt row_prompt[b]; its slot s sits at RoPE position row_pos0[b] + s.
+ * The step's sizes, scalars and weight pointers come in three arrays indexed by the enums below
+ * (pointers: W_GLOBAL global ones, then L_COUNT per layer; 0 for a bias the layer does not have).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
 
 void mlx_grpo_rows_share(int M, int N, int K, const float *x, const float *W, float *out, int t, int T,
                          int range[2]);
