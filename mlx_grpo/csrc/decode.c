@@ -101,6 +101,14 @@ static void barrier(barrier_t *bar, int T, int *mine) {
   }
 }
 
+/* The threads to use: `wanted`, else (0) as many as the BLAS is set to; never more than the cores,
+ * as the step's threads spin at their barriers and must each have one. */
+static int team_size(int64_t wanted) {
+  int T = wanted > 0 ? (int)wanted : mlx_grpo_blas_threads();
+  if (T > omp_get_num_procs()) T = omp_get_num_procs();
+  return T < 1 ? 1 : T;
+}
+
 /* Thread t of T's contiguous share [*a, *b) of n items. */
 static void split(int n, int t, int T, int *a, int *b) {
   int per = (n + T - 1) / T;
@@ -251,9 +259,7 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
   const int L = dims[D_LAYERS], d = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV_HEADS],
             Dh = dims[D_HEAD_DIM], F = dims[D_FFN], V = dims[D_VOCAB], rd = dims[D_ROPE_DIMS],
             trad = dims[D_ROPE_TRADITIONAL];
-  int T = dims[D_THREADS] > 0 ? dims[D_THREADS] : mlx_grpo_blas_threads();
-  if (T > omp_get_num_procs()) T = omp_get_num_procs(); /* spinning threads must each have a core */
-  if (T < 1) T = 1;
+  const int T = team_size(dims[D_THREADS]);
   const float eps = fp[F_EPS], scale = fp[F_ATTN_SCALE], inv_t = fp[F_INV_TEMPERATURE];
   const int QD = H * Dh, KD = KV * Dh, QKV = QD + 2 * KD, rep = H / KV, half = rd / 2;
   const int slots = Tp + Tc;
@@ -343,9 +349,8 @@ done:
  * a = A^T), written once into decode's copy of the weights (through MLX it took a folded array and
  * then a copy of it: 0.25 s of a SmolLM2 rollout). r = 0 copies W. */
 void mlx_grpo_fold(int N, int K, int r, const float *W, const float *bs, const float *a, float *out) {
-  int T = mlx_grpo_blas_threads();
-  if (T > omp_get_num_procs()) T = omp_get_num_procs();
-#pragma omp parallel for num_threads(T > 0 ? T : 1) schedule(static)
+  const int T = team_size(0);
+#pragma omp parallel for num_threads(T) schedule(static)
   for (int n = 0; n < N; n++) {
     float *o = out + (size_t)n * K;
     memcpy(o, W + (size_t)n * K, sizeof(float) * K);
