@@ -244,6 +244,13 @@ def _folded(m: nn.Module) -> nn.Linear:
     return out
 
 
+def copy_fits(extra: int, budget: Optional[float] = None) -> bool:
+    """True when a rollout's copy of the weights (``extra`` bytes) takes at most ``FOLD_SHARE`` of
+    ``budget`` (default: the memory free now); False when that is unknown."""
+    room = available_memory() if budget is None else budget
+    return room is not None and extra <= FOLD_SHARE * room
+
+
 @contextlib.contextmanager
 def adapters_folded(model: nn.Module, budget: Optional[float] = None) -> Iterator[int]:
     """Within the block, every LoRA layer over a float base is one Linear with its adapter folded
@@ -257,8 +264,7 @@ def adapters_folded(model: nn.Module, budget: Optional[float] = None) -> Iterato
 
     wrapped = [(n, m) for n, m in _adapter_modules(model) if type(m) is LoRALinear and type(m.linear) is nn.Linear]
     extra = sum(m.linear.weight.nbytes for _, m in wrapped)
-    room = available_memory() if budget is None else budget
-    if not wrapped or model.training or room is None or extra > FOLD_SHARE * room:
+    if not wrapped or model.training or not copy_fits(extra, budget):
         yield 0
         return
     model.update_modules(tree_unflatten([(n, _folded(m)) for n, m in wrapped]))

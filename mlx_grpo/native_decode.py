@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import fastmath, skinny
-from .memory import available_memory
+from .models import copy_fits
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 OFF = "MLX_GRPO_NO_NATIVE_DECODE"  # set: decode through MLX even where this would serve
@@ -145,7 +145,6 @@ class NativeWeights:
 
         sizes = [sum(int(w.size) for w, _ in s) if s is not None else 0 for s in slots]
         self.buffer = np.empty(sum(sizes), dtype=np.float32)
-        self.nbytes = self.buffer.nbytes
         pointers, at = [], 0
         for s in slots:
             pointers.append(0 if s is None else self.buffer.ctypes.data + 4 * at)
@@ -184,11 +183,16 @@ def weight_bytes(model: nn.Module) -> int:
     return 4 * sum(int(v.size) for k, v in tree_flatten(model.parameters()) if "lora_" not in k)
 
 
-def fits_memory(model: nn.Module, share: float) -> bool:
-    """True when the copy of the weights takes at most ``share`` of the memory free now (the rule
-    ``models.adapters_folded`` applies to its own copies)."""
-    room = available_memory()
-    return room is not None and weight_bytes(model) <= share * room
+def fits_memory(model: nn.Module) -> bool:
+    """True when the copy of the weights fits the rule ``models.adapters_folded`` applies to its
+    own copies (``models.copy_fits``)."""
+    return copy_fits(weight_bytes(model))
+
+
+def _pointer(a: np.ndarray) -> ctypes.c_void_p:
+    """a's data for decode.c, which reads every buffer as C-contiguous."""
+    assert a.flags.c_contiguous, "a buffer for decode.c is not C-contiguous"
+    return ctypes.c_void_p(a.ctypes.data)
 
 
 class NativeDecoder:
@@ -200,8 +204,8 @@ class NativeDecoder:
         self.lib = weights.lib
         self.w = weights
         U, Tp = cache[0].keys.shape[0], cache[0].keys.shape[2]
-        self.prompt_keys = np.ascontiguousarray(np.stack([np.asarray(c.keys.astype(mx.float32)) for c in cache]))
-        self.prompt_values = np.ascontiguousarray(np.stack([np.asarray(c.values.astype(mx.float32)) for c in cache]))
+        self.prompt_keys = np.stack([_host(c.keys) for c in cache])
+        self.prompt_values = np.stack([_host(c.values) for c in cache])
         vis = cache[0].visible
         self.visible = (np.ones((U, Tp), dtype=np.uint8) if vis is None
                         else np.ascontiguousarray(np.asarray(vis).astype(np.uint8)))
@@ -221,10 +225,7 @@ class NativeDecoder:
         if self.s >= self.Tc:
             raise ValueError(f"decoded past the {self.Tc} slots this decoder was made for")
         logprobs = np.empty((B, self.w.vocab), dtype=np.float32)
-        def p(a: np.ndarray) -> ctypes.c_void_p:  # decode.c reads every buffer as C-contiguous
-            assert a.flags.c_contiguous, "a buffer for decode.c is not C-contiguous"
-            return ctypes.c_void_p(a.ctypes.data)
-
+        p = _pointer
         rc = self.lib.mlx_grpo_decode_step(
             p(self.w.dims), p(self.fp), p(self.w.pointers), ctypes.c_int(B), p(tokens),
             p(self.prompt_keys), p(self.prompt_values), p(self.visible), ctypes.c_int(self.U), ctypes.c_int(self.Tp),

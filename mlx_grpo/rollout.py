@@ -23,7 +23,7 @@ from . import fastmath, native_decode
 from .config import RolloutConfig
 from .decode import COMPACT_FRACTION, DecodeSetupError, EagerDecoder, StaticDecoder, normalized_logprobs
 from .forward import batch_cache, body, model_flag, output_head, plain_kv_layers, set_model_flag
-from .models import FOLD_SHARE, adapters_folded
+from .models import adapters_folded
 from .prefill import prefill
 from .sampling import Sampler
 
@@ -153,7 +153,7 @@ def sample_groups(
     wanted = NATIVE if NATIVE is not None else not os.environ.get(native_decode.OFF)
     native = (compiled and wanted and rows <= native_decode.MAX_ROWS
               and plain_kv_layers(model) and native_decode.unsupported(model) is None
-              and native_decode.fits_memory(model, FOLD_SHARE))
+              and native_decode.fits_memory(model))
     with fastmath.eager(), contextlib.nullcontext() if native else adapters_folded(model):
         return _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys, native)
 
