@@ -35,6 +35,7 @@ from .cachedir import cache_root
 
 # The kernel, and the whole decode step built on it (native_decode.py), in one library.
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("skinny.c", "decode.c")]
+HEADERS = [Path(__file__).parent / "csrc" / "vec.h"]  # included by both: part of the cache key
 OFF = "MLX_GRPO_NO_SKINNY"
 NAME = "mlx_grpo_skinny"  # the library's file name starts with it
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -84,7 +85,7 @@ def build(env: Dict[str, str]) -> Optional[str]:
     if compiler is None:
         return None
     cc, version = compiler
-    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES + HEADERS), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode()]))
     target = cache_root(env) / f"{NAME}-{key.hexdigest()[:16]}.so"
     if target.exists() and _loads(target):
         return str(target)
