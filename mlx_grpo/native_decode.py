@@ -31,9 +31,6 @@ from .models import copy_fits
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 OFF = "MLX_GRPO_NO_NATIVE_DECODE"  # set: decode through MLX even where this would serve
-# The few-row kernel's limit (skinny.c): past it the BLAS multiplies faster than one pass over the
-# weights, so bigger batches decode through MLX.
-MAX_ROWS = 48
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -41,8 +38,8 @@ def library() -> Optional[ctypes.CDLL]:
     handle = skinny._loaded()
     if handle is None or not hasattr(handle, "mlx_grpo_decode_step"):
         return None
-    fn = handle.mlx_grpo_decode_step
-    fn.restype = ctypes.c_int
+    handle.mlx_grpo_decode_step.restype = ctypes.c_int
+    handle.mlx_grpo_fold.restype = ctypes.c_int
     return handle
 
 
@@ -123,36 +120,41 @@ class NativeWeights:
         self.attn_scale = float(attn0.scale)
         self.eps = float(layers[0].input_layernorm.eps)
 
-        # Each slot: the pieces stacked there, (weight, (scale B^T, A^T) or None) each, or None.
+        # Each slot: (the pieces stacked there, (weight, (scale B^T, A^T) or None) each, and whether
+        # it is a product's weight, which decode.c reads packed in panels), or None.
         def linears(*ms):
-            return [(w, lora) for w, _, lora in map(_linear_parts, ms)]
+            return [(w, lora) for w, _, lora in map(_linear_parts, ms)], True
 
         def biases(*ms):
             got = [_linear_parts(m) for m in ms]
             if all(b is None for _, b, _ in got):
                 return None
-            return [(b if b is not None else mx.zeros((w.shape[0],)), None) for w, b, _ in got]
+            return [(b if b is not None else mx.zeros((w.shape[0],)), None) for w, b, _ in got], False
 
-        tied = model.args.tie_word_embeddings
-        slots: List[Any] = [[(inner.embed_tokens.weight, None)], None if tied else linears(model.lm_head),
-                            [(inner.norm.weight, None)]]
+        def flat(w):
+            return [(w, None)], False
+
+        embed = inner.embed_tokens.weight
+        head = flat(embed)[0] if model.args.tie_word_embeddings else linears(model.lm_head)[0]
+        # The embedding is read row by row, in place (MLX's own buffer: a lookup needs no copy).
+        self.embedding = _host(embed)
+        slots: List[Any] = [None, (head, True), flat(inner.norm.weight)]
         for layer in layers:
             a, f = layer.self_attn, layer.mlp
-            slots += [[(layer.input_layernorm.weight, None)], linears(a.q_proj, a.k_proj, a.v_proj),
+            slots += [flat(layer.input_layernorm.weight), linears(a.q_proj, a.k_proj, a.v_proj),
                       biases(a.q_proj, a.k_proj, a.v_proj), linears(a.o_proj), biases(a.o_proj),
-                      [(layer.post_attention_layernorm.weight, None)], linears(f.gate_proj, f.up_proj),
+                      flat(layer.post_attention_layernorm.weight), linears(f.gate_proj, f.up_proj),
                       biases(f.gate_proj, f.up_proj), linears(f.down_proj), biases(f.down_proj)]
 
-        sizes = [sum(int(w.size) for w, _ in s) if s is not None else 0 for s in slots]
+        sizes = [0 if s is None else _slot_size(*s) for s in slots]
         self.buffer = np.empty(sum(sizes), dtype=np.float32)
         pointers, at = [], 0
-        for s in slots:
+        for s, size in zip(slots, sizes):
             pointers.append(0 if s is None else self.buffer.ctypes.data + 4 * at)
-            for w, lora in s or []:
-                _fold(lib, w, lora, self.buffer[at: at + w.size])
-                at += w.size
-        if tied:  # the head is the embedding
-            pointers[1] = pointers[0]
+            if s is not None:
+                _fill(lib, *s, self.buffer[at: at + size])
+            at += size
+        pointers[0] = self.embedding.ctypes.data
         self.pointers = np.array(pointers, dtype=np.uintp)
         self.lib = lib
         self.dims = np.array([self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim, self.ffn,
@@ -164,16 +166,42 @@ def _host(x: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x if x.dtype == mx.float32 else x.astype(mx.float32)))
 
 
-def _fold(lib: ctypes.CDLL, w: mx.array, lora: Optional[Tuple[mx.array, mx.array]], out: np.ndarray) -> None:
-    """out (flat, float32) = w + (scale B^T) @ A^T, in one pass over w (``mlx_grpo_fold``)."""
-    w = _host(w)
-    if lora is None:
-        out[:] = w.reshape(-1)
+PANEL = 16  # rows of a product's weight interleaved in one panel (decode.c)
+
+
+def _slot_size(pieces: List[Tuple[mx.array, Any]], packed: bool) -> int:
+    """Floats a slot takes: its pieces stacked, a product's rows rounded up to whole panels."""
+    if not packed:
+        return sum(int(w.size) for w, _ in pieces)
+    rows = sum(int(w.shape[0]) for w, _ in pieces)
+    return -(-rows // PANEL) * PANEL * int(pieces[0][0].shape[1])
+
+
+def _fill(lib: ctypes.CDLL, pieces: List[Tuple[mx.array, Any]], packed: bool, out: np.ndarray) -> None:
+    """out (flat, float32) = the pieces stacked by rows: copied as they are, or for a product each
+    w + (scale B^T) @ A^T where it has an adapter, packed in panels, in one pass over each piece
+    (``mlx_grpo_fold``)."""
+    if not packed:
+        out[:] = np.concatenate([_host(w).reshape(-1) for w, _ in pieces])
         return
-    bs, a = (_host(x) for x in lora)
-    N, K = w.shape
-    lib.mlx_grpo_fold(ctypes.c_int(N), ctypes.c_int(K), ctypes.c_int(a.shape[0]), ctypes.c_void_p(w.ctypes.data),
-                      ctypes.c_void_p(bs.ctypes.data), ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(out.ctypes.data))
+    ws = [_host(w) for w, _ in pieces]
+    # (scale B^T, A^T, rank) each; a piece with no adapter has rank 0 and passes its weight, unread
+    adapters = [(w, w, 0) if lora is None else (_host(lora[0]), _host(lora[1]), lora[1].shape[0])
+                for w, (_, lora) in zip(ws, pieces)]
+    rows = np.array([w.shape[0] for w in ws], dtype=np.int32)
+    ranks = np.array([r for _, _, r in adapters], dtype=np.int32)
+    # named, not passed as temporaries: a pointer does not keep its array alive through the call
+    w_at, bs_at, a_at = (_addresses(xs) for xs in (ws, [b for b, _, _ in adapters], [a for _, a, _ in adapters]))
+    rc = lib.mlx_grpo_fold(ctypes.c_int(int(rows.sum())), ctypes.c_int(ws[0].shape[1]), ctypes.c_int(len(ws)),
+                           _pointer(rows), _pointer(ranks), _pointer(w_at), _pointer(bs_at), _pointer(a_at),
+                           _pointer(out))
+    if rc != 0:
+        raise MemoryError("folding the adapters for the C decode step ran out of memory")
+
+
+def _addresses(arrays: List[np.ndarray]) -> np.ndarray:
+    """The arrays' data pointers, as a C array of them."""
+    return np.array([_pointer(a).value for a in arrays], dtype=np.uintp)
 
 
 def weight_bytes(model: nn.Module) -> int:

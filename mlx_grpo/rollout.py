@@ -149,10 +149,8 @@ def sample_groups(
     """
     # Nothing is differentiated in a rollout (see fastmath.logsumexp), so adapters can be folded:
     # into the C decoder's copy of the weights, else into the model's layers.
-    rows = len(prompts) * (cfg.group_size if group_size is None else group_size)
     wanted = NATIVE if NATIVE is not None else not os.environ.get(native_decode.OFF)
-    native = (compiled and wanted and rows <= native_decode.MAX_ROWS
-              and plain_kv_layers(model) and native_decode.unsupported(model) is None
+    native = (compiled and wanted and plain_kv_layers(model) and native_decode.unsupported(model) is None
               and native_decode.fits_memory(model))
     with fastmath.eager(), contextlib.nullcontext() if native else adapters_folded(model):
         return _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys, native)

@@ -3,14 +3,16 @@
  * Through MLX a decode step of SmolLM2 at 16 rows is ~75 ms, of which the weight products (the
  * kernel in skinny.c) are ~36: the rest is MLX running some 2,500 small graph nodes on one thread
  * while the second core waits, and attention reading every row's own copy of its prompt's keys
- * and values. Here a step is one call (38-41 ms): the products go to the same kernel, attention
- * and the element-wise work are split over the same threads, which meet at barriers they spin at,
- * and the prompt's keys and values are held once per prompt, which every row of its group reads.
+ * and values. Here a step is one call (~38 ms): the products read weights packed for them,
+ * attention and the element-wise work are split over the same threads, which meet at barriers they
+ * spin at, and the prompt's keys and values are held once per prompt, which every row of its
+ * group reads.
  *
- * Layout (float32, row-major, all contiguous; the caller owns every buffer):
+ * Layout (float32, all contiguous; the caller owns every buffer):
  *   weights: per layer the input norm, q|k|v stacked [H*Dh + 2*KV*Dh, d] (+ bias), o [d, H*Dh],
- *            the post-attention norm, gate|up stacked [2F, d], down [d, F]; folded adapters are
- *            already in them.
+ *            the post-attention norm, gate|up stacked [2F, d], down [d, F], and the head [vocab, d],
+ *            each product's weight packed in panels of 16 rows (see panels() below; written by
+ *            mlx_grpo_fold, which folds the adapters in); the embedding [vocab, d] row-major.
  *   prompt keys/values [L][U][KV][Tp][Dh] with visibility [U][Tp] (padding hidden);
  *   completion keys/values [L][B][KV][Tc][Dh]: row b's slot s is its s-th generated token.
  * Row b belongs to prompt row_prompt[b]; its slot s sits at RoPE position row_pos0[b] + s.
@@ -22,8 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-void mlx_grpo_rows_share(int M, int N, int K, const float *x, const float *W, float *out, int t, int T,
-                         int range[2]);
+
 int mlx_grpo_blas_threads(void);
 extern int omp_get_thread_num(void), omp_get_num_threads(void), omp_get_num_procs(void);
 
@@ -116,23 +117,97 @@ static void split(int n, int t, int T, int *a, int *b) {
   *b = *a + per < n ? *a + per : n;
 }
 
-/* One thread of the step's team: its number, the team's size, and its side of the barrier. */
+/* One thread of the step's team: its number, the team's size, its side of the barrier, and its
+ * scratch. */
 typedef struct {
   barrier_t *bar;
   int t, T, sense;
+  float *spill; /* the thread's [rows, 48] for a product's last panels */
 } team_t;
 
 static void sync_team(team_t *tm) { barrier(tm->bar, tm->T, &tm->sense); }
 
-/* out[M,N] = x[M,K] @ W[N,K]^T (+ bias) by the whole team, each thread its share of W's rows (the
- * few-row kernel), between two barriers: x complete before, out complete after. */
-static void linear(team_t *tm, int M, int N, int K, const float *x, const float *W, const float *bias, float *out) {
-  int range[2];
+/* The products read weights packed in panels: 16 rows of W[N,K] interleaved, P[p][k][j] =
+ * W[16p + j][k], rows past N zero (mlx_grpo_fold writes them so). A panel's k-th 16 floats are one
+ * vector, multiplied by one element of x broadcast: no horizontal sums (the row-major kernel of
+ * skinny.c ends every tile with a tree of shuffles), 24 multiply-adds per 11 loads in the 8-row by
+ * 3-panel block below, and the weights stream through memory in the order they are read. Alone, on
+ * SmolLM2's shapes with the weights in cache, 1.3-2.5x skinny.c's speed; in a SmolLM2 step, where
+ * they come from memory (~17 GB/s here), 31 -> 25 ms. Any number of rows: 128 or 256 decode 2-3x
+ * faster than through MLX, whose BLAS is at its best there. */
+#define PANEL 16
+#define BLOCK_ROWS 8   /* rows of x per block: 8 x 3 accumulators of 16 lanes */
+#define BLOCK_PANELS 3
+#define KC 128         /* columns of x (and the panels' depth) per pass: 3 panels' slice stays in L1 */
+
+static inline __attribute__((always_inline)) void block(int MR, int NP, int K, int k0, int k1, const float *x, const float *P,
+                                                        float *out, int ldo) {
+  v16 acc[BLOCK_ROWS][BLOCK_PANELS];
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NP; j++) acc[i][j] = k0 ? *(const v16 *)(out + (size_t)i * ldo + PANEL * j) : (v16){0};
+  for (int k = k0; k < k1; k++) {
+    v16 wv[BLOCK_PANELS];
+    for (int j = 0; j < NP; j++) wv[j] = *(const v16 *)(P + ((size_t)j * K + k) * PANEL);
+    for (int i = 0; i < MR; i++) {
+      const float xs = x[(size_t)i * K + k];
+      for (int j = 0; j < NP; j++) acc[i][j] += xs * wv[j];
+    }
+  }
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NP; j++) *(v16 *)(out + (size_t)i * ldo + PANEL * j) = acc[i][j];
+}
+
+/* block() with MR and NP as constants, so that the accumulators live in registers. */
+#define BLOCK_CASE(mr)                                                                               \
+  case mr:                                                                                           \
+    if (NP == 3) block(mr, 3, K, k0, k1, x, P, out, ldo);                                            \
+    else if (NP == 2) block(mr, 2, K, k0, k1, x, P, out, ldo);                                       \
+    else block(mr, 1, K, k0, k1, x, P, out, ldo);                                                    \
+    break;
+static void block_any(int MR, int NP, int K, int k0, int k1, const float *x, const float *P, float *out, int ldo) {
+  switch (MR) {
+    BLOCK_CASE(1) BLOCK_CASE(2) BLOCK_CASE(3) BLOCK_CASE(4) BLOCK_CASE(5) BLOCK_CASE(6) BLOCK_CASE(7)
+    BLOCK_CASE(8)
+  }
+}
+
+/* The panels a thread of T computes: its contiguous share of the ceil(N / 16). */
+static void panel_share(int N, int t, int T, int *p0, int *p1) {
+  int panels = (N + PANEL - 1) / PANEL, per = (panels + T - 1) / T;
+  *p0 = t * per < panels ? t * per : panels;
+  *p1 = *p0 + per < panels ? *p0 + per : panels;
+}
+
+/* out[:, 16 p0 .. 16 p1) of out[M,N] = x[M,K] @ W^T, W packed. The last panel's columns past N go to
+ * spill[M, 48] first, so out is never written past N. */
+static void panels(int M, int N, int K, const float *x, const float *P, float *out, int p0, int p1, float *spill) {
+  for (int p = p0; p < p1; p += BLOCK_PANELS) {
+    int NP = p1 - p < BLOCK_PANELS ? p1 - p : BLOCK_PANELS, whole = (p + NP) * PANEL <= N;
+    float *o = whole ? out + (size_t)p * PANEL : spill;
+    int ldo = whole ? N : PANEL * BLOCK_PANELS;
+    const float *Pp = P + (size_t)p * K * PANEL;
+    for (int k0 = 0; k0 < K; k0 += KC) {
+      int k1 = k0 + KC < K ? k0 + KC : K;
+      for (int m = 0; m < M; m += BLOCK_ROWS)
+        block_any(M - m < BLOCK_ROWS ? M - m : BLOCK_ROWS, NP, K, k0, k1, x + (size_t)m * K, Pp, o + (size_t)m * ldo, ldo);
+    }
+    if (!whole)
+      for (int m = 0; m < M; m++)
+        for (int n = p * PANEL; n < N; n++) out[(size_t)m * N + n] = spill[(size_t)m * ldo + n - p * PANEL];
+  }
+}
+
+/* out[M,N] = x[M,K] @ W[N,K]^T (+ bias), W packed, by the whole team, each thread its share of the
+ * panels, between two barriers: x complete before, out complete after. */
+static void linear(team_t *tm, int M, int N, int K, const float *x, const float *P, const float *bias, float *out) {
+  int p0, p1;
   sync_team(tm);
-  mlx_grpo_rows_share(M, N, K, x, W, out, tm->t, tm->T, range);
+  panel_share(N, tm->t, tm->T, &p0, &p1);
+  panels(M, N, K, x, P, out, p0, p1, tm->spill);
+  int n1 = p1 * PANEL < N ? p1 * PANEL : N;
   if (bias)
     for (int m = 0; m < M; m++)
-      for (int n = range[0]; n < range[1]; n++) out[(size_t)m * N + n] += bias[n];
+      for (int n = p0 * PANEL; n < n1; n++) out[(size_t)m * N + n] += bias[n];
   sync_team(tm);
 }
 
@@ -251,8 +326,9 @@ static void log_softmax_rows(float *x, int B, int n) {
 
 /* One step for B rows: feeds tokens[b], writes each row's keys and values into completion slot s,
  * and leaves log softmax(logits / temperature) in logprobs[B, vocab]. Returns 0, or -1 when memory
- * ran out. One parallel region: the products split W's rows between the threads, attention splits
- * (row, key head) pairs, the element-wise work splits rows. */
+ * ran out. One parallel region: the products split the weights'
+ * panels between the threads, attention splits (row, key head) pairs, the element-wise work splits
+ * rows. */
 int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *w, int B, const int32_t *tokens,
                          const float *pk, const float *pv, const uint8_t *pvis, int U, int Tp, float *ck, float *cv,
                          int Tc, int s, const int32_t *row_prompt, const int32_t *row_pos0, float *logprobs) {
@@ -269,8 +345,9 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
         *gu = malloc(sizeof(float) * (size_t)B * 2 * F), *act = malloc(sizeof(float) * (size_t)B * F),
         *tmp = malloc(sizeof(float) * (size_t)B * d), *cs = malloc(sizeof(float) * ((size_t)B * half + 1)),
         *sn = malloc(sizeof(float) * ((size_t)B * half + 1)),
-        *scores = malloc(sizeof(float) * (size_t)T * (slots + 16));
-  int ok = x && xn && qkv && att && gu && act && tmp && cs && sn && scores;
+        *scores = malloc(sizeof(float) * (size_t)T * (slots + 16)),
+        *spill = malloc(sizeof(float) * (size_t)T * B * PANEL * BLOCK_PANELS);
+  int ok = x && xn && qkv && att && gu && act && tmp && cs && sn && scores && spill;
   if (!ok) goto done;
 
   const float *embed = (const float *)w[W_EMBED];
@@ -289,7 +366,7 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    team_t tm = {&bar, t, nt, 0};
+    team_t tm = {&bar, t, nt, 0, spill + (size_t)t * B * PANEL * BLOCK_PANELS};
     int r0, r1, p0, p1;
     split(B, t, nt, &r0, &r1);
     p0 = r0 * KV, p1 = r1 * KV; /* this thread's rows' pairs: attention follows their RoPE unsynchronised */
@@ -341,22 +418,71 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
   }
 
 done:
-  free(x), free(xn), free(qkv), free(att), free(gu), free(act), free(tmp), free(cs), free(sn), free(scores);
+  free(x), free(xn), free(qkv), free(att), free(gu), free(act), free(tmp), free(cs), free(sn), free(scores), free(spill);
   return ok ? 0 : -1;
 }
 
-/* out[N,K] = W[N,K] + bs[N,r] @ a[r,K]: a weight with its LoRA adapter folded in (bs = scale * B^T,
- * a = A^T), written once into decode's copy of the weights (through MLX it took a folded array and
- * then a copy of it: 0.25 s of a SmolLM2 rollout). r = 0 copies W. */
-void mlx_grpo_fold(int N, int K, int r, const float *W, const float *bs, const float *a, float *out) {
-  const int T = team_size(0);
-#pragma omp parallel for num_threads(T) schedule(static)
-  for (int n = 0; n < N; n++) {
-    float *o = out + (size_t)n * K;
-    memcpy(o, W + (size_t)n * K, sizeof(float) * K);
-    for (int j = 0; j < r; j++) {
-      const float c = bs[(size_t)n * r + j], *ar = a + (size_t)j * K;
-      for (int k = 0; k < K; k++) o[k] += c * ar[k];
+/* r[i][l] becomes r[l][i]: for each bit of the lane index, the rows whose bit differs swap the
+ * lanes whose bit differs (four rounds of two-vector shuffles). */
+static inline void transpose16(v16 r[PANEL]) {
+  for (int h = 8; h >= 1; h >>= 1) {
+    vi16 lo, hi;
+    for (int l = 0; l < 16; l++) {
+      lo[l] = (l & h) ? 16 + l - h : l;
+      hi[l] = (l & h) ? 16 + l : l + h;
+    }
+    for (int i = 0; i < PANEL; i++)
+      if (!(i & h)) {
+        v16 a = r[i], b = r[i + h];
+        r[i] = __builtin_shuffle(a, b, lo);
+        r[i + h] = __builtin_shuffle(a, b, hi);
+      }
+  }
+}
+
+/* A product's weight for decode's copy: `pieces` weights stacked by rows (q|k|v, gate|up; N rows in
+ * all, K columns), each W_i[rows_i, K] + bs_i[rows_i, r_i] @ a_i[r_i, K] -- the adapter folded in
+ * (bs = scale * B^T, a = A^T; r_i = 0: W_i as it is) -- written packed into P (ceil(N / 16)
+ * panels, rows past N zero) in one pass over each weight. A thread takes whole panels: it folds
+ * their 16 rows into a buffer, then turns every 16 x 16 block in registers, so the panel is
+ * written in order. Returns 0, or -1 when memory ran out. */
+int mlx_grpo_fold(int N, int K, int pieces, const int32_t *rows, const int32_t *ranks, const uintptr_t *W,
+                  const uintptr_t *bs, const uintptr_t *a, float *P) {
+  const int T = team_size(0), panels = (N + PANEL - 1) / PANEL, K16 = K & ~15;
+  float *bufs = malloc(sizeof(float) * (size_t)PANEL * K * T);
+  if (!bufs) return -1;
+#pragma omp parallel num_threads(T)
+  {
+    float *buf = bufs + (size_t)omp_get_thread_num() * PANEL * K;
+#pragma omp for schedule(static)
+    for (int p = 0; p < panels; p++) {
+      for (int j = 0, piece = 0, start = 0; j < PANEL; j++) {
+        int n = p * PANEL + j;
+        float *row = buf + (size_t)j * K;
+        while (piece < pieces && n >= start + rows[piece]) start += rows[piece++];
+        if (piece == pieces) { /* past N */
+          memset(row, 0, sizeof(float) * K);
+          continue;
+        }
+        const int i = n - start, r = ranks[piece];
+        const float *wp = (const float *)W[piece], *bp = (const float *)bs[piece], *ap = (const float *)a[piece];
+        memcpy(row, wp + (size_t)i * K, sizeof(float) * K);
+        for (int q = 0; q < r; q++) {
+          const float c = bp[(size_t)i * r + q], *ar = ap + (size_t)q * K;
+          for (int k = 0; k < K; k++) row[k] += c * ar[k];
+        }
+      }
+      float *panel = P + (size_t)p * K * PANEL;
+      for (int k = 0; k < K16; k += 16) {
+        v16 blk[PANEL];
+        for (int j = 0; j < PANEL; j++) blk[j] = *(const v16 *)(buf + (size_t)j * K + k);
+        transpose16(blk);
+        for (int j = 0; j < PANEL; j++) *(v16 *)(panel + (size_t)(k + j) * PANEL) = blk[j];
+      }
+      for (int k = K16; k < K; k++)
+        for (int j = 0; j < PANEL; j++) panel[(size_t)k * PANEL + j] = buf[(size_t)j * K + k];
     }
   }
+  free(bufs);
+  return 0;
 }
