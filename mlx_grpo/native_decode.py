@@ -161,6 +161,11 @@ class NativeWeights:
                               self.vocab, self.rope_dims, self.rope_traditional, 0], dtype=np.int64)
 
 
+def _slots16(n: int) -> int:
+    """n rounded up to a multiple of 16: decode.c's slots for n keys."""
+    return -(-n // 16) * 16
+
+
 def _host(x: mx.array) -> np.ndarray:
     """x as a C-contiguous float32 NumPy array (a view of MLX's buffer where it already is one)."""
     return np.ascontiguousarray(np.asarray(x if x.dtype == mx.float32 else x.astype(mx.float32)))
@@ -232,8 +237,11 @@ class NativeDecoder:
         self.lib = weights.lib
         self.w = weights
         U, Tp = cache[0].keys.shape[0], cache[0].keys.shape[2]
-        self.prompt_keys = np.stack([_host(c.keys) for c in cache])
-        self.prompt_values = np.stack([_host(c.values) for c in cache])
+        # decode.c's layout: slots padded to a multiple of 16, the prompt's keys transposed ([Dh][slots])
+        pad = [(0, 0)] * 3 + [(0, _slots16(Tp) - Tp), (0, 0)]  # [L][U][KV][slots][Dh]
+        keys = np.pad(np.stack([_host(c.keys) for c in cache]), pad)
+        self.prompt_keys = np.ascontiguousarray(keys.swapaxes(-1, -2))
+        self.prompt_values = np.pad(np.stack([_host(c.values) for c in cache]), pad)
         vis = cache[0].visible
         self.visible = (np.ones((U, Tp), dtype=np.uint8) if vis is None
                         else np.ascontiguousarray(np.asarray(vis).astype(np.uint8)))
@@ -241,7 +249,7 @@ class NativeDecoder:
         self.row_prompt = np.repeat(np.arange(U, dtype=np.int32), group_size)
         self.row_pos0 = np.repeat(np.asarray(cache[0].offset).astype(np.int32).reshape(-1), group_size)
         B = U * group_size
-        shape = (weights.layers, B, weights.kv_heads, max_new, weights.head_dim)
+        shape = (weights.layers, B, weights.kv_heads, _slots16(max_new), weights.head_dim)
         self.keys, self.values = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
         self.fp = np.array([weights.eps, weights.rope_base, weights.rope_scale, weights.attn_scale, inv_temperature],
                            dtype=np.float32)

@@ -1,9 +1,9 @@
 """The decode step in C (native_decode.py, csrc/decode.c): the same log-probabilities as MLX's
 static decode step, step after step, on models built here with every shape it must handle (grouped
-key heads, biases, head and hidden sizes off the vector width, an FFN deeper than a pass of the
-products (KC), more rows than one block, padding inside or before the prompts, LoRA
-adapters folded in, rows dropped mid-way, an untied head), the same rollouts, and MLX's path
-wherever it does not apply."""
+key heads, biases, head and hidden sizes off the vector width and on it, an FFN deeper than a pass
+of the products (KC), more rows than one block, more queries to a prompt's keys than one chunk,
+padding inside or before the prompts, LoRA adapters folded in, rows dropped mid-way, an untied
+head), the same rollouts, and MLX's path wherever it does not apply."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,9 +11,9 @@ import mlx.nn as nn
 from mlx_grpo import native_decode
 from preloaded import NEEDS, built, run_preloaded
 
-# Prefill both ways from the same prompts, then feed both decoders the same tokens (MLX's argmax,
-# a temperature of 0.7 on both) and compare every step's log-probabilities over the whole
-# vocabulary; drop two rows at step 5.
+# Prefill both ways from the same prompts, then feed both decoders the same tokens (MLX's argmax
+# shifted by the row's index, so no two rows agree; a temperature of 0.7 on both) and compare every
+# step's log-probabilities over the whole vocabulary; drop two rows at step 5.
 COMPARE = """
     import json
     import mlx.core as mx, mlx.nn as nn, numpy as np
@@ -26,9 +26,10 @@ COMPARE = """
     def build(kind, **kw):
         mx.random.seed(3)
         mod = {"llama": llama, "qwen2": qwen2}[kind]
-        args = mod.ModelArgs(model_type=kind, hidden_size=72, num_hidden_layers=3, intermediate_size=300,
-                             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=301,
-                             rope_theta=500.0, **kw)
+        shape = dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2)
+        shape.update(kw)
+        args = mod.ModelArgs(model_type=kind, num_hidden_layers=3, intermediate_size=300, rms_norm_eps=1e-5,
+                             vocab_size=301, rope_theta=500.0, **shape)
         model = mod.Model(args)
         linear_to_lora_layers(model, 3, {"rank": 4, "scale": 2.0, "dropout": 0.0})
         # adapters that move the outputs: B is zero when LoRA starts
@@ -37,6 +38,9 @@ COMPARE = """
         mx.eval(model.parameters())
         return model
 
+    def spread(logits):  # each row its own token: a group's rows must not share completion keys
+        return (mx.argmax(logits, axis=-1) + mx.arange(logits.shape[0])) % logits.shape[-1]
+
     out = {}
     prefix = list(range(5, 25))  # a shared prefix of 20 tokens: padding lands inside the prompts
     shared = [prefix + [40, 41, 42], prefix + [50, 51, 52, 53, 54, 55, 56], prefix + [60]]
@@ -44,7 +48,11 @@ COMPARE = """
     for name, kind, kw, prompts in [("llama-gqa-tied", "llama", {"tie_word_embeddings": True}, shared),
                                     ("llama-left-padded", "llama", {"tie_word_embeddings": True}, apart),
                                     ("llama-untied", "llama", {"tie_word_embeddings": False}, shared),
-                                    ("qwen2-bias", "qwen2", {"tie_word_embeddings": False}, shared)]:
+                                    ("qwen2-bias", "qwen2", {"tie_word_embeddings": False}, shared),
+                                    # head size 80: whole vectors (64 + 16); 3 query heads a key head,
+                                    # so a chunk of 8 queries ends inside a row
+                                    ("llama-heads-of-80", "llama", {"tie_word_embeddings": True, "hidden_size": 480,
+                                                                    "num_attention_heads": 6}, apart)]:
         model = build(kind, **kw)
         reason = native_decode.unsupported(model)
         tokens, pads = rollout.left_pad(prompts, 0)
@@ -53,13 +61,13 @@ COMPARE = """
             l_native, nat = rollout._start_native(model, tokens, pads, G, T, 1 / 0.7)
             with adapters_folded(model):
                 l_mlx, ref = rollout._start_static(model, tokens, pads, G, T, 1 / 0.7, True)
-                y = mx.argmax(l_mlx, axis=-1)
+                y = spread(l_mlx)
                 worst, same = float(mx.abs(l_native - l_mlx).max()), True
                 for s in range(T):
                     a, b = ref.step(y), nat.step(y)
                     worst = max(worst, float(mx.abs(a - b).max()))
                     same = same and bool((mx.argmax(a, -1) == mx.argmax(b, -1)).all())
-                    y = mx.argmax(a, axis=-1)
+                    y = spread(a)
                     if s == 5:
                         keep = mx.array([0, 3, 4, 5])
                         ref.keep(keep), nat.keep(keep)

@@ -6,15 +6,16 @@
  * and values. Here a step is one call (~38 ms): the products read weights packed for them,
  * attention and the element-wise work are split over the same threads, which meet at barriers they
  * spin at, and the prompt's keys and values are held once per prompt, which every row of its
- * group reads.
+ * group reads, together with the others.
  *
  * Layout (float32, all contiguous; the caller owns every buffer):
  *   weights: per layer the input norm, q|k|v stacked [H*Dh + 2*KV*Dh, d] (+ bias), o [d, H*Dh],
  *            the post-attention norm, gate|up stacked [2F, d], down [d, F], and the head [vocab, d],
  *            each product's weight packed in panels of 16 rows (see panels() below; written by
  *            mlx_grpo_fold, which folds the adapters in); the embedding [vocab, d] row-major.
- *   prompt keys/values [L][U][KV][Tp][Dh] with visibility [U][Tp] (padding hidden);
- *   completion keys/values [L][B][KV][Tc][Dh]: row b's slot s is its s-th generated token.
+ *   prompt keys [L][U][KV][Dh][Tp16] (transposed), values [L][U][KV][Tp16][Dh], Tp16 = Tp rounded up
+ *   to a multiple of 16, with visibility [U][Tp] (padding hidden);
+ *   completion keys/values [L][B][KV][Tc16][Dh]: row b's slot s is its s-th generated token.
  * Row b belongs to prompt row_prompt[b]; its slot s sits at RoPE position row_pos0[b] + s.
  * The step's sizes, scalars and weight pointers come in three arrays indexed by the enums below
  * (pointers: W_GLOBAL global ones, then L_COUNT per layer; 0 for a bias the layer does not have).
@@ -232,7 +233,81 @@ static void rope(float *v, int dims, int traditional, const float *cs, const flo
   }
 }
 
-/* out[t] = scale * q . k[t] for n keys Dh apart: 16 keys at a time, their 16 sums in one tree. */
+/* Over the prompt, attention takes the queries that read the same keys together: the heads of a
+ * row that share a key head (grouped-query attention) and every row of the thread from the same
+ * prompt (its group). The prompt's keys are stored transposed, [Dh][slots] with the slots padded
+ * to a multiple of 16 (SLOTS16), so 16 keys' scores are one vector: a key vector loaded once serves
+ * every query, and no horizontal sums are left; values stay [slots][Dh], four queries' sums built at
+ * a time. A row's completion keys stay [slots][Dh]: stored transposed, each new key was written
+ * across Dh cache lines, which cost more (1.2 ms a SmolLM2 step) than its scores saved. */
+#define QC 8  /* queries scored together */
+#define SLOTS16(n) (((n) + 15) & ~15)
+
+/* s[i][t] = scale * q_i . k_t for the NQ queries q[i] and keys t < 16 * tiles, kt[d][t] (rows ld
+ * apart); s's rows lds apart. */
+static inline __attribute__((always_inline)) void scores_n(int NQ, const float *const *q, const float *kt, int ld,
+                                                           int tiles, int Dh, float scale, float *s, int lds) {
+  for (int t = 0; t < 16 * tiles; t += 16) {
+    v16 acc[QC];
+    for (int i = 0; i < NQ; i++) acc[i] = (v16){0};
+    for (int d = 0; d < Dh; d++) {
+      const v16 k = *(const v16 *)(kt + (size_t)d * ld + t);
+      for (int i = 0; i < NQ; i++) acc[i] += q[i][d] * k;
+    }
+    for (int i = 0; i < NQ; i++) *(v16 *)(s + (size_t)i * lds + t) = acc[i] * scale;
+  }
+}
+
+#define SCORES_CASE(n) \
+  case n: scores_n(n, q, kt, ld, tiles, Dh, scale, s, lds); break;
+static void scores(int nq, const float *const *q, const float *kt, int ld, int tiles, int Dh, float scale, float *s,
+                   int lds) {
+  switch (nq) { SCORES_CASE(1) SCORES_CASE(2) SCORES_CASE(3) SCORES_CASE(4) SCORES_CASE(5) SCORES_CASE(6)
+                SCORES_CASE(7) SCORES_CASE(8) }
+}
+
+/* out[i] += sum_{t < n} p[i][t] v[t] for NQ <= 4 queries (p's rows ldp apart), values Dh apart,
+ * Dh a multiple of 16: 64 columns at a time in registers. */
+static inline __attribute__((always_inline)) void values_n(int NQ, const float *p, int ldp, const float *v, int n,
+                                                           int Dh, float *const *out) {
+  for (int c = 0; c < Dh; c += 64) {
+    const int m = Dh - c < 64 ? (Dh - c) / 16 : 4;
+    v16 acc[4][4];
+    for (int i = 0; i < NQ; i++)
+      for (int j = 0; j < 4; j++) acc[i][j] = (v16){0};
+    for (int t = 0; t < n; t++) {
+      const float *vr = v + (size_t)t * Dh + c;
+      v16 vv[4];
+      for (int j = 0; j < 4; j++) vv[j] = j < m ? *(const v16 *)(vr + 16 * j) : (v16){0};
+      for (int i = 0; i < NQ; i++) {
+        const float w = p[(size_t)i * ldp + t];
+        for (int j = 0; j < 4; j++) acc[i][j] += w * vv[j];
+      }
+    }
+    for (int i = 0; i < NQ; i++)
+      for (int j = 0; j < m; j++) *(v16 *)(out[i] + c + 16 * j) += acc[i][j];
+  }
+}
+
+static void values(int nq, const float *p, int ldp, const float *v, int n, int Dh, float *const *out) {
+  if (Dh % 16) { /* head sizes off the vector width: plain loops */
+    for (int i = 0; i < nq; i++)
+      for (int t = 0; t < n; t++)
+        for (int d = 0; d < Dh; d++) out[i][d] += p[(size_t)i * ldp + t] * v[(size_t)t * Dh + d];
+    return;
+  }
+  for (int i = 0; i < nq; i += 4) {
+    switch (nq - i < 4 ? nq - i : 4) {
+      case 1: values_n(1, p + (size_t)i * ldp, ldp, v, n, Dh, out + i); break;
+      case 2: values_n(2, p + (size_t)i * ldp, ldp, v, n, Dh, out + i); break;
+      case 3: values_n(3, p + (size_t)i * ldp, ldp, v, n, Dh, out + i); break;
+      default: values_n(4, p + (size_t)i * ldp, ldp, v, n, Dh, out + i);
+    }
+  }
+}
+
+/* out[t] = scale * q . k[t] for n keys Dh apart (one query, a row's completion): 16 keys at a time,
+ * their 16 sums in one tree. */
 static void scores_of(const float *q, const float *k, int n, int Dh, float scale, float *out) {
   int D16 = Dh & ~15, t = 0;
   for (; t + 16 <= n; t += 16) {
@@ -253,59 +328,66 @@ static void scores_of(const float *q, const float *k, int n, int Dh, float scale
   for (; t < n; t++) out[t] = dot(q, k + (size_t)t * Dh, Dh) * scale;
 }
 
-/* In place: e^(x - max) over n scores, zero where hidden (vis[t] == 0 for t < n_vis); returns
- * their sum. */
-static float exp_shifted(float *x, int n, const uint8_t *vis, int n_vis) {
+/* In place over one query's scores: the prompt's Tp (hidden ones, vis[t] == 0, left out) and the
+ * completion's n at c, turned into softmax weights (hidden ones 0). */
+static void softmax_two(float *x, int Tp, const uint8_t *vis, float *c, int n) {
   float mx = -INFINITY;
-  for (int t = 0; t < n; t++)
-    if ((t >= n_vis || vis[t]) && x[t] > mx) mx = x[t];
-  int t = 0;
-  for (; t + 16 <= n; t += 16) *(v16 *)(x + t) = vexp(*(v16 *)(x + t) - mx);
-  for (; t < n; t++) x[t] = sexp(x[t] - mx);
-  for (t = 0; t < n_vis; t++)
-    if (!vis[t]) x[t] = 0;
+  for (int t = 0; t < Tp; t++)
+    if (vis[t] && x[t] > mx) mx = x[t];
+  for (int t = 0; t < n; t++) mx = c[t] > mx ? c[t] : mx;
   float sum = 0;
-  for (t = 0; t < n; t++) sum += x[t];
-  return sum;
+  for (int part = 0; part < 2; part++) {
+    float *y = part ? c : x;
+    int m = part ? n : Tp, t = 0;
+    for (; t + 16 <= m; t += 16) *(v16 *)(y + t) = vexp(*(v16 *)(y + t) - mx);
+    for (; t < m; t++) y[t] = sexp(y[t] - mx);
+    if (!part)
+      for (t = 0; t < Tp; t++)
+        if (!vis[t]) x[t] = 0;
+    for (t = 0; t < m; t++) sum += y[t];
+  }
+  const float inv = 1.0f / sum;
+  for (int t = 0; t < Tp; t++) x[t] *= inv;
+  for (int t = 0; t < n; t++) c[t] *= inv;
 }
 
-/* out += sum_t p[t] v[t] over n values Dh apart (zero weights skipped: hidden slots); 64 columns
- * at a time in registers where Dh is a multiple of 16 (each value row read once for Dh <= 64). */
-static void weighted_values(const float *p, const float *v, int n, int Dh, float *out) {
-  if (Dh % 16 == 0) {
-    for (int c = 0; c < Dh; c += 64) {
-      int m = Dh - c < 64 ? (Dh - c) / 16 : 4;
-      v16 acc[4] = {(v16){0}, (v16){0}, (v16){0}, (v16){0}};
-      for (int t = 0; t < n; t++) {
-        float w = p[t];
-        if (w == 0.0f) continue;
-        const float *vr = v + (size_t)t * Dh + c;
-        for (int i = 0; i < 4; i++)
-          if (i < m) acc[i] += w * *(const v16 *)(vr + 16 * i);
-      }
-      for (int i = 0; i < m; i++) *(v16 *)(out + c + 16 * i) += acc[i];
+/* Attention of rows b0 .. b1 (one prompt's, u) for key head h of layer l at step s: their queries
+ * (rep each) in chunks of QC, scored against the prompt's keys together and each row's own
+ * completion keys, written to att. sc: QC rows of Tp16 + Tc16 scores. */
+typedef struct {
+  const float *pkT, *pv, *ck, *cv; /* this layer's and head's: pkT [Dh][Tp16], pv [Tp16][Dh] */
+  const uint8_t *vis;
+  size_t c_row;                     /* floats from one row's completion keys (or values) to the next */
+  int Tp, Tp16, Tc16, Dh, rep, s;
+  float scale;
+} head_keys_t;
+
+static void attend_rows(const head_keys_t *k, int b0, int b1, int h, const float *qkv, int QKV, float *att, int QD,
+                        float *sc) {
+  const int nq_all = (b1 - b0) * k->rep, lds = k->Tp16 + k->Tc16, n = k->s + 1;
+  for (int i0 = 0; i0 < nq_all; i0 += QC) {
+    const int nq = nq_all - i0 < QC ? nq_all - i0 : QC;
+    const float *q[QC];
+    float *out[QC];
+    for (int i = 0; i < nq; i++) {
+      int b = b0 + (i0 + i) / k->rep, head = h * k->rep + (i0 + i) % k->rep;
+      q[i] = qkv + (size_t)b * QKV + (size_t)head * k->Dh;
+      out[i] = att + (size_t)b * QD + (size_t)head * k->Dh;
+      memset(out[i], 0, sizeof(float) * k->Dh);
     }
-    return;
+    scores(nq, q, k->pkT, k->Tp16, k->Tp16 / 16, k->Dh, k->scale, sc, lds);
+    /* the completion's keys are each row's own, [slots][Dh] (a new key is one contiguous write) */
+    for (int i = 0; i < nq; i++)
+      scores_of(q[i], k->ck + (size_t)((i0 + i) / k->rep) * k->c_row, n, k->Dh, k->scale, sc + (size_t)i * lds + k->Tp16);
+    for (int i = 0; i < nq; i++) softmax_two(sc + (size_t)i * lds, k->Tp, k->vis, sc + (size_t)i * lds + k->Tp16, n);
+    values(nq, sc, lds, k->pv, k->Tp, k->Dh, out);
+    for (int i = 0; i < nq;) {
+      int b = b0 + (i0 + i) / k->rep, j = i;
+      while (j < nq && b0 + (i0 + j) / k->rep == b) j++;
+      values(j - i, sc + (size_t)i * lds + k->Tp16, lds, k->cv + (size_t)(b - b0) * k->c_row, n, k->Dh, out + i);
+      i = j;
+    }
   }
-  for (int t = 0; t < n; t++) {
-    float w = p[t];
-    if (w == 0.0f) continue;
-    const float *vr = v + (size_t)t * Dh;
-    for (int d = 0; d < Dh; d++) out[d] += w * vr[d];
-  }
-}
-
-/* Softmax-weighted values of one query over the visible prompt slots and completion slots 0..s. */
-static void attend(const float *q, int Dh, float scale, const float *pk, const float *pv, const uint8_t *vis,
-                   int Tp, const float *ck, const float *cv, int s, float *scores, float *out) {
-  int n = Tp + s + 1;
-  scores_of(q, pk, Tp, Dh, scale, scores);
-  scores_of(q, ck, s + 1, Dh, scale, scores + Tp);
-  float inv = 1.0f / exp_shifted(scores, n, vis, Tp);
-  for (int t = 0; t < n; t++) scores[t] *= inv;
-  for (int d = 0; d < Dh; d++) out[d] = 0;
-  weighted_values(scores, pv, Tp, Dh, out);
-  weighted_values(scores + Tp, cv, s + 1, Dh, out);
 }
 
 /* In place, each of B rows of n: x - log(sum(e^x)). */
@@ -338,14 +420,14 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
   const int T = team_size(dims[D_THREADS]);
   const float eps = fp[F_EPS], scale = fp[F_ATTN_SCALE], inv_t = fp[F_INV_TEMPERATURE];
   const int QD = H * Dh, KD = KV * Dh, QKV = QD + 2 * KD, rep = H / KV, half = rd / 2;
-  const int slots = Tp + Tc;
+  const int Tp16 = SLOTS16(Tp), Tc16 = SLOTS16(Tc);
 
   float *x = malloc(sizeof(float) * (size_t)B * d), *xn = malloc(sizeof(float) * (size_t)B * d),
         *qkv = malloc(sizeof(float) * (size_t)B * QKV), *att = malloc(sizeof(float) * (size_t)B * QD),
         *gu = malloc(sizeof(float) * (size_t)B * 2 * F), *act = malloc(sizeof(float) * (size_t)B * F),
         *tmp = malloc(sizeof(float) * (size_t)B * d), *cs = malloc(sizeof(float) * ((size_t)B * half + 1)),
         *sn = malloc(sizeof(float) * ((size_t)B * half + 1)),
-        *scores = malloc(sizeof(float) * (size_t)T * (slots + 16)),
+        *scores = malloc(sizeof(float) * (size_t)T * QC * (Tp16 + Tc16)),
         *spill = malloc(sizeof(float) * (size_t)T * B * PANEL * BLOCK_PANELS);
   int ok = x && xn && qkv && att && gu && act && tmp && cs && sn && scores && spill;
   if (!ok) goto done;
@@ -367,10 +449,9 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     team_t tm = {&bar, t, nt, 0, spill + (size_t)t * B * PANEL * BLOCK_PANELS};
-    int r0, r1, p0, p1;
+    int r0, r1; /* this thread's rows: its attention reads the keys its own RoPE wrote, unsynchronised */
     split(B, t, nt, &r0, &r1);
-    p0 = r0 * KV, p1 = r1 * KV; /* this thread's rows' pairs: attention follows their RoPE unsynchronised */
-    float *sc = scores + (size_t)t * (slots + 16);
+    float *sc = scores + (size_t)t * QC * (Tp16 + Tc16);
     for (int l = 0; l < L; l++) {
       const uintptr_t *lw = w + W_GLOBAL + (size_t)l * L_COUNT;
       rms_norm(r1 - r0, d, x + (size_t)r0 * d, (const float *)lw[L_IN_NORM], eps, xn + (size_t)r0 * d);
@@ -379,18 +460,20 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
         float *row = qkv + (size_t)b * QKV;
         for (int h = 0; h < H + KV; h++) rope(row + (size_t)h * Dh, rd, trad, cs + (size_t)b * half, sn + (size_t)b * half);
         for (int h = 0; h < KV; h++) {
-          size_t at = (((size_t)l * B + b) * KV + h) * Tc * Dh + (size_t)s * Dh;
+          size_t at = (((size_t)l * B + b) * KV + h) * Tc16 * Dh + (size_t)s * Dh;
           memcpy(ck + at, row + QD + (size_t)h * Dh, sizeof(float) * Dh);
           memcpy(cv + at, row + QD + KD + (size_t)h * Dh, sizeof(float) * Dh);
         }
       }
-      for (int pair = p0; pair < p1; pair++) {
-        int b = pair / KV, h = pair % KV, u = row_prompt[b];
-        size_t p_at = (((size_t)l * U + u) * KV + h) * Tp * Dh, c_at = (((size_t)l * B + b) * KV + h) * Tc * Dh;
-        for (int r = 0; r < rep; r++) {
-          int head = h * rep + r;
-          attend(qkv + (size_t)b * QKV + (size_t)head * Dh, Dh, scale, pk + p_at, pv + p_at, pvis + (size_t)u * Tp,
-                 Tp, ck + c_at, cv + c_at, s, sc, att + (size_t)b * QD + (size_t)head * Dh);
+      /* a prompt's rows at a time (they are neighbours) */
+      for (int b0 = r0, b1; b0 < r1; b0 = b1) {
+        const int u = row_prompt[b0];
+        for (b1 = b0 + 1; b1 < r1 && row_prompt[b1] == u;) b1++;
+        for (int h = 0; h < KV; h++) {
+          size_t p_at = (((size_t)l * U + u) * KV + h) * Tp16 * Dh, c_at = (((size_t)l * B + b0) * KV + h) * Tc16 * Dh;
+          head_keys_t k = {pk + p_at, pv + p_at, ck + c_at, cv + c_at, pvis + (size_t)u * Tp, (size_t)KV * Tc16 * Dh,
+                           Tp, Tp16, Tc16, Dh, rep, s, scale};
+          attend_rows(&k, b0, b1, h, qkv, QKV, att, QD, sc);
         }
       }
       linear(&tm, B, d, QD, att, (const float *)lw[L_O], (const float *)lw[L_O_BIAS], tmp);
