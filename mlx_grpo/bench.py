@@ -3,8 +3,8 @@
 One run, the same prompts throughout:
 - rollout tokens/s of our engine against mlx-lm's ``batch_generate`` given the P*G rows in one
   call (prompts repeated G times, completion and prefill batch = P*G), same sampler and max tokens,
-  both stopping only at EOS; and our engine with the same decode step uncompiled (what
-  ``mx.compile`` buys);
+  both stopping only at EOS; our engine with MLX's decode step uncompiled (what ``mx.compile``
+  buys); where ours decodes in C (``native_decode``), also through MLX's compiled step;
 - greedy outputs of both engines compared token for token;
 - a GRPO step's time split into generate / reward / score / update (``grpo_step``'s timings);
 - peak memory of a step with beta = 0 and beta > 0 (same weights, seed and rollouts);
@@ -38,6 +38,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import blas, cachedir, malloc, skinny
+from . import rollout as rollout_module
 from . import step as step_module
 from .assets.make_tiny_model import build_model
 from .bounds import Rows, bound_lines, bounds_report, limits_line, model_cost, step_phases
@@ -138,27 +139,45 @@ class Session:
                 prefill_batch_size=len(rows), return_token_ids=True,
             )
 
-    def rollout_throughput(self, reps: int) -> Dict[str, float]:
-        def ours(compiled=True):
-            return lambda: int(self.ours(compiled=compiled).mask.sum().item())
+    def rollout_throughput(self, reps: int) -> Dict[str, Any]:
+        """Rollout tokens/s of ours (as ``train`` runs it), of ours uncompiled and of
+        ``batch_generate``, interleaved; where ours decodes in C, also of MLX's compiled step."""
+        in_c = rollout_module.decodes_in_c(self.model)
+
+        def ours(compiled=True, native=None):
+            def run():
+                saved = rollout_module.NATIVE
+                if native is not None:
+                    rollout_module.NATIVE = native
+                try:
+                    return int(self.ours(compiled=compiled).mask.sum().item())
+                finally:
+                    rollout_module.NATIVE = saved
+            return run
 
         def peer():
             return int(self.peer().stats.generation_tokens)
 
-        out: Dict[str, float] = {}
-        for name, fn in (("ours", ours()), ("ours_uncompiled", ours(False)), ("batch_generate", peer)):
+        runs = [("ours", ours()), ("ours_uncompiled", ours(False)), ("batch_generate", peer)]
+        if in_c:
+            runs.insert(1, ("ours_mlx", ours(native=False)))
+        for name, fn in runs:
             fn()  # warm-up
-        # Interleaved repetitions, so load changes on a shared machine hit all three alike.
-        rates: Dict[str, List[float]] = {"ours": [], "ours_uncompiled": [], "batch_generate": []}
+        # Interleaved repetitions, so load changes on a shared machine hit all of them alike.
+        rates: Dict[str, List[float]] = {name: [] for name, _ in runs}
         for _ in range(reps):
-            for name, fn in (("ours", ours()), ("ours_uncompiled", ours(False)), ("batch_generate", peer)):
+            for name, fn in runs:
                 t = time.perf_counter()
                 n = fn()
                 rates[name].append(n / (time.perf_counter() - t))
+        out: Dict[str, Any] = {"engine": "C decode step" if in_c else "compiled MLX step"}
         for name, r in rates.items():
             out[f"{name}_tokens_per_sec"] = statistics.median(r)
         out["ratio_vs_batch_generate"] = out["ours_tokens_per_sec"] / out["batch_generate_tokens_per_sec"]
-        out["ratio_compiled_vs_uncompiled"] = out["ours_tokens_per_sec"] / out["ours_uncompiled_tokens_per_sec"]
+        compiled = out["ours_mlx_tokens_per_sec"] if in_c else out["ours_tokens_per_sec"]
+        out["ratio_compiled_vs_uncompiled"] = compiled / out["ours_uncompiled_tokens_per_sec"]  # what mx.compile buys
+        if in_c:
+            out["ratio_c_vs_mlx"] = out["ours_tokens_per_sec"] / out["ours_mlx_tokens_per_sec"]
         return out
 
     def greedy_check(self) -> Dict[str, Any]:
@@ -417,11 +436,15 @@ def table(r: Dict[str, Any]) -> str:
         "",
         "| measurement | value |",
         "|---|---|",
-        f"| rollout, ours (compiled step) | {ro['ours_tokens_per_sec']:.0f} tokens/s |",
-        f"| rollout, ours uncompiled | {ro['ours_uncompiled_tokens_per_sec']:.0f} tokens/s |",
+        f"| rollout, ours ({ro.get('engine', 'compiled MLX step')}) | {ro['ours_tokens_per_sec']:.0f} tokens/s |",
+        *([f"| rollout, ours through MLX's compiled step | {ro['ours_mlx_tokens_per_sec']:.0f} tokens/s |"]
+          if "ours_mlx_tokens_per_sec" in ro else []),
+        f"| rollout, ours uncompiled (MLX) | {ro['ours_uncompiled_tokens_per_sec']:.0f} tokens/s |",
         f"| rollout, mlx_lm batch_generate (P*G rows in one call) | {ro['batch_generate_tokens_per_sec']:.0f} tokens/s |",
         f"| **rollout ratio, ours / batch_generate** | **{ro['ratio_vs_batch_generate']:.2f}x** |",
-        f"| rollout ratio, compiled / uncompiled | {ro['ratio_compiled_vs_uncompiled']:.2f}x |",
+        *([f"| rollout ratio, decode in C / MLX's compiled step | {ro['ratio_c_vs_mlx']:.2f}x |"]
+          if "ratio_c_vs_mlx" in ro else []),
+        f"| rollout ratio, MLX compiled / uncompiled | {ro['ratio_compiled_vs_uncompiled']:.2f}x |",
         f"| greedy outputs identical to batch_generate | {r['greedy']['identical']} "
         f"({r['greedy']['rows'] - r['greedy']['mismatched']}/{r['greedy']['rows']} rows) |",
         f"| GRPO step: generate / reward / score / update | {st['generate']:.3f} / {st['reward']:.4f} / "

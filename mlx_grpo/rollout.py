@@ -149,11 +149,18 @@ def sample_groups(
     """
     # Nothing is differentiated in a rollout (see fastmath.logsumexp), so adapters can be folded:
     # into the C decoder's copy of the weights, else into the model's layers.
-    wanted = NATIVE if NATIVE is not None else not os.environ.get(native_decode.OFF)
-    native = (compiled and wanted and plain_kv_layers(model) and native_decode.unsupported(model) is None
-              and native_decode.fits_memory(model))
+    native = compiled and decodes_in_c(model)
     with fastmath.eager(), contextlib.nullcontext() if native else adapters_folded(model):
         return _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys, native)
+
+
+def decodes_in_c(model: nn.Module) -> bool:
+    """True when this model's compiled rollouts decode in C (``native_decode``) here: the switch
+    (``NATIVE``, ``MLX_GRPO_NO_NATIVE_DECODE``) allows it, the backend and model fit, and so does
+    the copy of the weights."""
+    wanted = NATIVE if NATIVE is not None else not os.environ.get(native_decode.OFF)
+    return bool(wanted and plain_kv_layers(model) and native_decode.unsupported(model) is None
+                and native_decode.fits_memory(model))
 
 
 def _sample_groups(model, tokenizer, prompts, cfg, group_size, temperature, compiled, keys, native) -> Rollouts:

@@ -24,6 +24,9 @@ def test_bench_quick_json(tmp_path):
               "ratio_vs_batch_generate", "ratio_compiled_vs_uncompiled"):
         assert _positive(ro[k]), k
     assert abs(ro["ratio_vs_batch_generate"] - ro["ours_tokens_per_sec"] / ro["batch_generate_tokens_per_sec"]) < 1e-9
+    # which engine "ours" is, and where it is C, MLX's compiled step beside it
+    assert ro["engine"] in {"C decode step", "compiled MLX step"}
+    assert (ro["engine"] == "C decode step") == ("ours_mlx_tokens_per_sec" in ro) == ("ratio_c_vs_mlx" in ro)
     assert r["greedy"] == {"rows": 2, "mismatched": 0, "identical": True}
     st = r["step"]
     for k in ("generate", "reward", "score", "update", "step_time"):
