@@ -30,7 +30,7 @@ from . import fastmath, skinny
 from .models import copy_fits
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
-OFF = "MLX_GRPO_NO_NATIVE_DECODE"  # set: decode through MLX even where this would serve
+OFF = skinny.DECODE_OFF  # set: decode through MLX even where this would serve
 
 
 def library() -> Optional[ctypes.CDLL]:

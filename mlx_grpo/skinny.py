@@ -37,6 +37,7 @@ from .cachedir import cache_root
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("skinny.c", "decode.c")]
 HEADERS = [Path(__file__).parent / "csrc" / "vec.h"]  # included by both: part of the cache key
 OFF = "MLX_GRPO_NO_SKINNY"
+DECODE_OFF = "MLX_GRPO_NO_NATIVE_DECODE"  # set: rollouts decode through MLX (native_decode.py)
 NAME = "mlx_grpo_skinny"  # the library's file name starts with it
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -148,5 +149,10 @@ def set_enabled(on: bool) -> bool:
 
 
 def describe(env: Dict[str, str]) -> str:
-    """", skinny products <library>" when it is preloaded, else ""."""
-    return ", few-row products by mlx-grpo's kernel" if preloaded(env) else ""
+    """What a run's first line says about the library: what it does where it is preloaded (the
+    decode step in C only where ``DECODE_OFF`` is not set), else ""."""
+    if not preloaded(env):
+        return ""
+    if env.get(DECODE_OFF):
+        return ", few-row products by mlx-grpo's kernel"
+    return ", mlx-grpo's decoding kernels (few-row products; llama-shaped decode steps in C)"
