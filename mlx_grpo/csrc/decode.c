@@ -328,27 +328,46 @@ static void scores_of(const float *q, const float *k, int n, int Dh, float scale
   for (; t < n; t++) out[t] = dot(q, k + (size_t)t * Dh, Dh) * scale;
 }
 
-/* In place over one query's scores: the prompt's Tp (hidden ones, vis[t] == 0, left out) and the
- * completion's n at c, turned into softmax weights (hidden ones 0). */
-static void softmax_two(float *x, int Tp, const uint8_t *vis, float *c, int n) {
-  float mx = -INFINITY;
-  for (int t = 0; t < Tp; t++)
-    if (vis[t] && x[t] > mx) mx = x[t];
-  for (int t = 0; t < n; t++) mx = c[t] > mx ? c[t] : mx;
-  float sum = 0;
-  for (int part = 0; part < 2; part++) {
-    float *y = part ? c : x;
-    int m = part ? n : Tp, t = 0;
-    for (; t + 16 <= m; t += 16) *(v16 *)(y + t) = vexp(*(v16 *)(y + t) - mx);
-    for (; t < m; t++) y[t] = sexp(y[t] - mx);
-    if (!part)
-      for (t = 0; t < Tp; t++)
-        if (!vis[t]) x[t] = 0;
-    for (t = 0; t < m; t++) sum += y[t];
+static inline v16 vmax(v16 a, v16 b) {
+  vi16 m = a > b;
+  return (v16)(((vi16)a & m) | ((vi16)b & ~m));
+}
+
+/* In place over one query's scores, 16 at a time: the prompt's Tp16 at x (shown: show[t] all ones,
+ * else zero -- hidden or padding) and the completion's first n at c, turned into softmax weights
+ * (0 where not shown, and in c's last 16 past n). */
+static void softmax_two(float *x, int Tp16, const vi16 *show, float *c, int n) {
+  const v16 ninf = (v16){0} - INFINITY;
+  const int n16 = SLOTS16(n);
+  vi16 lane;
+  for (int l = 0; l < 16; l++) lane[l] = l;
+  v16 mv = ninf;
+  for (int t = 0; t < Tp16; t += 16) {
+    vi16 m = show[t / 16];
+    mv = vmax(mv, (v16)(((vi16)*(v16 *)(x + t) & m) | ((vi16)ninf & ~m)));
   }
-  const float inv = 1.0f / sum;
-  for (int t = 0; t < Tp; t++) x[t] *= inv;
-  for (int t = 0; t < n; t++) c[t] *= inv;
+  for (int t = 0; t < n16; t += 16) {
+    vi16 m = lane + t < n;
+    mv = vmax(mv, (v16)(((vi16)*(v16 *)(c + t) & m) | ((vi16)ninf & ~m)));
+  }
+  float mx = mv[0];
+  for (int l = 1; l < 16; l++) mx = mv[l] > mx ? mv[l] : mx;
+  v16 sum = (v16){0};
+  for (int t = 0; t < Tp16; t += 16) {
+    v16 e = (v16)((vi16)vexp(*(v16 *)(x + t) - mx) & show[t / 16]);
+    *(v16 *)(x + t) = e;
+    sum += e;
+  }
+  for (int t = 0; t < n16; t += 16) {
+    v16 e = (v16)((vi16)vexp(*(v16 *)(c + t) - mx) & (lane + t < n));
+    *(v16 *)(c + t) = e;
+    sum += e;
+  }
+  float total = 0;
+  for (int l = 0; l < 16; l++) total += sum[l];
+  const float inv = 1.0f / total;
+  for (int t = 0; t < Tp16; t += 16) *(v16 *)(x + t) *= inv;
+  for (int t = 0; t < n16; t += 16) *(v16 *)(c + t) *= inv;
 }
 
 /* Attention of rows b0 .. b1 (one prompt's, u) for key head h of layer l at step s: their queries
@@ -356,7 +375,7 @@ static void softmax_two(float *x, int Tp, const uint8_t *vis, float *c, int n) {
  * completion keys, written to att. sc: QC rows of Tp16 + Tc16 scores. */
 typedef struct {
   const float *pkT, *pv, *ck, *cv; /* this layer's and head's: pkT [Dh][Tp16], pv [Tp16][Dh] */
-  const uint8_t *vis;
+  const vi16 *show;                /* the prompt's slots shown, 16 a vector (softmax_two) */
   size_t c_row;                     /* floats from one row's completion keys (or values) to the next */
   int Tp, Tp16, Tc16, Dh, rep, s;
   float scale;
@@ -379,7 +398,7 @@ static void attend_rows(const head_keys_t *k, int b0, int b1, int h, const float
     /* the completion's keys are each row's own, [slots][Dh] (a new key is one contiguous write) */
     for (int i = 0; i < nq; i++)
       scores_of(q[i], k->ck + (size_t)((i0 + i) / k->rep) * k->c_row, n, k->Dh, k->scale, sc + (size_t)i * lds + k->Tp16);
-    for (int i = 0; i < nq; i++) softmax_two(sc + (size_t)i * lds, k->Tp, k->vis, sc + (size_t)i * lds + k->Tp16, n);
+    for (int i = 0; i < nq; i++) softmax_two(sc + (size_t)i * lds, k->Tp16, k->show, sc + (size_t)i * lds + k->Tp16, n);
     values(nq, sc, lds, k->pv, k->Tp, k->Dh, out);
     for (int i = 0; i < nq;) {
       int b = b0 + (i0 + i) / k->rep, j = i;
@@ -429,7 +448,8 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
         *sn = malloc(sizeof(float) * ((size_t)B * half + 1)),
         *scores = malloc(sizeof(float) * (size_t)T * QC * (Tp16 + Tc16)),
         *spill = malloc(sizeof(float) * (size_t)T * B * PANEL * BLOCK_PANELS);
-  int ok = x && xn && qkv && att && gu && act && tmp && cs && sn && scores && spill;
+  vi16 *show = malloc(sizeof(vi16) * ((size_t)U * Tp16 / 16 + 1));
+  int ok = x && xn && qkv && att && gu && act && tmp && cs && sn && scores && spill && show;
   if (!ok) goto done;
 
   const float *embed = (const float *)w[W_EMBED];
@@ -443,6 +463,9 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
       sn[(size_t)b * half + i] = sinf(a);
     }
   }
+
+  for (int u = 0; u < U; u++) /* which of each prompt's slots attention sees: not padding, not hidden */
+    for (int t = 0; t < Tp16; t++) show[(size_t)u * (Tp16 / 16) + t / 16][t % 16] = t < Tp && pvis[(size_t)u * Tp + t] ? -1 : 0;
 
   barrier_t bar = {0, 0};
 #pragma omp parallel num_threads(T)
@@ -471,7 +494,7 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
         for (b1 = b0 + 1; b1 < r1 && row_prompt[b1] == u;) b1++;
         for (int h = 0; h < KV; h++) {
           size_t p_at = (((size_t)l * U + u) * KV + h) * Tp16 * Dh, c_at = (((size_t)l * B + b0) * KV + h) * Tc16 * Dh;
-          head_keys_t k = {pk + p_at, pv + p_at, ck + c_at, cv + c_at, pvis + (size_t)u * Tp, (size_t)KV * Tc16 * Dh,
+          head_keys_t k = {pk + p_at, pv + p_at, ck + c_at, cv + c_at, show + (size_t)u * (Tp16 / 16), (size_t)KV * Tc16 * Dh,
                            Tp, Tp16, Tc16, Dh, rep, s, scale};
           attend_rows(&k, b0, b1, h, qkv, QKV, att, QD, sc);
         }
@@ -501,7 +524,7 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
   }
 
 done:
-  free(x), free(xn), free(qkv), free(att), free(gu), free(act), free(tmp), free(cs), free(sn), free(scores), free(spill);
+  free(x), free(xn), free(qkv), free(att), free(gu), free(act), free(tmp), free(cs), free(sn), free(scores), free(spill), free(show);
   return ok ? 0 : -1;
 }
 
