@@ -3,17 +3,18 @@
 Through MLX, a SmolLM2 decode step of 16 rows took 75-79 ms on a 2-core CPU, of which the weight
 products were ~36: the rest was MLX running ~2,500 small graph nodes on one thread (the second
 core waiting) and attention reading each row's own copy of its prompt's keys and values.
-``decode.c`` runs the whole step in one call: the same few-row kernel for the products
-(``skinny.c``; the two share one library, built and preloaded by ``skinny.py``), attention and the
-element-wise work split over the BLAS's threads, and each prompt's keys and values held once for
-its whole group: 38-41 ms (docs/performance.md, "Decoding in C on the CPU").
+``decode.c`` runs the whole step in one call (it shares one library with ``skinny.c``, built and
+preloaded by ``skinny.py``): products over weights packed for them, attention and the element-wise
+work split over the BLAS's threads, and each prompt's keys and values held once for its whole
+group, read by its rows together: 34-35 ms, and any number of rows (docs/performance.md,
+"Decoding in C on the CPU").
 
 It serves models whose every layer is llama's (llama, qwen2, mistral: RMSNorm, RoPE as MLX's
 ``nn.RoPE``, grouped-query attention over a plain KV cache, a gated SiLU MLP) with float32 weights,
 in eval mode, when the library is loaded; anything else decodes through MLX as before
 (``unsupported`` says why). The prompts are prefilled by MLX (``prefill.py``); adapters are folded
 into a copy of the weights once per rollout (the bytes ``models.adapters_folded`` would take), in
-one NumPy allocation, which Linux backs with huge pages. Same interface as ``decode.StaticDecoder``:
+one NumPy allocation, which Linux backs with huge pages; the embedding is read in place. Same interface as ``decode.StaticDecoder``:
 ``step(y)`` returns the next token's log-probabilities [B, vocab], ``keep(index)`` drops rows.
 """
 
@@ -161,8 +162,8 @@ class NativeWeights:
                               self.vocab, self.rope_dims, self.rope_traditional, 0], dtype=np.int64)
 
 
-def _slots16(n: int) -> int:
-    """n rounded up to a multiple of 16: decode.c's slots for n keys."""
+def _up16(n: int) -> int:
+    """n rounded up to a multiple of 16: decode.c's slots for n keys, and rows for n in panels."""
     return -(-n // 16) * 16
 
 
@@ -171,15 +172,12 @@ def _host(x: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x if x.dtype == mx.float32 else x.astype(mx.float32)))
 
 
-PANEL = 16  # rows of a product's weight interleaved in one panel (decode.c)
-
-
 def _slot_size(pieces: List[Tuple[mx.array, Any]], packed: bool) -> int:
-    """Floats a slot takes: its pieces stacked, a product's rows rounded up to whole panels."""
+    """Floats a slot takes: its pieces stacked, a product's rows rounded up to whole panels (16
+    rows each)."""
     if not packed:
         return sum(int(w.size) for w, _ in pieces)
-    rows = sum(int(w.shape[0]) for w, _ in pieces)
-    return -(-rows // PANEL) * PANEL * int(pieces[0][0].shape[1])
+    return _up16(sum(int(w.shape[0]) for w, _ in pieces)) * int(pieces[0][0].shape[1])
 
 
 def _fill(lib: ctypes.CDLL, pieces: List[Tuple[mx.array, Any]], packed: bool, out: np.ndarray) -> None:
@@ -238,7 +236,7 @@ class NativeDecoder:
         self.w = weights
         U, Tp = cache[0].keys.shape[0], cache[0].keys.shape[2]
         # decode.c's layout: slots padded to a multiple of 16, the prompt's keys transposed ([Dh][slots])
-        pad = [(0, 0)] * 3 + [(0, _slots16(Tp) - Tp), (0, 0)]  # [L][U][KV][slots][Dh]
+        pad = [(0, 0)] * 3 + [(0, _up16(Tp) - Tp), (0, 0)]  # [L][U][KV][slots][Dh]
         keys = np.pad(np.stack([_host(c.keys) for c in cache]), pad)
         self.prompt_keys = np.ascontiguousarray(keys.swapaxes(-1, -2))
         self.prompt_values = np.pad(np.stack([_host(c.values) for c in cache]), pad)
@@ -249,7 +247,7 @@ class NativeDecoder:
         self.row_prompt = np.repeat(np.arange(U, dtype=np.int32), group_size)
         self.row_pos0 = np.repeat(np.asarray(cache[0].offset).astype(np.int32).reshape(-1), group_size)
         B = U * group_size
-        shape = (weights.layers, B, weights.kv_heads, _slots16(max_new), weights.head_dim)
+        shape = (weights.layers, B, weights.kv_heads, _up16(max_new), weights.head_dim)
         self.keys, self.values = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
         self.fp = np.array([weights.eps, weights.rope_base, weights.rope_scale, weights.attn_scale, inv_temperature],
                            dtype=np.float32)
