@@ -3,7 +3,7 @@
  * Through MLX a decode step of SmolLM2 at 16 rows is ~75 ms, of which the weight products (the
  * kernel in skinny.c) are ~36: the rest is MLX running some 2,500 small graph nodes on one thread
  * while the second core waits, and attention reading every row's own copy of its prompt's keys
- * and values. Here a step is one call (~38 ms): the products read weights packed for them,
+ * and values. Here a step is one call (34-35 ms): the products read weights packed for them,
  * attention and the element-wise work are split over the same threads, which meet at barriers they
  * spin at, and the prompt's keys and values are held once per prompt, which every row of its
  * group reads, together with the others.
