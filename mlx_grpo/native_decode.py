@@ -6,7 +6,7 @@ core waiting) and attention reading each row's own copy of its prompt's keys and
 ``decode.c`` runs the whole step in one call (it shares one library with ``skinny.c``, built and
 preloaded by ``skinny.py``): products over weights packed for them, attention and the element-wise
 work split over the BLAS's threads, and each prompt's keys and values held once for its whole
-group, read by its rows together: 34-35 ms, and any number of rows (docs/performance.md,
+group, read by its rows together: 32-33 ms, and any number of rows (docs/performance.md,
 "Decoding in C on the CPU").
 
 It serves models whose every layer is llama's (llama, qwen2, mistral: RMSNorm, RoPE as MLX's
