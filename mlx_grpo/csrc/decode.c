@@ -173,13 +173,6 @@ static void block_any(int MR, int NP, int K, int k0, int k1, const float *x, con
   }
 }
 
-/* The panels a thread of T computes: its contiguous share of the ceil(N / 16). */
-static void panel_share(int N, int t, int T, int *p0, int *p1) {
-  int panels = (N + PANEL - 1) / PANEL, per = (panels + T - 1) / T;
-  *p0 = t * per < panels ? t * per : panels;
-  *p1 = *p0 + per < panels ? *p0 + per : panels;
-}
-
 /* out[:, 16 p0 .. 16 p1) of out[M,N] = x[M,K] @ W^T, W packed. The last panel's columns past N go to
  * spill[M, 48] first, so out is never written past N. */
 static void panels(int M, int N, int K, const float *x, const float *P, float *out, int p0, int p1, float *spill) {
@@ -204,7 +197,7 @@ static void panels(int M, int N, int K, const float *x, const float *P, float *o
 static void linear(team_t *tm, int M, int N, int K, const float *x, const float *P, const float *bias, float *out) {
   int p0, p1;
   sync_team(tm);
-  panel_share(N, tm->t, tm->T, &p0, &p1);
+  split((N + PANEL - 1) / PANEL, tm->t, tm->T, &p0, &p1); /* the thread's panels */
   panels(M, N, K, x, P, out, p0, p1, tm->spill);
   int n1 = p1 * PANEL < N ? p1 * PANEL : N;
   if (bias)

@@ -118,14 +118,12 @@ static void rows(int M, int n0, int n1, int K, const float *x, int ldx, const fl
   }
 }
 
-/* Thread t of T: its share of W's rows (out's columns), in whole tiles; the columns it wrote go
- * to range. */
+/* Thread t of T: its share of W's rows (out's columns), in whole tiles. */
 static void share(int M, int N, int K, const float *x, int ldx, const float *W, int ldw, float *out, int ldo,
-                  float alpha, float beta, int t, int T, int range[2]) {
+                  float alpha, float beta, int t, int T) {
   int per = ((N + T - 1) / T + NR - 1) / NR * NR;
   int a = t * per < N ? t * per : N, b = a + per < N ? a + per : N;
   if (a < b) rows(M, a, b, K, x, ldx, W, ldw, out, ldo, alpha, beta);
-  range[0] = a, range[1] = b;
 }
 
 static void skinny(int M, int N, int K, const float *x, int ldx, const float *W, int ldw, float *out,
@@ -137,8 +135,7 @@ static void skinny(int M, int N, int K, const float *x, int ldx, const float *W,
 #pragma omp parallel num_threads(threads)
   {
     extern int omp_get_thread_num(void), omp_get_num_threads(void);
-    int range[2];
-    share(M, N, K, x, ldx, W, ldw, out, ldo, alpha, beta, omp_get_thread_num(), omp_get_num_threads(), range);
+    share(M, N, K, x, ldx, W, ldw, out, ldo, alpha, beta, omp_get_thread_num(), omp_get_num_threads());
   }
 }
 
@@ -150,13 +147,6 @@ __attribute__((visibility("hidden"))) int mlx_grpo_blas_threads(void) {
     __atomic_store_n(&threads_looked_up, 1, __ATOMIC_RELEASE);
   }
   return blas_threads ? blas_threads() : 1;
-}
-
-/* For decode.c, whatever the switch says (its products are its own): thread t of T computes its
- * share of out[M,N] = x[M,K] @ W[N,K]^T, contiguous, the share skinny() gives it. */
-__attribute__((visibility("hidden"))) void mlx_grpo_rows_share(int M, int N, int K, const float *x, const float *W,
-                                                               float *out, int t, int T, int range[2]) {
-  share(M, N, K, x, K, W, K, out, N, 1.0f, 0.0f, t, T, range);
 }
 
 /* Any cblas_sgemm call, by the definition: for the case with no BLAS to hand it to. */
