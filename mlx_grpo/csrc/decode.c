@@ -38,14 +38,16 @@ enum { L_IN_NORM, L_QKV, L_QKV_BIAS, L_O, L_O_BIAS, L_POST_NORM, L_GATE_UP, L_GA
 
 #include "vec.h"
 
+/* Lane by lane: a where m is set (all ones), else b. */
+static inline v16 vselect(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
+
 /* e^x on 16 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^7 (relative
  * error ~5e-9 before rounding), 2^n through the exponent bits. x is clamped to where e^x is a
  * normal float; below that the result is ~1e-38 instead of smaller, which no sum here can tell. */
 static inline v16 vexp(v16 x) {
   const v16 hi = (v16){0} + 88.3762626647949f, lo = (v16){0} + -87.3365447504019f;
-  vi16 above = x > hi, below = x < lo;
-  x = (v16)(((vi16)x & ~above) | ((vi16)hi & above));
-  x = (v16)(((vi16)x & ~below) | ((vi16)lo & below));
+  x = vselect(x > hi, hi, x);
+  x = vselect(x < lo, lo, x);
   const v16 magic = (v16){0} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
   v16 n = (x * 1.44269504088896341f + magic) - magic;
   v16 r = x - n * 0.693359375f - n * -2.12194440e-4f; /* ln 2 in two parts */
@@ -322,10 +324,7 @@ static void scores_of(const float *q, const float *k, int n, int Dh, float scale
   for (; t < n; t++) out[t] = dot(q, k + (size_t)t * Dh, Dh) * scale;
 }
 
-static inline v16 vmax(v16 a, v16 b) {
-  vi16 m = a > b;
-  return (v16)(((vi16)a & m) | ((vi16)b & ~m));
-}
+static inline v16 vmax(v16 a, v16 b) { return vselect(a > b, a, b); }
 
 /* In place over one query's scores, 16 at a time: the prompt's Tp16 at x (shown: show[t] all ones,
  * else zero -- hidden or padding) and the completion's first n at c, turned into softmax weights
@@ -336,24 +335,18 @@ static void softmax_two(float *x, int Tp16, const vi16 *show, float *c, int n) {
   vi16 lane;
   for (int l = 0; l < 16; l++) lane[l] = l;
   v16 mv = ninf;
-  for (int t = 0; t < Tp16; t += 16) {
-    vi16 m = show[t / 16];
-    mv = vmax(mv, (v16)(((vi16)*(v16 *)(x + t) & m) | ((vi16)ninf & ~m)));
-  }
-  for (int t = 0; t < n16; t += 16) {
-    vi16 m = lane + t < n;
-    mv = vmax(mv, (v16)(((vi16)*(v16 *)(c + t) & m) | ((vi16)ninf & ~m)));
-  }
+  for (int t = 0; t < Tp16; t += 16) mv = vmax(mv, vselect(show[t / 16], *(v16 *)(x + t), ninf));
+  for (int t = 0; t < n16; t += 16) mv = vmax(mv, vselect(lane + t < n, *(v16 *)(c + t), ninf));
   float mx = mv[0];
   for (int l = 1; l < 16; l++) mx = mv[l] > mx ? mv[l] : mx;
   v16 sum = (v16){0};
   for (int t = 0; t < Tp16; t += 16) {
-    v16 e = (v16)((vi16)vexp(*(v16 *)(x + t) - mx) & show[t / 16]);
+    v16 e = vselect(show[t / 16], vexp(*(v16 *)(x + t) - mx), (v16){0});
     *(v16 *)(x + t) = e;
     sum += e;
   }
   for (int t = 0; t < n16; t += 16) {
-    v16 e = (v16)((vi16)vexp(*(v16 *)(c + t) - mx) & (lane + t < n));
+    v16 e = vselect(lane + t < n, vexp(*(v16 *)(c + t) - mx), (v16){0});
     *(v16 *)(c + t) = e;
     sum += e;
   }
