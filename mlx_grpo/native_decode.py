@@ -14,8 +14,9 @@ It serves models whose every layer is llama's (llama, qwen2, mistral: RMSNorm, R
 in eval mode, when the library is loaded; anything else decodes through MLX as before
 (``unsupported`` says why). The prompts are prefilled by MLX (``prefill.py``); adapters are folded
 into a copy of the weights once per rollout (the bytes ``models.adapters_folded`` would take), in
-one NumPy allocation, which Linux backs with huge pages; the embedding is read in place. Same interface as ``decode.StaticDecoder``:
-``step(y)`` returns the next token's log-probabilities [B, vocab], ``keep(index)`` drops rows.
+one NumPy allocation, which Linux backs with huge pages; the embedding is read in place. Same
+interface as ``decode.StaticDecoder``: ``step(y)`` returns the next token's log-probabilities
+[B, vocab], ``keep(index)`` drops rows.
 """
 
 from __future__ import annotations
@@ -208,7 +209,8 @@ def _addresses(arrays: List[np.ndarray]) -> np.ndarray:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """The bytes of ``NativeWeights``'s copy: the base's parameters in float32."""
+    """The bytes of ``NativeWeights``'s copy, as the base's parameters in float32: within a few
+    16-row panels of it for a tied head; an untied model's embedding is read in place, not copied."""
     from mlx.utils import tree_flatten
 
     return 4 * sum(int(v.size) for k, v in tree_flatten(model.parameters()) if "lora_" not in k)
