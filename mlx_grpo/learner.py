@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import distributed, fastmath, lanes
+from . import distributed, fastmath, lanes, native_score
 from .config import Config, TrainConfig
 from .loss import Normalizer, grpo_loss
 from .models import adapters_disabled
@@ -78,8 +78,14 @@ def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
 
 
 def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int, n_lanes: int = 1) -> mx.array:
-    """``b``'s completion logprobs under ``model``, as constants (scored ``micro`` rows at a time),
-    its rows in ``n_lanes`` lanes (lanes.py)."""
+    """``b``'s completion logprobs under ``model``, as constants: in C where ``native_score``
+    serves the model, else through MLX, scored ``micro`` rows at a time, its rows in ``n_lanes``
+    lanes (lanes.py)."""
+    if native_score.scores_in_c(model):
+        lengths = np.array(b.mask.sum(axis=1)).astype(np.int64)
+        with fastmath.eager():
+            return native_score.completion_logprobs(model, b.prompts, b.left_padding, b.row_prompt, b.tokens,
+                                                    lengths, temperature)
     if n_lanes <= 1:
         with fastmath.eager():  # nothing is differentiated here (see fastmath.logsumexp)
             return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
@@ -212,18 +218,22 @@ def score_batch(
     when ``grpo.beta`` > 0) and the sampling policy's (``old_logp``, when ``num_iterations`` > 1),
     scored ``micro`` rows at a time. The KL reference is ``ref_model``, or else the policy with its
     adapters switched off."""
-    temperature = cfg.rollout.temperature
-    n_lanes = pass_lanes(cfg, batch.tokens.shape[0])
-    with lanes.single_blas(n_lanes > 1):
-        if cfg.grpo.beta > 0:
-            if ref_model is not None:
-                batch.ref_logp = logprobs_of(ref_model, batch, temperature, micro, n_lanes)
-            else:
-                with adapters_disabled(model):
-                    batch.ref_logp = logprobs_of(model, batch, temperature, micro, n_lanes)
-        if cfg.grpo.num_iterations > 1:
-            batch.old_logp = logprobs_of(model, batch, temperature, micro, n_lanes)
-        mx.eval(batch.ref_logp, batch.old_logp)
+    def scored(m: nn.Module) -> mx.array:
+        # The pass in C splits its work over the BLAS's threads itself: no lanes for it.
+        n_lanes = 1 if native_score.scores_in_c(m) else pass_lanes(cfg, batch.tokens.shape[0])
+        with lanes.single_blas(n_lanes > 1):
+            lp = logprobs_of(m, batch, cfg.rollout.temperature, micro, n_lanes)
+            mx.eval(lp)
+            return lp
+
+    if cfg.grpo.beta > 0:
+        if ref_model is not None:
+            batch.ref_logp = scored(ref_model)
+        else:
+            with adapters_disabled(model):
+                batch.ref_logp = scored(model)
+    if cfg.grpo.num_iterations > 1:
+        batch.old_logp = scored(model)
 
 
 def learn(

@@ -22,7 +22,8 @@ interface as ``decode.StaticDecoder``: ``step(y)`` returns the next token's log-
 from __future__ import annotations
 
 import ctypes
-from typing import Any, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -104,23 +105,55 @@ def model_unsupported(model: nn.Module) -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """A llama-shaped model's sizes and scalars, as decode.c and score.c take them (dims[], fp[])."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    rope_dims: int
+    rope_traditional: int
+    rope_base: float
+    rope_scale: float
+    attn_scale: float
+    eps: float
+
+    @staticmethod
+    def of(model: nn.Module) -> "ModelShape":
+        layers = _layers(model)
+        attn0 = layers[0].self_attn
+        vocab, hidden = model.model.embed_tokens.weight.shape
+        rope = attn0.rope
+        return ModelShape(
+            layers=len(layers), hidden=hidden, heads=attn0.n_heads, kv_heads=attn0.n_kv_heads,
+            head_dim=_linear_parts(attn0.q_proj)[0].shape[0] // attn0.n_heads,
+            ffn=_linear_parts(layers[0].mlp.gate_proj)[0].shape[0], vocab=vocab,
+            rope_dims=rope.dims, rope_traditional=int(rope.traditional), rope_base=float(rope.base),
+            rope_scale=float(rope.scale), attn_scale=float(attn0.scale), eps=float(layers[0].input_layernorm.eps))
+
+    def dims(self, threads: int = 0) -> np.ndarray:
+        """dims[]: the sizes (``threads`` 0: as many as the BLAS uses)."""
+        return np.array([self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim, self.ffn, self.vocab,
+                         self.rope_dims, self.rope_traditional, threads], dtype=np.int64)
+
+    def scalars(self, inv_temperature: float) -> np.ndarray:
+        """fp[]: the norms' epsilon, RoPE's base and scale, attention's scale, 1 / temperature."""
+        return np.array([self.eps, self.rope_base, self.rope_scale, self.attn_scale, inv_temperature], dtype=np.float32)
+
+
 class NativeWeights:
     """Every weight of the model, adapters folded in, in one float32 NumPy buffer laid out as
     ``decode.c`` reads it (q|k|v and gate|up stacked), and the pointer table into it."""
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL):
         inner, layers = model.model, _layers(model)
-        attn0 = layers[0].self_attn
-        self.heads, self.kv_heads = attn0.n_heads, attn0.n_kv_heads
-        self.head_dim = _linear_parts(attn0.q_proj)[0].shape[0] // self.heads
-        self.layers = len(layers)
-        self.vocab, self.hidden = inner.embed_tokens.weight.shape
-        self.ffn = _linear_parts(layers[0].mlp.gate_proj)[0].shape[0]
-        rope = attn0.rope
-        self.rope_dims, self.rope_traditional = rope.dims, int(rope.traditional)
-        self.rope_base, self.rope_scale = float(rope.base), float(rope.scale)
-        self.attn_scale = float(attn0.scale)
-        self.eps = float(layers[0].input_layernorm.eps)
+        self.shape = shape = ModelShape.of(model)
+        self.layers, self.vocab, self.kv_heads, self.head_dim = shape.layers, shape.vocab, shape.kv_heads, shape.head_dim
 
         # Each slot: (the pieces stacked there, (weight, (scale B^T, A^T) or None) each, and whether
         # it is a product's weight, which decode.c reads packed in panels), or None.
@@ -159,8 +192,7 @@ class NativeWeights:
         pointers[0] = self.embedding.ctypes.data
         self.pointers = np.array(pointers, dtype=np.uintp)
         self.lib = lib
-        self.dims = np.array([self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim, self.ffn,
-                              self.vocab, self.rope_dims, self.rope_traditional, 0], dtype=np.int64)
+        self.dims = shape.dims()
 
 
 def _up16(n: int) -> int:
@@ -228,6 +260,34 @@ def _pointer(a: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(a.ctypes.data)
 
 
+class PromptKeys(NamedTuple):
+    """Prompts' keys and values as decode.c and score.c read them, from MLX's prefill (one
+    ``RowsCache`` per layer, a row per prompt): slots padded to a multiple of 16, the keys
+    transposed, keys [L][U][KV][Dh][slots], values [L][U][KV][slots][Dh]; which slots attention
+    sees (padding hidden) [U][Tp]; and each prompt's RoPE position of its first completion token."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    visible: np.ndarray
+    next_position: np.ndarray
+
+    @staticmethod
+    def of(cache: List[Any]) -> "PromptKeys":
+        U, Tp = cache[0].keys.shape[0], cache[0].keys.shape[2]
+        pad = [(0, 0)] * 3 + [(0, _up16(Tp) - Tp), (0, 0)]  # [L][U][KV][slots][Dh]
+        keys = np.pad(np.stack([_host(c.keys) for c in cache]), pad)
+        vis = cache[0].visible
+        visible = (np.ones((U, Tp), dtype=np.uint8) if vis is None
+                   else np.ascontiguousarray(np.asarray(vis).astype(np.uint8)))
+        return PromptKeys(np.ascontiguousarray(keys.swapaxes(-1, -2)), np.pad(np.stack([_host(c.values) for c in cache]), pad),
+                          visible, np.asarray(cache[0].offset).astype(np.int32).reshape(-1))
+
+    def arguments(self) -> Tuple[Any, ...]:
+        """The C entry points' (keys, values, visible, U, Tp) arguments."""
+        U, Tp = self.visible.shape
+        return (_pointer(self.keys), _pointer(self.values), _pointer(self.visible), ctypes.c_int(U), ctypes.c_int(Tp))
+
+
 class NativeDecoder:
     """Decode steps in C over prompts prefilled by MLX (one ``RowsCache`` per layer, one row per
     prompt), each prompt's keys and values shared by its ``G`` rows."""
@@ -236,23 +296,15 @@ class NativeDecoder:
                  inv_temperature: float):
         self.lib = weights.lib
         self.w = weights
-        U, Tp = cache[0].keys.shape[0], cache[0].keys.shape[2]
-        # decode.c's layout: slots padded to a multiple of 16, the prompt's keys transposed ([Dh][slots])
-        pad = [(0, 0)] * 3 + [(0, _up16(Tp) - Tp), (0, 0)]  # [L][U][KV][slots][Dh]
-        keys = np.pad(np.stack([_host(c.keys) for c in cache]), pad)
-        self.prompt_keys = np.ascontiguousarray(keys.swapaxes(-1, -2))
-        self.prompt_values = np.pad(np.stack([_host(c.values) for c in cache]), pad)
-        vis = cache[0].visible
-        self.visible = (np.ones((U, Tp), dtype=np.uint8) if vis is None
-                        else np.ascontiguousarray(np.asarray(vis).astype(np.uint8)))
-        self.U, self.Tp, self.Tc = U, Tp, max_new
+        self.prompts = prompts = PromptKeys.of(cache)
+        U = prompts.visible.shape[0]
+        self.Tc = max_new
         self.row_prompt = np.repeat(np.arange(U, dtype=np.int32), group_size)
-        self.row_pos0 = np.repeat(np.asarray(cache[0].offset).astype(np.int32).reshape(-1), group_size)
+        self.row_pos0 = np.repeat(prompts.next_position, group_size)
         B = U * group_size
         shape = (weights.layers, B, weights.kv_heads, _up16(max_new), weights.head_dim)
         self.keys, self.values = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
-        self.fp = np.array([weights.eps, weights.rope_base, weights.rope_scale, weights.attn_scale, inv_temperature],
-                           dtype=np.float32)
+        self.fp = weights.shape.scalars(inv_temperature)
         self.s = 0
 
     def step(self, y: mx.array) -> mx.array:
@@ -264,7 +316,7 @@ class NativeDecoder:
         p = _pointer
         rc = self.lib.mlx_grpo_decode_step(
             p(self.w.dims), p(self.fp), p(self.w.pointers), ctypes.c_int(B), p(tokens),
-            p(self.prompt_keys), p(self.prompt_values), p(self.visible), ctypes.c_int(self.U), ctypes.c_int(self.Tp),
+            *self.prompts.arguments(),
             p(self.keys), p(self.values), ctypes.c_int(self.Tc), ctypes.c_int(self.s),
             p(self.row_prompt), p(self.row_pos0), p(logprobs))
         if rc != 0:

@@ -149,3 +149,29 @@ def test_the_bounded_kl_adds_no_gradient_beyond_the_bound_and_the_formulas_withi
     cfg = GRPOConfig(beta=1.0, loss_type="dapo")
     _, stats = grpo_loss(logp, None, ref, mask, adv, cfg, norm)
     assert stats["kl"].item() == pytest.approx((np.exp(-0.5) + 0.5 - 1 + 10.0) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_what_a_scorer_leaves_past_a_rows_length_changes_nothing(batch, loss_type):
+    # Past a row's length a scorer may leave 0 (length groups; the scoring pass in C) while the
+    # policy's log-prob of a pad token is far below: exp(0 - (-200)) is inf in float32, and inf * 0
+    # under the mask would be NaN. The loss, its stats and its gradient are the same as with
+    # every position filled.
+    logp, old, ref, mask, adv = batch
+    cfg = GRPOConfig(beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type)
+    norm = Normalizer.of(mx.array(mask), max_len=12)
+    far = np.where(mask > 0, logp, -200.0).astype(np.float32)
+    zeros = lambda a: np.where(mask > 0, a, 0.0).astype(np.float32)  # noqa: E731
+
+    def run(o, r):
+        def f(lp):
+            return grpo_loss(lp, mx.array(o), mx.array(r), mx.array(mask), mx.array(adv), cfg, norm)
+        loss, stats = f(mx.array(far))
+        return loss, stats, mx.grad(lambda lp: f(lp)[0])(mx.array(far))
+
+    loss, stats, grad = run(zeros(old), zeros(ref))
+    want_loss, want_stats, want_grad = run(np.where(mask > 0, old, far), np.where(mask > 0, ref, far))
+    assert np.isfinite(loss.item()) and np.isfinite(np.array(grad)).all()
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
+    assert stats["kl"].item() == pytest.approx(want_stats["kl"].item(), rel=1e-6)
+    assert np.allclose(np.array(grad), np.array(want_grad), atol=1e-7)

@@ -1,0 +1,228 @@
+/* Completion log-probabilities of a llama-shaped model (llama, qwen2, mistral) in one pass, all in
+ * C, for the CPU backend: the scoring pass of a GRPO step (the KL reference's log-probabilities, and
+ * the sampling policy's when a step updates more than once), which nothing differentiates.
+ *
+ * Through MLX, SmolLM2's reference pass over 16 completions of 64 tokens took ~2.5 s against a FLOP
+ * bound of ~1: its products run at the BLAS's speed, but attention's softmax evaluates e^x one
+ * element at a time (~16 ns each), and norms, RoPE, SiLU and the log-softmax over the vocabulary
+ * are as many passes over memory. Here the products are the same BLAS calls (cblas_sgemm, on the
+ * model's own row-major weights: no copy), and the rest runs in vectors between them: e^x 16 lanes
+ * at a time, each row's queries scored together against its prompt's keys (shared by its group)
+ * and its own keys so far, the log-softmax fused with the output head a few rows at a time.
+ *
+ * The prompts are prefilled by MLX (their keys and values come in decode.c's layout: prompt keys
+ * [L][U][KV][Dh][Tp16] transposed, values [L][U][KV][Tp16][Dh], visibility [U][Tp]). The
+ * completions' tokens come flat: row b's are tokens[starts[b] .. starts[b+1]), its i-th at RoPE
+ * position row_pos0[b] + i; logp[j] = log softmax(logits_j / temperature)[targets[j]].
+ *
+ * Weights (float32, row-major, the model's own buffers): W_EMBED, W_HEAD ([vocab, d]), W_NORM, then
+ * per layer S_COUNT pointers: the two norms, then for each of the seven products (q, k, v, o, gate,
+ * up, down) its weight [N, K], bias [N] (0: none), and an adapter's A^T [r, K] and scale B^T [N, r]
+ * with the rank r (0: none) -- out = x W^T + bias + (x A^T^T) (scale B^T)^T.
+ */
+#include <stdlib.h>
+
+#include "kernels.h"
+
+extern int omp_get_thread_num(void);
+
+enum { W_EMBED, W_HEAD, W_NORM, W_GLOBAL };
+enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN, P_COUNT };
+enum { P_W, P_BIAS, P_A, P_BS, P_RANK, P_FIELDS };
+enum { S_IN_NORM, S_POST_NORM, S_PRODUCTS, S_COUNT = S_PRODUCTS + P_COUNT * P_FIELDS };
+
+#define ROW_MAJOR 101
+#define NO_TRANS 111
+#define TRANS 112
+#define HEAD_ROWS 256 /* positions through the output head at a time (256 x vocab floats of logits): past the
+                         few-row kernel (skinny.c), which would read the whole head again every 48 rows */
+
+void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc);
+
+/* out[M, N] (rows ldo apart) = x[M, K] @ W^T + bias + adapter, the product p of a layer's table. */
+static int product(const uintptr_t *pw, int M, int N, int K, const float *x, float *out, int ldo) {
+  cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, M, N, K, 1.0f, x, K, (const float *)pw[P_W], K, 0.0f, out, ldo);
+  const float *bias = (const float *)pw[P_BIAS];
+  if (bias)
+    for (int m = 0; m < M; m++)
+      for (int n = 0; n < N; n++) out[(size_t)m * ldo + n] += bias[n];
+  const int r = (int)pw[P_RANK];
+  if (r > 0) { /* x A^T^T first: [M, r], then its product with scale B^T, added */
+    float *t = malloc(sizeof(float) * (size_t)M * r);
+    if (!t) return -1;
+    cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, M, r, K, 1.0f, x, K, (const float *)pw[P_A], K, 0.0f, t, r);
+    cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, M, N, r, 1.0f, t, r, (const float *)pw[P_BS], r, 1.0f, out, ldo);
+    free(t);
+  }
+  return 0;
+}
+
+/* In place over one query's scores: the prompt's Tp16 at x, shown where show says, and its own keys
+ * at c, the first n shown (causal); c past n up to `upto` (the chunk's widest) set to zero, as the
+ * chunk's weighted sums read that far. */
+static void softmax_causal(float *x, int Tp16, const vi16 *show, float *c, int n, int upto) {
+  softmax_two(x, Tp16, show, c, n);
+  for (int t = SLOTS16(n); t < upto; t++) c[t] = 0;
+}
+
+/* Attention of row b's n tokens for key head h: the queries (token i, query head of h) QC at a
+ * time, scored against the prompt's keys pkT [Dh][Tp16] and the row's own kT [Dh][n16], causally. */
+typedef struct {
+  const float *pkT, *pv, *kT, *v; /* pv [Tp16][Dh], v [n16][Dh] */
+  const vi16 *show;
+  int Tp, Tp16, n, n16, Dh, rep;
+  float scale;
+} row_head_t;
+
+static void attend(const row_head_t *k, int h, const float *qkv, int QKV, float *att, int QD, float *sc) {
+  const int nq_all = k->n * k->rep, lds = k->Tp16 + k->n16;
+  for (int i0 = 0; i0 < nq_all; i0 += QC) {
+    const int nq = nq_all - i0 < QC ? nq_all - i0 : QC;
+    const int last = (i0 + nq - 1) / k->rep, upto = SLOTS16(last + 1); /* own keys the chunk reads */
+    const float *q[QC];
+    float *out[QC];
+    for (int i = 0; i < nq; i++) {
+      int tok = (i0 + i) / k->rep, head = h * k->rep + (i0 + i) % k->rep;
+      q[i] = qkv + (size_t)tok * QKV + (size_t)head * k->Dh;
+      out[i] = att + (size_t)tok * QD + (size_t)head * k->Dh;
+      memset(out[i], 0, sizeof(float) * k->Dh);
+    }
+    if (k->Tp16) scores(nq, q, k->pkT, k->Tp16, k->Tp16 / 16, k->Dh, k->scale, sc, lds);
+    scores(nq, q, k->kT, k->n16, upto / 16, k->Dh, k->scale, sc + k->Tp16, lds);
+    for (int i = 0; i < nq; i++)
+      softmax_causal(sc + (size_t)i * lds, k->Tp16, k->show, sc + (size_t)i * lds + k->Tp16, (i0 + i) / k->rep + 1, upto);
+    if (k->Tp) values(nq, sc, lds, k->pv, k->Tp, k->Dh, out);
+    values(nq, sc + k->Tp16, lds, k->v, last + 1, k->Dh, out);
+  }
+}
+
+/* RMSNorm of every row, split over the threads. */
+static void norm_rows(int M, int d, const float *x, const float *w, float eps, float *out, int T) {
+#pragma omp parallel for num_threads(T) schedule(static)
+  for (int m = 0; m < M; m++) rms_norm(1, d, x + (size_t)m * d, w, eps, out + (size_t)m * d);
+}
+
+static void add_rows(size_t n, float *x, const float *y, int T) {
+#pragma omp parallel for num_threads(T) schedule(static)
+  for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+int mlx_grpo_score(const int64_t *dims, const float *fp, const uintptr_t *w, int B, const int32_t *starts,
+                   const int32_t *tokens, const int32_t *targets, const float *pk, const float *pv,
+                   const uint8_t *pvis, int U, int Tp, const int32_t *row_prompt, const int32_t *row_pos0,
+                   float *logp) {
+  const int L = dims[D_LAYERS], d = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV_HEADS],
+            Dh = dims[D_HEAD_DIM], F = dims[D_FFN], V = dims[D_VOCAB], rd = dims[D_ROPE_DIMS],
+            trad = dims[D_ROPE_TRADITIONAL];
+  const int T = team_size(dims[D_THREADS]);
+  const float eps = fp[F_EPS], scale = fp[F_ATTN_SCALE], inv_t = fp[F_INV_TEMPERATURE];
+  const int QD = H * Dh, KD = KV * Dh, QKV = QD + 2 * KD, rep = H / KV, half = rd / 2;
+  const int Tp16 = SLOTS16(Tp), M = starts[B];
+  int n16 = 0; /* the longest row's slots */
+  for (int b = 0; b < B; b++) n16 = SLOTS16(starts[b + 1] - starts[b]) > n16 ? SLOTS16(starts[b + 1] - starts[b]) : n16;
+  if (M == 0) return 0;
+
+  float *x = malloc(sizeof(float) * (size_t)M * d), *xn = malloc(sizeof(float) * (size_t)M * d),
+        *qkv = malloc(sizeof(float) * (size_t)M * QKV), *att = malloc(sizeof(float) * (size_t)M * QD),
+        *gu = malloc(sizeof(float) * (size_t)M * 2 * F), *act = malloc(sizeof(float) * (size_t)M * F), *tmp = malloc(sizeof(float) * (size_t)M * d),
+        *cs = malloc(sizeof(float) * ((size_t)M * half + 1)), *sn = malloc(sizeof(float) * ((size_t)M * half + 1)),
+        /* each row's own keys transposed [B][KV][Dh][n16] and values [B][KV][n16][Dh] */
+        *kT = calloc((size_t)B * KV * Dh * n16, sizeof(float)), *vv = calloc((size_t)B * KV * n16 * Dh, sizeof(float)),
+        *scores_buf = malloc(sizeof(float) * (size_t)T * QC * (Tp16 + n16)),
+        *logits = malloc(sizeof(float) * (size_t)HEAD_ROWS * V);
+  vi16 *show = malloc(sizeof(vi16) * ((size_t)U * Tp16 / 16 + 1));
+  int ok = x && xn && qkv && att && gu && act && tmp && cs && sn && kT && vv && scores_buf && logits && show;
+  if (!ok) goto done;
+
+  const float *embed = (const float *)w[W_EMBED];
+  for (int b = 0; b < B; b++)
+    for (int j = starts[b]; j < starts[b + 1]; j++) {
+      memcpy(x + (size_t)j * d, embed + (size_t)tokens[j] * d, sizeof(float) * d);
+      float pos = (float)(row_pos0[b] + j - starts[b]) * fp[F_ROPE_SCALE];
+      for (int i = 0; i < half; i++) {
+        float a = pos * expf(-(float)i * (logf(fp[F_ROPE_BASE]) / half));
+        cs[(size_t)j * half + i] = cosf(a);
+        sn[(size_t)j * half + i] = sinf(a);
+      }
+    }
+  for (int u = 0; u < U; u++)
+    for (int t = 0; t < Tp16; t++) show[(size_t)u * (Tp16 / 16) + t / 16][t % 16] = t < Tp && pvis[(size_t)u * Tp + t] ? -1 : 0;
+
+  for (int l = 0; l < L && ok; l++) {
+    const uintptr_t *lw = w + W_GLOBAL + (size_t)l * S_COUNT, *pw = lw + S_PRODUCTS;
+    norm_rows(M, d, x, (const float *)lw[S_IN_NORM], eps, xn, T);
+    ok &= product(pw + P_Q * P_FIELDS, M, QD, d, xn, qkv, QKV) == 0;
+    ok &= product(pw + P_K * P_FIELDS, M, KD, d, xn, qkv + QD, QKV) == 0;
+    ok &= product(pw + P_V * P_FIELDS, M, KD, d, xn, qkv + QD + KD, QKV) == 0;
+    /* RoPE, and each row's own keys and values into their slots */
+#pragma omp parallel for num_threads(T) schedule(static)
+    for (int b = 0; b < B; b++)
+      for (int j = starts[b]; j < starts[b + 1]; j++) {
+        float *row = qkv + (size_t)j * QKV;
+        const int i = j - starts[b];
+        for (int h = 0; h < H + KV; h++) rope(row + (size_t)h * Dh, rd, trad, cs + (size_t)j * half, sn + (size_t)j * half);
+        for (int h = 0; h < KV; h++) {
+          float *kt = kT + ((size_t)b * KV + h) * Dh * n16, *v = vv + (((size_t)b * KV + h) * n16 + i) * Dh;
+          for (int e = 0; e < Dh; e++) kt[(size_t)e * n16 + i] = row[QD + (size_t)h * Dh + e];
+          memcpy(v, row + QD + KD + (size_t)h * Dh, sizeof(float) * Dh);
+        }
+      }
+#pragma omp parallel for num_threads(T) schedule(dynamic, 1)
+    for (int bh = 0; bh < B * KV; bh++) {
+      const int b = bh / KV, h = bh % KV, u = row_prompt[b], n = starts[b + 1] - starts[b];
+      if (n == 0) continue;
+      float *sc = scores_buf + (size_t)omp_get_thread_num() * QC * (Tp16 + n16);
+      size_t p_at = (((size_t)l * U + u) * KV + h) * Tp16 * Dh;
+      row_head_t k = {pk + p_at, pv + p_at, kT + ((size_t)b * KV + h) * Dh * n16, vv + ((size_t)b * KV + h) * n16 * Dh,
+                      show + (size_t)u * (Tp16 / 16), Tp, Tp16, n, n16, Dh, rep, scale};
+      attend(&k, h, qkv + (size_t)starts[b] * QKV, QKV, att + (size_t)starts[b] * QD, QD, sc);
+    }
+    ok &= product(pw + P_O * P_FIELDS, M, d, QD, att, tmp, d) == 0;
+    add_rows((size_t)M * d, x, tmp, T);
+    norm_rows(M, d, x, (const float *)lw[S_POST_NORM], eps, xn, T);
+    ok &= product(pw + P_GATE * P_FIELDS, M, F, d, xn, gu, 2 * F) == 0;
+    ok &= product(pw + P_UP * P_FIELDS, M, F, d, xn, gu + F, 2 * F) == 0;
+#pragma omp parallel for num_threads(T) schedule(static)
+    for (int m = 0; m < M; m++) { /* SiLU(gate) * up */
+      const float *g = gu + (size_t)m * 2 * F, *up = g + F;
+      float *a = act + (size_t)m * F;
+      int i = 0;
+      for (; i + 16 <= F; i += 16) {
+        v16 gv = *(const v16 *)(g + i);
+        *(v16 *)(a + i) = gv / (1.0f + vexp(-gv)) * *(const v16 *)(up + i);
+      }
+      for (; i < F; i++) a[i] = g[i] / (1.0f + sexp(-g[i])) * up[i];
+    }
+    ok &= product(pw + P_DOWN * P_FIELDS, M, d, F, act, tmp, d) == 0;
+    add_rows((size_t)M * d, x, tmp, T);
+  }
+  if (!ok) goto done;
+  norm_rows(M, d, x, (const float *)w[W_NORM], eps, xn, T);
+  for (int m0 = 0; m0 < M; m0 += HEAD_ROWS) {
+    const int mr = M - m0 < HEAD_ROWS ? M - m0 : HEAD_ROWS;
+    cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, mr, V, d, inv_t, xn + (size_t)m0 * d, d, (const float *)w[W_HEAD], d, 0.0f,
+                logits, V);
+#pragma omp parallel for num_threads(T) schedule(static)
+    for (int m = 0; m < mr; m++) {
+      const float *z = logits + (size_t)m * V;
+      v16 mv = (v16){0} - INFINITY;
+      int i = 0;
+      for (; i + 16 <= V; i += 16) mv = vmax(mv, *(const v16 *)(z + i));
+      float top = mv[0];
+      for (int e = 1; e < 16; e++) top = mv[e] > top ? mv[e] : top;
+      for (; i < V; i++) top = z[i] > top ? z[i] : top;
+      v16 acc = (v16){0};
+      for (i = 0; i + 16 <= V; i += 16) acc += vexp(*(const v16 *)(z + i) - top);
+      float sum = 0;
+      for (int e = 0; e < 16; e++) sum += acc[e];
+      for (; i < V; i++) sum += sexp(z[i] - top);
+      logp[m0 + m] = z[targets[m0 + m]] - top - logf(sum);
+    }
+  }
+
+done:
+  free(x), free(xn), free(qkv), free(att), free(gu), free(act), free(tmp), free(cs), free(sn), free(kT), free(vv), free(scores_buf),
+      free(logits), free(show);
+  return ok ? 0 : -1;
+}

@@ -1,0 +1,85 @@
+"""The scoring pass in C (native_score.py, csrc/score.c): the same completion log-probabilities as
+MLX's (logprobs.completion_logprobs) on models built here with every shape it must handle (grouped
+key heads, biases, an untied head, heads of 80 with 3 query heads a key head, padding inside or
+before the prompts), with the adapters switched off (the KL reference) and on (the policy), rows of
+every length from 0 to the full width, rows cut into several calls; the step's scoring stage runs
+it, and MLX's path wherever it does not apply."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_grpo import native_score
+from preloaded import NEEDS, built, run_preloaded
+
+COMPARE = """
+    import json
+    import mlx.core as mx, mlx.nn as nn, numpy as np
+    from mlx_lm.models import llama, qwen2
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx.utils import tree_map
+    from mlx_grpo import fastmath, logprobs, native_score, rollout
+    from mlx_grpo.models import adapters_disabled
+
+    def build(kind, **kw):
+        mx.random.seed(3)
+        mod = {"llama": llama, "qwen2": qwen2}[kind]
+        shape = dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2)
+        shape.update(kw)
+        args = mod.ModelArgs(model_type=kind, num_hidden_layers=3, intermediate_size=300, rms_norm_eps=1e-5,
+                             vocab_size=301, rope_theta=500.0, **shape)
+        model = mod.Model(args)
+        linear_to_lora_layers(model, 3, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+        model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
+        model.eval()
+        mx.eval(model.parameters())
+        return model
+
+    out = {}
+    prefix = list(range(5, 25))  # a shared prefix of 20 tokens: padding lands inside the prompts
+    shared = [prefix + [40, 41, 42], prefix + [50, 51, 52, 53, 54, 55, 56], prefix + [60]]
+    apart = [[7, 8, 9], [30, 31, 32, 33, 34, 35, 36, 37], [60, 61, 62, 63, 64]]
+    G, W = 4, 37  # 12 rows of up to 37 tokens: more than two tiles of 16 own keys
+    rng = np.random.default_rng(0)
+    completions = mx.array(rng.integers(0, 301, size=(3 * G, W)).astype(np.int32))
+    lengths = np.array([W, 0, 1, 2, 16, 17, 33, W, 5, W, 20, 36])
+    row_prompt = np.repeat(np.arange(3), G)
+    for name, kind, kw, prompts in [("llama-gqa-tied", "llama", {"tie_word_embeddings": True}, shared),
+                                    ("llama-left-padded", "llama", {"tie_word_embeddings": True}, apart),
+                                    ("llama-untied", "llama", {"tie_word_embeddings": False}, shared),
+                                    ("qwen2-bias", "qwen2", {"tie_word_embeddings": False}, shared),
+                                    ("llama-heads-of-80", "llama", {"tie_word_embeddings": True, "hidden_size": 480,
+                                                                    "num_attention_heads": 6}, apart)]:
+        model = build(kind, **kw)
+        tokens, pads = rollout.left_pad(prompts, 0)
+        tokens = mx.array(tokens)
+        r = {"in_c": native_score.scores_in_c(model)}
+        for adapters in ("off", "on"):
+            with fastmath.eager(), (adapters_disabled(model) if adapters == "off" else nullcontext()):
+                want = logprobs.completion_logprobs(model, tokens, pads, completions, 0.7, row_prompt, lengths=lengths)
+                native_score.CALL_TOKENS = 4096
+                got = native_score.completion_logprobs(model, tokens, pads, row_prompt, completions, lengths, 0.7)
+                native_score.CALL_TOKENS = 40  # several calls, each a few rows
+                cut = native_score.completion_logprobs(model, tokens, pads, row_prompt, completions, lengths, 0.7)
+            mask = np.arange(W)[None, :] < lengths[:, None]
+            want, got, cut = (np.array(a) for a in (want, got, cut))
+            r[adapters] = {"worst": float(np.abs((want - got) * mask).max()), "cut": float(np.abs(got - cut).max()),
+                           "zero_past_length": bool((got[~mask] == 0).all()), "finite": bool(np.isfinite(got).all()),
+                           "spread": float(np.abs(want * mask).max())}
+        out[name] = r
+    print(json.dumps(out))
+"""
+
+
+@NEEDS
+def test_every_token_matches_mlx(tmp_path):
+    script = COMPARE.replace("import json", "import json\n    from contextlib import nullcontext", 1)
+    out, _ = run_preloaded(script, built(tmp_path), tmp_path)
+    for name, r in out.items():
+        assert r["in_c"], name
+        for adapters in ("off", "on"):
+            got = r[adapters]
+            assert got["finite"] and got["zero_past_length"], (name, adapters, got)
+            assert got["cut"] < 1e-5, (name, adapters, got)  # the same sums, in other blocks of rows
+            assert got["spread"] > 1.0, (name, adapters, got)  # log-probs far from zero: the check can fail
+            assert got["worst"] < 2e-4, (name, adapters, got)
