@@ -37,7 +37,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import blas, cachedir, malloc, skinny
+from . import blas, cachedir, malloc, native_forward, skinny
 from . import rollout as rollout_module
 from . import step as step_module
 from .assets.make_tiny_model import build_model
@@ -345,6 +345,7 @@ def run_bench(config_path: Optional[str] = None, model: Optional[str] = None, la
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
         "device": device_kind(),
         "backend": blas.describe(dict(os.environ)),  # which BLAS and kernels the figures come from
+        "engines": engines(sess.model),
         "mlx_version": mx.__version__,
         "settings": {
             "prompts": s.prompts, "group_size": cfg.rollout.group_size,
@@ -424,6 +425,23 @@ def distributed_throughput(processes: int, steps: int, model: Optional[str] = No
     return {"runs": runs, "speedup_steps_per_s": runs[1]["steps_per_s"] / runs[0]["steps_per_s"]}
 
 
+def engines(model: Any) -> Dict[str, str]:
+    """Where each pass of a step runs for ``model`` here: "C" (native_decode.py, native_forward.py)
+    or "MLX"; the update (differentiated) always runs through MLX."""
+    in_c = rollout_module.decodes_in_c(model)
+    return {"prefill_and_decode": "C" if in_c else "MLX",
+            "score": "C" if native_forward.scores_in_c(model) else "MLX", "update": "MLX"}
+
+
+def engines_line(r: Dict[str, Any]) -> List[str]:
+    """The table's line naming where each pass ran (none for a result from before it was recorded)."""
+    e = r.get("engines")
+    if not e:
+        return []
+    return [f"| where the passes run: prefill and decode / score / update | {e['prefill_and_decode']} / "
+            f"{e['score']} / {e['update']} |"]
+
+
 def table(r: Dict[str, Any]) -> str:
     """The result as a Markdown table (what docs/results/ quotes)."""
     ro, st, mem, bl = r["rollout"], r["step"], r["memory"], r["blas"]
@@ -436,6 +454,7 @@ def table(r: Dict[str, Any]) -> str:
         "",
         "| measurement | value |",
         "|---|---|",
+        *engines_line(r),
         f"| rollout, ours ({ro.get('engine', 'compiled MLX step')}) | {ro['ours_tokens_per_sec']:.0f} tokens/s |",
         *([f"| rollout, ours through MLX's compiled step | {ro['ours_mlx_tokens_per_sec']:.0f} tokens/s |"]
           if "ours_mlx_tokens_per_sec" in ro else []),

@@ -30,7 +30,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import blas, decode
-from .bench import BenchSettings, Session, bench_config
+from .bench import BenchSettings, Session, bench_config, engines, engines_line
 from .bounds import bound_lines, bounds_report, limits_line
 from .float_base import device_kind
 from .limits import measure_limits
@@ -167,7 +167,8 @@ def run_shape_bench(shape: str, bits: int = 4, prompts: int = 2, group_size: int
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
         "base_dtype": str(next(v.dtype for _, v in tree_flatten(sess.model.parameters())
                                if mx.issubdtype(v.dtype, mx.floating))),
-        "device": device_kind(), "backend": blas.describe(dict(os.environ)), "mlx_version": mx.__version__,
+        "device": device_kind(), "backend": blas.describe(dict(os.environ)), "engines": engines(sess.model),
+        "mlx_version": mx.__version__,
         "settings": {"prompts": prompts, "group_size": group_size, "max_tokens": max_tokens,
                      "temperature": cfg.rollout.temperature, "adapter": cfg.adapter.type,
                      "rank": cfg.adapter.rank, "beta": beta},
@@ -197,6 +198,7 @@ def shape_table(r: Dict[str, Any]) -> str:
         "",
         "| measurement | value |",
         "|---|---|",
+        *engines_line(r),
         limits_line(r["limits"]),
         f"| rollout, ours | {ro['ours_tokens_per_sec']:.1f} tokens/s ({ro['tokens']} tokens) |",
         f"| rollout, mlx_lm batch_generate (same rows) | {ro['batch_generate_tokens_per_sec']:.1f} tokens/s |",

@@ -437,3 +437,16 @@ def logsumexp(x: mx.array) -> mx.array:
     if on_cpu() and x.size >= NUMPY_MIN_LOGITS:
         return _lse_exp(x)
     return mx.logsumexp(x, axis=-1)
+
+
+def scaled_logits(logits: mx.array, temperature: float) -> mx.array:
+    """logits / T in float32 (T <= 0, greedy, and T = 1 leave them as they are)."""
+    logits = logits.astype(mx.float32)
+    return logits / temperature if temperature > 0 and temperature != 1.0 else logits
+
+
+def gather_logprobs(logits: mx.array, targets: mx.array, temperature: float) -> mx.array:
+    """log softmax(logits / T)[target] in float32: [..., V], [...] -> [...]."""
+    logits = scaled_logits(logits, temperature)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - logsumexp(logits)

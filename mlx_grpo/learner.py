@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import distributed, fastmath, lanes, native_score
+from . import distributed, fastmath, lanes, native_forward
 from .config import Config, TrainConfig
 from .loss import Normalizer, grpo_loss
 from .models import adapters_disabled
@@ -78,13 +78,13 @@ def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
 
 
 def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int, n_lanes: int = 1) -> mx.array:
-    """``b``'s completion logprobs under ``model``, as constants: in C where ``native_score``
+    """``b``'s completion logprobs under ``model``, as constants: in C where ``native_forward``
     serves the model, else through MLX, scored ``micro`` rows at a time, its rows in ``n_lanes``
     lanes (lanes.py)."""
-    if native_score.scores_in_c(model):
+    if native_forward.scores_in_c(model):
         lengths = np.array(b.mask.sum(axis=1)).astype(np.int64)
         with fastmath.eager():
-            return native_score.completion_logprobs(model, b.prompts, b.left_padding, b.row_prompt, b.tokens,
+            return native_forward.completion_logprobs(model, b.prompts, b.left_padding, b.row_prompt, b.tokens,
                                                     lengths, temperature)
     if n_lanes <= 1:
         with fastmath.eager():  # nothing is differentiated here (see fastmath.logsumexp)
@@ -220,7 +220,7 @@ def score_batch(
     adapters switched off."""
     def scored(m: nn.Module) -> mx.array:
         # The pass in C splits its work over the BLAS's threads itself: no lanes for it.
-        n_lanes = 1 if native_score.scores_in_c(m) else pass_lanes(cfg, batch.tokens.shape[0])
+        n_lanes = 1 if native_forward.scores_in_c(m) else pass_lanes(cfg, batch.tokens.shape[0])
         with lanes.single_blas(n_lanes > 1):
             lp = logprobs_of(m, batch, cfg.rollout.temperature, micro, n_lanes)
             mx.eval(lp)

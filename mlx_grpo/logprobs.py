@@ -26,6 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import fastmath
+from .fastmath import gather_logprobs, scaled_logits
 from .forward import OutputHead, body as body_of, output_head
 from .prefill import prefill
 
@@ -82,18 +83,6 @@ def completion_logprobs(
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
-def _scaled(logits: mx.array, temperature: float) -> mx.array:
-    logits = logits.astype(mx.float32)
-    return logits / temperature if temperature > 0 and temperature != 1.0 else logits
-
-
-def gather_logprobs(logits: mx.array, targets: mx.array, temperature: float) -> mx.array:
-    """log softmax(logits / T)[target] in float32: [..., V], [...] -> [...]."""
-    logits = _scaled(logits, temperature)
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - fastmath.logsumexp(logits)
-
-
 def chunked_logprobs(
     module: nn.Module, head: Callable, hidden: mx.array, targets: mx.array, temperature: float,
     vocab: int, budget: int = LOGITS_BUDGET,
@@ -145,7 +134,7 @@ def kept_logprobs(module: nn.Module, head: Callable, hidden: mx.array, targets: 
 
     def logits_of(h: mx.array, *params: mx.array) -> mx.array:
         module.update(tree_unflatten(list(zip(names, params))))
-        return _scaled(head(module, h), temperature)
+        return scaled_logits(head(module, h), temperature)
 
     @mx.custom_function
     def run(h, *params):

@@ -127,7 +127,7 @@ def grpo_loss(
     """
     held = mx.stop_gradient(logp)
     # Past a row's length the positions mean nothing, and a scorer may leave them 0 (logprobs.py's
-    # length groups, native_score.py): the policy's own values stand in there, so that exp() of a
+    # length groups, native_forward.py): the policy's own values stand in there, so that exp() of a
     # wide gap cannot overflow into inf * 0 = NaN under the mask.
     old_logp = held if old_logp is None else mx.where(mask > 0, old_logp, held)
     if ref_logp is not None:

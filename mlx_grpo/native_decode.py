@@ -12,7 +12,7 @@ group, read by its rows together: 32-33 ms, and any number of rows (docs/perform
 It serves models whose every layer is llama's (llama, qwen2, mistral: RMSNorm, RoPE as MLX's
 ``nn.RoPE``, grouped-query attention over a plain KV cache, a gated SiLU MLP) with float32 weights,
 in eval mode, when the library is loaded; anything else decodes through MLX as before
-(``unsupported`` says why). The prompts are prefilled by MLX (``prefill.py``); adapters are folded
+(``unsupported`` says why). The prompts are prefilled in C too (``native_forward.prefill``); adapters are folded
 into a copy of the weights once per rollout (the bytes ``models.adapters_folded`` would take), in
 one NumPy allocation, which Linux backs with huge pages; the embedding is read in place. Same
 interface as ``decode.StaticDecoder``: ``step(y)`` returns the next token's log-probabilities
@@ -153,7 +153,8 @@ class NativeWeights:
     def __init__(self, model: nn.Module, lib: ctypes.CDLL):
         inner, layers = model.model, _layers(model)
         self.shape = shape = ModelShape.of(model)
-        self.layers, self.vocab, self.kv_heads, self.head_dim = shape.layers, shape.vocab, shape.kv_heads, shape.head_dim
+        self.layers, self.vocab = shape.layers, shape.vocab
+        self.kv_heads, self.head_dim = shape.kv_heads, shape.head_dim
 
         # Each slot: (the pieces stacked there, (weight, (scale B^T, A^T) or None) each, and whether
         # it is a product's weight, which decode.c reads packed in panels), or None.
@@ -261,26 +262,15 @@ def _pointer(a: np.ndarray) -> ctypes.c_void_p:
 
 
 class PromptKeys(NamedTuple):
-    """Prompts' keys and values as decode.c and score.c read them, from MLX's prefill (one
-    ``RowsCache`` per layer, a row per prompt): slots padded to a multiple of 16, the keys
-    transposed, keys [L][U][KV][Dh][slots], values [L][U][KV][slots][Dh]; which slots attention
-    sees (padding hidden) [U][Tp]; and each prompt's RoPE position of its first completion token."""
+    """Prompts' keys and values as decode.c and forward.c read them (``native_forward.prefill``
+    makes them): slots padded to a multiple of 16, keys transposed [L][U][KV][Dh][slots], values
+    [L][U][KV][slots][Dh]; which slots attention sees [U][slots] (padding hidden); and each prompt's
+    RoPE position of its first completion token [U]."""
 
     keys: np.ndarray
     values: np.ndarray
     visible: np.ndarray
     next_position: np.ndarray
-
-    @staticmethod
-    def of(cache: List[Any]) -> "PromptKeys":
-        U, Tp = cache[0].keys.shape[0], cache[0].keys.shape[2]
-        pad = [(0, 0)] * 3 + [(0, _up16(Tp) - Tp), (0, 0)]  # [L][U][KV][slots][Dh]
-        keys = np.pad(np.stack([_host(c.keys) for c in cache]), pad)
-        vis = cache[0].visible
-        visible = (np.ones((U, Tp), dtype=np.uint8) if vis is None
-                   else np.ascontiguousarray(np.asarray(vis).astype(np.uint8)))
-        return PromptKeys(np.ascontiguousarray(keys.swapaxes(-1, -2)), np.pad(np.stack([_host(c.values) for c in cache]), pad),
-                          visible, np.asarray(cache[0].offset).astype(np.int32).reshape(-1))
 
     def arguments(self) -> Tuple[Any, ...]:
         """The C entry points' (keys, values, visible, U, Tp) arguments."""
@@ -292,11 +282,11 @@ class NativeDecoder:
     """Decode steps in C over prompts prefilled by MLX (one ``RowsCache`` per layer, one row per
     prompt), each prompt's keys and values shared by its ``G`` rows."""
 
-    def __init__(self, weights: NativeWeights, cache: List[Any], group_size: int, max_new: int,
+    def __init__(self, weights: NativeWeights, prompts: "PromptKeys", group_size: int, max_new: int,
                  inv_temperature: float):
         self.lib = weights.lib
         self.w = weights
-        self.prompts = prompts = PromptKeys.of(cache)
+        self.prompts = prompts
         U = prompts.visible.shape[0]
         self.Tc = max_new
         self.row_prompt = np.repeat(np.arange(U, dtype=np.int32), group_size)

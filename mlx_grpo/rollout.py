@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import fastmath, native_decode
+from . import fastmath, native_decode, native_forward
 from .config import RolloutConfig
 from .decode import COMPACT_FRACTION, DecodeSetupError, EagerDecoder, StaticDecoder, normalized_logprobs
 from .forward import batch_cache, body, model_flag, output_head, plain_kv_layers, set_model_flag
@@ -202,11 +202,11 @@ def _start_static(model, prompt_tokens, left_padding, G, max_new, inv_t, compile
 
 
 def _start_native(model, prompt_tokens, left_padding, G, max_new, inv_t):
-    """Prefill, and the C decoder over each prompt's cache (shared by its G rows) and a copy of
-    the weights with the adapters folded in."""
-    logits, cache = _prefill_prompts(model, prompt_tokens, left_padding)
-    mx.eval(logits, [(c.keys, c.values) for c in cache])
-    decoder = native_decode.NativeDecoder(native_decode.NativeWeights(model, native_decode.library()), cache, G, max_new, inv_t)
+    """Prefill in C, and the C decoder over each prompt's keys and values (shared by its G rows)
+    and a copy of the weights with the adapters folded in."""
+    last, prompts = native_forward.prefill(model, prompt_tokens, left_padding)
+    logits = output_head(model).logits(last)[:, -1, :]
+    decoder = native_decode.NativeDecoder(native_decode.NativeWeights(model, native_decode.library()), prompts, G, max_new, inv_t)
     return mx.repeat(logits, G, axis=0), decoder
 
 

@@ -27,6 +27,10 @@ def test_bench_quick_json(tmp_path):
     # which engine "ours" is, and where it is C, MLX's compiled step beside it
     assert ro["engine"] in {"C decode step", "compiled MLX step"}
     assert (ro["engine"] == "C decode step") == ("ours_mlx_tokens_per_sec" in ro) == ("ratio_c_vs_mlx" in ro)
+    # where each pass ran, the same answer for the rollout as its engine
+    e = r["engines"]
+    assert set(e) == {"prefill_and_decode", "score", "update"} and e["update"] == "MLX"
+    assert (e["prefill_and_decode"] == "C") == (ro["engine"] == "C decode step") and e["score"] in {"C", "MLX"}
     assert r["greedy"] == {"rows": 2, "mismatched": 0, "identical": True}
     st = r["step"]
     for k in ("generate", "reward", "score", "update", "step_time"):

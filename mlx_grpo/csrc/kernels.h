@@ -1,5 +1,5 @@
-/* The pieces of a llama-shaped forward pass that decode.c (one token a row, a step) and score.c
- * (every completion token at once) share: e^x on 16 lanes, RMSNorm, RoPE, and attention's scores,
+/* The pieces of a llama-shaped forward pass that decode.c (one token a row, a step) and forward.c
+ * (many tokens a row at once) share: e^x on 16 lanes, RMSNorm, RoPE, and attention's scores,
  * softmax and weighted sums over keys stored for them. */
 #ifndef MLX_GRPO_KERNELS_H
 #define MLX_GRPO_KERNELS_H

@@ -1,6 +1,8 @@
-/* Completion log-probabilities of a llama-shaped model (llama, qwen2, mistral) in one pass, all in
- * C, for the CPU backend: the scoring pass of a GRPO step (the KL reference's log-probabilities, and
- * the sampling policy's when a step updates more than once), which nothing differentiates.
+/* A forward pass of a llama-shaped model (llama, qwen2, mistral) over many tokens a row, all at
+ * once, in C for the CPU backend, with nothing differentiated: the prompts' prefill (keys, values and
+ * the last position's hidden state, for decode.c and for scoring) and the scoring pass of a GRPO step
+ * (the completions' log-probabilities under the KL reference, and under the sampling policy when a
+ * step updates more than once).
  *
  * Through MLX, SmolLM2's reference pass over 16 completions of 64 tokens took ~2.5 s against a FLOP
  * bound of ~1: its products run at the BLAS's speed, but attention's softmax evaluates e^x one
@@ -8,12 +10,16 @@
  * are as many passes over memory. Here the products are the same BLAS calls (cblas_sgemm, on the
  * model's own row-major weights: no copy), and the rest runs in vectors between them: e^x 16 lanes
  * at a time, each row's queries scored together against its prompt's keys (shared by its group)
- * and its own keys so far, the log-softmax fused with the output head a few rows at a time.
+ * and its own keys so far, the log-softmax fused with the output head a few hundred rows at a time.
  *
- * The prompts are prefilled by MLX (their keys and values come in decode.c's layout: prompt keys
- * [L][U][KV][Dh][Tp16] transposed, values [L][U][KV][Tp16][Dh], visibility [U][Tp]). The
- * completions' tokens come flat: row b's are tokens[starts[b] .. starts[b+1]), its i-th at RoPE
- * position row_pos0[b] + i; logp[j] = log softmax(logits_j / temperature)[targets[j]].
+ * Rows attend to a shared prefix (a prompt, or the prompts' common start; none: Tp = 0) in decode.c's
+ * layout -- keys [L][U][KV][Dh][Tp16] transposed, values [L][U][KV][Tp16][Dh], visibility [U][Tp] --
+ * row b to prefix row_prompt[b], then causally to their own tokens. Row b's tokens come flat,
+ * tokens[starts[b] .. starts[b+1]), its i-th at RoPE position row_pos0[b] + i. Outputs, each
+ * optional (NULL: not computed): logp[j] = log softmax(logits_j / temperature)[targets[j]]; each
+ * row's own keys and values in the prefix layout ([L][B][KV][Dh][n16], [L][B][KV][n16][Dh], n16 =
+ * the longest row's tokens rounded up to 16, slots past a row's length zero); and last[B][d], the
+ * final norm's output at each row's last token (what the output head reads).
  *
  * Weights (float32, row-major, the model's own buffers): W_EMBED, W_HEAD ([vocab, d]), W_NORM, then
  * per layer S_COUNT pointers: the two norms, then for each of the seven products (q, k, v, o, gate,
@@ -108,10 +114,10 @@ static void add_rows(size_t n, float *x, const float *y, int T) {
   for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-int mlx_grpo_score(const int64_t *dims, const float *fp, const uintptr_t *w, int B, const int32_t *starts,
-                   const int32_t *tokens, const int32_t *targets, const float *pk, const float *pv,
-                   const uint8_t *pvis, int U, int Tp, const int32_t *row_prompt, const int32_t *row_pos0,
-                   float *logp) {
+int mlx_grpo_forward(const int64_t *dims, const float *fp, const uintptr_t *w, int B, const int32_t *starts,
+                     const int32_t *tokens, const float *pk, const float *pv, const uint8_t *pvis, int U, int Tp,
+                     const int32_t *row_prompt, const int32_t *row_pos0, const int32_t *targets, float *logp,
+                     float *keys_out, float *values_out, float *last) {
   const int L = dims[D_LAYERS], d = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV_HEADS],
             Dh = dims[D_HEAD_DIM], F = dims[D_FFN], V = dims[D_VOCAB], rd = dims[D_ROPE_DIMS],
             trad = dims[D_ROPE_TRADITIONAL];
@@ -127,12 +133,14 @@ int mlx_grpo_score(const int64_t *dims, const float *fp, const uintptr_t *w, int
         *qkv = malloc(sizeof(float) * (size_t)M * QKV), *att = malloc(sizeof(float) * (size_t)M * QD),
         *gu = malloc(sizeof(float) * (size_t)M * 2 * F), *act = malloc(sizeof(float) * (size_t)M * F), *tmp = malloc(sizeof(float) * (size_t)M * d),
         *cs = malloc(sizeof(float) * ((size_t)M * half + 1)), *sn = malloc(sizeof(float) * ((size_t)M * half + 1)),
-        /* each row's own keys transposed [B][KV][Dh][n16] and values [B][KV][n16][Dh] */
-        *kT = calloc((size_t)B * KV * Dh * n16, sizeof(float)), *vv = calloc((size_t)B * KV * n16 * Dh, sizeof(float)),
+        /* each row's own keys transposed [B][KV][Dh][n16] and values [B][KV][n16][Dh]: a layer's at a
+           time here, unless every layer's is wanted (keys_out, values_out) */
+        *kT = keys_out ? keys_out : calloc((size_t)B * KV * Dh * n16, sizeof(float)),
+        *vv = values_out ? values_out : calloc((size_t)B * KV * n16 * Dh, sizeof(float)),
         *scores_buf = malloc(sizeof(float) * (size_t)T * QC * (Tp16 + n16)),
-        *logits = malloc(sizeof(float) * (size_t)HEAD_ROWS * V);
+        *logits = logp ? malloc(sizeof(float) * (size_t)HEAD_ROWS * V) : NULL;
   vi16 *show = malloc(sizeof(vi16) * ((size_t)U * Tp16 / 16 + 1));
-  int ok = x && xn && qkv && att && gu && act && tmp && cs && sn && kT && vv && scores_buf && logits && show;
+  int ok = x && xn && qkv && att && gu && act && tmp && cs && sn && kT && vv && scores_buf && (logits || !logp) && show;
   if (!ok) goto done;
 
   const float *embed = (const float *)w[W_EMBED];
@@ -149,8 +157,11 @@ int mlx_grpo_score(const int64_t *dims, const float *fp, const uintptr_t *w, int
   for (int u = 0; u < U; u++)
     for (int t = 0; t < Tp16; t++) show[(size_t)u * (Tp16 / 16) + t / 16][t % 16] = t < Tp && pvis[(size_t)u * Tp + t] ? -1 : 0;
 
+  const size_t layer_kv = (size_t)B * KV * Dh * n16; /* floats of a layer's own keys (or values) */
+  if (keys_out) memset(keys_out, 0, sizeof(float) * layer_kv * L), memset(values_out, 0, sizeof(float) * layer_kv * L);
   for (int l = 0; l < L && ok; l++) {
     const uintptr_t *lw = w + W_GLOBAL + (size_t)l * S_COUNT, *pw = lw + S_PRODUCTS;
+    float *kT_l = kT + (keys_out ? l * layer_kv : 0), *vv_l = vv + (keys_out ? l * layer_kv : 0);
     norm_rows(M, d, x, (const float *)lw[S_IN_NORM], eps, xn, T);
     ok &= product(pw + P_Q * P_FIELDS, M, QD, d, xn, qkv, QKV) == 0;
     ok &= product(pw + P_K * P_FIELDS, M, KD, d, xn, qkv + QD, QKV) == 0;
@@ -163,7 +174,7 @@ int mlx_grpo_score(const int64_t *dims, const float *fp, const uintptr_t *w, int
         const int i = j - starts[b];
         for (int h = 0; h < H + KV; h++) rope(row + (size_t)h * Dh, rd, trad, cs + (size_t)j * half, sn + (size_t)j * half);
         for (int h = 0; h < KV; h++) {
-          float *kt = kT + ((size_t)b * KV + h) * Dh * n16, *v = vv + (((size_t)b * KV + h) * n16 + i) * Dh;
+          float *kt = kT_l + ((size_t)b * KV + h) * Dh * n16, *v = vv_l + (((size_t)b * KV + h) * n16 + i) * Dh;
           for (int e = 0; e < Dh; e++) kt[(size_t)e * n16 + i] = row[QD + (size_t)h * Dh + e];
           memcpy(v, row + QD + KD + (size_t)h * Dh, sizeof(float) * Dh);
         }
@@ -174,7 +185,7 @@ int mlx_grpo_score(const int64_t *dims, const float *fp, const uintptr_t *w, int
       if (n == 0) continue;
       float *sc = scores_buf + (size_t)omp_get_thread_num() * QC * (Tp16 + n16);
       size_t p_at = (((size_t)l * U + u) * KV + h) * Tp16 * Dh;
-      row_head_t k = {pk + p_at, pv + p_at, kT + ((size_t)b * KV + h) * Dh * n16, vv + ((size_t)b * KV + h) * n16 * Dh,
+      row_head_t k = {pk + p_at, pv + p_at, kT_l + ((size_t)b * KV + h) * Dh * n16, vv_l + ((size_t)b * KV + h) * n16 * Dh,
                       show + (size_t)u * (Tp16 / 16), Tp, Tp16, n, n16, Dh, rep, scale};
       attend(&k, h, qkv + (size_t)starts[b] * QKV, QKV, att + (size_t)starts[b] * QD, QD, sc);
     }
@@ -199,7 +210,10 @@ int mlx_grpo_score(const int64_t *dims, const float *fp, const uintptr_t *w, int
   }
   if (!ok) goto done;
   norm_rows(M, d, x, (const float *)w[W_NORM], eps, xn, T);
-  for (int m0 = 0; m0 < M; m0 += HEAD_ROWS) {
+  if (last)
+    for (int b = 0; b < B; b++)
+      if (starts[b + 1] > starts[b]) memcpy(last + (size_t)b * d, xn + (size_t)(starts[b + 1] - 1) * d, sizeof(float) * d);
+  for (int m0 = 0; logp && m0 < M; m0 += HEAD_ROWS) {
     const int mr = M - m0 < HEAD_ROWS ? M - m0 : HEAD_ROWS;
     cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, mr, V, d, inv_t, xn + (size_t)m0 * d, d, (const float *)w[W_HEAD], d, 0.0f,
                 logits, V);
@@ -222,7 +236,8 @@ int mlx_grpo_score(const int64_t *dims, const float *fp, const uintptr_t *w, int
   }
 
 done:
-  free(x), free(xn), free(qkv), free(att), free(gu), free(act), free(tmp), free(cs), free(sn), free(kT), free(vv), free(scores_buf),
-      free(logits), free(show);
+  if (!keys_out) free(kT), free(vv);
+  free(x), free(xn), free(qkv), free(att), free(gu), free(act), free(tmp), free(cs), free(sn), free(scores_buf), free(logits),
+      free(show);
   return ok ? 0 : -1;
 }
