@@ -279,10 +279,10 @@ class PromptKeys(NamedTuple):
 
 
 class NativeDecoder:
-    """Decode steps in C over prompts prefilled by MLX (one ``RowsCache`` per layer, one row per
-    prompt), each prompt's keys and values shared by its ``G`` rows."""
+    """Decode steps in C over prefilled prompts (``native_forward.prefill``: a prompt's keys and
+    values once), each prompt's keys and values shared by its ``G`` rows."""
 
-    def __init__(self, weights: NativeWeights, prompts: "PromptKeys", group_size: int, max_new: int,
+    def __init__(self, weights: NativeWeights, prompts: PromptKeys, group_size: int, max_new: int,
                  inv_temperature: float):
         self.lib = weights.lib
         self.w = weights

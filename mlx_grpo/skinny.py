@@ -152,9 +152,10 @@ def set_enabled(on: bool) -> bool:
 
 def describe(env: Dict[str, str]) -> str:
     """What a run's first line says about the library: what it does where it is preloaded (the
-    decode step in C only where ``DECODE_OFF`` is not set), else ""."""
+    rollouts in C unless ``DECODE_OFF`` is set, scoring in C unless ``SCORE_OFF`` is), else ""."""
     if not preloaded(env):
         return ""
-    if env.get(DECODE_OFF):
+    in_c = [what for what, off in (("rollouts", DECODE_OFF), ("scoring", SCORE_OFF)) if not env.get(off)]
+    if not in_c:
         return ", few-row products by mlx-grpo's kernel"
-    return ", mlx-grpo's decoding kernels (few-row products; llama-shaped decode steps in C)"
+    return f", mlx-grpo's kernels (few-row products; llama-shaped {' and '.join(in_c)} in C)"
