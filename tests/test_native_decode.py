@@ -9,50 +9,20 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_grpo import native_decode
-from preloaded import NEEDS, built, run_preloaded
+from preloaded import MODELS, NEEDS, built, run_preloaded
 
 # Prefill both ways from the same prompts, then feed both decoders the same tokens (MLX's argmax
 # shifted by the row's index, so no two rows agree; a temperature of 0.7 on both) and compare every
 # step's log-probabilities over the whole vocabulary; drop two rows at step 5.
-COMPARE = """
-    import json
-    import mlx.core as mx, mlx.nn as nn, numpy as np
-    from mlx_lm.models import llama, qwen2
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mlx.utils import tree_map
+COMPARE = MODELS + """
     from mlx_grpo import fastmath, native_decode, rollout
     from mlx_grpo.models import adapters_folded
-
-    def build(kind, **kw):
-        mx.random.seed(3)
-        mod = {"llama": llama, "qwen2": qwen2}[kind]
-        shape = dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2)
-        shape.update(kw)
-        args = mod.ModelArgs(model_type=kind, num_hidden_layers=3, intermediate_size=300, rms_norm_eps=1e-5,
-                             vocab_size=301, rope_theta=500.0, **shape)
-        model = mod.Model(args)
-        linear_to_lora_layers(model, 3, {"rank": 4, "scale": 2.0, "dropout": 0.0})
-        # adapters that move the outputs: B is zero when LoRA starts
-        model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
-        model.eval()
-        mx.eval(model.parameters())
-        return model
 
     def spread(logits):  # each row its own token: a group's rows must not share completion keys
         return (mx.argmax(logits, axis=-1) + mx.arange(logits.shape[0])) % logits.shape[-1]
 
     out = {}
-    prefix = list(range(5, 25))  # a shared prefix of 20 tokens: padding lands inside the prompts
-    shared = [prefix + [40, 41, 42], prefix + [50, 51, 52, 53, 54, 55, 56], prefix + [60]]
-    apart = [[7, 8, 9], [30, 31, 32, 33, 34, 35, 36, 37], [60, 61, 62, 63, 64]]  # no common prefix: left padding
-    for name, kind, kw, prompts in [("llama-gqa-tied", "llama", {"tie_word_embeddings": True}, shared),
-                                    ("llama-left-padded", "llama", {"tie_word_embeddings": True}, apart),
-                                    ("llama-untied", "llama", {"tie_word_embeddings": False}, shared),
-                                    ("qwen2-bias", "qwen2", {"tie_word_embeddings": False}, shared),
-                                    # head size 80: whole vectors (64 + 16); 3 query heads a key head,
-                                    # so a chunk of 8 queries ends inside a row
-                                    ("llama-heads-of-80", "llama", {"tie_word_embeddings": True, "hidden_size": 480,
-                                                                    "num_attention_heads": 6}, apart)]:
+    for name, kind, kw, prompts in CASES:
         model = build(kind, **kw)
         reason = native_decode.unsupported(model)
         tokens, pads = rollout.left_pad(prompts, 0)

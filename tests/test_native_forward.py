@@ -9,46 +9,20 @@ The switch, and models it does not take, send scoring through MLX."""
 import mlx.nn as nn
 
 from mlx_grpo import native_forward
-from preloaded import NEEDS, built, run_preloaded
+from preloaded import MODELS, NEEDS, built, run_preloaded
 
-COMPARE = """
-    import json
-    import mlx.core as mx, mlx.nn as nn, numpy as np
-    from mlx_lm.models import llama, qwen2
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mlx.utils import tree_map
+COMPARE = MODELS + """
+    from contextlib import nullcontext
     from mlx_grpo import fastmath, logprobs, native_forward, rollout
     from mlx_grpo.models import adapters_disabled
 
-    def build(kind, **kw):
-        mx.random.seed(3)
-        mod = {"llama": llama, "qwen2": qwen2}[kind]
-        shape = dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2)
-        shape.update(kw)
-        args = mod.ModelArgs(model_type=kind, num_hidden_layers=3, intermediate_size=300, rms_norm_eps=1e-5,
-                             vocab_size=301, rope_theta=500.0, **shape)
-        model = mod.Model(args)
-        linear_to_lora_layers(model, 3, {"rank": 4, "scale": 2.0, "dropout": 0.0})
-        model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
-        model.eval()
-        mx.eval(model.parameters())
-        return model
-
     out = {}
-    prefix = list(range(5, 25))  # a shared prefix of 20 tokens: padding lands inside the prompts
-    shared = [prefix + [40, 41, 42], prefix + [50, 51, 52, 53, 54, 55, 56], prefix + [60]]
-    apart = [[7, 8, 9], [30, 31, 32, 33, 34, 35, 36, 37], [60, 61, 62, 63, 64]]
     G, W = 4, 37  # 12 rows of up to 37 tokens: more than two tiles of 16 own keys
     rng = np.random.default_rng(0)
     completions = mx.array(rng.integers(0, 301, size=(3 * G, W)).astype(np.int32))
     lengths = np.array([W, 0, 1, 2, 16, 17, 33, W, 5, W, 20, 36])
     row_prompt = np.repeat(np.arange(3), G)
-    for name, kind, kw, prompts in [("llama-gqa-tied", "llama", {"tie_word_embeddings": True}, shared),
-                                    ("llama-left-padded", "llama", {"tie_word_embeddings": True}, apart),
-                                    ("llama-untied", "llama", {"tie_word_embeddings": False}, shared),
-                                    ("qwen2-bias", "qwen2", {"tie_word_embeddings": False}, shared),
-                                    ("llama-heads-of-80", "llama", {"tie_word_embeddings": True, "hidden_size": 480,
-                                                                    "num_attention_heads": 6}, apart)]:
+    for name, kind, kw, prompts in CASES:
         model = build(kind, **kw)
         tokens, pads = rollout.left_pad(prompts, 0)
         tokens = mx.array(tokens)
@@ -72,8 +46,7 @@ COMPARE = """
 
 @NEEDS
 def test_every_token_matches_mlx(tmp_path):
-    script = COMPARE.replace("import json", "import json\n    from contextlib import nullcontext", 1)
-    out, _ = run_preloaded(script, built(tmp_path), tmp_path)
+    out, _ = run_preloaded(COMPARE, built(tmp_path), tmp_path)
     for name, r in out.items():
         assert r["in_c"], name
         for adapters in ("off", "on"):

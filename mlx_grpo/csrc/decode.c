@@ -209,16 +209,8 @@ static void attend_rows(const head_keys_t *k, int b0, int b1, int h, const float
 /* In place, each of B rows of n: x - log(sum(e^x)). */
 static void log_softmax_rows(float *x, int B, int n) {
   for (int b = 0; b < B; b++) {
-    float *row = x + (size_t)b * n, mx = -INFINITY;
-    for (int i = 0; i < n; i++) mx = row[i] > mx ? row[i] : mx;
-    v16 acc = (v16){0};
-    int i = 0;
-    for (; i + 16 <= n; i += 16) acc += vexp(*(v16 *)(row + i) - mx);
-    float sum = 0;
-    for (int j = 0; j < 16; j++) sum += acc[j];
-    for (; i < n; i++) sum += sexp(row[i] - mx);
-    float shift = mx + logf(sum);
-    for (i = 0; i < n; i++) row[i] -= shift;
+    float *row = x + (size_t)b * n, shift = logsumexp_row(row, n);
+    for (int i = 0; i < n; i++) row[i] -= shift;
   }
 }
 
@@ -230,12 +222,10 @@ static void log_softmax_rows(float *x, int B, int n) {
 int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *w, int B, const int32_t *tokens,
                          const float *pk, const float *pv, const uint8_t *pvis, int U, int Tp, float *ck, float *cv,
                          int Tc, int s, const int32_t *row_prompt, const int32_t *row_pos0, float *logprobs) {
-  const int L = dims[D_LAYERS], d = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV_HEADS],
-            Dh = dims[D_HEAD_DIM], F = dims[D_FFN], V = dims[D_VOCAB], rd = dims[D_ROPE_DIMS],
-            trad = dims[D_ROPE_TRADITIONAL];
-  const int T = team_size(dims[D_THREADS]);
-  const float eps = fp[F_EPS], scale = fp[F_ATTN_SCALE], inv_t = fp[F_INV_TEMPERATURE];
-  const int QD = H * Dh, KD = KV * Dh, QKV = QD + 2 * KD, rep = H / KV, half = rd / 2;
+  const model_t md = read_model(dims, fp);
+  const int L = md.L, d = md.d, H = md.H, KV = md.KV, Dh = md.Dh, F = md.F, V = md.V, rd = md.rd, trad = md.trad,
+            T = md.T, QD = md.QD, KD = md.KD, QKV = md.QKV, rep = md.rep, half = md.half;
+  const float eps = md.eps, scale = md.scale, inv_t = md.inv_t;
   const int Tp16 = SLOTS16(Tp), Tc16 = SLOTS16(Tc);
 
   float *x = malloc(sizeof(float) * (size_t)B * d), *xn = malloc(sizeof(float) * (size_t)B * d),
@@ -251,18 +241,9 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
 
   const float *embed = (const float *)w[W_EMBED];
   for (int b = 0; b < B; b++) memcpy(x + (size_t)b * d, embed + (size_t)tokens[b] * d, sizeof(float) * d);
-  /* MLX's fast RoPE: angle = position * scale * base^(-i / half), i < half */
-  for (int b = 0; b < B; b++) {
-    float pos = (float)(row_pos0[b] + s) * fp[F_ROPE_SCALE];
-    for (int i = 0; i < half; i++) {
-      float a = pos * expf(-(float)i * (logf(fp[F_ROPE_BASE]) / half));
-      cs[(size_t)b * half + i] = cosf(a);
-      sn[(size_t)b * half + i] = sinf(a);
-    }
-  }
-
-  for (int u = 0; u < U; u++) /* which of each prompt's slots attention sees: not padding, not hidden */
-    for (int t = 0; t < Tp16; t++) show[(size_t)u * (Tp16 / 16) + t / 16][t % 16] = t < Tp && pvis[(size_t)u * Tp + t] ? -1 : 0;
+    for (int b = 0; b < B; b++)
+    rope_angles((float)(row_pos0[b] + s) * fp[F_ROPE_SCALE], half, fp[F_ROPE_BASE], cs + (size_t)b * half, sn + (size_t)b * half);
+  prompt_masks(U, Tp, Tp16, pvis, show);
 
   barrier_t bar = {0, 0};
 #pragma omp parallel num_threads(T)
@@ -300,16 +281,7 @@ int mlx_grpo_decode_step(const int64_t *dims, const float *fp, const uintptr_t *
       for (size_t i = (size_t)r0 * d; i < (size_t)r1 * d; i++) x[i] += tmp[i];
       rms_norm(r1 - r0, d, x + (size_t)r0 * d, (const float *)lw[L_POST_NORM], eps, xn + (size_t)r0 * d);
       linear(&tm, B, 2 * F, d, xn, (const float *)lw[L_GATE_UP], (const float *)lw[L_GATE_UP_BIAS], gu);
-      for (int b = r0; b < r1; b++) {
-        const float *g = gu + (size_t)b * 2 * F, *up = g + F;
-        float *a = act + (size_t)b * F;
-        int i = 0;
-        for (; i + 16 <= F; i += 16) {
-          v16 gv = *(const v16 *)(g + i);
-          *(v16 *)(a + i) = gv / (1.0f + vexp(-gv)) * *(const v16 *)(up + i);
-        }
-        for (; i < F; i++) a[i] = g[i] / (1.0f + sexp(-g[i])) * up[i];
-      }
+      for (int b = r0; b < r1; b++) swiglu_row(gu + (size_t)b * 2 * F, gu + (size_t)b * 2 * F + F, act + (size_t)b * F, F);
       linear(&tm, B, d, F, act, (const float *)lw[L_DOWN], (const float *)lw[L_DOWN_BIAS], tmp);
       for (size_t i = (size_t)r0 * d; i < (size_t)r1 * d; i++) x[i] += tmp[i];
     }

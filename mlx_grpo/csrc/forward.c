@@ -118,12 +118,10 @@ int mlx_grpo_forward(const int64_t *dims, const float *fp, const uintptr_t *w, i
                      const int32_t *tokens, const float *pk, const float *pv, const uint8_t *pvis, int U, int Tp,
                      const int32_t *row_prompt, const int32_t *row_pos0, const int32_t *targets, float *logp,
                      float *keys_out, float *values_out, float *last) {
-  const int L = dims[D_LAYERS], d = dims[D_HIDDEN], H = dims[D_HEADS], KV = dims[D_KV_HEADS],
-            Dh = dims[D_HEAD_DIM], F = dims[D_FFN], V = dims[D_VOCAB], rd = dims[D_ROPE_DIMS],
-            trad = dims[D_ROPE_TRADITIONAL];
-  const int T = team_size(dims[D_THREADS]);
-  const float eps = fp[F_EPS], scale = fp[F_ATTN_SCALE], inv_t = fp[F_INV_TEMPERATURE];
-  const int QD = H * Dh, KD = KV * Dh, QKV = QD + 2 * KD, rep = H / KV, half = rd / 2;
+  const model_t md = read_model(dims, fp);
+  const int L = md.L, d = md.d, H = md.H, KV = md.KV, Dh = md.Dh, F = md.F, V = md.V, rd = md.rd, trad = md.trad,
+            T = md.T, QD = md.QD, KD = md.KD, QKV = md.QKV, rep = md.rep, half = md.half;
+  const float eps = md.eps, scale = md.scale, inv_t = md.inv_t;
   const int Tp16 = SLOTS16(Tp), M = starts[B];
   int n16 = 0; /* the longest row's slots */
   for (int b = 0; b < B; b++) n16 = SLOTS16(starts[b + 1] - starts[b]) > n16 ? SLOTS16(starts[b + 1] - starts[b]) : n16;
@@ -147,15 +145,10 @@ int mlx_grpo_forward(const int64_t *dims, const float *fp, const uintptr_t *w, i
   for (int b = 0; b < B; b++)
     for (int j = starts[b]; j < starts[b + 1]; j++) {
       memcpy(x + (size_t)j * d, embed + (size_t)tokens[j] * d, sizeof(float) * d);
-      float pos = (float)(row_pos0[b] + j - starts[b]) * fp[F_ROPE_SCALE];
-      for (int i = 0; i < half; i++) {
-        float a = pos * expf(-(float)i * (logf(fp[F_ROPE_BASE]) / half));
-        cs[(size_t)j * half + i] = cosf(a);
-        sn[(size_t)j * half + i] = sinf(a);
-      }
+      rope_angles((float)(row_pos0[b] + j - starts[b]) * fp[F_ROPE_SCALE], half, fp[F_ROPE_BASE], cs + (size_t)j * half,
+                  sn + (size_t)j * half);
     }
-  for (int u = 0; u < U; u++)
-    for (int t = 0; t < Tp16; t++) show[(size_t)u * (Tp16 / 16) + t / 16][t % 16] = t < Tp && pvis[(size_t)u * Tp + t] ? -1 : 0;
+  prompt_masks(U, Tp, Tp16, pvis, show);
 
   const size_t layer_kv = (size_t)B * KV * Dh * n16; /* floats of a layer's own keys (or values) */
   if (keys_out) memset(keys_out, 0, sizeof(float) * layer_kv * L), memset(values_out, 0, sizeof(float) * layer_kv * L);
@@ -195,16 +188,7 @@ int mlx_grpo_forward(const int64_t *dims, const float *fp, const uintptr_t *w, i
     ok &= product(pw + P_GATE * P_FIELDS, M, F, d, xn, gu, 2 * F) == 0;
     ok &= product(pw + P_UP * P_FIELDS, M, F, d, xn, gu + F, 2 * F) == 0;
 #pragma omp parallel for num_threads(T) schedule(static)
-    for (int m = 0; m < M; m++) { /* SiLU(gate) * up */
-      const float *g = gu + (size_t)m * 2 * F, *up = g + F;
-      float *a = act + (size_t)m * F;
-      int i = 0;
-      for (; i + 16 <= F; i += 16) {
-        v16 gv = *(const v16 *)(g + i);
-        *(v16 *)(a + i) = gv / (1.0f + vexp(-gv)) * *(const v16 *)(up + i);
-      }
-      for (; i < F; i++) a[i] = g[i] / (1.0f + sexp(-g[i])) * up[i];
-    }
+    for (int m = 0; m < M; m++) swiglu_row(gu + (size_t)m * 2 * F, gu + (size_t)m * 2 * F + F, act + (size_t)m * F, F);
     ok &= product(pw + P_DOWN * P_FIELDS, M, d, F, act, tmp, d) == 0;
     add_rows((size_t)M * d, x, tmp, T);
   }
@@ -220,18 +204,7 @@ int mlx_grpo_forward(const int64_t *dims, const float *fp, const uintptr_t *w, i
 #pragma omp parallel for num_threads(T) schedule(static)
     for (int m = 0; m < mr; m++) {
       const float *z = logits + (size_t)m * V;
-      v16 mv = (v16){0} - INFINITY;
-      int i = 0;
-      for (; i + 16 <= V; i += 16) mv = vmax(mv, *(const v16 *)(z + i));
-      float top = mv[0];
-      for (int e = 1; e < 16; e++) top = mv[e] > top ? mv[e] : top;
-      for (; i < V; i++) top = z[i] > top ? z[i] : top;
-      v16 acc = (v16){0};
-      for (i = 0; i + 16 <= V; i += 16) acc += vexp(*(const v16 *)(z + i) - top);
-      float sum = 0;
-      for (int e = 0; e < 16; e++) sum += acc[e];
-      for (; i < V; i++) sum += sexp(z[i] - top);
-      logp[m0 + m] = z[targets[m0 + m]] - top - logf(sum);
+      logp[m0 + m] = z[targets[m0 + m]] - logsumexp_row(z, V);
     }
   }
 

@@ -73,6 +73,21 @@ static inline void split(int n, int t, int T, int *a, int *b) {
   *b = *a + per < n ? *a + per : n;
 }
 
+/* The model's sizes and scalars, read from dims[] and fp[] (and the team's size) once. */
+typedef struct {
+  int L, d, H, KV, Dh, F, V, rd, trad, T, QD, KD, QKV, rep, half;
+  float eps, scale, inv_t;
+} model_t;
+
+static inline model_t read_model(const int64_t *dims, const float *fp) {
+  model_t m = {(int)dims[D_LAYERS], (int)dims[D_HIDDEN], (int)dims[D_HEADS], (int)dims[D_KV_HEADS],
+               (int)dims[D_HEAD_DIM], (int)dims[D_FFN], (int)dims[D_VOCAB], (int)dims[D_ROPE_DIMS],
+               (int)dims[D_ROPE_TRADITIONAL], team_size(dims[D_THREADS])};
+  m.QD = m.H * m.Dh, m.KD = m.KV * m.Dh, m.QKV = m.QD + 2 * m.KD, m.rep = m.H / m.KV, m.half = m.rd / 2;
+  m.eps = fp[F_EPS], m.scale = fp[F_ATTN_SCALE], m.inv_t = fp[F_INV_TEMPERATURE];
+  return m;
+}
+
 /* MLX's RMSNorm: x / sqrt(mean(x^2) + eps) * w. */
 static void rms_norm(int B, int d, const float *x, const float *w, float eps, float *out) {
   for (int b = 0; b < B; b++) {
@@ -167,7 +182,51 @@ static void values(int nq, const float *p, int ldp, const float *v, int n, int D
   }
 }
 
+
+/* MLX's fast RoPE angles for one position (pos already times the scale): angle_i = pos *
+ * base^(-i / half), i < half, as cos and sin. */
+static inline void rope_angles(float pos, int half, float base, float *cs, float *sn) {
+  for (int i = 0; i < half; i++) {
+    float a = pos * expf(-(float)i * (logf(base) / half));
+    cs[i] = cosf(a);
+    sn[i] = sinf(a);
+  }
+}
+
+/* a = SiLU(g) * up over F values. */
+static inline void swiglu_row(const float *g, const float *up, float *a, int F) {
+  int i = 0;
+  for (; i + 16 <= F; i += 16) {
+    v16 gv = *(const v16 *)(g + i);
+    *(v16 *)(a + i) = gv / (1.0f + vexp(-gv)) * *(const v16 *)(up + i);
+  }
+  for (; i < F; i++) a[i] = g[i] / (1.0f + sexp(-g[i])) * up[i];
+}
+
 static inline v16 vmax(v16 a, v16 b) { return vselect(a > b, a, b); }
+
+/* log(sum(e^z)) over n values, 16 at a time. */
+static inline float logsumexp_row(const float *z, int n) {
+  v16 mv = (v16){0} - INFINITY;
+  int i = 0;
+  for (; i + 16 <= n; i += 16) mv = vmax(mv, *(const v16 *)(z + i));
+  float top = mv[0];
+  for (int e = 1; e < 16; e++) top = mv[e] > top ? mv[e] : top;
+  for (; i < n; i++) top = z[i] > top ? z[i] : top;
+  v16 acc = (v16){0};
+  for (i = 0; i + 16 <= n; i += 16) acc += vexp(*(const v16 *)(z + i) - top);
+  float sum = 0;
+  for (int e = 0; e < 16; e++) sum += acc[e];
+  for (; i < n; i++) sum += sexp(z[i] - top);
+  return top + logf(sum);
+}
+
+/* Which of each prompt's Tp16 slots attention sees (all ones: shown; zero: padding or hidden by
+ * vis[U][Tp]), 16 slots a vector, for softmax_two. */
+static inline void prompt_masks(int U, int Tp, int Tp16, const uint8_t *vis, vi16 *show) {
+  for (int u = 0; u < U; u++)
+    for (int t = 0; t < Tp16; t++) show[(size_t)u * (Tp16 / 16) + t / 16][t % 16] = t < Tp && vis[(size_t)u * Tp + t] ? -1 : 0;
+}
 
 /* In place over one query's scores, 16 at a time: the prompt's Tp16 at x (shown: show[t] all ones,
  * else zero -- hidden or padding) and the completion's first n at c, turned into softmax weights
