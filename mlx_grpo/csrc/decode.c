@@ -20,6 +20,7 @@
  * The step's sizes, scalars and weight pointers come in three arrays indexed by the enums below
  * (pointers: W_GLOBAL global ones, then L_COUNT per layer; 0 for a bias the layer does not have).
  */
+#include <sched.h>
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -32,7 +33,11 @@ enum { L_IN_NORM, L_QKV, L_QKV_BIAS, L_O, L_O_BIAS, L_POST_NORM, L_GATE_UP, L_GA
 
 /* Spin until all T threads of the step arrive. The step's phases are short (tens of microseconds),
  * and libgomp's own barriers put a waiting thread to sleep at once when more of its threads exist
- * than cores (MLX's thread keeps a team of its own for skinny.c), which cost a SmolLM2 step ~10 ms. */
+ * than cores (MLX's thread keeps a team of its own for skinny.c), which cost a SmolLM2 step ~10 ms.
+ * A thread that has spun SPINS times yields its core at every further look: a teammate the kernel
+ * took off its core (the BLAS's own threads still spin after a product, for up to ~0.1 s) gets it
+ * back, instead of waiting out a time slice while this one spins. */
+#define SPINS 1024
 typedef struct {
   int count, sense;
 } barrier_t;
@@ -53,7 +58,9 @@ static void barrier(barrier_t *bar, int T, int *mine) {
     __atomic_store_n(&bar->count, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&bar->sense, want, __ATOMIC_RELEASE);
   } else {
-    while (__atomic_load_n(&bar->sense, __ATOMIC_ACQUIRE) != want) relax();
+    for (int n = 0; __atomic_load_n(&bar->sense, __ATOMIC_ACQUIRE) != want; n++)
+      if (n < SPINS) relax();
+      else sched_yield();
   }
 }
 
