@@ -248,7 +248,8 @@ def train(config_path: Optional[str], sets: Tuple[str, ...], overwrite: bool, re
 
             if distributed.is_main():
                 n = pass_lanes(cfg, cfg.train.prompts_per_step * cfg.rollout.group_size)
-                lanes = f"; scoring and update in {n} lanes (train.cpu_lanes)" if n > 1 else ""
+                # the passes MLX runs: the update, and scoring where it is not in C (native_forward.py)
+                lanes = f"; MLX's scoring and update passes in {n} lanes (train.cpu_lanes)" if n > 1 else ""
                 click.echo(f"mlx-grpo: {blas.describe(dict(os.environ))}{lanes}")
             run_training(cfg, resume=resume_dir is not None)
     except Interrupted as e:

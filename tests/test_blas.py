@@ -64,7 +64,7 @@ def test_cli_names_its_blas_on_the_first_line(tmp_path):
             assert ", malloc " in first, first
         # two cores and nothing set against it: the line says the passes run in two lanes
         if first.startswith("mlx-grpo: device cpu") and (os.cpu_count() or 1) >= 2 and "OPENBLAS_NUM_THREADS" not in env:
-            assert first.endswith("; scoring and update in 2 lanes (train.cpu_lanes)"), first
+            assert first.endswith("; MLX's scoring and update passes in 2 lanes (train.cpu_lanes)"), first
         r1 = run_cli("train", "--steps", "0", "--output", str(tmp_path / "o1"), "--set", "output.eval_size=2",
                      "--no-progress", "--set", "train.cpu_lanes=1")
         assert r1.returncode == 0, r1.stderr
