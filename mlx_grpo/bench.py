@@ -34,7 +34,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import mlx.core as mx
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import blas, cachedir, malloc, native_forward, skinny
@@ -224,8 +223,7 @@ class Session:
                 rollouts = [Rows.of(r.prompt_tokens, r.left_padding, r.row_prompt, r.lengths)
                             for r in work["rollouts"]]
                 b = work["batch"]
-                rows = None if b is None else Rows.of(b.prompts, b.left_padding, b.row_prompt,
-                                                      np.array(b.mask.sum(axis=1)).astype(np.int64))
+                rows = None if b is None else Rows.of(b.prompts, b.left_padding, b.row_prompt, b.lengths())
                 m["phases"] = step_phases(cost, rollouts, rows, cfg)
                 work.clear()  # the step's arrays go now: the next step's peak memory must not hold them
                 b = None

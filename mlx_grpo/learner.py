@@ -55,10 +55,14 @@ class StepBatch:
             self.advantages[sl], pick(self.ref_logp), pick(self.old_logp),
         )
 
+    def lengths(self) -> np.ndarray:
+        """[B] each row's completion tokens."""
+        return np.array(self.mask.sum(axis=1)).astype(np.int64)
+
     def logprobs(self, model: nn.Module, temperature: float, chunk: Optional[int] = None) -> mx.array:
         return completion_logprobs(
             model, self.prompts, self.left_padding, self.tokens, temperature, self.row_prompt, chunk,
-            lengths=np.array(self.mask.sum(axis=1)).astype(np.int64),  # rows scored in length groups
+            lengths=self.lengths(),  # rows scored in length groups
         )
 
 
@@ -78,14 +82,8 @@ def select_rows(ro: Rollouts, adv: np.ndarray, keep: np.ndarray) -> StepBatch:
 
 
 def logprobs_of(model: nn.Module, b: StepBatch, temperature: float, micro: int, n_lanes: int = 1) -> mx.array:
-    """``b``'s completion logprobs under ``model``, as constants: in C where ``native_forward``
-    serves the model, else through MLX, scored ``micro`` rows at a time, its rows in ``n_lanes``
-    lanes (lanes.py)."""
-    if native_forward.scores_in_c(model):
-        lengths = np.array(b.mask.sum(axis=1)).astype(np.int64)
-        with fastmath.eager():
-            return native_forward.completion_logprobs(model, b.prompts, b.left_padding, b.row_prompt, b.tokens,
-                                                    lengths, temperature)
+    """``b``'s completion logprobs under ``model`` through MLX, as constants (scored ``micro`` rows
+    at a time), its rows in ``n_lanes`` lanes (lanes.py)."""
     if n_lanes <= 1:
         with fastmath.eager():  # nothing is differentiated here (see fastmath.logsumexp)
             return mx.stop_gradient(b.logprobs(model, temperature, chunk=micro))
@@ -216,15 +214,21 @@ def score_batch(
 ) -> None:
     """The logprobs the updates hold fixed, stored in ``batch``: the KL reference's (``ref_logp``,
     when ``grpo.beta`` > 0) and the sampling policy's (``old_logp``, when ``num_iterations`` > 1),
-    scored ``micro`` rows at a time. The KL reference is ``ref_model``, or else the policy with its
-    adapters switched off."""
+    in C where ``native_forward`` serves the model, else through MLX ``micro`` rows at a time. The
+    KL reference is ``ref_model``, or else the policy with its adapters switched off."""
+    temperature = cfg.rollout.temperature
+
     def scored(m: nn.Module) -> mx.array:
-        # The pass in C splits its work over the BLAS's threads itself: no lanes for it.
-        n_lanes = 1 if native_forward.scores_in_c(m) else pass_lanes(cfg, batch.tokens.shape[0])
-        with lanes.single_blas(n_lanes > 1):
-            lp = logprobs_of(m, batch, cfg.rollout.temperature, micro, n_lanes)
-            mx.eval(lp)
-            return lp
+        if native_forward.scores_in_c(m):  # it splits its work over the BLAS's threads: no lanes
+            with fastmath.eager():
+                lp = native_forward.completion_logprobs(m, batch.prompts, batch.left_padding, batch.row_prompt,
+                                                        batch.tokens, batch.lengths(), temperature)
+        else:
+            n_lanes = pass_lanes(cfg, batch.tokens.shape[0])
+            with lanes.single_blas(n_lanes > 1):
+                lp = logprobs_of(m, batch, temperature, micro, n_lanes)
+        mx.eval(lp)
+        return lp
 
     if cfg.grpo.beta > 0:
         if ref_model is not None:
