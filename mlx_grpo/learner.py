@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import distributed, fastmath, lanes, native_forward
+from . import distributed, fastmath, lanes, native_forward, native_grad
 from .config import Config, TrainConfig
 from .loss import Normalizer, grpo_loss
 from .models import adapters_disabled
@@ -175,7 +175,8 @@ def update(
         norm = step_normalizer([batch.tokens.shape[0]], batch.mask.sum().item(), cfg)
     n = 0 if batch is None else batch.tokens.shape[0]
     size = micro_size(norm.rows, cfg.train)
-    n_lanes = pass_lanes(cfg, min(size, n))
+    in_c = n > 0 and native_grad.unsupported(model, cfg) is None  # it splits its work over the BLAS's threads
+    n_lanes = 1 if in_c else pass_lanes(cfg, min(size, n))
     grads = None
     loss_total = 0.0
     tokens = 0.0
@@ -183,7 +184,10 @@ def update(
     with lanes.single_blas(n_lanes > 1):
         for start in range(0, n, size):
             mb = batch.rows(slice(start, start + size))
-            loss, stats, g = lane_value_and_grad(model, mb, cfg, norm, n_lanes)
+            if in_c:
+                loss, stats, g = native_grad.value_and_grad(model, mb, cfg, norm)
+            else:
+                loss, stats, g = lane_value_and_grad(model, mb, cfg, norm, n_lanes)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(loss, grads, stats)
             loss_total += loss.item()

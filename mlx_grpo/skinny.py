@@ -35,11 +35,12 @@ from .cachedir import cache_root
 
 # The kernel, and the decode step (native_decode.py) and the prefill and scoring passes
 # (native_forward.py) built on it, in one library.
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("skinny.c", "decode.c", "forward.c")]
-HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vec.h", "kernels.h")]  # part of the cache key
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("skinny.c", "decode.c", "forward.c", "grad.c")]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vec.h", "kernels.h", "passes.h")]  # part of the cache key
 OFF = "MLX_GRPO_NO_SKINNY"
 DECODE_OFF = "MLX_GRPO_NO_NATIVE_DECODE"  # set: rollouts decode through MLX (native_decode.py)
 SCORE_OFF = "MLX_GRPO_NO_NATIVE_SCORE"  # set: scoring passes run through MLX (native_forward.py)
+GRAD_OFF = "MLX_GRPO_NO_NATIVE_GRAD"  # set: updates run through MLX (native_grad.py)
 NAME = "mlx_grpo_skinny"  # the library's file name starts with it
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 

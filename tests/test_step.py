@@ -150,6 +150,7 @@ def test_numpy_logsumexp_serves_rollout_and_reference_never_the_traced_update(sm
     monkeypatch.setattr(fastmath, "NUMPY_MIN_LOGITS", 0)  # at every size
     monkeypatch.setattr("mlx_grpo.rollout.NATIVE", False)  # MLX's decode steps (the C step has its own)
     monkeypatch.setattr("mlx_grpo.native_forward.NATIVE", False)  # and MLX's reference pass
+    monkeypatch.setattr("mlx_grpo.native_grad.NATIVE", False)  # and MLX's update, the traced pass
     calls = {"eager": 0, "traced": 0}
     real_rows, real_vag = fastmath._lse_rows, nn.value_and_grad
     tracing = [False]
