@@ -36,7 +36,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import blas, cachedir, malloc, native_forward, skinny
+from . import blas, cachedir, malloc, native_forward, native_grad, skinny
 from . import rollout as rollout_module
 from . import step as step_module
 from .assets.make_tiny_model import build_model
@@ -343,7 +343,7 @@ def run_bench(config_path: Optional[str] = None, model: Optional[str] = None, la
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
         "device": device_kind(),
         "backend": blas.describe(dict(os.environ)),  # which BLAS and kernels the figures come from
-        "engines": engines(sess.model),
+        "engines": engines(sess.model, sess.cfg),
         "mlx_version": mx.__version__,
         "settings": {
             "prompts": s.prompts, "group_size": cfg.rollout.group_size,
@@ -423,12 +423,13 @@ def distributed_throughput(processes: int, steps: int, model: Optional[str] = No
     return {"runs": runs, "speedup_steps_per_s": runs[1]["steps_per_s"] / runs[0]["steps_per_s"]}
 
 
-def engines(model: Any) -> Dict[str, str]:
-    """Where each pass of a step runs for ``model`` here: "C" (native_decode.py, native_forward.py)
-    or "MLX"; the update (differentiated) always runs through MLX."""
+def engines(model: Any, cfg: Config) -> Dict[str, str]:
+    """Where each pass of a step runs for ``model`` under ``cfg`` here: "C" (native_decode.py,
+    native_forward.py, native_grad.py) or "MLX"."""
     in_c = rollout_module.decodes_in_c(model)
     return {"prefill_and_decode": "C" if in_c else "MLX",
-            "score": "C" if native_forward.scores_in_c(model) else "MLX", "update": "MLX"}
+            "score": "C" if native_forward.scores_in_c(model) else "MLX",
+            "update": "C" if native_grad.unsupported(model, cfg) is None else "MLX"}
 
 
 def engines_line(r: Dict[str, Any]) -> List[str]:

@@ -167,7 +167,7 @@ def run_shape_bench(shape: str, bits: int = 4, prompts: int = 2, group_size: int
         "parameters": sum(v.size for _, v in tree_flatten(sess.model.parameters())),
         "base_dtype": str(next(v.dtype for _, v in tree_flatten(sess.model.parameters())
                                if mx.issubdtype(v.dtype, mx.floating))),
-        "device": device_kind(), "backend": blas.describe(dict(os.environ)), "engines": engines(sess.model),
+        "device": device_kind(), "backend": blas.describe(dict(os.environ)), "engines": engines(sess.model, sess.cfg),
         "mlx_version": mx.__version__,
         "settings": {"prompts": prompts, "group_size": group_size, "max_tokens": max_tokens,
                      "temperature": cfg.rollout.temperature, "adapter": cfg.adapter.type,

@@ -81,6 +81,27 @@ def _adapter_names(model: nn.Module) -> List[str]:
     return names
 
 
+def kept_bytes(model: nn.Module, tokens: int) -> int:
+    """Bytes of the activations the C forward keeps for the backward over ``tokens`` flat tokens
+    (the prompts once each, and every row's completion)."""
+    shape = ModelShape.of(model)
+    floats = library().mlx_grpo_grad_saved_floats(_pointer(shape.dims()), _pointer(shape.scalars(1.0)),
+                                                  ctypes.c_int64(tokens))
+    return 4 * int(floats)
+
+
+_KEPT: List[np.ndarray] = []
+
+
+def _scratch(floats: int) -> np.ndarray:
+    """A buffer of ``floats`` for the activations the forward keeps, the same one update after
+    update while it is large enough: a fresh one of ~1 GB would be faulted in, page by page, every
+    time."""
+    if not _KEPT or _KEPT[0].size < floats:
+        _KEPT[:] = [np.empty(floats, np.float32)]
+    return _KEPT[0][:floats]
+
+
 class Layout(NamedTuple):
     """The micro-batch flat, as grad.c takes it: tokens, targets (-1: not scored), segments
     [S, 4] (start, length, parent, first position), and each row's first flat position (its
@@ -141,14 +162,12 @@ def value_and_grad(model: nn.Module, batch, cfg: Config, norm: Normalizer) -> Tu
     temperature = cfg.rollout.temperature
     dims, fp = shape.dims(), shape.scalars(1.0 / temperature if temperature > 0 else 1.0)
     M, S = len(lay.tokens), len(lay.segments)
-    saved = np.empty(int(lib.mlx_grpo_grad_saved_floats(_pointer(dims), _pointer(fp), ctypes.c_int64(M))), np.float32)
+    saved = _scratch(int(lib.mlx_grpo_grad_saved_floats(_pointer(dims), _pointer(fp), ctypes.c_int64(M))))
     flat_logp = np.empty(max(M, 1), np.float32)
     common = (_pointer(dims), _pointer(fp), _pointer(table.pointers), ctypes.c_int(M), ctypes.c_int(S),
               _pointer(lay.segments))
-    import time; _t0 = time.perf_counter()
     if lib.mlx_grpo_grad_forward(*common, _pointer(lay.tokens), _pointer(lay.targets), _pointer(flat_logp), _pointer(saved)):
         raise MemoryError("the C update pass could not allocate its working memory")
-    _t1 = time.perf_counter()
     # Each row's scored positions, flat, into [B, width] (0 past its length).
     cols = np.arange(width)[None, :]
     valid = cols < lengths[:, None]
@@ -176,11 +195,8 @@ def value_and_grad(model: nn.Module, batch, cfg: Config, norm: Normalizer) -> Tu
             grads[key + "b"] = np.empty((a.shape[0], w.shape[0]), np.float32)
             pointers += [grads[key + "a"].ctypes.data, grads[key + "b"].ctypes.data]
     table_g = np.array(pointers, dtype=np.uintp)
-    _t2 = time.perf_counter()
     if lib.mlx_grpo_grad_backward(*common, _pointer(lay.targets), _pointer(flat_dlogp), _pointer(saved), _pointer(table_g)):
         raise MemoryError("the C update pass could not allocate its working memory")
-    _t3 = time.perf_counter()
-    if os.environ.get("GRAD_TIMES"): print(f"M {M} fwd {_t1-_t0:.3f} loss {_t2-_t1:.3f} bwd {_t3-_t2:.3f}", flush=True)
 
     def grad_of(key: str, param: mx.array) -> mx.array:
         g = grads[key]

@@ -153,10 +153,13 @@ def set_enabled(on: bool) -> bool:
 
 def describe(env: Dict[str, str]) -> str:
     """What a run's first line says about the library: what it does where it is preloaded (the
-    rollouts in C unless ``DECODE_OFF`` is set, scoring in C unless ``SCORE_OFF`` is), else ""."""
+    rollouts in C unless ``DECODE_OFF`` is set, scoring unless ``SCORE_OFF`` is, updates unless
+    ``GRAD_OFF`` is), else ""."""
     if not preloaded(env):
         return ""
-    in_c = [what for what, off in (("rollouts", DECODE_OFF), ("scoring", SCORE_OFF)) if not env.get(off)]
+    in_c = [what for what, off in (("rollouts", DECODE_OFF), ("scoring", SCORE_OFF), ("updates", GRAD_OFF))
+            if not env.get(off)]
     if not in_c:
         return ", few-row products by mlx-grpo's kernel"
-    return f", mlx-grpo's kernels (few-row products; llama-shaped {' and '.join(in_c)} in C)"
+    named = in_c[0] if len(in_c) == 1 else f"{', '.join(in_c[:-1])} and {in_c[-1]}"
+    return f", mlx-grpo's kernels (few-row products; llama-shaped {named} in C)"

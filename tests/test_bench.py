@@ -29,7 +29,8 @@ def test_bench_quick_json(tmp_path):
     assert (ro["engine"] == "C decode step") == ("ours_mlx_tokens_per_sec" in ro) == ("ratio_c_vs_mlx" in ro)
     # where each pass ran, the same answer for the rollout as its engine
     e = r["engines"]
-    assert set(e) == {"prefill_and_decode", "score", "update"} and e["update"] == "MLX"
+    assert set(e) == {"prefill_and_decode", "score", "update"}
+    assert e["update"] == e["score"]  # a llama-shaped float32 model with LoRA (no dropout): both in C, or neither
     assert (e["prefill_and_decode"] == "C") == (ro["engine"] == "C decode step") and e["score"] in {"C", "MLX"}
     assert r["greedy"] == {"rows": 2, "mismatched": 0, "identical": True}
     st = r["step"]

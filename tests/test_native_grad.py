@@ -152,6 +152,9 @@ def test_the_switch_and_what_it_does_not_take_update_through_mlx(embedded_model_
     model.train()
     if native_grad.library() is not None:  # pytest's process preloads the library where it can
         assert native_grad.unsupported(model, cfg) is None
+    monkeypatch.setenv(native_grad.OFF, "1")
+    assert native_grad.unsupported(model, cfg) == "switched off"
+    monkeypatch.delenv(native_grad.OFF)
     monkeypatch.setattr(native_grad, "NATIVE", False)
     assert native_grad.unsupported(model, cfg) == "switched off"
     monkeypatch.setattr(native_grad, "NATIVE", True)
@@ -162,3 +165,25 @@ def test_the_switch_and_what_it_does_not_take_update_through_mlx(embedded_model_
     cfg.adapter.type = "lora"
     model.model.norm.unfreeze()  # a trainable parameter C would not differentiate
     assert "not a LoRA adapter" in native_grad.unsupported(model, cfg)
+
+
+def test_the_c_update_keeps_less_than_the_estimate_plans_for_mlx(embedded_model_dir):
+    """The preflight estimate is MLX's update's peak (tests/test_preflight.py); the C update keeps
+    its activations outside MLX, and fewer: at every size the estimate plans for, its kept
+    activations (each prompt counted whole, no shared prefix) stay below the estimate's."""
+    from mlx_grpo.config import ModelConfig, make_config
+    from mlx_grpo.models import attach_adapters, load_model
+    from mlx_grpo.preflight import estimate_memory
+
+    if native_grad.library() is None:
+        pytest.skip("mlx-grpo's kernel library is not loaded in this process")
+    model, _ = load_model(ModelConfig(path=str(embedded_model_dir)))
+    attach_adapters(model, Config().adapter)
+    for prompts, max_tokens in ((4, 64), (1, 512), (16, 20)):
+        cfg = make_config(None, [("model.path", str(embedded_model_dir)), ("train.prompts_per_step", prompts),
+                                 ("rollout.group_size", 4), ("rollout.max_tokens", max_tokens)])
+        prompt = 90
+        tokens = prompts * prompt + prompts * 4 * max_tokens
+        kept = native_grad.kept_bytes(model, tokens)
+        planned = estimate_memory(model, cfg, prompt)["activations"]
+        assert 0.2 * planned < kept < planned, (prompts, max_tokens, kept / planned)

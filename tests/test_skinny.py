@@ -144,10 +144,12 @@ def test_the_restart_puts_it_between_the_allocator_and_the_blas(tmp_path, monkey
     new = blas.reexec_env(env)
     assert new["LD_PRELOAD"] == f"{alloc}:{shim}:{lib_blas}:/x/other.so"
     assert blas.reexec_env(new) is None
-    assert blas.describe(new).endswith(", mlx-grpo's kernels (few-row products; llama-shaped rollouts and scoring in C)")
-    assert blas.describe({**new, skinny.DECODE_OFF: "1"}).endswith("(few-row products; llama-shaped scoring in C)")
-    assert blas.describe({**new, skinny.SCORE_OFF: "1"}).endswith("(few-row products; llama-shaped rollouts in C)")
-    off = {**new, skinny.DECODE_OFF: "1", skinny.SCORE_OFF: "1"}
+    assert blas.describe(new).endswith(
+        ", mlx-grpo's kernels (few-row products; llama-shaped rollouts, scoring and updates in C)")
+    assert blas.describe({**new, skinny.DECODE_OFF: "1"}).endswith("(few-row products; llama-shaped scoring and updates in C)")
+    assert blas.describe({**new, skinny.SCORE_OFF: "1", skinny.GRAD_OFF: "1"}).endswith(
+        "(few-row products; llama-shaped rollouts in C)")
+    off = {**new, skinny.DECODE_OFF: "1", skinny.SCORE_OFF: "1", skinny.GRAD_OFF: "1"}
     assert blas.describe(off).endswith(", few-row products by mlx-grpo's kernel")
     assert blas.reexec_env({**env, skinny.OFF: "1"})["LD_PRELOAD"] == f"{alloc}:{lib_blas}:/x/other.so"
     # the user's own BLAS, restarted only for its kernels: it still goes in front of it

@@ -257,10 +257,14 @@ static void norm_back_rows(int M, int d, const float *x, const float *w, float e
     const float *xr = x + (size_t)m * d, *g = dy + (size_t)m * d;
     float *o = out + (size_t)m * d;
     const float inv = 1.0f / sqrtf(dot(xr, xr, d) / d + eps);
+    v16 acc = (v16){0};
+    int i = 0;
+    for (; i + 16 <= d; i += 16) acc += *(const v16 *)(g + i) * *(const v16 *)(w + i) * *(const v16 *)(xr + i);
     float gx = 0;
-    for (int i = 0; i < d; i++) gx += g[i] * w[i] * xr[i];
+    for (int e = 0; e < 16; e++) gx += acc[e];
+    for (; i < d; i++) gx += g[i] * w[i] * xr[i];
     const float c = inv * inv * inv * gx / d;
-    for (int i = 0; i < d; i++) o[i] += inv * g[i] * w[i] - c * xr[i];
+    for (i = 0; i < d; i++) o[i] += inv * g[i] * w[i] - c * xr[i];
   }
 }
 
