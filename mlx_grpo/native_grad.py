@@ -49,13 +49,16 @@ def library() -> Optional[ctypes.CDLL]:
 
 def unsupported(model: nn.Module, cfg: Config) -> Optional[str]:
     """Why the update of ``model`` under ``cfg`` cannot run in C here, or None when it can: the
-    switch, the library and the backend, a model ``decode.c`` serves, and LoRA adapters (no dropout)
-    as the only trainable parameters."""
+    switch, the library and the backend, a model ``decode.c`` serves, LoRA adapters (no dropout)
+    as the only trainable parameters, and no ``train.grad_checkpoint`` (the C pass keeps every
+    layer's activations, fewer than MLX's graph without checkpoints but more than with them)."""
     wanted = NATIVE if NATIVE is not None else not os.environ.get(OFF)
     if not wanted:
         return "switched off"
     if cfg.adapter.type != "lora" or cfg.adapter.dropout > 0:
         return "only LoRA adapters without dropout"
+    if cfg.train.grad_checkpoint:  # the user asked to hold less: MLX's checkpointed graph does
+        return "train.grad_checkpoint recomputes each layer in MLX's backward"
     trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
     if not trainable or trainable - set(_adapter_names(model)):
         return "a trainable parameter that is not a LoRA adapter on a plain Linear of a llama-shaped layer"

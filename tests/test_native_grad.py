@@ -163,6 +163,9 @@ def test_the_switch_and_what_it_does_not_take_update_through_mlx(embedded_model_
     cfg.adapter.dropout, cfg.adapter.type = 0.0, "dora"
     assert "LoRA" in native_grad.unsupported(model, cfg)
     cfg.adapter.type = "lora"
+    cfg.train.grad_checkpoint = True
+    assert "grad_checkpoint" in native_grad.unsupported(model, cfg)
+    cfg.train.grad_checkpoint = False
     model.model.norm.unfreeze()  # a trainable parameter C would not differentiate
     assert "not a LoRA adapter" in native_grad.unsupported(model, cfg)
 
