@@ -108,8 +108,11 @@ def test_update_reports_the_kl_of_the_rows_it_updated(small_model_dir, micro):
 
 
 def test_grad_checkpoint_gives_same_result(small_model_dir, tmp_path):
+    import os
     import subprocess
     import sys
+
+    from mlx_grpo import native_grad
 
     # Checkpointing patches the layer class, so each variant runs in its own process.
     outs = []
@@ -121,7 +124,9 @@ def test_grad_checkpoint_gives_same_result(small_model_dir, tmp_path):
                             "--set", "data.eval_size=10", "--set", "output.eval_size=4",
                             "--set", "rewards.tag_count=1", "--set", "rewards.soft_format=1",
                             "--set", f"train.grad_checkpoint={flag}"],
-                           capture_output=True, text=True, cwd=str(__import__("conftest").ROOT))
+                           capture_output=True, text=True, cwd=str(__import__("conftest").ROOT),
+                           env={**os.environ, native_grad.OFF: "1"})  # both runs through MLX's graph (the
+        # update in C keeps no checkpoints and serves only the other run; tests/test_native_grad.py)
         assert r.returncode == 0, r.stderr
         outs.append(mx.load(str(out / "adapters.safetensors")))
     for k in outs[0]:
