@@ -3,9 +3,10 @@ gradients as MLX's differentiated graph (``nn.value_and_grad`` over ``learner.ba
 built here with every shape the C passes handle (grouped key heads, biases, an untied head, heads of
 80 with 3 query heads a key head, padding inside or before the prompts, a shared prefix run once),
 under several loss settings (KL on and off, a moved sampling policy, each loss type), rows of every
-length from 0 to the full width; gradients far from zero and reaching every adapter; one whole
-``learner.update`` (micro-batches, AdamW) landing on the same parameters either way. The switch, and
-adapters or models it does not take, send the update through MLX."""
+length from 0 to the full width (more scored positions than the head takes at a time);
+gradients far from zero and reaching every adapter; one whole ``learner.update`` (micro-batches,
+AdamW) landing on the same parameters either way. The switch, and adapters or models it does not
+take, send the update through MLX."""
 
 import mlx.core as mx
 import numpy as np
@@ -21,7 +22,7 @@ SETUP = MODELS + """
     from mlx_grpo import learner, native_grad, rollout
     from mlx_grpo.config import Config
 
-    G, W = 4, 37
+    G, W = 4, 45  # 265 scored positions: two chunks of the output head (256 rows at a time)
     rng = np.random.default_rng(0)
     completions = mx.array(rng.integers(0, 301, size=(3 * G, W)).astype(np.int32))
     lengths = np.array([W, 0, 1, 2, 16, 17, 33, W, 5, W, 20, 36])
