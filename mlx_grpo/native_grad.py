@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -72,16 +72,20 @@ def unsupported(model: nn.Module, cfg: Config) -> Optional[str]:
         model.train(training)
 
 
-def _adapter_names(model: nn.Module) -> List[str]:
-    """The names of every adapter's ``lora_a`` and ``lora_b`` the weight table points at, in its order."""
-    names = []
+def _products(model: nn.Module) -> Iterator[Tuple[str, Optional[nn.Module]]]:
+    """Each layer's products in the weight table's order: the prefix of their parameters' names
+    (``model.layers.3.self_attn.q_proj.``) and the module when it is a LoRA adapter on a plain
+    Linear (``WeightTable`` points at its A and B), else None."""
     for i, layer in enumerate(_layers(model)):
         for parent, name in PRODUCTS:
             m = getattr(getattr(layer, parent, None), name, None)
             parts = None if m is None else native_decode._linear_parts(m)
-            if parts is not None and parts[2] is not None:
-                names += [f"model.layers.{i}.{parent}.{name}.lora_{ab}" for ab in "ab"]
-    return names
+            yield f"model.layers.{i}.{parent}.{name}.", (m if parts is not None and parts[2] is not None else None)
+
+
+def _adapter_names(model: nn.Module) -> List[str]:
+    """The names of every adapter's ``lora_a`` and ``lora_b`` the weight table points at, in its order."""
+    return [prefix + f"lora_{ab}" for prefix, m in _products(model) if m is not None for ab in "ab"]
 
 
 def kept_bytes(model: nn.Module, tokens: int) -> int:
@@ -184,35 +188,24 @@ def value_and_grad(model: nn.Module, batch, cfg: Config, norm: Normalizer) -> Tu
     flat_dlogp = np.zeros(max(M, 1), np.float32)
     flat_dlogp[where[valid]] = np.array(dlogp)[valid]
 
-    grads: Dict[str, np.ndarray] = {}
+    # grad.c writes A^T's gradient [r, K] and B's divided by the scale [r, N]: turned into the
+    # parameters' own below
+    out: Dict[str, Tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = {}
     pointers: List[int] = []
-    for i, layer in enumerate(_layers(model)):
-        for parent, name in PRODUCTS:
-            parts = native_decode._linear_parts(getattr(getattr(layer, parent), name))
-            if parts[2] is None:
-                pointers += [0, 0]
-                continue
-            w, a = parts[0], parts[2][1]  # a: A^T [r, K]
-            key = f"model.layers.{i}.{parent}.{name}.lora_"
-            grads[key + "a"] = np.empty(a.shape, np.float32)
-            grads[key + "b"] = np.empty((a.shape[0], w.shape[0]), np.float32)
-            pointers += [grads[key + "a"].ctypes.data, grads[key + "b"].ctypes.data]
+    for prefix, m in _products(model):
+        if m is None:
+            pointers += [0, 0]
+            continue
+        r, (K, N) = m.lora_a.shape[1], m.linear.weight.shape[::-1]
+        out[prefix + "lora_a"] = (np.empty((r, K), np.float32), np.transpose)
+        out[prefix + "lora_b"] = (np.empty((r, N), np.float32), lambda g, scale=m.scale: g * scale)
+        pointers += [out[prefix + "lora_a"][0].ctypes.data, out[prefix + "lora_b"][0].ctypes.data]
     table_g = np.array(pointers, dtype=np.uintp)
     if lib.mlx_grpo_grad_backward(*common, _pointer(lay.targets), _pointer(flat_dlogp), _pointer(saved), _pointer(table_g)):
         raise MemoryError("the C update pass could not allocate its working memory")
 
     def grad_of(key: str, param: mx.array) -> mx.array:
-        g = grads[key]
-        if key.endswith("lora_a"):
-            g = g.T  # grad.c gives A^T's
-        else:
-            g = g * _module(model, key).scale  # grad.c gives it divided by the scale
-        return mx.array(g).astype(param.dtype)
+        g, finish = out[key]
+        return mx.array(finish(g)).astype(param.dtype)
 
     return loss, stats, tree_map_with_path(grad_of, model.trainable_parameters())
-
-
-def _module(model: nn.Module, key: str) -> nn.Module:
-    """The LoRA module whose parameter is ``key`` (``model.layers.3.self_attn.q_proj.lora_a``)."""
-    _, _, i, parent, name, _ = key.split(".")
-    return getattr(getattr(_layers(model)[int(i)], parent), name)

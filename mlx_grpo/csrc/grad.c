@@ -69,26 +69,28 @@ static int context_of(const int32_t *seg, int s, context_t *c) {
 }
 
 /* Key head h of the tokens in c's spans (or of n tokens from `first`, when c is NULL), gathered from
- * q|k|v rows: keys transposed kT [Dh][n16] and as rows k [n16][Dh], values as rows v and transposed
- * vT; slots past the tokens zero. */
+ * q|k|v rows: keys transposed kT [Dh][n16] and values as rows v [n16][Dh] (what attend() reads), and
+ * for the backward also keys as rows k and values transposed vT; slots past the tokens zero. */
 typedef struct {
   float *kT, *k, *v, *vT;
 } gathered_t;
 
 static void gather(const float *qkv, const model_t *md, int h, const context_t *c, int first, int n, int n16,
-                   const gathered_t *g) {
+                   const gathered_t *g, int backward) {
   const int Dh = md->Dh;
-  memset(g->kT, 0, sizeof(float) * Dh * n16), memset(g->vT, 0, sizeof(float) * Dh * n16);
-  memset(g->k, 0, sizeof(float) * Dh * n16), memset(g->v, 0, sizeof(float) * Dh * n16);
+  memset(g->kT, 0, sizeof(float) * Dh * n16), memset(g->v, 0, sizeof(float) * Dh * n16);
+  if (backward) memset(g->k, 0, sizeof(float) * Dh * n16), memset(g->vT, 0, sizeof(float) * Dh * n16);
   const int spans = c ? c->spans : 1;
   for (int sp = 0, slot = 0; sp < spans; sp++) {
     const int start = c ? c->start[sp] : first, len = c ? c->len[sp] : n;
     for (int i = 0; i < len; i++, slot++) {
       const float *row = qkv + (size_t)(start + i) * md->QKV;
       const float *key = row + md->QD + (size_t)h * Dh, *val = row + md->QD + md->KD + (size_t)h * Dh;
-      memcpy(g->k + (size_t)slot * Dh, key, sizeof(float) * Dh);
       memcpy(g->v + (size_t)slot * Dh, val, sizeof(float) * Dh);
-      for (int e = 0; e < Dh; e++) g->kT[(size_t)e * n16 + slot] = key[e], g->vT[(size_t)e * n16 + slot] = val[e];
+      for (int e = 0; e < Dh; e++) g->kT[(size_t)e * n16 + slot] = key[e];
+      if (!backward) continue;
+      memcpy(g->k + (size_t)slot * Dh, key, sizeof(float) * Dh);
+      for (int e = 0; e < Dh; e++) g->vT[(size_t)e * n16 + slot] = val[e];
     }
   }
 }
@@ -204,8 +206,8 @@ static void attention(const attention_t *a, const float *qkv, float *att, const 
     w += (size_t)4 * Dh * n16;
     float *sc = w, *dp = w + (size_t)QC * (C16 + n16), *down = dp + (size_t)QC * (C16 + n16);
     vi16 *show = a->shows + (size_t)th * (a->ctx16 / 16 + 1);
-    if (C) gather(qkv, md, h, &a->ctx[s], 0, 0, C16, &ctx);
-    gather(qkv, md, h, NULL, start, n, n16, &own);
+    if (C) gather(qkv, md, h, &a->ctx[s], 0, 0, C16, &ctx, datt != NULL);
+    gather(qkv, md, h, NULL, start, n, n16, &own, datt != NULL);
     for (int t = 0; t < C16; t++) show[t / 16][t % 16] = t < C ? -1 : 0;
     back_head_t bk = {{ctx.kT, ctx.v, own.kT, own.v, show, C, C16, n, n16, Dh, md->rep, md->scale}, &ctx, &own};
     if (!datt) {
@@ -336,21 +338,42 @@ static int *scored_positions(const int32_t *targets, int M, int n) {
   return idx;
 }
 
+/* What both entry points work out from the segments: the contexts, attention's working memory
+ * (per thread) and the scored positions. */
+typedef struct {
+  shape_t sh;
+  attention_t at;
+  int *idx;
+} plan_t;
+
+static int plan(const model_t *md, const int32_t *seg, int nseg, const int32_t *targets, int M, plan_t *p) {
+  memset(p, 0, sizeof *p);
+  if (shape_of(seg, nseg, targets, M, &p->sh)) return -1;
+  const shape_t *sh = &p->sh;
+  p->at = (attention_t){md, nseg, sh->ctx16, sh->n16, seg, sh->ctx, sh->ctx_at, NULL, NULL,
+                        attention_work(md, sh->ctx16, sh->n16)};
+  p->at.work = malloc(sizeof(float) * p->at.work_floats * md->T);
+  p->at.shows = malloc(sizeof(vi16) * (sh->ctx16 / 16 + 1) * md->T);
+  p->idx = scored_positions(targets, M, sh->scored);
+  return p->at.work && p->at.shows && p->idx ? 0 : -1;
+}
+
+static void unplan(plan_t *p) { free(p->sh.ctx), free(p->sh.ctx_at), free(p->at.work), free(p->at.shows), free(p->idx); }
+
 int mlx_grpo_grad_forward(const int64_t *dims, const float *fp, const uintptr_t *w, int M, int nseg, const int32_t *seg,
                           const int32_t *tokens, const int32_t *targets, float *logp, float *saved) {
   const model_t md = read_model(dims, fp);
   const int L = md.L, d = md.d, QD = md.QD, KD = md.KD, QKV = md.QKV, F = md.F, V = md.V, T = md.T;
   const saved_t lay = saved_layout(&md, M);
-  shape_t sh = {0};
-  int ok = shape_of(seg, nseg, targets, M, &sh) == 0;
-  attention_t at = {&md, nseg, sh.ctx16, sh.n16, seg, sh.ctx, sh.ctx_at, NULL, NULL, attention_work(&md, sh.ctx16, sh.n16)};
+  plan_t pl;
+  int ok = plan(&md, seg, nseg, targets, M, &pl) == 0;
+  const attention_t *at = &pl.at;
+  const int *idx = pl.idx, scored = pl.sh.scored;
   float *xn = malloc(sizeof(float) * ((size_t)M * d + 1)), *act = malloc(sizeof(float) * ((size_t)M * F + 1)),
         *tmp = malloc(sizeof(float) * ((size_t)M * d + 1)), *cs = malloc(sizeof(float) * ((size_t)M * md.half + 1)),
         *sn = malloc(sizeof(float) * ((size_t)M * md.half + 1)), *hs = malloc(sizeof(float) * HEAD_ROWS * d),
         *z = malloc(sizeof(float) * (size_t)HEAD_ROWS * V);
-  at.work = malloc(sizeof(float) * at.work_floats * T), at.shows = malloc(sizeof(vi16) * (sh.ctx16 / 16 + 1) * T);
-  int *idx = ok ? scored_positions(targets, M, sh.scored) : NULL;
-  ok = ok && xn && act && tmp && cs && sn && hs && z && at.work && at.shows && idx;
+  ok = ok && xn && act && tmp && cs && sn && hs && z;
   if (!ok) goto done;
 
   float *x = saved; /* layer 0's input: the embeddings */
@@ -365,7 +388,7 @@ int mlx_grpo_grad_forward(const int64_t *dims, const float *fp, const uintptr_t 
     ok &= product(pw + P_K * P_FIELDS, M, KD, d, xn, qkv + QD, QKV) == 0;
     ok &= product(pw + P_V * P_FIELDS, M, KD, d, xn, qkv + QD + KD, QKV) == 0;
     rope_rows(&md, M, qkv, cs, sn);
-    attention(&at, qkv, att, NULL, NULL, NULL);
+    attention(at, qkv, att, NULL, NULL, NULL);
     ok &= product(pw + P_O * P_FIELDS, M, d, QD, att, tmp, d) == 0;
     memcpy(mid, x, sizeof(float) * (size_t)M * d);
     add_rows((size_t)M * d, mid, tmp, T);
@@ -383,8 +406,8 @@ int mlx_grpo_grad_forward(const int64_t *dims, const float *fp, const uintptr_t 
   norm_rows(M, d, x, (const float *)w[W_NORM], md.eps, xn, T);
   memset(logp, 0, sizeof(float) * M);
   float *u = saved + (size_t)L * lay.layer + (size_t)M * d;
-  for (int k0 = 0; k0 < sh.scored; k0 += HEAD_ROWS) {
-    const int mr = sh.scored - k0 < HEAD_ROWS ? sh.scored - k0 : HEAD_ROWS;
+  for (int k0 = 0; k0 < scored; k0 += HEAD_ROWS) {
+    const int mr = scored - k0 < HEAD_ROWS ? scored - k0 : HEAD_ROWS;
     head_logits(&md, (const float *)w[W_HEAD], xn, idx + k0, mr, hs, z);
 #pragma omp parallel for num_threads(T) schedule(static)
     for (int m = 0; m < mr; m++) {
@@ -406,8 +429,7 @@ int mlx_grpo_grad_forward(const int64_t *dims, const float *fp, const uintptr_t 
   }
 
 done:
-  free(sh.ctx), free(sh.ctx_at), free(xn), free(act), free(tmp), free(cs), free(sn), free(hs), free(z), free(at.work),
-      free(at.shows), free(idx);
+  unplan(&pl), free(xn), free(act), free(tmp), free(cs), free(sn), free(hs), free(z);
   return ok ? 0 : -1;
 }
 
@@ -416,9 +438,10 @@ int mlx_grpo_grad_backward(const int64_t *dims, const float *fp, const uintptr_t
   const model_t md = read_model(dims, fp);
   const int L = md.L, d = md.d, QD = md.QD, KD = md.KD, QKV = md.QKV, F = md.F, T = md.T;
   const saved_t lay = saved_layout(&md, M);
-  shape_t sh = {0};
-  int ok = shape_of(seg, nseg, targets, M, &sh) == 0;
-  attention_t at = {&md, nseg, sh.ctx16, sh.n16, seg, sh.ctx, sh.ctx_at, NULL, NULL, attention_work(&md, sh.ctx16, sh.n16)};
+  plan_t pl;
+  int ok = plan(&md, seg, nseg, targets, M, &pl) == 0;
+  const attention_t *at = &pl.at;
+  const int *idx = pl.idx, scored = pl.sh.scored;
   int rmax = 1;
   for (int l = 0; l < L; l++)
     for (int p = 0; p < P_COUNT; p++) {
@@ -431,17 +454,14 @@ int mlx_grpo_grad_backward(const int64_t *dims, const float *fp, const uintptr_t
         *datt = malloc(sizeof(float) * ((size_t)M * QD + 1)), *dqkv = malloc(sizeof(float) * ((size_t)M * QKV + 1)),
         *cs = malloc(sizeof(float) * ((size_t)M * md.half + 1)), *sn = malloc(sizeof(float) * ((size_t)M * md.half + 1)),
         *t = malloc(sizeof(float) * ((size_t)M * rmax + 1)),
-        *ctx_grad = malloc(sizeof(float) * ((size_t)sh.ctx_total * md.KV * 2 * md.Dh + 1));
-  at.work = malloc(sizeof(float) * at.work_floats * T), at.shows = malloc(sizeof(vi16) * (sh.ctx16 / 16 + 1) * T);
-  int *idx = ok ? scored_positions(targets, M, sh.scored) : NULL;
-  ok = ok && xn && dxn && dx && act && dact && dgu && datt && dqkv && cs && sn && t && ctx_grad && at.work &&
-       at.shows && idx;
+        *ctx_grad = malloc(sizeof(float) * ((size_t)pl.sh.ctx_total * md.KV * 2 * md.Dh + 1));
+  ok = ok && xn && dxn && dx && act && dact && dgu && datt && dqkv && cs && sn && t && ctx_grad;
   if (!ok) goto done;
 
   /* the output head: each scored position's d logp times the forward's W[target] - softmax . W */
   const float *xf = saved + (size_t)L * lay.layer, *u = xf + (size_t)M * d;
   memset(dxn, 0, sizeof(float) * (size_t)M * d);
-  for (int k = 0; k < sh.scored; k++)
+  for (int k = 0; k < scored; k++)
     for (int e = 0; e < d; e++) dxn[(size_t)idx[k] * d + e] = dlogp[idx[k]] * u[(size_t)idx[k] * d + e];
   norm_back_rows(M, d, xf, (const float *)w[W_NORM], md.eps, dxn, dx, T);
   angles(&md, fp, seg, nseg, -1.0f, cs, sn);
@@ -463,7 +483,7 @@ int mlx_grpo_grad_backward(const int64_t *dims, const float *fp, const uintptr_t
     /* attention: dx is now the middle's gradient */
     product_back(pw + P_O * P_FIELDS, pg + P_O * 2, M, d, QD, att, dx, d, 0.0f, datt, t);
     memset(dqkv, 0, sizeof(float) * (size_t)M * QKV);
-    attention(&at, qkv, NULL, datt, dqkv, ctx_grad);
+    attention(at, qkv, NULL, datt, dqkv, ctx_grad);
     rope_rows(&md, M, dqkv, cs, sn); /* the inverse rotation: the gradient before RoPE */
     norm_rows(M, d, x, (const float *)lw[S_IN_NORM], md.eps, xn, T);
     product_back(pw + P_Q * P_FIELDS, pg + P_Q * 2, M, QD, d, xn, dqkv, QKV, 0.0f, dxn, t);
@@ -473,7 +493,7 @@ int mlx_grpo_grad_backward(const int64_t *dims, const float *fp, const uintptr_t
   }
 
 done:
-  free(sh.ctx), free(sh.ctx_at), free(xn), free(dxn), free(dx), free(act), free(dact), free(dgu), free(datt), free(dqkv),
-      free(cs), free(sn), free(t), free(ctx_grad), free(at.work), free(at.shows), free(idx);
+  unplan(&pl), free(xn), free(dxn), free(dx), free(act), free(dact), free(dgu), free(datt), free(dqkv), free(cs), free(sn),
+      free(t), free(ctx_grad);
   return ok ? 0 : -1;
 }
